@@ -1,0 +1,3 @@
+from kloudmeter_py.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""The ``kloudmeter`` command. The only place that reads os.environ and handles signals."""
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from kloudmeter_py import logs
+from kloudmeter_py.config import Settings
+from kloudmeter_py.errors import ConfigError, KloudmeterError
+
+log = structlog.get_logger("kloudmeter")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kloudmeter",
+        description="Usage metering on NATS JetStream. Settings come from the environment "
+        "(NATS_URL, METER_NATS_STREAM, HTTP_SERVER_PORT, METER_INTERVAL, ...); flags override.",
+    )
+    p.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "info"))
+    p.add_argument("--log-json", action="store_true", help="JSON logs even on a terminal")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--nats-url", help="overrides NATS_URL")
+        sp.add_argument("--stream", help="overrides METER_NATS_STREAM")
+
+    up = sub.add_parser("up", help="embedded nats-server + setup + worker + gateway")
+    common(up)
+    up.add_argument("--port", type=int, help="HTTP port, overrides HTTP_SERVER_PORT")
+    up.add_argument("--host", help="HTTP address, overrides HTTP_SERVER_HOST")
+    up.add_argument("--data-dir", help="where the embedded NATS keeps data (./.kloudmeter)")
+    setup = sub.add_parser("setup", help="create the stream and buckets (idempotent)")
+    common(setup)
+    worker = sub.add_parser("worker", help="run a worker against NATS_URL")
+    common(worker)
+    worker.add_argument(
+        "--partitions", help="comma-separated partitions to own (default: all)", default=None
+    )
+    gateway = sub.add_parser("gateway", help="run the HTTP gateway against NATS_URL")
+    common(gateway)
+    gateway.add_argument("--port", type=int, help="HTTP port, overrides HTTP_SERVER_PORT")
+    gateway.add_argument("--host", help="HTTP address, overrides HTTP_SERVER_HOST")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logs.configure(args.log_level, json=True if args.log_json else None)
+    try:
+        settings = Settings.from_env(
+            os.environ,
+            nats_url=args.nats_url,
+            stream=args.stream,
+            http_port=getattr(args, "port", None),
+            http_host=getattr(args, "host", None),
+            data_dir=getattr(args, "data_dir", None),
+        )
+    except ConfigError as exc:
+        print(f"kloudmeter: configuration error: {exc}", file=sys.stderr)
+        return 2
+    command = {"up": _up, "setup": _setup, "worker": _worker, "gateway": _gateway}[args.command]
+    try:
+        return asyncio.run(command(settings, args))
+    except (ConfigError, KloudmeterError) as exc:
+        print(f"kloudmeter: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutdown.requested")
+
+
+async def _nats_answers(host: str, port: int) -> bool:
+    """True when something at host:port greets like a NATS server (an INFO line)."""
+    try:
+        async with asyncio.timeout(2):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError):
+        return False
+    return line.startswith(b"INFO ")
+
+
+@contextlib.asynccontextmanager
+async def _connected(settings: Settings, name: str) -> AsyncIterator[object]:
+    from kloudmeter_py.store.kv import connect
+
+    try:
+        nc = await connect(settings.nats_url, name=name)
+    except Exception as exc:
+        raise KloudmeterError(f"cannot reach NATS at {settings.nats_url}: {exc}") from exc
+    try:
+        yield nc
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.drain()
+
+
+@contextlib.asynccontextmanager
+async def _serving(settings: Settings, nc: object) -> AsyncIterator[None]:
+    from kloudmeter_py.gateway import create_app
+
+    app = create_app(settings, nc)  # type: ignore[arg-type]
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http_host, settings.http_port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise KloudmeterError(
+            f"HTTP_SERVER_PORT: cannot listen on {settings.http_host}:{settings.http_port}: {exc}"
+        ) from exc
+    log.info("gateway.listening", url=f"http://{settings.http_host}:{settings.http_port}")
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def _setup(settings: Settings, args: argparse.Namespace) -> int:
+    from kloudmeter_py.store.provision import provision
+
+    async with _connected(settings, "kloudmeter-setup") as nc:
+        await provision(nc.jetstream(), settings)  # type: ignore[attr-defined]
+    return 0
+
+
+async def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from kloudmeter_py.worker import Worker
+
+    parts = None
+    if args.partitions:
+        try:
+            parts = [int(p) for p in args.partitions.split(",")]
+        except ValueError:
+            raise ConfigError("--partitions: expected numbers like 0,1,2") from None
+    async with _connected(settings, "kloudmeter-worker") as nc:
+        worker = Worker(nc, settings, partitions=parts)  # type: ignore[arg-type]
+        await worker.start()
+        try:
+            await _wait_for_signal()
+        finally:
+            await worker.stop()
+    return 0
+
+
+async def _gateway(settings: Settings, args: argparse.Namespace) -> int:
+    async with _connected(settings, "kloudmeter-gateway") as nc, _serving(settings, nc):
+        await _wait_for_signal()
+    return 0
+
+
+async def _up(settings: Settings, args: argparse.Namespace) -> int:
+    from kloudmeter_py.store.provision import provision
+    from kloudmeter_py.store.server import NatsServer
+    from kloudmeter_py.worker import Worker
+
+    async with contextlib.AsyncExitStack() as stack:
+        if await _nats_answers(settings.nats_host, settings.nats_port):
+            log.info("nats.using_existing", url=settings.nats_url)
+        else:
+            store = Path(settings.data_dir) / "nats"
+            server = NatsServer(store, host=settings.nats_host, port=settings.nats_port)
+            await stack.enter_async_context(server)
+            log.info("nats.embedded_started", url=server.url, store_dir=str(store))
+        nc = await stack.enter_async_context(_connected(settings, "kloudmeter"))
+        await provision(nc.jetstream(), settings)  # type: ignore[attr-defined]
+        worker = Worker(nc, settings)  # type: ignore[arg-type]
+        await worker.start()
+        stack.push_async_callback(worker.stop)
+        await stack.enter_async_context(_serving(settings, nc))
+        print(
+            f"kloudmeter is up: http://{settings.http_host}:{settings.http_port} "
+            f"(NATS {settings.nats_url}). Ctrl-C stops.",
+            file=sys.stderr,
+            flush=True,
+        )
+        await _wait_for_signal()
+    return 0

@@ -1,0 +1,109 @@
+"""Settings: one frozen value, built from the environment by the CLI and directly by tests."""
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlparse
+
+import msgspec
+
+from kloudmeter_py.errors import ConfigError
+
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str = "nats://127.0.0.1:4222"
+    # Name of the event stream, and the first token of every subject it owns.
+    stream: str = "meters"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    # Width in seconds of the finest summary window.
+    interval: int = 60
+    # Fixed at setup: events are spread over this many partitions by subject.
+    partitions: int = 4
+    # Events pulled and folded per write round.
+    batch_size: int = 500
+    # Largest HTTP request body accepted.
+    max_body_bytes: int = 1024 * 1024
+    # Stream duplicate window (seconds) for event ids.
+    dedup_window: int = 120
+    # How long raw events are kept (seconds, 0 = forever).
+    retention: int = 0
+    # Exact distinct values kept per unique-count reading.
+    unique_limit: int = 10_000
+    data_dir: str = ".kloudmeter"
+    # Replicas for streams and buckets (3 on a cluster).
+    replicas: int = 1
+
+    def __post_init__(self) -> None:
+        if not _STREAM_NAME.fullmatch(self.stream):
+            raise ConfigError(
+                f"METER_NATS_STREAM: {self.stream!r} is not a valid stream name "
+                "(1-32 of A-Z a-z 0-9 _ -)"
+            )
+        for var, value, low, high in (
+            ("HTTP_SERVER_PORT", self.http_port, 0, 65535),
+            ("METER_INTERVAL", self.interval, 1, 86400),
+            ("METER_PARTITIONS", self.partitions, 1, 1024),
+            ("METER_BATCH_SIZE", self.batch_size, 1, 10_000),
+            ("METER_MAX_BODY_BYTES", self.max_body_bytes, 1024, 64 * 1024 * 1024),
+            ("METER_DEDUP_WINDOW", self.dedup_window, 1, 10 * 365 * 86400),
+            ("METER_RETENTION", self.retention, 0, 100 * 365 * 86400),
+            ("METER_UNIQUE_LIMIT", self.unique_limit, 1, 1_000_000),
+            ("METER_REPLICAS", self.replicas, 1, 5),
+        ):
+            if not low <= value <= high:
+                raise ConfigError(f"{var}: {value} is out of range {low}..{high}")
+        if 86400 % self.interval:
+            raise ConfigError(
+                f"METER_INTERVAL: {self.interval} must divide a day evenly "
+                "(for example 1, 10, 30, 60, 300)"
+            )
+        if self.retention and self.dedup_window > self.retention:
+            raise ConfigError("METER_DEDUP_WINDOW: may not exceed METER_RETENTION")
+        parsed = urlparse(self.nats_url.split(",")[0])
+        if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
+            raise ConfigError(f"NATS_URL: {self.nats_url!r} is not a nats:// URL")
+
+    @property
+    def nats_host(self) -> str:
+        return urlparse(self.nats_url.split(",")[0]).hostname or "127.0.0.1"
+
+    @property
+    def nats_port(self) -> int:
+        return urlparse(self.nats_url.split(",")[0]).port or 4222
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> "Settings":
+        values: dict[str, Any] = {}
+        for var, field, kind in _ENV:
+            raw = environ.get(var)
+            if raw is None or raw == "":
+                continue
+            if kind is int:
+                try:
+                    values[field] = int(raw.strip())
+                except ValueError:
+                    raise ConfigError(f"{var}: {raw!r} is not an integer") from None
+            else:
+                values[field] = raw.strip()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+_ENV: tuple[tuple[str, str, type], ...] = (
+    ("NATS_URL", "nats_url", str),
+    ("METER_NATS_STREAM", "stream", str),
+    ("HTTP_SERVER_HOST", "http_host", str),
+    ("HTTP_SERVER_PORT", "http_port", int),
+    ("METER_INTERVAL", "interval", int),
+    ("METER_PARTITIONS", "partitions", int),
+    ("METER_BATCH_SIZE", "batch_size", int),
+    ("METER_MAX_BODY_BYTES", "max_body_bytes", int),
+    ("METER_DEDUP_WINDOW", "dedup_window", int),
+    ("METER_RETENTION", "retention", int),
+    ("METER_UNIQUE_LIMIT", "unique_limit", int),
+    ("KLOUDMETER_DATA_DIR", "data_dir", str),
+    ("METER_REPLICAS", "replicas", int),
+)

@@ -1,0 +1,56 @@
+"""Reversible encoding of arbitrary strings into NATS subject tokens and KV key tokens.
+
+A value made only of ``[A-Za-z0-9_-]`` is used as it is, so keys stay readable. Anything else
+(dots, spaces, unicode, ``*``, ``>``, the empty string) becomes ``=`` followed by the unpadded
+base64url of its UTF-8 bytes. ``=`` cannot start a plain value, so decoding is unambiguous. A
+missing group value (JSON null or no match) is ``=-``, which no base64 text can produce.
+"""
+
+import base64
+import re
+
+_PLAIN = re.compile(r"[A-Za-z0-9_-]+")
+NULL_TOKEN = "=-"
+
+
+class TokenError(ValueError):
+    """A token that no value encodes to."""
+
+
+def encode_token(value: str | None) -> str:
+    if value is None:
+        return NULL_TOKEN
+    if _PLAIN.fullmatch(value):
+        return value
+    return "=" + base64.urlsafe_b64encode(value.encode()).rstrip(b"=").decode("ascii")
+
+
+def decode_token(token: str) -> str | None:
+    if token == NULL_TOKEN:
+        return None
+    if not token.startswith("="):
+        if not _PLAIN.fullmatch(token):
+            raise TokenError(f"not a valid token: {token!r}")
+        return token
+    body = token[1:]
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", body) or len(body) % 4 == 1:
+        raise TokenError(f"not a valid encoded token: {token!r}")
+    try:
+        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TokenError(f"not a valid encoded token: {token!r}") from exc
+
+
+def reading_key(meter_id: str, subject: str, groups: tuple[str | None, ...]) -> str:
+    """KV key of a running reading: ``<meter>.<subject>[.<group value>...]``.
+
+    Group values follow the meter's group names in sorted order.
+    """
+    parts = [encode_token(meter_id), encode_token(subject)]
+    parts.extend(encode_token(g) for g in groups)
+    return ".".join(parts)
+
+
+def event_subject(stream: str, event_type: str, subject: str) -> str:
+    """Subject a producer publishes an event to."""
+    return f"{stream}.events.{encode_token(event_type)}.{encode_token(subject)}"

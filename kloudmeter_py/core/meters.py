@@ -1,0 +1,130 @@
+"""A meter compiled for the hot path: JSONPaths parsed once, aggregation looked up once."""
+
+from datetime import UTC, datetime
+from typing import Any
+
+from kloudmeter_py.core.aggregate import (
+    AGGREGATIONS,
+    Acc,
+    Number,
+    ValueError_,
+    distinct_key,
+    to_number,
+)
+from kloudmeter_py.core.keys import reading_key
+from kloudmeter_py.core.models import Meter, Reading
+from kloudmeter_py.core.paths import MISSING, Finder, PathError, compile_path
+
+
+def group_text(value: Any) -> str | None:
+    """A group value as OpenMeter shows it: a string, or None when absent."""
+    if value is MISSING or value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return distinct_key(value)
+
+
+class CompiledMeter:
+    __slots__ = ("agg", "group_names", "groups", "meter", "value")
+
+    def __init__(self, meter: Meter) -> None:
+        self.meter = meter
+        self.agg = AGGREGATIONS[meter.aggregation]
+        self.value: Finder | None = (
+            compile_path(meter.valueProperty)
+            if meter.valueProperty and meter.aggregation != "count"
+            else None
+        )
+        self.group_names = tuple(sorted(meter.groupBy))
+        self.groups = tuple(compile_path(meter.groupBy[name]) for name in self.group_names)
+
+    def extract(
+        self, subject: str, data: dict[str, Any]
+    ) -> tuple[str, tuple[str | None, ...], Number | None, str | None]:
+        """(reading key, group values, number, distinct key) for one event, or ValueError_."""
+        try:
+            groups = tuple(group_text(find(data)) for find in self.groups)
+        except PathError as exc:
+            raise ValueError_(f"groupBy: {exc}") from exc
+        for value in groups:
+            if value is not None and len(value) > 256:
+                raise ValueError_("groupBy: group value longer than 256 characters")
+        number: Number | None = None
+        dkey: str | None = None
+        if self.value is not None:
+            try:
+                raw = self.value(data)
+            except PathError as exc:
+                raise ValueError_(f"valueProperty: {exc}") from exc
+            if raw is MISSING or raw is None:
+                raise ValueError_(
+                    f"valueProperty {self.meter.valueProperty}: no value in event data"
+                )
+            if self.agg.uses_distinct:
+                dkey = distinct_key(raw)
+            else:
+                try:
+                    number = to_number(raw)
+                except ValueError_ as exc:
+                    raise ValueError_(f"valueProperty {self.meter.valueProperty}: {exc}") from None
+        return reading_key(self.meter.id, subject, groups), groups, number, dkey
+
+
+def _ms_to_dt(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _dt_to_ms(dt: datetime | None) -> int | None:
+    return None if dt is None else round(dt.timestamp() * 1000)
+
+
+def to_reading(
+    acc: Acc,
+    meter: Meter,
+    subject: str,
+    groups: tuple[str | None, ...],
+    last_seq: int,
+    now: datetime,
+) -> Reading:
+    agg = AGGREGATIONS[meter.aggregation]
+    numeric = acc.min is not None
+    return Reading(
+        meterId=meter.id,
+        subject=subject,
+        groupBy=dict(zip(sorted(meter.groupBy), groups, strict=True)),
+        aggregation=meter.aggregation,
+        count=acc.count,
+        value=agg.result(acc) if acc.count else None,
+        sum=acc.sum if numeric else None,
+        avg=acc.sum / acc.count if numeric and acc.count else None,
+        min=acc.min,
+        max=acc.max,
+        unique=len(acc.distinct) if acc.distinct is not None else None,
+        latest=acc.latest,
+        latestTime=_ms_to_dt(acc.latest_at) if acc.latest is not None else None,
+        firstTime=_ms_to_dt(acc.first_at),
+        lastTime=_ms_to_dt(acc.last_at),
+        updatedAt=now,
+        lastSeq=last_seq,
+        meterStartSeq=meter.startSeq,
+        distinct=sorted(acc.distinct) if acc.distinct is not None else None,
+    )
+
+
+def from_reading(reading: Reading) -> Acc:
+    acc = Acc()
+    acc.count = reading.count
+    acc.min = reading.min
+    acc.max = reading.max
+    if reading.min is not None and reading.sum is not None:
+        acc.sum = reading.sum
+    acc.latest = reading.latest
+    if reading.latest is not None:
+        acc.latest_at = _dt_to_ms(reading.latestTime) or 0
+        acc.latest_seq = reading.lastSeq
+    acc.first_at = _dt_to_ms(reading.firstTime)
+    acc.last_at = _dt_to_ms(reading.lastTime)
+    if reading.distinct is not None:
+        acc.distinct = set(reading.distinct)
+    return acc

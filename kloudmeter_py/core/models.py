@@ -1,0 +1,145 @@
+"""Strict msgspec models: parse at the edge, then trust the values."""
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+from kloudmeter_py.core.aggregate import AGGREGATIONS
+from kloudmeter_py.core.paths import PathError, compile_path
+
+Name = Annotated[str, Meta(min_length=1, max_length=256)]
+MeterId = Annotated[str, Meta(min_length=1, max_length=128)]
+AwareTime = Annotated[datetime, Meta(tz=True)]
+
+# Any case, KloudMeter's and OpenMeter's names.
+_AGGREGATION_ALIASES = {
+    "count": "count",
+    "sum": "sum",
+    "avg": "avg",
+    "average": "avg",
+    "min": "min",
+    "max": "max",
+    "unique": "unique",
+    "unique_count": "unique",
+    "uniquecount": "unique",
+    "latest": "latest",
+}
+
+
+class InvalidField(ValueError):
+    """Input that names the offending field."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class Event(Struct):
+    """A KloudMeter usage event, as posted to /api/register-event or published to NATS."""
+
+    id: Name
+    eventType: Name
+    subject: Name
+    time: AwareTime | None = None
+    data: dict[str, Any] = {}
+
+
+class MeterIn(Struct, forbid_unknown_fields=True):
+    """Body of POST /api/create-meter."""
+
+    id: MeterId
+    eventType: Name
+    aggregation: str
+    description: str = ""
+    valueProperty: str | None = None
+    groupBy: dict[Annotated[str, Meta(min_length=1, max_length=64)], str] = {}
+
+
+class Meter(Struct, kw_only=True):
+    """A stored meter (value in the ``meters`` bucket)."""
+
+    id: str
+    eventType: str
+    aggregation: str
+    description: str = ""
+    valueProperty: str | None = None
+    groupBy: dict[str, str] = {}
+    createdAt: datetime
+    # Events at stream sequences above this are applied live; older ones only by backfill.
+    # Also tells a reading written for an earlier meter of the same id from the current one.
+    startSeq: int = 0
+
+
+def normalize_aggregation(name: Any) -> str:
+    if not isinstance(name, str):
+        raise InvalidField("aggregation", "must be a string")
+    canonical = _AGGREGATION_ALIASES.get(name.strip().lower())
+    if canonical is None or canonical not in AGGREGATIONS:
+        allowed = ", ".join(sorted(AGGREGATIONS))
+        raise InvalidField("aggregation", f"unknown aggregation {name!r}; one of {allowed}")
+    return canonical
+
+
+def validate_meter(body: MeterIn, *, now: datetime | None = None, start_seq: int = 0) -> Meter:
+    """Check a meter definition completely, so nothing is discovered per event."""
+    aggregation = normalize_aggregation(body.aggregation)
+    value_property = body.valueProperty or None
+    if aggregation != "count" and value_property is None:
+        raise InvalidField("valueProperty", f"required for aggregation {aggregation!r}")
+    if value_property is not None:
+        try:
+            compile_path(value_property)
+        except PathError as exc:
+            raise InvalidField("valueProperty", str(exc)) from exc
+    for group, path in body.groupBy.items():
+        try:
+            compile_path(path)
+        except PathError as exc:
+            raise InvalidField(f"groupBy.{group}", str(exc)) from exc
+    return Meter(
+        id=body.id,
+        eventType=body.eventType,
+        aggregation=aggregation,
+        description=body.description,
+        valueProperty=value_property,
+        groupBy=dict(sorted(body.groupBy.items())),
+        createdAt=now or datetime.now(UTC),
+        startSeq=start_seq,
+    )
+
+
+class Reading(Struct, kw_only=True, omit_defaults=True):
+    """A running reading (value in the ``readings`` bucket), one per meter x subject x group."""
+
+    meterId: str
+    subject: str
+    groupBy: dict[str, str | None]
+    aggregation: str
+    count: int
+    value: float | int | None
+    sum: float | None = None
+    avg: float | None = None
+    min: float | None = None
+    max: float | None = None
+    unique: int | None = None
+    latest: float | None = None
+    latestTime: datetime | None = None
+    firstTime: datetime | None = None
+    lastTime: datetime | None = None
+    updatedAt: datetime
+    # Highest stream sequence folded in: a replayed event at or below it changes nothing.
+    lastSeq: int
+    # The meter's startSeq when this reading was written.
+    meterStartSeq: int
+    # Distinct values (unique meters only).
+    distinct: list[str] | None = None
+
+
+event_decoder = msgspec.json.Decoder(Event)
+meter_in_decoder = msgspec.json.Decoder(MeterIn)
+meter_decoder = msgspec.json.Decoder(Meter)
+reading_decoder = msgspec.json.Decoder(Reading)
+encoder = msgspec.json.Encoder()

@@ -1,0 +1,42 @@
+"""The error tree. Only the worker loop and the gateway middleware turn these into acks or statuses.
+
+KloudmeterError
+ +-- InvalidInput      permanent: HTTP 400 (413 for size), or dead letter on the stream
+ +-- NotFound          HTTP 404
+ +-- Conflict          HTTP 409 (or a retry for a lost compare-and-set)
+ +-- Unavailable       HTTP 503, or retry later in the worker
+ConfigError            bad settings at start; the CLI prints it and exits 2
+"""
+
+
+class KloudmeterError(Exception):
+    status = 500
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidInput(KloudmeterError):
+    status = 400
+
+
+class PayloadTooLarge(InvalidInput):
+    status = 413
+
+
+class NotFound(KloudmeterError):
+    status = 404
+
+
+class Conflict(KloudmeterError):
+    status = 409
+
+
+class Unavailable(KloudmeterError):
+    status = 503
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message names the variable."""

@@ -1,0 +1,116 @@
+"""aiohttp app factory, shared app keys and the one place errors become HTTP statuses."""
+
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import structlog
+from aiohttp import web
+from nats.aio.client import Client
+from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
+
+from kloudmeter_py.config import Settings
+from kloudmeter_py.core.models import InvalidField, encoder
+from kloudmeter_py.errors import InvalidInput, KloudmeterError, PayloadTooLarge, Unavailable
+from kloudmeter_py.store.layout import Layout
+from kloudmeter_py.store.meters import MeterStore
+
+log = structlog.get_logger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+NC = web.AppKey("nc", Client)
+JS = web.AppKey("js", JetStreamContext)
+LAYOUT = web.AppKey("layout", Layout)
+METERS = web.AppKey("meters", MeterStore)
+
+_AT_FIELD = re.compile(r"at `\$\.?([^`]*)`")
+_NATS_DOWN = (
+    ConnectionClosedError,
+    NoRespondersError,
+    NoStreamResponseError,
+    NatsTimeout,
+    TimeoutError,
+    OutboundBufferLimitError,
+    ServiceUnavailableError,
+)
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(status: int, message: str, field: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"status": "error", "message": message}
+    if field:
+        body["field"] = field
+    return web.Response(body=encoder.encode(body), status=status, content_type="application/json")
+
+
+def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+    """Decode a request body strictly; errors say which field and why."""
+    if not raw.strip():
+        raise InvalidInput("request body is empty; expected a JSON object")
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _AT_FIELD.search(text)
+        missing = re.search(r"missing required field `([^`]+)`", text)
+        field = missing.group(1) if missing else (match.group(1) if match else None)
+        raise InvalidInput(f"invalid request body: {text}", field=field) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidInput(f"invalid JSON: {exc}") from None
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        response = await handler(request)
+    except KloudmeterError as exc:
+        response = error_response(exc.status, exc.message, exc.field)
+    except InvalidField as exc:
+        response = error_response(400, str(exc), exc.field)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS].max_body_bytes
+        response = error_response(
+            PayloadTooLarge.status,
+            f"request body too large (limit {limit} bytes, METER_MAX_BODY_BYTES)",
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(exc.status, exc.reason)
+    except _NATS_DOWN as exc:
+        log.warning("http.nats_unavailable", path=request.path, error=repr(exc))
+        response = error_response(503, f"NATS is unavailable: {type(exc).__name__}")
+    except Unavailable as exc:  # pragma: no cover - subclass of KloudmeterError
+        response = error_response(503, exc.message)
+    except Exception:
+        log.exception("http.unhandled", path=request.path)
+        response = error_response(500, "internal error")
+    finally:
+        structlog.contextvars.unbind_contextvars("request_id")
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def create_app(settings: Settings, nc: Client) -> web.Application:
+    """Wire the gateway by hand: app keys, middleware, routes."""
+    from kloudmeter_py.gateway import kloudmeter
+
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_middleware])
+    js = nc.jetstream(timeout=10)
+    layout = Layout(settings)
+    app[SETTINGS] = settings
+    app[NC] = nc
+    app[JS] = js
+    app[LAYOUT] = layout
+    app[METERS] = MeterStore(js, layout)
+    kloudmeter.add_routes(app)
+    return app

@@ -1,0 +1,36 @@
+"""Names of every stream, subject and bucket, derived from the settings in one place."""
+
+from kloudmeter_py.config import Settings
+
+
+class Layout:
+    """Where things live on NATS for one installation (one ``METER_NATS_STREAM``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        s = settings.stream
+        self.stream = s
+        self.partitions = settings.partitions
+        # Buckets keep their plain names for the default installation and are prefixed by the
+        # stream name otherwise, so two installations can share one NATS.
+        prefix = "" if s == "meters" else f"{s}_"
+        self.events_subjects = f"{s}.events.*.*"
+        self.errors_stream = f"{s}_errors"
+        self.errors_subjects = f"{s}.event-errors.>"
+        self.meters_bucket = f"{prefix}meters"
+        self.readings_bucket = f"{prefix}readings"
+        self.offsets_bucket = f"{prefix}offsets"
+
+    def partition_filter(self, partition: int) -> str:
+        return f"{self.stream}.events.*.*.{partition}"
+
+    def error_subject(self, meter_token: str) -> str:
+        return f"{self.stream}.event-errors.{meter_token}"
+
+    @property
+    def partition_transform(self) -> tuple[str, str]:
+        src = f"{self.stream}.events.*.*"
+        dest = (
+            f"{self.stream}.events.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
+            f".{{{{partition({self.partitions},2)}}}}"
+        )
+        return src, dest

@@ -1,0 +1,152 @@
+"""Meter definitions in the ``meters`` bucket, and a live view of them fed by a KV watch."""
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import msgspec
+import structlog
+from nats.js import JetStreamContext
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from kloudmeter_py.core.keys import decode_token, encode_token
+from kloudmeter_py.core.meters import CompiledMeter
+from kloudmeter_py.core.models import Meter, MeterIn, encoder, meter_decoder, validate_meter
+from kloudmeter_py.errors import Conflict, NotFound
+from kloudmeter_py.store.kv import get_with_revision, scan
+from kloudmeter_py.store.layout import Layout
+
+log = structlog.get_logger(__name__)
+
+
+class MeterStore:
+    """CRUD over the meters bucket, as the gateway uses it."""
+
+    def __init__(self, js: JetStreamContext, layout: Layout) -> None:
+        self.js = js
+        self.layout = layout
+        self._kv: KeyValue | None = None
+
+    async def kv(self) -> KeyValue:
+        if self._kv is None:
+            self._kv = await self.js.key_value(self.layout.meters_bucket)
+        return self._kv
+
+    async def create(self, body: MeterIn) -> Meter:
+        info = await self.js.stream_info(self.layout.stream)
+        meter = validate_meter(body, now=datetime.now(UTC), start_seq=info.state.last_seq)
+        kv = await self.kv()
+        key = encode_token(meter.id)
+        value, revision = await get_with_revision(kv, key)
+        if value is not None:
+            raise Conflict(f"meter {meter.id!r} already exists", field="id")
+        try:
+            await kv.update(key, encoder.encode(meter), last=revision)
+        except KeyWrongLastSequenceError:
+            raise Conflict(f"meter {meter.id!r} already exists", field="id") from None
+        log.info("meter.created", meter=meter.id, aggregation=meter.aggregation)
+        return meter
+
+    async def get(self, meter_id: str) -> Meter:
+        value, _ = await get_with_revision(await self.kv(), encode_token(meter_id))
+        if value is None:
+            raise NotFound(f"meter {meter_id!r} not found", field="key")
+        return meter_decoder.decode(value)
+
+    async def list(self) -> list[Meter]:
+        return [meter_decoder.decode(v) for _, v in await scan(self.js, self.layout.meters_bucket)]
+
+    async def delete(self, meter_id: str) -> None:
+        kv = await self.kv()
+        key = encode_token(meter_id)
+        value, _ = await get_with_revision(kv, key)
+        if value is None:
+            raise NotFound(f"meter {meter_id!r} not found", field="key")
+        await kv.delete(key)
+        # Its readings go too; a reading written late for the old meter is told apart by
+        # meterStartSeq, so a meter created again with the same id starts from zero.
+        await self.js.purge_stream(
+            f"KV_{self.layout.readings_bucket}",
+            subject=f"$KV.{self.layout.readings_bucket}.{key}.>",
+        )
+        log.info("meter.deleted", meter=meter_id)
+
+
+class MeterRegistry:
+    """The current meters, compiled, kept up to date by watching the bucket (no polling)."""
+
+    def __init__(self, js: JetStreamContext, layout: Layout) -> None:
+        self.js = js
+        self.layout = layout
+        self.by_id: dict[str, CompiledMeter] = {}
+        self.by_type: dict[str, list[CompiledMeter]] = {}
+        self.revision = 0
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        # Called with each meter created or changed, after the view has it.
+        self.on_meter_added: list[Callable[[CompiledMeter], None]] = []
+
+    async def start(self) -> None:
+        kv = await self.js.key_value(self.layout.meters_bucket)
+        watcher = await kv.watchall()
+        self._task = asyncio.create_task(self._watch(watcher))
+        await asyncio.wait_for(self._ready.wait(), timeout=30)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    self._ready.set()
+                    continue
+                self._apply(entry)
+                async with self._changed:
+                    self.revision = max(self.revision, entry.revision or 0)
+                    self._changed.notify_all()
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    def _apply(self, entry: KeyValue.Entry) -> None:
+        meter_id = decode_token(entry.key) or ""
+        added: CompiledMeter | None = None
+        self.by_id.pop(meter_id, None)
+        if entry.operation is None and entry.value:
+            try:
+                meter = meter_decoder.decode(entry.value)
+                cm = self.by_id[meter_id] = CompiledMeter(meter)
+                added = cm
+            except (msgspec.DecodeError, ValueError) as exc:
+                log.error("meter.unusable", meter=meter_id, error=str(exc))
+        by_type: dict[str, list[CompiledMeter]] = {}
+        for cm in self.by_id.values():
+            by_type.setdefault(cm.meter.eventType, []).append(cm)
+        self.by_type = by_type
+        log.info(
+            "meters.changed", meter=meter_id, op=entry.operation or "PUT", count=len(self.by_id)
+        )
+        if added is not None:
+            for listener in self.on_meter_added:
+                listener(added)
+
+    async def catch_up(self, timeout: float = 5.0) -> None:
+        """Wait until every meter change stored before now is in this view."""
+        info = await self.js.stream_info(f"KV_{self.layout.meters_bucket}")
+        target = info.state.last_seq
+        if self.revision >= target:
+            return
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.revision >= target), timeout
+                )
+            except TimeoutError:
+                log.warning("meters.catch_up_slow", have=self.revision, want=target)

@@ -1,0 +1,101 @@
+"""Idempotent provisioning of the event stream, the dead-letter stream and the KV buckets."""
+
+from typing import Any
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    SubjectTransform,
+)
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+from kloudmeter_py.config import Settings
+from kloudmeter_py.errors import ConfigError
+from kloudmeter_py.store.layout import Layout
+
+log = structlog.get_logger(__name__)
+
+
+async def provision(js: JetStreamContext, settings: Settings) -> Layout:
+    """Create what is missing; leave what exists; refuse a changed partition count."""
+    layout = Layout(settings)
+    src, dest = layout.partition_transform
+    events = StreamConfig(
+        name=layout.stream,
+        description="kloudmeter usage events (source of truth)",
+        subjects=[layout.events_subjects],
+        subject_transform=SubjectTransform(src=src, dest=dest),
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=float(settings.retention) if settings.retention else None,
+        duplicate_window=float(settings.dedup_window),
+        num_replicas=settings.replicas,
+        discard=DiscardPolicy.OLD,
+    )
+    await _ensure_stream(js, events, check_transform=True)
+    errors = StreamConfig(
+        name=layout.errors_stream,
+        description="kloudmeter dead letters: events that could not be applied, with the reason",
+        subjects=[layout.errors_subjects],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        duplicate_window=float(settings.dedup_window),
+        num_replicas=settings.replicas,
+    )
+    await _ensure_stream(js, errors)
+    for bucket, history, description in (
+        (layout.meters_bucket, 5, "kloudmeter meter definitions"),
+        (layout.readings_bucket, 1, "kloudmeter running readings"),
+        (layout.offsets_bucket, 1, "kloudmeter worker checkpoints per partition"),
+    ):
+        await _ensure_bucket(
+            js,
+            KeyValueConfig(
+                bucket=bucket,
+                history=history,
+                description=description,
+                storage=StorageType.FILE,
+                replicas=settings.replicas,
+            ),
+        )
+    log.info("setup.done", stream=layout.stream, partitions=layout.partitions)
+    return layout
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig, **kw: Any) -> None:
+    assert config.name is not None
+    try:
+        info = await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        log.info("setup.stream_created", stream=config.name)
+        return
+    if kw.get("check_transform"):
+        have = info.config.subject_transform
+        want = config.subject_transform
+        assert want is not None
+        if have is None or have.dest != want.dest:
+            raise ConfigError(
+                f"METER_PARTITIONS: stream {config.name!r} was set up with transform "
+                f"{have.dest if have else None!r}; the partition count is fixed at setup"
+            )
+    if info.config.duplicate_window != config.duplicate_window or (info.config.max_age or 0) != (
+        config.max_age or 0
+    ):
+        info.config.duplicate_window = config.duplicate_window
+        info.config.max_age = config.max_age
+        await js.update_stream(info.config)
+        log.info("setup.stream_updated", stream=config.name)
+
+
+async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> None:
+    try:
+        await js.key_value(config.bucket)
+    except BucketNotFoundError:
+        await js.create_key_value(config)
+        log.info("setup.bucket_created", bucket=config.bucket)

@@ -1,0 +1,421 @@
+"""The worker: fetch a batch -> decode -> match meters -> fold in memory -> write each key once
+(compare-and-set) -> checkpoint -> ack.
+
+Exactness rests on three things:
+
+* Each partition (events are spread by subject) is read strictly in stream order by one
+  consumer that starts right after the partition's checkpoint. Every reading key belongs to
+  exactly one partition, since its subject is part of the key.
+* Each reading stores ``lastSeq``, the highest stream sequence folded into it. Folding skips
+  events at or below it, so any replay (after a crash, a redelivery, a second owner, a backfill)
+  changes nothing that was already applied.
+* Writes are compare-and-set on the key's revision; a lost race re-reads and folds again. The
+  checkpoint is written, and the batch acked, only after every write and dead letter of the
+  batch is confirmed.
+"""
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+from kloudmeter_py.config import Settings
+from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold
+from kloudmeter_py.core.keys import encode_token
+from kloudmeter_py.core.meters import CompiledMeter, from_reading, to_reading
+from kloudmeter_py.core.models import encoder, event_decoder, reading_decoder
+from kloudmeter_py.store.kv import get_with_revision
+from kloudmeter_py.store.layout import Layout
+from kloudmeter_py.store.meters import MeterRegistry
+
+log = structlog.get_logger(__name__)
+
+_offset_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+class Restart(Exception):
+    """Start the partition's consumer again from its checkpoint."""
+
+
+@dataclass(slots=True)
+class _Cached:
+    acc: Acc
+    last_seq: int
+    revision: int
+    meter_start_seq: int
+
+
+@dataclass(slots=True)
+class _KeyWork:
+    meter: CompiledMeter
+    subject: str
+    groups: tuple[str | None, ...]
+    # (stream seq, event time ms, number, distinct key)
+    items: list[tuple[int, int, Number | None, str | None]] = field(default_factory=list)
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    events: int = 0
+    applied: int = 0
+    dead_lettered: int = 0
+    writes: int = 0
+    conflicts: int = 0
+    restarts: int = 0
+
+
+def _clean_header(text: str) -> str:
+    return " ".join(text.split())[:500]
+
+
+class Worker:
+    """Owns some partitions of the event stream and keeps their readings."""
+
+    def __init__(
+        self,
+        nc: Client,
+        settings: Settings,
+        *,
+        partitions: list[int] | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=10)
+        self.settings = settings
+        self.layout = Layout(settings)
+        self.worker_id = worker_id or uuid.uuid4().hex[:8]
+        self.partitions = (
+            list(range(settings.partitions)) if partitions is None else list(partitions)
+        )
+        self.registry = MeterRegistry(self.js, self.layout)
+        self.stats = WorkerStats()
+        self.runners: dict[int, PartitionRunner] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.readings = await self.js.key_value(self.layout.readings_bucket)
+        self.offsets = await self.js.key_value(self.layout.offsets_bucket)
+        await self.registry.start()
+        self.registry.on_meter_added.append(self._meter_added)
+        for p in self.partitions:
+            runner = PartitionRunner(self, p)
+            self.runners[p] = runner
+            self._tasks.append(asyncio.create_task(runner.run(), name=f"partition-{p}"))
+        log.info("worker.started", worker=self.worker_id, partitions=self.partitions)
+
+    def _meter_added(self, cm: CompiledMeter) -> None:
+        for runner in self.runners.values():
+            runner.meter_added(cm)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.registry.stop()
+        log.info("worker.stopped", worker=self.worker_id, **vars(self.stats))
+
+    async def run_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+
+class PartitionRunner:
+    """One in-order reader of one partition."""
+
+    def __init__(self, worker: Worker, partition: int) -> None:
+        self.w = worker
+        self.partition = partition
+        self.layout = worker.layout
+        self.settings = worker.settings
+        self.cache: dict[str, _Cached] = {}
+        self.position = 0  # last stream seq fully applied by this runner
+        self.offset_key = f"partition.{partition}"
+        self.consumer = f"{self.layout.stream}-p{partition}-{worker.worker_id}"
+        self._restart_from: int | None = None
+        # While replaying seqs <= horizon, only meters that caused the replay get dead letters.
+        self._replay_horizon = 0
+        self._replay_meters: set[str] = set()
+        self.log = log.bind(partition=partition, worker=worker.worker_id)
+
+    def meter_added(self, cm: CompiledMeter) -> None:
+        """A meter that should have seen events this runner already passed: replay them."""
+        if cm.meter.startSeq < self.position:
+            start = cm.meter.startSeq + 1
+            if self._restart_from is None or start < self._restart_from:
+                self._restart_from = start
+            self._replay_meters.add(cm.meter.id)
+            self.log.info("partition.replay_requested", meter=cm.meter.id, start=start)
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Restart as exc:
+                self.w.stats.restarts += 1
+                self.log.info("partition.restart", reason=str(exc))
+                backoff = 0.1
+            except Exception as exc:
+                self.w.stats.restarts += 1
+                self.log.warning(
+                    "partition.error", error=repr(exc), retry_in=backoff, exc_info=True
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                self.cache.clear()
+                with contextlib.suppress(Exception):
+                    await self.w.js.delete_consumer(self.layout.stream, self.consumer)
+
+    async def _read_checkpoint(self) -> tuple[int, int]:
+        value, revision = await get_with_revision(self.w.offsets, self.offset_key)
+        if value is None:
+            return 0, revision
+        return int(_offset_decoder.decode(value).get("seq", 0)), revision
+
+    async def _write_checkpoint(self, seq: int) -> None:
+        body = encoder.encode({"seq": seq, "worker": self.w.worker_id, "at": datetime.now(UTC)})
+        await self.w.offsets.put(self.offset_key, body)
+
+    async def _consume(self) -> None:
+        checkpoint, _ = await self._read_checkpoint()
+        if self._restart_from is not None and self._restart_from <= checkpoint:
+            self._replay_horizon = max(self._replay_horizon, self.position, checkpoint)
+            checkpoint = self._restart_from - 1
+            # Lower the checkpoint first, so a crash during the replay resumes it.
+            await self._write_checkpoint(checkpoint)
+        self._restart_from = None
+        self.position = checkpoint
+        with contextlib.suppress(NotFoundError):
+            await self.w.js.delete_consumer(self.layout.stream, self.consumer)
+        config = ConsumerConfig(
+            name=self.consumer,
+            filter_subject=self.layout.partition_filter(self.partition),
+            ack_policy=AckPolicy.ALL,
+            # Redelivery is never relied on: any out-of-order message restarts from checkpoint.
+            ack_wait=60.0,
+            max_deliver=-1,
+            max_ack_pending=max(self.settings.batch_size * 4, 1000),
+            inactive_threshold=60.0,
+            num_replicas=1,
+            mem_storage=True,
+        )
+        if checkpoint > 0:
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = checkpoint + 1
+        else:
+            config.deliver_policy = DeliverPolicy.ALL
+        await self.w.js.add_consumer(self.layout.stream, config)
+        sub = await self.w.js.pull_subscribe_bind(self.consumer, stream=self.layout.stream)
+        self.log.debug("partition.consuming", start=checkpoint + 1)
+        try:
+            while True:
+                if self._restart_from is not None:
+                    raise Restart("replay for a new meter")
+                try:
+                    msgs = await sub.fetch(self.settings.batch_size, timeout=1.0)
+                except (NatsTimeout, TimeoutError):
+                    if self._replay_horizon and self.position >= self._replay_horizon:
+                        self._end_replay()
+                    continue
+                if msgs:
+                    await self._process(msgs)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def _end_replay(self) -> None:
+        self._replay_horizon = 0
+        self._replay_meters.clear()
+
+    async def _process(self, msgs: list[Msg]) -> None:
+        last = self.position
+        for msg in msgs:
+            meta = msg.metadata
+            if meta.num_delivered != 1 or meta.sequence.stream <= last:
+                raise Restart(f"out of order at stream seq {meta.sequence.stream}")
+            last = meta.sequence.stream
+        await self.w.registry.catch_up()
+        if self._restart_from is not None:
+            raise Restart("replay for a new meter")
+        work: dict[str, _KeyWork] = {}
+        dead: dict[tuple[int, str], tuple[Msg, str | None, str]] = {}
+        for msg in msgs:
+            self._match(msg, work, dead)
+        await self._write(work, dead, msgs)
+        if dead:
+            await self._dead_letter(dead)
+        await self._write_checkpoint(last)
+        await msgs[-1].ack()
+        self.position = last
+        if self._replay_horizon and last >= self._replay_horizon:
+            self._end_replay()
+        stats = self.w.stats
+        stats.batches += 1
+        stats.events += len(msgs)
+        stats.dead_lettered += len(dead)
+
+    def _match(
+        self,
+        msg: Msg,
+        work: dict[str, _KeyWork],
+        dead: dict[tuple[int, str], tuple[Msg, str | None, str]],
+    ) -> None:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        replaying = seq <= self._replay_horizon
+        try:
+            event = event_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if not replaying:
+                dead[(seq, "")] = (msg, None, f"invalid event: {exc}")
+            return
+        tokens = msg.subject.split(".")
+        if len(tokens) < 5 or (
+            tokens[-3] != encode_token(event.eventType) or tokens[-2] != encode_token(event.subject)
+        ):
+            if not replaying:
+                dead[(seq, "")] = (
+                    msg,
+                    None,
+                    "invalid event: eventType/subject do not match the NATS subject "
+                    f"(publish to {self.layout.stream}.events."
+                    f"{encode_token(event.eventType)}.{encode_token(event.subject)})",
+                )
+            return
+        if event.time is not None:
+            at_ms = int(event.time.timestamp() * 1000)
+        else:
+            at_ms = int(meta.timestamp.timestamp() * 1000)
+        for cm in self.w.registry.by_type.get(event.eventType, ()):
+            if seq <= cm.meter.startSeq:
+                continue
+            try:
+                key, groups, number, dkey = cm.extract(event.subject, event.data)
+            except ValueError_ as exc:
+                if not replaying or cm.meter.id in self._replay_meters:
+                    dead[(seq, cm.meter.id)] = (msg, cm.meter.id, str(exc))
+                continue
+            kw = work.get(key)
+            if kw is None or kw.meter is not cm:
+                kw = work[key] = _KeyWork(cm, event.subject, groups)
+            kw.items.append((seq, at_ms, number, dkey))
+
+    async def _load(self, keys: list[str]) -> None:
+        readings = self.w.readings
+        results = await asyncio.gather(*(get_with_revision(readings, k) for k in keys))
+        for key, (value, revision) in zip(keys, results, strict=True):
+            if value is None:
+                self.cache[key] = _Cached(Acc(), 0, revision, -1)
+            else:
+                r = reading_decoder.decode(value)
+                self.cache[key] = _Cached(from_reading(r), r.lastSeq, revision, r.meterStartSeq)
+
+    async def _write(
+        self,
+        work: dict[str, _KeyWork],
+        dead: dict[tuple[int, str], tuple[Msg, str | None, str]],
+        msgs: list[Msg],
+    ) -> None:
+        by_seq = {m.metadata.sequence.stream: m for m in msgs}
+        todo = list(work)
+        now = datetime.now(UTC)
+        limit = self.settings.unique_limit
+        for attempt in range(20):
+            missing = [k for k in todo if k not in self.cache]
+            if missing:
+                await self._load(missing)
+            writes: list[tuple[str, bytes, int, _Cached]] = []
+            for key in todo:
+                kw = work[key]
+                meter = kw.meter.meter
+                cached = self.cache[key]
+                if cached.meter_start_seq != meter.startSeq:
+                    # Written for an earlier meter of this id (or new): start from zero.
+                    cached = _Cached(Acc(), 0, cached.revision, meter.startSeq)
+                    self.cache[key] = cached
+                last_seq = cached.last_seq
+                changed = False
+                for seq, at_ms, number, dkey in kw.items:
+                    if seq <= cached.last_seq:
+                        continue
+                    try:
+                        fold(cached.acc, number, dkey, at_ms, seq, limit)
+                        changed = True
+                    except ValueError_ as exc:
+                        dead[(seq, meter.id)] = (by_seq[seq], meter.id, str(exc))
+                    last_seq = seq
+                if not changed and last_seq == cached.last_seq:
+                    continue
+                cached.last_seq = last_seq
+                reading = to_reading(cached.acc, meter, kw.subject, kw.groups, last_seq, now)
+                writes.append((key, encoder.encode(reading), cached.revision, cached))
+            if not writes:
+                return
+            results = await asyncio.gather(
+                *(self._cas(key, body, rev) for key, body, rev, _ in writes),
+                return_exceptions=True,
+            )
+            todo = []
+            for (key, _, _, cached), result in zip(writes, results, strict=True):
+                if isinstance(result, int):
+                    cached.revision = result
+                    self.w.stats.writes += 1
+                    self.w.stats.applied += len(work[key].items)
+                elif isinstance(result, KeyWrongLastSequenceError):
+                    # Someone else wrote this key: read it again and fold what is still new.
+                    self.w.stats.conflicts += 1
+                    del self.cache[key]
+                    todo.append(key)
+                else:
+                    self.cache.pop(key, None)
+                    assert isinstance(result, BaseException)
+                    raise result
+            if not todo:
+                if len(self.cache) > 200_000:
+                    self.cache.clear()
+                return
+            self.log.info("batch.cas_conflict", keys=len(todo), attempt=attempt)
+        raise Restart("compare-and-set kept failing")
+
+    async def _cas(self, key: str, body: bytes, revision: int) -> int:
+        kv: KeyValue = self.w.readings
+        rev: int = await kv.update(key, body, last=revision)
+        return rev
+
+    async def _dead_letter(self, dead: dict[tuple[int, str], tuple[Msg, str | None, str]]) -> None:
+        js = self.w.js
+        publishes = []
+        for (seq, meter_key), (msg, meter_id, reason) in sorted(dead.items()):
+            headers = {
+                "Nats-Msg-Id": f"{self.layout.stream}:{seq}:{meter_key}",
+                "Kloudmeter-Error": _clean_header(reason),
+                "Kloudmeter-Meter": meter_id or "",
+                "Kloudmeter-Stream-Seq": str(seq),
+                "Kloudmeter-Subject": msg.subject,
+            }
+            subject = self.layout.error_subject(encode_token(meter_id) if meter_id else "_event")
+            publishes.append(js.publish(subject, msg.data, headers=headers))
+            self.log.info("event.dead_lettered", seq=seq, meter=meter_id, reason=reason)
+        await asyncio.gather(*publishes)
