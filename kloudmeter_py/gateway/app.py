@@ -59,7 +59,7 @@ def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
     except msgspec.ValidationError as exc:
         text = str(exc)
         match = _AT_FIELD.search(text)
-        missing = re.search(r"missing required field `([^`]+)`", text)
+        missing = re.search(r"(?:missing required|unknown) field `([^`]+)`", text)
         field = missing.group(1) if missing else (match.group(1) if match else None)
         raise InvalidInput(f"invalid request body: {text}", field=field) from None
     except msgspec.DecodeError as exc:

@@ -1,0 +1,126 @@
+"""The command line: settings from the environment, and `kloudmeter up` as a user runs it."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from kloudmeter_py.config import Settings
+from kloudmeter_py.errors import ConfigError
+from tests.conftest import eventually
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_settings_come_from_kloudmeters_variables() -> None:
+    """NATS_URL, METER_NATS_STREAM, HTTP_SERVER_PORT and METER_INTERVAL are read."""
+    s = Settings.from_env(
+        {
+            "NATS_URL": "nats://10.0.0.1:4333",
+            "METER_NATS_STREAM": "usage",
+            "HTTP_SERVER_PORT": "9090",
+            "METER_INTERVAL": "30",
+        }
+    )
+    assert (s.nats_host, s.nats_port, s.stream, s.http_port, s.interval) == (
+        "10.0.0.1",
+        4333,
+        "usage",
+        9090,
+        30,
+    )
+    assert Settings.from_env({}) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "var"),
+    [
+        ({"HTTP_SERVER_PORT": "eighty"}, "HTTP_SERVER_PORT"),
+        ({"HTTP_SERVER_PORT": "70000"}, "HTTP_SERVER_PORT"),
+        ({"METER_INTERVAL": "0"}, "METER_INTERVAL"),
+        ({"METER_INTERVAL": "7"}, "METER_INTERVAL"),
+        ({"METER_NATS_STREAM": "a.b"}, "METER_NATS_STREAM"),
+        ({"NATS_URL": "http://x"}, "NATS_URL"),
+    ],
+)
+def test_invalid_settings_name_the_variable(env: dict[str, str], var: str) -> None:
+    """A bad value fails at start with the variable's name in the message."""
+    with pytest.raises(ConfigError, match=var):
+        Settings.from_env(env)
+
+
+def test_cli_exits_2_on_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    """The command prints the configuration error and exits 2."""
+    from kloudmeter_py.cli import main
+
+    os.environ["METER_INTERVAL"] = "nope"
+    try:
+        assert main(["setup"]) == 2
+    finally:
+        del os.environ["METER_INTERVAL"]
+    assert "METER_INTERVAL" in capsys.readouterr().err
+
+
+async def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    """`kloudmeter up` starts NATS, worker and gateway; an event becomes a reading; SIGINT stops
+    it with exit code 0 and leaves no nats-server behind."""
+    nats_port, http_port = _free_port(), _free_port()
+    env = dict(
+        os.environ,
+        NATS_URL=f"nats://127.0.0.1:{nats_port}",
+        HTTP_SERVER_PORT=str(http_port),
+        LOG_LEVEL="warning",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kloudmeter_py",
+        "up",
+        "--data-dir",
+        str(tmp_path / "data"),
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def health() -> int:
+                try:
+                    async with http.get(f"{base}/healthy") as r:
+                        return r.status
+                except aiohttp.ClientError:
+                    return 0
+
+            await eventually(health, lambda s: s == 200, timeout=30)
+            meter = {"id": "m", "eventType": "t", "aggregation": "count"}
+            async with http.post(f"{base}/api/create-meter", json=meter) as r:
+                assert r.status == 201
+            event = {"id": "1", "eventType": "t", "subject": "s"}
+            async with http.post(f"{base}/api/register-event", json=event) as r:
+                assert r.status == 202
+
+            async def count() -> int:
+                async with http.get(f"{base}/api/readings") as r:
+                    return sum(x["count"] for x in json.loads(await r.text()))
+
+            await eventually(count, lambda c: c == 1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(20):
+            code = await proc.wait()
+    assert code == 0
+    assert (tmp_path / "data" / "nats" / "jetstream").is_dir()
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", nats_port), timeout=1):
+        pass

@@ -1,0 +1,147 @@
+"""The pipeline over a real nats-server: every aggregation, group by, both ingest paths,
+meters created and deleted while the worker runs."""
+
+from typing import Any
+
+import pytest
+from nats.aio.client import Client
+
+from kloudmeter_py.core.keys import encode_token
+from kloudmeter_py.worker import Worker
+from tests.conftest import eventually
+from tests.helpers import Http, create_meter, post_event, publish_event, readings, total_count
+
+VALUES = [4, "2.5", 10, 4, -1]
+EXPECTED = {
+    "count": 5,
+    "sum": 19.5,
+    "avg": 3.9,
+    "min": -1,
+    "max": 10,
+    "unique": 4,
+    "latest": -1,
+}
+
+
+@pytest.mark.parametrize("aggregation", sorted(EXPECTED))
+async def test_every_aggregation_through_the_pipeline(
+    http: Http, nc: Client, worker: Worker, aggregation: str
+) -> None:
+    """Each aggregation gives the hand-computed value, over HTTP and NATS ingest alike."""
+    body: dict[str, Any] = {"id": "m", "eventType": "usage", "aggregation": aggregation.upper()}
+    if aggregation != "count":
+        body["valueProperty"] = "$.v"
+    await create_meter(http, **body)
+    for i, v in enumerate(VALUES):
+        event = {
+            "id": f"e{i}",
+            "time": f"2026-11-22T10:00:0{i}Z",
+            "eventType": "usage",
+            "subject": "cust",
+            "data": {"v": v},
+        }
+        if i % 2:
+            await publish_event(nc, **event)
+        else:
+            await post_event(http, **event)
+    rs = await eventually(lambda: readings(http, meter="m"), lambda rs: total_count(rs) == 5)
+    assert len(rs) == 1
+    assert rs[0]["value"] == pytest.approx(EXPECTED[aggregation])
+    assert rs[0]["aggregation"] == aggregation
+
+
+async def test_group_by_gives_one_reading_per_combination(http: Http, worker: Worker) -> None:
+    """Group values with dots, unicode or absent each get their own reading."""
+    await create_meter(
+        http,
+        id="tokens",
+        eventType="llm",
+        aggregation="sum",
+        valueProperty="$.tokens",
+        groupBy={"model": "$.model", "region": "$.where.region"},
+    )
+    events = [
+        ("gpt-4.1", "eu", 10),
+        ("gpt-4.1", "eu", 5),
+        ("gpt-4.1", None, 1),
+        ("モデル", "us", 7),
+    ]
+    for i, (model, region, tokens) in enumerate(events):
+        data: dict[str, Any] = {"model": model, "tokens": tokens}
+        if region:
+            data["where"] = {"region": region}
+        await post_event(http, id=f"g{i}", eventType="llm", subject="acme corp", data=data)
+    rs = await eventually(lambda: readings(http, meter="tokens"), lambda rs: total_count(rs) == 4)
+    got = {(r["groupBy"]["model"], r["groupBy"]["region"]): r["value"] for r in rs}
+    assert got == {("gpt-4.1", "eu"): 15, ("gpt-4.1", None): 1, ("モデル", "us"): 7}
+    keys = {r["key"] for r in rs}
+    assert f"tokens.{encode_token('acme corp')}.{encode_token('gpt-4.1')}.eu" in keys
+    assert all(r["subject"] == "acme corp" for r in rs)
+
+
+async def test_readings_filter_by_meter_and_subject(http: Http, worker: Worker) -> None:
+    """GET /api/readings?meter=&subject= returns only matching readings."""
+    await create_meter(http, id="a", eventType="t", aggregation="count")
+    await create_meter(http, id="b", eventType="t", aggregation="count")
+    for i, subject in enumerate(["s1", "s1", "s2"]):
+        await post_event(http, id=f"f{i}", eventType="t", subject=subject)
+    await eventually(lambda: readings(http), lambda rs: total_count(rs) == 6)
+    assert {r["subject"] for r in await readings(http, meter="a")} == {"s1", "s2"}
+    s1 = await readings(http, subject="s1")
+    assert sorted(r["meterId"] for r in s1) == ["a", "b"] and total_count(s1) == 4
+    both = await readings(http, meter="b", subject="s2")
+    assert [(r["meterId"], r["subject"], r["count"]) for r in both] == [("b", "s2", 1)]
+    assert await readings(http, meter="nope") == []
+
+
+async def test_meter_created_while_worker_runs_counts_later_events(
+    http: Http, worker: Worker
+) -> None:
+    """The worker sees a new meter without a restart; earlier events are not counted."""
+    await post_event(http, id="before", eventType="t", subject="s")
+    await create_meter(http, id="late", eventType="t", aggregation="count")
+    await post_event(http, id="after", eventType="t", subject="s")
+    rs = await eventually(lambda: readings(http, meter="late"), lambda rs: total_count(rs) >= 1)
+    assert total_count(rs) == 1
+
+
+async def test_deleted_meter_loses_its_readings_and_a_new_one_starts_from_zero(
+    http: Http, worker: Worker
+) -> None:
+    """Delete removes the meter and its readings; the same id created again counts afresh."""
+    await create_meter(http, id="m", eventType="t", aggregation="count")
+    for i in range(3):
+        await post_event(http, id=f"d{i}", eventType="t", subject="s")
+    await eventually(lambda: readings(http, meter="m"), lambda rs: total_count(rs) == 3)
+    resp = await http.delete("/api/meter", params={"key": "m"})
+    assert resp.status == 204
+    assert (await http.get("/api/meter/", params={"key": "m"})).status == 404
+    assert await readings(http, meter="m") == []
+    assert (await http.get("/api/reading/", params={"key": "m.s"})).status == 404
+    await create_meter(http, id="m", eventType="t", aggregation="count")
+    await post_event(http, id="d9", eventType="t", subject="s")
+    rs = await eventually(lambda: readings(http, meter="m"), lambda rs: total_count(rs) >= 1)
+    assert total_count(rs) == 1
+
+
+async def test_duplicate_event_id_counts_once(http: Http, nc: Client, worker: Worker) -> None:
+    """The same id over HTTP and over NATS is stored once."""
+    await create_meter(http, id="m", eventType="t", aggregation="count")
+    body = {"id": "same", "eventType": "t", "subject": "s"}
+    await post_event(http, **body)
+    resp = await http.post("/api/register-event", json=body)
+    assert resp.status == 202 and (await resp.json())["duplicate"] is True
+    await publish_event(nc, **body)
+    await post_event(http, id="other", eventType="t", subject="s")
+    rs = await eventually(lambda: readings(http, meter="m"), lambda rs: total_count(rs) >= 2)
+    assert total_count(rs) == 2
+
+
+async def test_meters_list_and_get(http: Http) -> None:
+    """GET /api/meters is an array; GET /api/meter/?key= returns one meter."""
+    await create_meter(http, id="x", eventType="t", aggregation="Unique", valueProperty="$.u")
+    resp = await http.get("/api/meters")
+    meters = await resp.json()
+    assert [m["id"] for m in meters] == ["x"] and meters[0]["aggregation"] == "unique"
+    resp = await http.get("/api/meter", params={"key": "x"})
+    assert resp.status == 200 and (await resp.json())["valueProperty"] == "$.u"
