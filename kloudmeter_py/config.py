@@ -33,6 +33,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Exact distinct values kept per unique-count reading.
     unique_limit: int = 10_000
     data_dir: str = ".kloudmeter"
+    # Seconds before a dead worker's partitions move to another worker (fixed at setup).
+    lease_ttl: int = 10
     # Replicas for streams and buckets (3 on a cluster).
     replicas: int = 1
 
@@ -52,6 +54,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("METER_RETENTION", self.retention, 0, 100 * 365 * 86400),
             ("METER_UNIQUE_LIMIT", self.unique_limit, 1, 1_000_000),
             ("METER_REPLICAS", self.replicas, 1, 5),
+            ("METER_LEASE_TTL", self.lease_ttl, 2, 3600),
         ):
             if not low <= value <= high:
                 raise ConfigError(f"{var}: {value} is out of range {low}..{high}")
@@ -106,4 +109,5 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("METER_UNIQUE_LIMIT", "unique_limit", int),
     ("KLOUDMETER_DATA_DIR", "data_dir", str),
     ("METER_REPLICAS", "replicas", int),
+    ("METER_LEASE_TTL", "lease_ttl", int),
 )

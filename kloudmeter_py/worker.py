@@ -17,6 +17,7 @@ Exactness rests on three things:
 import asyncio
 import contextlib
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,7 +37,7 @@ from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.meters import CompiledMeter, from_reading, to_reading
 from kloudmeter_py.core.models import encoder, event_decoder, reading_decoder
-from kloudmeter_py.store.kv import get_with_revision
+from kloudmeter_py.store.kv import get_with_revision, scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterRegistry
 
@@ -82,7 +83,12 @@ def _clean_header(text: str) -> str:
 
 
 class Worker:
-    """Owns some partitions of the event stream and keeps their readings."""
+    """Owns some partitions of the event stream and keeps their readings.
+
+    With ``partitions`` given, it owns exactly those. Otherwise it takes its share of the
+    partitions through leases in the ``leases`` bucket (keys expire after METER_LEASE_TTL), and
+    a partition whose owner died moves to a live worker once the lease expires.
+    """
 
     def __init__(
         self,
@@ -97,36 +103,111 @@ class Worker:
         self.settings = settings
         self.layout = Layout(settings)
         self.worker_id = worker_id or uuid.uuid4().hex[:8]
-        self.partitions = (
-            list(range(settings.partitions)) if partitions is None else list(partitions)
-        )
+        self.static_partitions = partitions
         self.registry = MeterRegistry(self.js, self.layout)
         self.stats = WorkerStats()
         self.runners: dict[int, PartitionRunner] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._leases: dict[int, int] = {}  # partition -> lease revision
+        self._lease_task: asyncio.Task[None] | None = None
+
+    @property
+    def owned(self) -> list[int]:
+        return sorted(self.runners)
 
     async def start(self) -> None:
         self.readings = await self.js.key_value(self.layout.readings_bucket)
         self.offsets = await self.js.key_value(self.layout.offsets_bucket)
         await self.registry.start()
         self.registry.on_meter_added.append(self._meter_added)
-        for p in self.partitions:
-            runner = PartitionRunner(self, p)
-            self.runners[p] = runner
-            self._tasks.append(asyncio.create_task(runner.run(), name=f"partition-{p}"))
-        log.info("worker.started", worker=self.worker_id, partitions=self.partitions)
+        if self.static_partitions is not None:
+            for p in self.static_partitions:
+                self._start_runner(p)
+        else:
+            self.leases = await self.js.key_value(self.layout.leases_bucket)
+            await self._lease_round()
+            self._lease_task = asyncio.create_task(self._lease_loop(), name="leases")
+        log.info("worker.started", worker=self.worker_id, partitions=self.owned)
+
+    def _start_runner(self, p: int) -> None:
+        runner = PartitionRunner(self, p)
+        self.runners[p] = runner
+        self._tasks[p] = asyncio.create_task(runner.run(), name=f"partition-{p}")
+
+    async def _stop_runner(self, p: int) -> None:
+        self.runners.pop(p, None)
+        task = self._tasks.pop(p, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _meter_added(self, cm: CompiledMeter) -> None:
         for runner in self.runners.values():
             runner.meter_added(cm)
 
+    async def _lease_loop(self) -> None:
+        interval = self.settings.lease_ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._lease_round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("lease.round_failed", worker=self.worker_id, error=repr(exc))
+
+    async def _lease_round(self) -> None:
+        """Heartbeat, renew owned leases, give back extras, take free partitions up to a share."""
+        kv = self.leases
+        me = self.worker_id.encode()
+        await kv.put(f"worker.{self.worker_id}", me)
+        live = len(await scan(self.js, self.layout.leases_bucket, "worker.*")) or 1
+        total = self.settings.partitions
+        share = -(-total // live)
+        for p, revision in sorted(self._leases.items()):
+            try:
+                self._leases[p] = await kv.update(f"partition.{p}", me, last=revision)
+            except KeyWrongLastSequenceError:
+                log.warning("lease.lost", worker=self.worker_id, partition=p)
+                del self._leases[p]
+                await self._stop_runner(p)
+        while len(self._leases) > share:
+            p = max(self._leases)
+            revision = self._leases.pop(p)
+            await self._stop_runner(p)
+            with contextlib.suppress(Exception):
+                await kv.delete(f"partition.{p}", last=revision)
+            log.info("lease.released", worker=self.worker_id, partition=p)
+        offset = zlib.crc32(self.worker_id.encode()) % total
+        for i in range(total):
+            if len(self._leases) >= share:
+                break
+            p = (offset + i) % total
+            if p in self._leases:
+                continue
+            try:
+                self._leases[p] = await kv.create(f"partition.{p}", me)
+            except KeyWrongLastSequenceError:
+                continue
+            log.info("lease.acquired", worker=self.worker_id, partition=p)
+            self._start_runner(p)
+
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        if self._lease_task is not None:
+            self._lease_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+                await self._lease_task
+        for p in list(self._tasks):
+            await self._stop_runner(p)
+        if self._leases:
+            # Give the partitions back at once, so another worker need not wait for expiry.
+            for p, revision in self._leases.items():
+                with contextlib.suppress(Exception):
+                    await self.leases.delete(f"partition.{p}", last=revision)
+            with contextlib.suppress(Exception):
+                await self.leases.delete(f"worker.{self.worker_id}")
+            self._leases.clear()
         await self.registry.stop()
         log.info("worker.stopped", worker=self.worker_id, **vars(self.stats))
 
@@ -245,6 +326,12 @@ class PartitionRunner:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    async def _keep_alive(self, msg: Msg) -> None:
+        """A long write round tells the server it is still working on the batch."""
+        while True:
+            await asyncio.sleep(20)
+            await msg.in_progress()
+
     def _end_replay(self) -> None:
         self._replay_horizon = 0
         self._replay_meters.clear()
@@ -263,10 +350,15 @@ class PartitionRunner:
         dead: dict[tuple[int, str], tuple[Msg, str | None, str]] = {}
         for msg in msgs:
             self._match(msg, work, dead)
-        await self._write(work, dead, msgs)
-        if dead:
-            await self._dead_letter(dead)
-        await self._write_checkpoint(last)
+        keepalive = asyncio.create_task(self._keep_alive(msgs[-1]))
+        try:
+            await self._write(work, dead, msgs)
+            if dead:
+                await self._dead_letter(dead)
+            await self._write_checkpoint(last)
+        finally:
+            keepalive.cancel()
+        # AckAll: acking the last message acks the batch, after all its effects are stored.
         await msgs[-1].ack()
         self.position = last
         if self._replay_horizon and last >= self._replay_horizon:
@@ -285,6 +377,11 @@ class PartitionRunner:
         meta = msg.metadata
         seq = meta.sequence.stream
         replaying = seq <= self._replay_horizon
+        if len(msg.data) > self.settings.max_body_bytes:
+            if not replaying:
+                limit = self.settings.max_body_bytes
+                dead[(seq, "")] = (msg, None, f"invalid event: larger than {limit} bytes")
+            return
         try:
             event = event_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:

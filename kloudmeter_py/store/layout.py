@@ -19,6 +19,7 @@ class Layout:
         self.meters_bucket = f"{prefix}meters"
         self.readings_bucket = f"{prefix}readings"
         self.offsets_bucket = f"{prefix}offsets"
+        self.leases_bucket = f"{prefix}leases"
 
     def partition_filter(self, partition: int) -> str:
         return f"{self.stream}.events.*.*.{partition}"

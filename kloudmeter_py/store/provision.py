@@ -63,6 +63,17 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
                 replicas=settings.replicas,
             ),
         )
+    await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=layout.leases_bucket,
+            history=1,
+            description="kloudmeter partition leases and worker heartbeats",
+            storage=StorageType.FILE,
+            replicas=settings.replicas,
+            ttl=float(settings.lease_ttl),
+        ),
+    )
     log.info("setup.done", stream=layout.stream, partitions=layout.partitions)
     return layout
 

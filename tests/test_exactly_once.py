@@ -1,0 +1,253 @@
+"""Exactly once: nothing lost or counted twice through kills, restarts, duplicates, two owners.
+
+Every test compares the readings in KV with a reference computed here from the events sent.
+"""
+
+import asyncio
+import random
+from pathlib import Path
+
+import msgspec
+from nats.aio.client import Client
+
+from kloudmeter_py.config import Settings
+from kloudmeter_py.store.server import NatsServer
+from kloudmeter_py.worker import Worker
+from tests.conftest import eventually
+from tests.load import Load, WorkerProcess, actual, calls_total, create_meters
+
+
+async def _settled(nc: Client, load: Load, timeout: float = 60) -> None:
+    expected = load.expected()
+    total = calls_total(expected)
+    got = await eventually(lambda: actual(nc), lambda r: calls_total(r) >= total, timeout=timeout)
+    assert got == expected
+
+
+async def test_two_live_owners_of_every_partition_do_not_double_count(
+    nc: Client, settings: Settings
+) -> None:
+    """Two workers owning the same partitions at the same time (no leases): readings exact."""
+    await create_meters(nc)
+    a = Worker(nc, settings, partitions=[0, 1], worker_id="a")
+    b = Worker(nc, settings, partitions=[0, 1], worker_id="b")
+    await a.start()
+    await b.start()
+    try:
+        load = Load(3000, dup_ratio=0.1, seed=2)
+        await load.publish(nc)
+        await _settled(nc, load)
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_replaying_the_whole_stream_changes_nothing(nc: Client, settings: Settings) -> None:
+    """Checkpoints wiped and every event read again: the readings stay as they were."""
+    await create_meters(nc)
+    load = Load(2000, seed=3)
+    w = Worker(nc, settings, partitions=[0, 1])
+    await w.start()
+    await load.publish(nc)
+    await _settled(nc, load)
+    await w.stop()
+    offsets = await nc.jetstream().key_value("offsets")
+    for p in range(settings.partitions):
+        await offsets.delete(f"partition.{p}")
+    w2 = Worker(nc, settings, partitions=[0, 1])
+    await w2.start()
+    try:
+
+        async def replayed() -> int:
+            return w2.stats.events
+
+        await eventually(replayed, lambda n: n >= len(load.unique_events))
+        assert await actual(nc) == load.expected()
+        assert w2.stats.writes == 0
+    finally:
+        await w2.stop()
+
+
+async def _applied_position(nc: Client, partitions: int) -> int:
+    offsets = await nc.jetstream().key_value("offsets")
+    total = 0
+    for p in range(partitions):
+        try:
+            total += msgspec.json.decode((await offsets.get(f"partition.{p}")).value)["seq"]
+        except Exception:
+            pass
+    return total
+
+
+async def test_worker_killed_repeatedly_loses_and_doubles_nothing(
+    nc: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """20,000 events with 10% duplicates; the worker SIGKILLed 6 times, each time at a random
+    moment after it has made progress, and started again."""
+    await create_meters(nc)
+    load = Load(20_000, subjects=200, dup_ratio=0.1, seed=4)
+    env = {"NATS_URL": settings.nats_url, "METER_PARTITIONS": "2", "METER_BATCH_SIZE": "300"}
+    rng = random.Random(4)
+    publisher = asyncio.create_task(load.publish(nc))
+    worker = await WorkerProcess(env, tmp_path / "worker.log", "--partitions", "0,1").start()
+    kills = 0
+    try:
+        for _ in range(6):
+            seen = await _applied_position(nc, 2)
+            await eventually(
+                lambda: _applied_position(nc, 2), lambda pos, seen=seen: pos > seen, timeout=60
+            )
+            await asyncio.sleep(rng.uniform(0.0, 0.4))  # a random crash point, not a wait
+            await worker.kill()
+            kills += 1
+            worker = await WorkerProcess(
+                env, tmp_path / "worker.log", "--partitions", "0,1"
+            ).start()
+        await publisher
+        await _settled(nc, load, timeout=120)
+    finally:
+        await worker.stop()
+    assert kills == 6 and load.duplicates > 1500
+
+
+async def test_nats_server_killed_and_restarted_mid_run(tmp_path: Path) -> None:
+    """SIGKILL of nats-server during a run (file storage), restart on the same port: exact."""
+    store = tmp_path / "nats"
+    server = await NatsServer(store).start()
+    port = server.port
+    import nats
+
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    settings = Settings(nats_url=server.url, partitions=2, lease_ttl=2)
+    from kloudmeter_py.store.provision import provision
+
+    await provision(nc.jetstream(), settings)
+    await create_meters(nc)
+    env = {"NATS_URL": server.url, "METER_PARTITIONS": "2", "METER_LEASE_TTL": "2"}
+    worker = await WorkerProcess(env, tmp_path / "worker.log").start()
+    load = Load(8000, dup_ratio=0.1, seed=5)
+    publisher = asyncio.create_task(load.publish(nc))
+    try:
+        await asyncio.sleep(1.0)  # a point mid-run to crash the server at
+        server.kill()
+        await server.stop()
+        server = await NatsServer(store, port=port).start()
+        await publisher
+        await _settled(nc, load, timeout=120)
+    finally:
+        await worker.stop()
+        await nc.close()
+        await server.stop()
+
+
+async def test_three_workers_then_one_killed_partitions_move(
+    nc: Client, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """Three worker processes share 6 partitions; one is killed; the others take its share."""
+    settings = Settings(nats_url=nats_server.url, stream="multi", partitions=6, lease_ttl=2)
+    from kloudmeter_py.store.provision import provision
+
+    await provision(nc.jetstream(), settings)
+    await create_meters(nc, "multi_meters")
+    env = {
+        "NATS_URL": nats_server.url,
+        "METER_NATS_STREAM": "multi",
+        "METER_PARTITIONS": "6",
+        "METER_LEASE_TTL": "2",
+    }
+    workers = [await WorkerProcess(env, tmp_path / f"w{i}.log").start() for i in range(3)]
+    leases = await nc.jetstream().key_value("multi_leases")
+
+    async def owners() -> dict[int, str]:
+        out = {}
+        for p in range(6):
+            try:
+                out[p] = (await leases.get(f"partition.{p}")).value.decode()
+            except Exception:
+                pass
+        return out
+
+    try:
+        spread = await eventually(
+            owners, lambda o: len(o) == 6 and len(set(o.values())) == 3, timeout=30
+        )
+        load = Load(6000, dup_ratio=0.1, seed=6)
+        publisher = asyncio.create_task(load.publish(nc, stream="multi"))
+        await asyncio.sleep(0.5)  # a point mid-run to kill at
+        victim_id = spread[0]
+        await workers[0].kill()
+        moved = await eventually(
+            owners,
+            lambda o: len(o) == 6 and len(set(o.values())) == 2,
+            timeout=30,
+        )
+        assert victim_id in spread.values()
+        await publisher
+        expected = load.expected()
+        got = await eventually(
+            lambda: actual(nc, "multi_readings"),
+            lambda r: calls_total(r) >= calls_total(expected),
+            timeout=60,
+        )
+        assert got == expected
+        assert len(set(moved.values())) == 2
+    finally:
+        for w in workers:
+            await w.stop()
+
+
+async def test_malformed_events_beside_good_ones_are_dead_lettered_and_counted(
+    nc: Client, settings: Settings
+) -> None:
+    """Not JSON, missing fields, wrong types and huge payloads go to dead letters with reasons;
+    the good events are all counted; the numbers add up."""
+    await create_meters(nc)
+    load = Load(1000, dup_ratio=0.0, seed=7)
+    js = nc.jetstream()
+    bad = [
+        b"not json at all",
+        b'{"id": "x1", "eventType": "req"}',
+        b'{"id": 5, "eventType": "req", "subject": "customer 1"}',
+        msgspec.json.encode(
+            {"id": "x3", "eventType": "req", "subject": "customer 1", "data": "text"}
+        ),
+        msgspec.json.encode(
+            {
+                "id": "x4",
+                "eventType": "req",
+                "subject": "customer 1",
+                "data": {"v": 1, "region": "eu", "user": "u", "pad": "x" * 200_000},
+            }
+        )[:150_000],
+        msgspec.json.encode(
+            {
+                "id": "x5",
+                "eventType": "req",
+                "subject": "customer 1",
+                "data": {"v": 1, "region": "eu", "user": "u", "pad": "y" * 200_000},
+            }
+        ),
+    ]
+    # Events above the configured size (64 KiB here) are refused, valid JSON or not.
+    w = Worker(nc, msgspec.structs.replace(settings, max_body_bytes=65536), partitions=[0, 1])
+    await w.start()
+    try:
+        publisher = asyncio.create_task(load.publish(nc))
+        for i, payload in enumerate(bad):
+            await js.publish(
+                "meters.events.req.=Y3VzdG9tZXIgMQ", payload, headers={"Nats-Msg-Id": f"bad-{i}"}
+            )
+        await publisher
+        await _settled(nc, load)
+        info = await eventually(
+            lambda: js.stream_info("meters_errors"), lambda i: i.state.messages >= len(bad)
+        )
+        assert info.state.messages == len(bad)
+        reasons = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg("meters_errors", seq)
+            reasons.append((msg.headers or {}).get("Kloudmeter-Error", ""))
+        assert all(r.startswith("invalid event") for r in reasons), reasons
+        assert any("larger than" in r for r in reasons)
+    finally:
+        await w.stop()
