@@ -106,6 +106,16 @@ async def actual(
     return out
 
 
+async def actual_or_empty(
+    nc: Client, bucket: str = "readings"
+) -> dict[tuple[str, str, tuple[Any, ...]], Any]:
+    """actual(), or nothing while the cluster elects a leader."""
+    try:
+        return await actual(nc, bucket)
+    except Exception:
+        return {}
+
+
 def calls_total(readings: dict[tuple[str, str, tuple[Any, ...]], Any]) -> int:
     return sum(v for (m, _, _), v in readings.items() if m == "calls")
 

@@ -75,7 +75,7 @@ async def connect(url: str, *, name: str, **kw: object) -> Client:
     import nats
 
     nc: Client = await nats.connect(
-        url,
+        servers=[u.strip() for u in url.split(",") if u.strip()],
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
