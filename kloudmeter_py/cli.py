@@ -49,6 +49,25 @@ def _parser() -> argparse.ArgumentParser:
     common(gateway)
     gateway.add_argument("--port", type=int, help="HTTP port, overrides HTTP_SERVER_PORT")
     gateway.add_argument("--host", help="HTTP address, overrides HTTP_SERVER_HOST")
+    backfill = sub.add_parser(
+        "backfill", help="apply a meter to events stored before it was created (exactly once)"
+    )
+    common(backfill)
+    backfill.add_argument("--meter", required=True, help="meter id")
+    backfill.add_argument(
+        "--from",
+        dest="since",
+        help="only events stored at or after this RFC 3339 time (default: all retained)",
+    )
+    backfill.add_argument("--no-wait", action="store_true", help="start it and return")
+    backfill.add_argument("--timeout", type=float, default=600, help="seconds to wait at most")
+    dead = sub.add_parser("dead-letters", help="count, list or replay dead letters")
+    common(dead)
+    dead.add_argument("--meter", help="only this meter's dead letters")
+    dead.add_argument("--list", action="store_true", help="print them, oldest first")
+    dead.add_argument(
+        "--replay", action="store_true", help="apply them again (after fixing the cause)"
+    )
     return p
 
 
@@ -67,7 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"kloudmeter: configuration error: {exc}", file=sys.stderr)
         return 2
-    command = {"up": _up, "setup": _setup, "worker": _worker, "gateway": _gateway}[args.command]
+    command = {
+        "up": _up,
+        "setup": _setup,
+        "worker": _worker,
+        "gateway": _gateway,
+        "backfill": _backfill,
+        "dead-letters": _dead_letters,
+    }[args.command]
     try:
         return asyncio.run(command(settings, args))
     except (ConfigError, KloudmeterError) as exc:
@@ -198,4 +224,82 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
             flush=True,
         )
         await _wait_for_signal()
+    return 0
+
+
+def _progress(done: int, total: int, width: int = 30) -> None:
+    frac = 1.0 if total <= 0 else min(done / total, 1.0)
+    bar = "#" * int(frac * width)
+    print(f"\r[{bar:<{width}}] {frac:6.1%} {done}/{total} events", end="", file=sys.stderr)
+
+
+async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
+    import time
+    from datetime import datetime
+
+    from kloudmeter_py.store import backfill
+    from kloudmeter_py.store.layout import Layout
+
+    since = None
+    if args.since:
+        try:
+            since = datetime.fromisoformat(args.since)
+        except ValueError:
+            raise ConfigError(f"--from: {args.since!r} is not an RFC 3339 time") from None
+        if since.tzinfo is None:
+            raise ConfigError("--from: the time needs an offset, for example 2026-11-01T00:00Z")
+    layout = Layout(settings)
+    async with _connected(settings, "kloudmeter-backfill") as nc:
+        js = nc.jetstream()  # type: ignore[attr-defined]
+        meter, expected = await backfill.start(js, layout, args.meter, since)
+        print(
+            f"backfilling meter {meter.id!r} from stream sequence {meter.startSeq + 1}: "
+            f"{expected} events (workers do the work)",
+            file=sys.stderr,
+        )
+        if args.no_wait:
+            return 0
+        deadline = time.monotonic() + args.timeout
+        last, last_change = -1, time.monotonic()
+        while True:
+            done = await backfill.applied(js, layout, meter)
+            _progress(done, expected)
+            if done >= expected:
+                print("\nbackfill done", file=sys.stderr)
+                return 0
+            if done != last:
+                last, last_change = done, time.monotonic()
+            elif time.monotonic() - last_change > 30:
+                print(
+                    f"\nbackfill stalled at {done}/{expected}: the rest may be dead letters "
+                    "(kloudmeter dead-letters), or no worker is running",
+                    file=sys.stderr,
+                )
+                return 1
+            if time.monotonic() > deadline:
+                print("\nbackfill still running; stopped waiting", file=sys.stderr)
+                return 1
+            await asyncio.sleep(0.5)
+
+
+async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    import msgspec
+
+    from kloudmeter_py.store import deadletters
+    from kloudmeter_py.store.layout import Layout
+
+    layout = Layout(settings)
+    async with _connected(settings, "kloudmeter-dead-letters") as nc:
+        js = nc.jetstream()  # type: ignore[attr-defined]
+        if args.replay:
+            report = await deadletters.replay(
+                js, layout, args.meter, unique_limit=settings.unique_limit
+            )
+            print(msgspec.json.encode(report).decode())
+            return 0
+        if args.list:
+            for letter in await deadletters.iterate(js, layout, args.meter):
+                print(msgspec.json.encode(letter).decode())
+            return 0
+        print(msgspec.json.encode(await deadletters.counts(js, layout)).decode())
     return 0

@@ -28,6 +28,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1024 * 1024
     # Stream duplicate window (seconds) for event ids.
     dedup_window: int = 120
+    # Worker-side dedup of event ids for this many seconds (0 = only the stream's window).
+    dedup_horizon: int = 0
     # How long raw events are kept (seconds, 0 = forever).
     retention: int = 0
     # Exact distinct values kept per unique-count reading.
@@ -52,6 +54,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("METER_MAX_BODY_BYTES", self.max_body_bytes, 1024, 64 * 1024 * 1024),
             ("METER_DEDUP_WINDOW", self.dedup_window, 1, 10 * 365 * 86400),
             ("METER_RETENTION", self.retention, 0, 100 * 365 * 86400),
+            ("METER_DEDUP_HORIZON", self.dedup_horizon, 0, 100 * 365 * 86400),
             ("METER_UNIQUE_LIMIT", self.unique_limit, 1, 1_000_000),
             ("METER_REPLICAS", self.replicas, 1, 5),
             ("METER_LEASE_TTL", self.lease_ttl, 2, 3600),
@@ -106,6 +109,7 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("METER_MAX_BODY_BYTES", "max_body_bytes", int),
     ("METER_DEDUP_WINDOW", "dedup_window", int),
     ("METER_RETENTION", "retention", int),
+    ("METER_DEDUP_HORIZON", "dedup_horizon", int),
     ("METER_UNIQUE_LIMIT", "unique_limit", int),
     ("KLOUDMETER_DATA_DIR", "data_dir", str),
     ("METER_REPLICAS", "replicas", int),

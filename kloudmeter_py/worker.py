@@ -36,7 +36,7 @@ from kloudmeter_py.config import Settings
 from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.meters import CompiledMeter, from_reading, to_reading
-from kloudmeter_py.core.models import encoder, event_decoder, reading_decoder
+from kloudmeter_py.core.models import Event, encoder, event_decoder, reading_decoder
 from kloudmeter_py.store.kv import get_with_revision, scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterRegistry
@@ -44,6 +44,9 @@ from kloudmeter_py.store.meters import MeterRegistry
 log = structlog.get_logger(__name__)
 
 _offset_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+_Dead = dict[tuple[int, str], tuple[Msg, str | None, str]]
 
 
 class Restart(Exception):
@@ -56,6 +59,7 @@ class _Cached:
     last_seq: int
     revision: int
     meter_start_seq: int
+    replayed: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -73,6 +77,7 @@ class WorkerStats:
     events: int = 0
     applied: int = 0
     dead_lettered: int = 0
+    deduplicated: int = 0
     writes: int = 0
     conflicts: int = 0
     restarts: int = 0
@@ -118,6 +123,9 @@ class Worker:
     async def start(self) -> None:
         self.readings = await self.js.key_value(self.layout.readings_bucket)
         self.offsets = await self.js.key_value(self.layout.offsets_bucket)
+        self.dedup: KeyValue | None = None
+        if self.settings.dedup_horizon:
+            self.dedup = await self.js.key_value(self.layout.dedup_bucket)
         await self.registry.start()
         self.registry.on_meter_added.append(self._meter_added)
         if self.static_partitions is not None:
@@ -348,8 +356,15 @@ class PartitionRunner:
             raise Restart("replay for a new meter")
         work: dict[str, _KeyWork] = {}
         dead: dict[tuple[int, str], tuple[Msg, str | None, str]] = {}
+        decoded = []
         for msg in msgs:
-            self._match(msg, work, dead)
+            event = self._decode(msg, dead)
+            if event is not None:
+                decoded.append((msg, event))
+        if self.w.dedup is not None and decoded:
+            decoded = await self._dedup(decoded)
+        for msg, event in decoded:
+            self._match(msg, event, work, dead)
         keepalive = asyncio.create_task(self._keep_alive(msgs[-1]))
         try:
             await self._write(work, dead, msgs)
@@ -368,12 +383,8 @@ class PartitionRunner:
         stats.events += len(msgs)
         stats.dead_lettered += len(dead)
 
-    def _match(
-        self,
-        msg: Msg,
-        work: dict[str, _KeyWork],
-        dead: dict[tuple[int, str], tuple[Msg, str | None, str]],
-    ) -> None:
+    def _decode(self, msg: Msg, dead: _Dead) -> Event | None:
+        """The event in a message, or None after recording why it is unusable."""
         meta = msg.metadata
         seq = meta.sequence.stream
         replaying = seq <= self._replay_horizon
@@ -381,13 +392,13 @@ class PartitionRunner:
             if not replaying:
                 limit = self.settings.max_body_bytes
                 dead[(seq, "")] = (msg, None, f"invalid event: larger than {limit} bytes")
-            return
+            return None
         try:
             event = event_decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             if not replaying:
                 dead[(seq, "")] = (msg, None, f"invalid event: {exc}")
-            return
+            return None
         tokens = msg.subject.split(".")
         if len(tokens) < 5 or (
             tokens[-3] != encode_token(event.eventType) or tokens[-2] != encode_token(event.subject)
@@ -400,7 +411,40 @@ class PartitionRunner:
                     f"(publish to {self.layout.stream}.events."
                     f"{encode_token(event.eventType)}.{encode_token(event.subject)})",
                 )
-            return
+            return None
+        return event
+
+    async def _dedup(self, decoded: list[tuple[Msg, Event]]) -> list[tuple[Msg, Event]]:
+        """Drop events whose id was first stored at another stream sequence (long dedup).
+
+        The first sequence seen for an id is recorded with a create (compare-and-set), before
+        any reading changes, so a replay finds its own record and is applied again normally.
+        """
+        kv = self.w.dedup
+        assert kv is not None
+        first: dict[str, int] = {}
+        for msg, event in decoded:
+            first.setdefault(event.id, msg.metadata.sequence.stream)
+        ids = list(first)
+        results = await asyncio.gather(
+            *(kv.create(encode_token(i), str(first[i]).encode()) for i in ids),
+            return_exceptions=True,
+        )
+        for event_id, result in zip(ids, results, strict=True):
+            if isinstance(result, KeyWrongLastSequenceError):
+                value, _ = await get_with_revision(kv, encode_token(event_id))
+                if value is not None:
+                    first[event_id] = int(value)
+            elif isinstance(result, BaseException):
+                raise result
+        kept = [(m, e) for m, e in decoded if first[e.id] == m.metadata.sequence.stream]
+        self.w.stats.deduplicated += len(decoded) - len(kept)
+        return kept
+
+    def _match(self, msg: Msg, event: Event, work: dict[str, _KeyWork], dead: _Dead) -> None:
+        meta = msg.metadata
+        seq = meta.sequence.stream
+        replaying = seq <= self._replay_horizon
         if event.time is not None:
             at_ms = int(event.time.timestamp() * 1000)
         else:
@@ -427,7 +471,9 @@ class PartitionRunner:
                 self.cache[key] = _Cached(Acc(), 0, revision, -1)
             else:
                 r = reading_decoder.decode(value)
-                self.cache[key] = _Cached(from_reading(r), r.lastSeq, revision, r.meterStartSeq)
+                self.cache[key] = _Cached(
+                    from_reading(r), r.lastSeq, revision, r.meterStartSeq, r.replayed
+                )
 
     async def _write(
         self,
@@ -454,8 +500,9 @@ class PartitionRunner:
                     self.cache[key] = cached
                 last_seq = cached.last_seq
                 changed = False
+                replayed = cached.replayed
                 for seq, at_ms, number, dkey in kw.items:
-                    if seq <= cached.last_seq:
+                    if seq <= cached.last_seq or (replayed and seq in replayed):
                         continue
                     try:
                         fold(cached.acc, number, dkey, at_ms, seq, limit)
@@ -466,7 +513,9 @@ class PartitionRunner:
                 if not changed and last_seq == cached.last_seq:
                     continue
                 cached.last_seq = last_seq
-                reading = to_reading(cached.acc, meter, kw.subject, kw.groups, last_seq, now)
+                reading = to_reading(
+                    cached.acc, meter, kw.subject, kw.groups, last_seq, now, cached.replayed
+                )
                 writes.append((key, encoder.encode(reading), cached.revision, cached))
             if not writes:
                 return
@@ -505,12 +554,15 @@ class PartitionRunner:
         js = self.w.js
         publishes = []
         for (seq, meter_key), (msg, meter_id, reason) in sorted(dead.items()):
+            cm = self.w.registry.by_id.get(meter_id) if meter_id else None
+            generation = cm.meter.startSeq if cm else 0
             headers = {
-                "Nats-Msg-Id": f"{self.layout.stream}:{seq}:{meter_key}",
+                "Nats-Msg-Id": f"{self.layout.stream}:{seq}:{meter_key}:{generation}",
                 "Kloudmeter-Error": _clean_header(reason),
                 "Kloudmeter-Meter": meter_id or "",
                 "Kloudmeter-Stream-Seq": str(seq),
                 "Kloudmeter-Subject": msg.subject,
+                "Kloudmeter-Stored-At": msg.metadata.timestamp.isoformat(),
             }
             subject = self.layout.error_subject(encode_token(meter_id) if meter_id else "_event")
             publishes.append(js.publish(subject, msg.data, headers=headers))

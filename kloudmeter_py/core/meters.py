@@ -86,6 +86,7 @@ def to_reading(
     groups: tuple[str | None, ...],
     last_seq: int,
     now: datetime,
+    replayed: list[int] | None = None,
 ) -> Reading:
     agg = AGGREGATIONS[meter.aggregation]
     numeric = acc.min is not None
@@ -109,6 +110,7 @@ def to_reading(
         lastSeq=last_seq,
         meterStartSeq=meter.startSeq,
         distinct=sorted(acc.distinct) if acc.distinct is not None else None,
+        replayed=replayed or None,
     )
 
 

@@ -136,6 +136,8 @@ class Reading(Struct, kw_only=True, omit_defaults=True):
     meterStartSeq: int
     # Distinct values (unique meters only).
     distinct: list[str] | None = None
+    # Stream sequences of dead letters replayed into this reading (each applies once).
+    replayed: list[int] | None = None
 
 
 event_decoder = msgspec.json.Decoder(Event)

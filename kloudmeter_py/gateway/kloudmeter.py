@@ -16,7 +16,8 @@ from kloudmeter_py.core.models import (
     reading_decoder,
 )
 from kloudmeter_py.errors import InvalidInput, NotFound
-from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, NC, decode_body
+from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, NC, SETTINGS, decode_body
+from kloudmeter_py.store import deadletters
 from kloudmeter_py.store.kv import get_with_revision, scan
 
 _KEY = re.compile(r"[-/_=.a-zA-Z0-9]{1,1024}")
@@ -132,13 +133,33 @@ async def healthy(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
 
-async def dead_letters(request: web.Request) -> web.Response:
+async def dead_letter_counts(request: web.Request) -> web.Response:
     """Dead-letter counts per meter (``_event`` for events no meter could read)."""
-    layout = request.app[LAYOUT]
-    info = await request.app[JS].stream_info(layout.errors_stream, subjects_filter=">")
-    prefix = layout.error_subject("")
-    counts = {s[len(prefix) :]: n for s, n in sorted((info.state.subjects or {}).items())}
-    return _json({"total": info.state.messages, "bySubject": counts})
+    return _json(await deadletters.counts(request.app[JS], request.app[LAYOUT]))
+
+
+async def dead_letter_list(request: web.Request) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise InvalidInput("limit must be an integer", field="limit") from None
+    if not 1 <= limit <= 10_000:
+        raise InvalidInput("limit must be 1..10000", field="limit")
+    letters = await deadletters.iterate(
+        request.app[JS], request.app[LAYOUT], request.query.get("meter"), limit=limit
+    )
+    return _json(letters)
+
+
+async def dead_letter_replay(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    report = await deadletters.replay(
+        request.app[JS],
+        request.app[LAYOUT],
+        request.query.get("meter"),
+        unique_limit=settings.unique_limit,
+    )
+    return _json(report)
 
 
 def add_routes(app: web.Application) -> None:
@@ -152,5 +173,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/readings", list_readings)
     r.add_get("/api/reading", get_reading)
     r.add_get("/api/reading/", get_reading)
-    r.add_get("/api/dead-letters", dead_letters)
+    r.add_get("/api/dead-letters", dead_letter_counts)
+    r.add_get("/api/dead-letters/list", dead_letter_list)
+    r.add_post("/api/dead-letters/replay", dead_letter_replay)
     r.add_get("/healthy", healthy)

@@ -20,6 +20,7 @@ class Layout:
         self.readings_bucket = f"{prefix}readings"
         self.offsets_bucket = f"{prefix}offsets"
         self.leases_bucket = f"{prefix}leases"
+        self.dedup_bucket = f"{prefix}dedup"
 
     def partition_filter(self, partition: int) -> str:
         return f"{self.stream}.events.*.*.{partition}"

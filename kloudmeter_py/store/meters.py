@@ -118,12 +118,13 @@ class MeterRegistry:
     def _apply(self, entry: KeyValue.Entry) -> None:
         meter_id = decode_token(entry.key) or ""
         added: CompiledMeter | None = None
-        self.by_id.pop(meter_id, None)
+        previous = self.by_id.pop(meter_id, None)
         if entry.operation is None and entry.value:
             try:
                 meter = meter_decoder.decode(entry.value)
                 cm = self.by_id[meter_id] = CompiledMeter(meter)
-                added = cm
+                if previous is None or previous.meter.startSeq != meter.startSeq:
+                    added = cm
             except (msgspec.DecodeError, ValueError) as exc:
                 log.error("meter.unusable", meter=meter_id, error=str(exc))
         by_type: dict[str, list[CompiledMeter]] = {}

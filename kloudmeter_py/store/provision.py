@@ -74,6 +74,18 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
             ttl=float(settings.lease_ttl),
         ),
     )
+    if settings.dedup_horizon:
+        await _ensure_bucket(
+            js,
+            KeyValueConfig(
+                bucket=layout.dedup_bucket,
+                history=1,
+                description="kloudmeter event ids seen (long dedup), first stream sequence",
+                storage=StorageType.FILE,
+                replicas=settings.replicas,
+                ttl=float(settings.dedup_horizon),
+            ),
+        )
     log.info("setup.done", stream=layout.stream, partitions=layout.partitions)
     return layout
 

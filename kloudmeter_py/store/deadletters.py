@@ -1,0 +1,200 @@
+"""Dead letters: list and count them, and replay them into readings exactly once.
+
+A dead letter names the meter the event failed for and the event's stream sequence. Replaying
+folds the event into that meter's reading and records the sequence in the reading's
+``replayed`` list in the same compare-and-set write, so a replay repeated after a crash (or an
+event that the worker later reads again) is never counted twice. The dead letter is deleted
+only after that write is stored.
+"""
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+
+from kloudmeter_py.core.aggregate import Acc, ValueError_, fold
+from kloudmeter_py.core.keys import decode_token, encode_token
+from kloudmeter_py.core.meters import CompiledMeter, from_reading, to_reading
+from kloudmeter_py.core.models import Meter, encoder, event_decoder, reading_decoder
+from kloudmeter_py.store.kv import get_with_revision
+from kloudmeter_py.store.layout import Layout
+from kloudmeter_py.store.meters import MeterStore
+
+log = structlog.get_logger(__name__)
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    seq: int  # sequence in the dead-letter stream
+    meter: str | None  # None: the event itself was unusable
+    eventSeq: int
+    subject: str
+    reason: str
+    storedAt: str
+    event: Any = None  # the original payload, when it is JSON
+
+
+class ReplayReport(msgspec.Struct, kw_only=True):
+    replayed: int = 0
+    alreadyApplied: int = 0
+    obsolete: int = 0
+    stillFailing: list[dict[str, Any]] = []
+
+
+async def counts(js: JetStreamContext, layout: Layout) -> dict[str, Any]:
+    info = await js.stream_info(layout.errors_stream, subjects_filter=">")
+    prefix = layout.error_subject("")
+    by_meter: dict[str, int] = {}
+    for subject, n in sorted((info.state.subjects or {}).items()):
+        token = subject[len(prefix) :]
+        name = "_event" if token == "_event" else (decode_token(token) or "")
+        by_meter[name] = n
+    return {"total": info.state.messages, "byMeter": by_meter}
+
+
+async def iterate(
+    js: JetStreamContext, layout: Layout, meter: str | None = None, limit: int | None = None
+) -> list[DeadLetter]:
+    """Dead letters, oldest first (all, or those of one meter)."""
+    token = encode_token(meter) if meter is not None else ">"
+    name = f"dlq-{uuid.uuid4().hex[:12]}"
+    try:
+        info = await js.add_consumer(
+            layout.errors_stream,
+            ConsumerConfig(
+                name=name,
+                filter_subject=layout.error_subject(token),
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.NONE,
+                inactive_threshold=10.0,
+                mem_storage=True,
+                num_replicas=1,
+            ),
+        )
+    except NotFoundError:
+        return []
+    out: list[DeadLetter] = []
+    pending = info.num_pending or 0
+    try:
+        if pending:
+            sub = await js.pull_subscribe_bind(name, stream=layout.errors_stream)
+            try:
+                while pending > 0 and (limit is None or len(out) < limit):
+                    for msg in await sub.fetch(min(pending, 500), timeout=5):
+                        out.append(_letter(msg.metadata.sequence.stream, msg.headers, msg.data))
+                        pending = msg.metadata.num_pending
+            finally:
+                await sub.unsubscribe()
+    finally:
+        try:
+            await js.delete_consumer(layout.errors_stream, name)
+        except NotFoundError:
+            pass
+    return out[:limit] if limit is not None else out
+
+
+def _letter(seq: int, headers: dict[str, str] | None, data: bytes) -> DeadLetter:
+    h = headers or {}
+    try:
+        event = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        event = None
+    return DeadLetter(
+        seq=seq,
+        meter=h.get("Kloudmeter-Meter") or None,
+        eventSeq=int(h.get("Kloudmeter-Stream-Seq", "0") or 0),
+        subject=h.get("Kloudmeter-Subject", ""),
+        reason=h.get("Kloudmeter-Error", ""),
+        storedAt=h.get("Kloudmeter-Stored-At", ""),
+        event=event,
+    )
+
+
+async def replay(
+    js: JetStreamContext,
+    layout: Layout,
+    meter_id: str | None = None,
+    *,
+    unique_limit: int = 10_000,
+) -> ReplayReport:
+    """Fold replayable dead letters into their readings, once each; delete the ones applied.
+
+    Letters of a meter that was deleted, or created again / backfilled after the event, are
+    obsolete (the backfill covers them) and are deleted too. Letters whose event still fails
+    stay, with the reason in the report; so do letters of unusable events (``_event``): fix the
+    producer and publish them again with a new id.
+    """
+    report = ReplayReport()
+    meters = {m.id: m for m in await MeterStore(js, layout).list()}
+    readings = await js.key_value(layout.readings_bucket)
+    letters = await iterate(js, layout, meter_id)
+    for letter in letters:
+        if letter.meter is None:
+            report.stillFailing.append({"seq": letter.seq, "reason": letter.reason})
+            continue
+        meter = meters.get(letter.meter)
+        if meter is None or letter.eventSeq <= meter.startSeq:
+            report.obsolete += 1
+            await js.delete_msg(layout.errors_stream, letter.seq)
+            continue
+        try:
+            outcome = await _apply(js, readings, meter, letter, unique_limit)
+        except ValueError_ as exc:
+            report.stillFailing.append({"seq": letter.seq, "reason": str(exc)})
+            continue
+        if outcome == "applied":
+            report.replayed += 1
+        else:
+            report.alreadyApplied += 1
+        await js.delete_msg(layout.errors_stream, letter.seq)
+    log.info(
+        "deadletters.replayed",
+        meter=meter_id,
+        replayed=report.replayed,
+        obsolete=report.obsolete,
+        still_failing=len(report.stillFailing),
+    )
+    return report
+
+
+async def _apply(
+    js: JetStreamContext, readings: Any, meter: Meter, letter: DeadLetter, unique_limit: int
+) -> str:
+    if letter.event is None:
+        raise ValueError_("the dead letter's payload is not JSON")
+    try:
+        event = event_decoder.decode(msgspec.json.encode(letter.event))
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ValueError_(f"invalid event: {exc}") from None
+    cm = CompiledMeter(meter)
+    key, groups, number, dkey = cm.extract(event.subject, event.data)
+    if event.time is not None:
+        at = event.time
+    else:
+        at = datetime.fromisoformat(letter.storedAt) if letter.storedAt else datetime.now(UTC)
+    at_ms = int(at.timestamp() * 1000)
+    for _ in range(20):
+        value, revision = await get_with_revision(readings, key)
+        acc, last_seq, replayed = Acc(), 0, []
+        if value is not None:
+            current = reading_decoder.decode(value)
+            if current.meterStartSeq == meter.startSeq:
+                acc, last_seq = from_reading(current), current.lastSeq
+                replayed = list(current.replayed or [])
+        if letter.eventSeq in replayed:
+            return "already"
+        fold(acc, number, dkey, at_ms, letter.eventSeq, unique_limit)
+        replayed.append(letter.eventSeq)
+        reading = to_reading(
+            acc, meter, event.subject, groups, last_seq, datetime.now(UTC), sorted(replayed)
+        )
+        try:
+            await readings.update(key, encoder.encode(reading), last=revision)
+        except KeyWrongLastSequenceError:
+            continue
+        return "applied"
+    raise ValueError_("the reading kept changing; try the replay again")
