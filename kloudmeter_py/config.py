@@ -22,6 +22,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     interval: int = 60
     # Fixed at setup: events are spread over this many partitions by subject.
     partitions: int = 4
+    # How long summaries are kept after their window closes: minute level (seconds),
+    # hour level (seconds), day level (days).
+    minute_retention: int = 7200
+    hour_retention: int = 2 * 86400
+    day_retention_days: int = 400
     # Events pulled and folded per write round.
     batch_size: int = 500
     # Largest HTTP request body accepted.
@@ -48,7 +53,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             )
         for var, value, low, high in (
             ("HTTP_SERVER_PORT", self.http_port, 0, 65535),
-            ("METER_INTERVAL", self.interval, 1, 86400),
+            ("METER_INTERVAL", self.interval, 1, 3600),
+            ("METER_MINUTE_RETENTION", self.minute_retention, 1, 366 * 86400),
+            ("METER_HOUR_RETENTION", self.hour_retention, 1, 3660 * 86400),
+            ("METER_DAY_RETENTION_DAYS", self.day_retention_days, 1, 36500),
             ("METER_PARTITIONS", self.partitions, 1, 1024),
             ("METER_BATCH_SIZE", self.batch_size, 1, 10_000),
             ("METER_MAX_BODY_BYTES", self.max_body_bytes, 1024, 64 * 1024 * 1024),
@@ -61,9 +69,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         ):
             if not low <= value <= high:
                 raise ConfigError(f"{var}: {value} is out of range {low}..{high}")
-        if 86400 % self.interval:
+        if 3600 % self.interval:
             raise ConfigError(
-                f"METER_INTERVAL: {self.interval} must divide a day evenly "
+                f"METER_INTERVAL: {self.interval} must divide an hour evenly "
                 "(for example 1, 10, 30, 60, 300)"
             )
         if self.retention and self.dedup_window > self.retention:
@@ -71,6 +79,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         parsed = urlparse(self.nats_url.split(",")[0])
         if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
             raise ConfigError(f"NATS_URL: {self.nats_url!r} is not a nats:// URL")
+
+    def summary_retention(self, level: str) -> int:
+        """Seconds a summary of ``level`` is kept after its window closes."""
+        return {
+            "minute": self.minute_retention,
+            "hour": self.hour_retention,
+            "day": self.day_retention_days * 86400,
+        }[level]
 
     @property
     def nats_host(self) -> str:
@@ -104,6 +120,9 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("HTTP_SERVER_HOST", "http_host", str),
     ("HTTP_SERVER_PORT", "http_port", int),
     ("METER_INTERVAL", "interval", int),
+    ("METER_MINUTE_RETENTION", "minute_retention", int),
+    ("METER_HOUR_RETENTION", "hour_retention", int),
+    ("METER_DAY_RETENTION_DAYS", "day_retention_days", int),
     ("METER_PARTITIONS", "partitions", int),
     ("METER_BATCH_SIZE", "batch_size", int),
     ("METER_MAX_BODY_BYTES", "max_body_bytes", int),

@@ -16,6 +16,7 @@ Exactness rests on three things:
 
 import asyncio
 import contextlib
+import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.meters import CompiledMeter, from_reading, to_reading
 from kloudmeter_py.core.models import Event, encoder, event_decoder, reading_decoder
+from kloudmeter_py.core.windows import widths, window_start, window_token
 from kloudmeter_py.store.kv import get_with_revision, scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterRegistry
@@ -60,6 +62,11 @@ class _Cached:
     revision: int
     meter_start_seq: int
     replayed: list[int] | None = None
+    late: int = 0
+
+
+# (stream seq, event time ms, number, distinct key, too old for every summary level)
+_Item = tuple[int, int, Number | None, str | None, bool]
 
 
 @dataclass(slots=True)
@@ -67,8 +74,12 @@ class _KeyWork:
     meter: CompiledMeter
     subject: str
     groups: tuple[str | None, ...]
-    # (stream seq, event time ms, number, distinct key)
-    items: list[tuple[int, int, Number | None, str | None]] = field(default_factory=list)
+    window: tuple[int, int] | None  # (start epoch seconds, width) for summaries
+    items: list[_Item] = field(default_factory=list)
+
+
+# (store, key): store 0 is the readings bucket, 1.. the summary levels
+_Work = dict[tuple[int, str], _KeyWork]
 
 
 @dataclass
@@ -122,6 +133,11 @@ class Worker:
 
     async def start(self) -> None:
         self.readings = await self.js.key_value(self.layout.readings_bucket)
+        self.level_widths = widths(self.settings.interval)
+        self.stores = [self.readings] + [
+            await self.js.key_value(self.layout.summary_buckets[level])
+            for level in self.level_widths
+        ]
         self.offsets = await self.js.key_value(self.layout.offsets_bucket)
         self.dedup: KeyValue | None = None
         if self.settings.dedup_horizon:
@@ -235,7 +251,7 @@ class PartitionRunner:
         self.partition = partition
         self.layout = worker.layout
         self.settings = worker.settings
-        self.cache: dict[str, _Cached] = {}
+        self.cache: dict[tuple[int, str], _Cached] = {}
         self.position = 0  # last stream seq fully applied by this runner
         self.offset_key = f"partition.{partition}"
         self.consumer = f"{self.layout.stream}-p{partition}-{worker.worker_id}"
@@ -243,6 +259,7 @@ class PartitionRunner:
         # While replaying seqs <= horizon, only meters that caused the replay get dead letters.
         self._replay_horizon = 0
         self._replay_meters: set[str] = set()
+        self._batch_levels: list[tuple[int, int, int]] = []
         self.log = log.bind(partition=partition, worker=worker.worker_id)
 
     def meter_added(self, cm: CompiledMeter) -> None:
@@ -354,8 +371,8 @@ class PartitionRunner:
         await self.w.registry.catch_up()
         if self._restart_from is not None:
             raise Restart("replay for a new meter")
-        work: dict[str, _KeyWork] = {}
-        dead: dict[tuple[int, str], tuple[Msg, str | None, str]] = {}
+        work: _Work = {}
+        dead: _Dead = {}
         decoded = []
         for msg in msgs:
             event = self._decode(msg, dead)
@@ -363,6 +380,7 @@ class PartitionRunner:
                 decoded.append((msg, event))
         if self.w.dedup is not None and decoded:
             decoded = await self._dedup(decoded)
+        self._batch_levels = self._levels
         for msg, event in decoded:
             self._match(msg, event, work, dead)
         keepalive = asyncio.create_task(self._keep_alive(msgs[-1]))
@@ -441,7 +459,7 @@ class PartitionRunner:
         self.w.stats.deduplicated += len(decoded) - len(kept)
         return kept
 
-    def _match(self, msg: Msg, event: Event, work: dict[str, _KeyWork], dead: _Dead) -> None:
+    def _match(self, msg: Msg, event: Event, work: _Work, dead: _Dead) -> None:
         meta = msg.metadata
         seq = meta.sequence.stream
         replaying = seq <= self._replay_horizon
@@ -449,6 +467,13 @@ class PartitionRunner:
             at_ms = int(event.time.timestamp() * 1000)
         else:
             at_ms = int(meta.timestamp.timestamp() * 1000)
+        # The summary levels whose retention still covers this event's window.
+        levels = [
+            (store, width, window_start(at_ms, width))
+            for store, width, horizon in self._batch_levels
+            if window_start(at_ms, width) + width > horizon
+        ]
+        late = not levels
         for cm in self.w.registry.by_type.get(event.eventType, ()):
             if seq <= cm.meter.startSeq:
                 continue
@@ -458,29 +483,49 @@ class PartitionRunner:
                 if not replaying or cm.meter.id in self._replay_meters:
                     dead[(seq, cm.meter.id)] = (msg, cm.meter.id, str(exc))
                 continue
-            kw = work.get(key)
-            if kw is None or kw.meter is not cm:
-                kw = work[key] = _KeyWork(cm, event.subject, groups)
-            kw.items.append((seq, at_ms, number, dkey))
+            item = (seq, at_ms, number, dkey, late)
+            self._add(work, (0, key), cm, event.subject, groups, None, item)
+            for store, width, start in levels:
+                skey = f"{key}.{window_token(start)}"
+                self._add(work, (store, skey), cm, event.subject, groups, (start, width), item)
 
-    async def _load(self, keys: list[str]) -> None:
-        readings = self.w.readings
-        results = await asyncio.gather(*(get_with_revision(readings, k) for k in keys))
-        for key, (value, revision) in zip(keys, results, strict=True):
+    @staticmethod
+    def _add(
+        work: _Work,
+        wkey: tuple[int, str],
+        cm: CompiledMeter,
+        subject: str,
+        groups: tuple[str | None, ...],
+        window: tuple[int, int] | None,
+        item: _Item,
+    ) -> None:
+        kw = work.get(wkey)
+        if kw is None or kw.meter is not cm:
+            kw = work[wkey] = _KeyWork(cm, subject, groups, window)
+        kw.items.append(item)
+
+    @property
+    def _levels(self) -> list[tuple[int, int, int]]:
+        """(store, width, oldest window end still kept) per summary level."""
+        now = int(time.time())
+        return [
+            (store, width, now - self.settings.summary_retention(level))
+            for store, (level, width) in enumerate(self.w.level_widths.items(), start=1)
+        ]
+
+    async def _load(self, keys: list[tuple[int, str]]) -> None:
+        kvs = self.w.stores
+        results = await asyncio.gather(*(get_with_revision(kvs[st], k) for st, k in keys))
+        for wkey, (value, revision) in zip(keys, results, strict=True):
             if value is None:
-                self.cache[key] = _Cached(Acc(), 0, revision, -1)
+                self.cache[wkey] = _Cached(Acc(), 0, revision, -1)
             else:
                 r = reading_decoder.decode(value)
-                self.cache[key] = _Cached(
-                    from_reading(r), r.lastSeq, revision, r.meterStartSeq, r.replayed
+                self.cache[wkey] = _Cached(
+                    from_reading(r), r.lastSeq, revision, r.meterStartSeq, r.replayed, r.late
                 )
 
-    async def _write(
-        self,
-        work: dict[str, _KeyWork],
-        dead: dict[tuple[int, str], tuple[Msg, str | None, str]],
-        msgs: list[Msg],
-    ) -> None:
+    async def _write(self, work: _Work, dead: _Dead, msgs: list[Msg]) -> None:
         by_seq = {m.metadata.sequence.stream: m for m in msgs}
         todo = list(work)
         now = datetime.now(UTC)
@@ -489,24 +534,29 @@ class PartitionRunner:
             missing = [k for k in todo if k not in self.cache]
             if missing:
                 await self._load(missing)
-            writes: list[tuple[str, bytes, int, _Cached]] = []
-            for key in todo:
-                kw = work[key]
+            writes: list[tuple[tuple[int, str], bytes, int, _Cached]] = []
+            for wkey in todo:
+                kw = work[wkey]
                 meter = kw.meter.meter
-                cached = self.cache[key]
+                cached = self.cache[wkey]
                 if cached.meter_start_seq != meter.startSeq:
                     # Written for an earlier meter of this id (or new): start from zero.
                     cached = _Cached(Acc(), 0, cached.revision, meter.startSeq)
-                    self.cache[key] = cached
+                    self.cache[wkey] = cached
                 last_seq = cached.last_seq
                 changed = False
                 replayed = cached.replayed
-                for seq, at_ms, number, dkey in kw.items:
+                is_reading = wkey[0] == 0
+                for seq, at_ms, number, dkey, late in kw.items:
                     if seq <= cached.last_seq or (replayed and seq in replayed):
                         continue
                     try:
-                        fold(cached.acc, number, dkey, at_ms, seq, limit)
+                        # The unique limit is the reading's: a window never holds more
+                        # distinct values than the reading of the same series.
+                        fold(cached.acc, number, dkey, at_ms, seq, limit if is_reading else 1 << 60)
                         changed = True
+                        if late and is_reading:
+                            cached.late += 1
                     except ValueError_ as exc:
                         dead[(seq, meter.id)] = (by_seq[seq], meter.id, str(exc))
                     last_seq = seq
@@ -514,28 +564,37 @@ class PartitionRunner:
                     continue
                 cached.last_seq = last_seq
                 reading = to_reading(
-                    cached.acc, meter, kw.subject, kw.groups, last_seq, now, cached.replayed
+                    cached.acc,
+                    meter,
+                    kw.subject,
+                    kw.groups,
+                    last_seq,
+                    now,
+                    cached.replayed,
+                    window=kw.window,
+                    late=cached.late,
                 )
-                writes.append((key, encoder.encode(reading), cached.revision, cached))
+                writes.append((wkey, encoder.encode(reading), cached.revision, cached))
             if not writes:
                 return
             results = await asyncio.gather(
-                *(self._cas(key, body, rev) for key, body, rev, _ in writes),
+                *(self._cas(wkey, body, rev) for wkey, body, rev, _ in writes),
                 return_exceptions=True,
             )
             todo = []
-            for (key, _, _, cached), result in zip(writes, results, strict=True):
+            for (wkey, _, _, cached), result in zip(writes, results, strict=True):
                 if isinstance(result, int):
                     cached.revision = result
                     self.w.stats.writes += 1
-                    self.w.stats.applied += len(work[key].items)
+                    if wkey[0] == 0:
+                        self.w.stats.applied += len(work[wkey].items)
                 elif isinstance(result, KeyWrongLastSequenceError):
                     # Someone else wrote this key: read it again and fold what is still new.
                     self.w.stats.conflicts += 1
-                    del self.cache[key]
-                    todo.append(key)
+                    del self.cache[wkey]
+                    todo.append(wkey)
                 else:
-                    self.cache.pop(key, None)
+                    self.cache.pop(wkey, None)
                     assert isinstance(result, BaseException)
                     raise result
             if not todo:
@@ -545,9 +604,9 @@ class PartitionRunner:
             self.log.info("batch.cas_conflict", keys=len(todo), attempt=attempt)
         raise Restart("compare-and-set kept failing")
 
-    async def _cas(self, key: str, body: bytes, revision: int) -> int:
-        kv: KeyValue = self.w.readings
-        rev: int = await kv.update(key, body, last=revision)
+    async def _cas(self, wkey: tuple[int, str], body: bytes, revision: int) -> int:
+        kv: KeyValue = self.w.stores[wkey[0]]
+        rev: int = await kv.update(wkey[1], body, last=revision)
         return rev
 
     async def _dead_letter(self, dead: dict[tuple[int, str], tuple[Msg, str | None, str]]) -> None:

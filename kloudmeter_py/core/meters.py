@@ -87,6 +87,9 @@ def to_reading(
     last_seq: int,
     now: datetime,
     replayed: list[int] | None = None,
+    *,
+    window: tuple[int, int] | None = None,
+    late: int = 0,
 ) -> Reading:
     agg = AGGREGATIONS[meter.aggregation]
     numeric = acc.min is not None
@@ -111,6 +114,9 @@ def to_reading(
         meterStartSeq=meter.startSeq,
         distinct=sorted(acc.distinct) if acc.distinct is not None else None,
         replayed=replayed or None,
+        windowStart=datetime.fromtimestamp(window[0], UTC) if window else None,
+        windowEnd=datetime.fromtimestamp(window[0] + window[1], UTC) if window else None,
+        late=late,
     )
 
 

@@ -138,6 +138,11 @@ class Reading(Struct, kw_only=True, omit_defaults=True):
     distinct: list[str] | None = None
     # Stream sequences of dead letters replayed into this reading (each applies once).
     replayed: list[int] | None = None
+    # Summaries only: the window, half-open [windowStart, windowEnd).
+    windowStart: datetime | None = None
+    windowEnd: datetime | None = None
+    # Readings only: events too old for every summary level (still counted here).
+    late: int = 0
 
 
 event_decoder = msgspec.json.Decoder(Event)

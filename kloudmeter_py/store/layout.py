@@ -21,6 +21,9 @@ class Layout:
         self.offsets_bucket = f"{prefix}offsets"
         self.leases_bucket = f"{prefix}leases"
         self.dedup_bucket = f"{prefix}dedup"
+        self.summary_buckets = {
+            level: f"{prefix}summaries_{level}" for level in ("minute", "hour", "day")
+        }
 
     def partition_filter(self, partition: int) -> str:
         return f"{self.stream}.events.*.*.{partition}"

@@ -67,10 +67,8 @@ class MeterStore:
         await kv.delete(key)
         # Its readings go too; a reading written late for the old meter is told apart by
         # meterStartSeq, so a meter created again with the same id starts from zero.
-        await self.js.purge_stream(
-            f"KV_{self.layout.readings_bucket}",
-            subject=f"$KV.{self.layout.readings_bucket}.{key}.>",
-        )
+        for bucket in (self.layout.readings_bucket, *self.layout.summary_buckets.values()):
+            await self.js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}.>")
         log.info("meter.deleted", meter=meter_id)
 
 
@@ -92,6 +90,16 @@ class MeterRegistry:
     async def start(self) -> None:
         kv = await self.js.key_value(self.layout.meters_bucket)
         watcher = await kv.watchall()
+        self._task = asyncio.create_task(self._watch(watcher))
+        await asyncio.wait_for(self._ready.wait(), timeout=30)
+
+    async def _restart_watch(self) -> None:
+        """A watch that fell behind (nats.py's ordered consumer can stall after a reconnect):
+        start a new one from where this view is."""
+        await self.stop()
+        kv = await self.js.key_value(self.layout.meters_bucket)
+        watcher = await kv.watchall()
+        self._ready = asyncio.Event()
         self._task = asyncio.create_task(self._watch(watcher))
         await asyncio.wait_for(self._ready.wait(), timeout=30)
 
@@ -150,4 +158,6 @@ class MeterRegistry:
                     self._changed.wait_for(lambda: self.revision >= target), timeout
                 )
             except TimeoutError:
-                log.warning("meters.catch_up_slow", have=self.revision, want=target)
+                log.warning("meters.watch_restarted", have=self.revision, want=target)
+        if self.revision < target:
+            await self._restart_watch()

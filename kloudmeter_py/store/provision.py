@@ -63,6 +63,21 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
                 replicas=settings.replicas,
             ),
         )
+    widths = {"minute": settings.interval, "hour": 3600, "day": 86400}
+    for level, bucket in layout.summary_buckets.items():
+        # A window is written while it is open (and by late events); it expires this long
+        # after its last write, so it is kept at least `retention` after it closes.
+        await _ensure_bucket(
+            js,
+            KeyValueConfig(
+                bucket=bucket,
+                history=1,
+                description=f"kloudmeter {level} summaries",
+                storage=StorageType.FILE,
+                replicas=settings.replicas,
+                ttl=float(settings.summary_retention(level) + widths[level]),
+            ),
+        )
     await _ensure_bucket(
         js,
         KeyValueConfig(

@@ -1,0 +1,122 @@
+"""Time windows: which stored window an event falls in, and how a query's windows are covered
+by stored ones (coarsest first, finer where a boundary needs it)."""
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+MINUTE, HOUR, DAY = "minute", "hour", "day"
+LEVELS = (MINUTE, HOUR, DAY)
+WINDOW_SIZES = {"MINUTE": MINUTE, "HOUR": HOUR, "DAY": DAY}
+
+
+class QueryError(ValueError):
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def widths(interval: int) -> dict[str, int]:
+    """Width in seconds of each stored level; the finest is METER_INTERVAL."""
+    return {MINUTE: interval, HOUR: 3600, DAY: 86400}
+
+
+def window_start(at_ms: int, width: int) -> int:
+    """Start (epoch seconds) of the UTC-aligned window of ``width`` seconds holding ``at_ms``."""
+    seconds = at_ms // 1000
+    return seconds - seconds % width
+
+
+def window_token(start: int) -> str:
+    return datetime.fromtimestamp(start, UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def parse_window_token(token: str) -> int:
+    return int(datetime.strptime(token, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp())
+
+
+def output_windows(
+    start: datetime, end: datetime, size: str | None, tz: ZoneInfo, interval: int
+) -> list[tuple[datetime, datetime]]:
+    """The query's windows over [start, end): aligned in ``tz``, clipped to the range."""
+    if size is None:
+        return [(start, end)]
+    out = []
+    cursor = _floor_local(start, size, tz, interval)
+    while cursor < end:
+        nxt = _next_local(cursor, size, tz, interval)
+        out.append((max(cursor, start), min(nxt, end)))
+        cursor = nxt
+    return out
+
+
+def _floor_local(t: datetime, size: str, tz: ZoneInfo, interval: int) -> datetime:
+    local = t.astimezone(tz)
+    if size == DAY:
+        floored = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    elif size == HOUR:
+        floored = local.replace(minute=0, second=0, microsecond=0)
+    else:
+        since_midnight = local.hour * 3600 + local.minute * 60 + local.second
+        floored = local.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(
+            seconds=since_midnight - since_midnight % interval
+        )
+    return _resolve(floored.replace(tzinfo=None), tz)
+
+
+def _next_local(t: datetime, size: str, tz: ZoneInfo, interval: int) -> datetime:
+    local = t.astimezone(tz).replace(tzinfo=None)
+    if size == DAY:
+        nxt = local.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+        return _resolve(nxt, tz)
+    step = 3600 if size == HOUR else interval
+    # Hours and minutes advance in absolute time, so a repeated hour (DST end) stays two windows.
+    return (t + timedelta(seconds=step)).astimezone(UTC)
+
+
+def _resolve(naive_local: datetime, tz: ZoneInfo) -> datetime:
+    """A wall-clock time in ``tz`` as UTC; a time skipped by DST moves forward to a real one."""
+    aware = naive_local.replace(tzinfo=tz)
+    back = aware.astimezone(UTC).astimezone(tz).replace(tzinfo=None)
+    if back != naive_local:  # in a gap: take the first instant after it
+        aware = naive_local.replace(tzinfo=tz, fold=1)
+    return aware.astimezone(UTC)
+
+
+def cover(
+    start: int,
+    end: int,
+    level_widths: dict[str, int],
+    horizons: dict[str, int],
+    requested: str | None = None,
+) -> Iterator[tuple[str, int]]:
+    """Stored windows (level, start) that tile [start, end) exactly, coarsest where possible.
+
+    ``horizons`` gives, per level, the oldest window end still stored. A stretch that only an
+    expired level could tile, while a level no coarser than the requested window size still
+    holds it (unaligned, as a day in a non-UTC zone), cannot be answered exactly: that raises
+    QueryError. Otherwise expired stretches hold no data and are skipped.
+    """
+    finest = min(level_widths.values())
+    if start % finest or end % finest:
+        raise QueryError("from", f"from and to must be multiples of {finest}s (METER_INTERVAL)")
+    ordered = sorted(level_widths.items(), key=lambda kv: -kv[1])
+    t = start
+    while t < end:
+        aligned = [(lv, w) for lv, w in ordered if t % w == 0 and t + w <= end]
+        live = [(lv, w) for lv, w in aligned if t + w > horizons[lv]]
+        if live:
+            level, width = live[0]
+            yield level, t
+            t += width
+            continue
+        limit = level_widths[requested] if requested else max(level_widths.values())
+        alive = [lv for lv, w in ordered if w <= limit and t - t % w + w > horizons[lv]]
+        if alive:
+            raise QueryError(
+                "windowTimeZone",
+                "windows at this time can only be built from finer summaries, which have "
+                "expired; ask for UTC windows or a more recent range",
+            )
+        t += aligned[-1][1] if aligned else finest
