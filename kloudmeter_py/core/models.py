@@ -47,6 +47,34 @@ class Event(Struct):
     data: dict[str, Any] = {}
 
 
+class CloudEvent(Struct):
+    """A CloudEvents 1.0 event in JSON (OpenMeter's ingest format)."""
+
+    id: Name
+    source: Name
+    specversion: Annotated[str, Meta(pattern=r"^1\.0$")]
+    type: Name
+    subject: Name
+    time: AwareTime | None = None
+    data: dict[str, Any] = {}
+    datacontenttype: str | None = None
+    dataschema: str | None = None
+
+    def to_event(self) -> Event:
+        return Event(
+            id=cloud_event_id(self.source, self.id),
+            eventType=self.type,
+            subject=self.subject,
+            time=self.time,
+            data=self.data,
+        )
+
+
+def cloud_event_id(source: str, event_id: str) -> str:
+    """CloudEvents are unique by source + id; this is their id for dedup."""
+    return f"{source}#{event_id}"
+
+
 class MeterIn(Struct, forbid_unknown_fields=True):
     """Body of POST /api/create-meter."""
 
@@ -54,6 +82,7 @@ class MeterIn(Struct, forbid_unknown_fields=True):
     eventType: Name
     aggregation: str
     description: str = ""
+    name: str = ""
     valueProperty: str | None = None
     groupBy: dict[Annotated[str, Meta(min_length=1, max_length=64)], str] = {}
 
@@ -65,6 +94,7 @@ class Meter(Struct, kw_only=True):
     eventType: str
     aggregation: str
     description: str = ""
+    name: str = ""
     valueProperty: str | None = None
     groupBy: dict[str, str] = {}
     createdAt: datetime
@@ -104,6 +134,7 @@ def validate_meter(body: MeterIn, *, now: datetime | None = None, start_seq: int
         eventType=body.eventType,
         aggregation=aggregation,
         description=body.description,
+        name=body.name,
         valueProperty=value_property,
         groupBy=dict(sorted(body.groupBy.items())),
         createdAt=now or datetime.now(UTC),
@@ -145,7 +176,20 @@ class Reading(Struct, kw_only=True, omit_defaults=True):
     late: int = 0
 
 
-event_decoder = msgspec.json.Decoder(Event)
+_kloudmeter_event_decoder = msgspec.json.Decoder(Event)
+cloud_event_decoder = msgspec.json.Decoder(CloudEvent)
+
+
+class _EventDecoder:
+    """Either format: a body with ``specversion`` is a CloudEvent, anything else KloudMeter's."""
+
+    def decode(self, data: bytes) -> Event:
+        if b'"specversion"' in data:
+            return cloud_event_decoder.decode(data).to_event()
+        return _kloudmeter_event_decoder.decode(data)
+
+
+event_decoder = _EventDecoder()
 meter_in_decoder = msgspec.json.Decoder(MeterIn)
 meter_decoder = msgspec.json.Decoder(Meter)
 reading_decoder = msgspec.json.Decoder(Reading)

@@ -3,7 +3,7 @@
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import structlog
@@ -40,6 +40,7 @@ _NATS_DOWN = (
 )
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -50,7 +51,11 @@ def error_response(status: int, message: str, field: str | None = None) -> web.R
     return web.Response(body=encoder.encode(body), status=status, content_type="application/json")
 
 
-def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
+class Decodes(Protocol[T_co]):
+    def decode(self, data: bytes, /) -> T_co: ...
+
+
+def decode_body(raw: bytes, decoder: Decodes[T]) -> T:
     """Decode a request body strictly; errors say which field and why."""
     if not raw.strip():
         raise InvalidInput("request body is empty; expected a JSON object")
@@ -66,8 +71,40 @@ def decode_body(raw: bytes, decoder: msgspec.json.Decoder[T]) -> T:
         raise InvalidInput(f"invalid JSON: {exc}") from None
 
 
+def problem_response(status: int, message: str, field: str | None, instance: str) -> web.Response:
+    """RFC 9457 problem details, as OpenMeter's API answers errors."""
+    from http import HTTPStatus
+
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": message,
+        "instance": instance,
+    }
+    if field:
+        body["field"] = field
+    return web.Response(
+        body=encoder.encode(body), status=status, content_type="application/problem+json"
+    )
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await _errors(request, handler)
+    if response.status >= 400 and request.path.startswith("/api/v1/"):
+        envelope = response if isinstance(response, web.Response) else None
+        if envelope is not None and envelope.content_type == "application/json":
+            err = msgspec.json.decode(envelope.body or b"{}")  # type: ignore[arg-type]
+            problem = problem_response(
+                response.status, err.get("message", ""), err.get("field"), request.path
+            )
+            problem.headers["X-Request-Id"] = response.headers.get("X-Request-Id", "")
+            return problem
+    return response
+
+
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
@@ -102,7 +139,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 def create_app(settings: Settings, nc: Client) -> web.Application:
     """Wire the gateway by hand: app keys, middleware, routes."""
-    from kloudmeter_py.gateway import kloudmeter
+    from kloudmeter_py.gateway import kloudmeter, openmeter, query
 
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_middleware])
     js = nc.jetstream(timeout=10)
@@ -113,4 +150,6 @@ def create_app(settings: Settings, nc: Client) -> web.Application:
     app[LAYOUT] = layout
     app[METERS] = MeterStore(js, layout)
     kloudmeter.add_routes(app)
+    query.add_routes(app)
+    openmeter.add_routes(app)
     return app

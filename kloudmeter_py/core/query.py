@@ -1,0 +1,157 @@
+"""Meter queries (OpenMeter's shape), planned and merged over stored window summaries."""
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from kloudmeter_py.core.aggregate import AGGREGATIONS, Acc, merge
+from kloudmeter_py.core.meters import from_reading
+from kloudmeter_py.core.models import Meter, Reading
+from kloudmeter_py.core.windows import (
+    DAY,
+    WINDOW_SIZES,
+    QueryError,
+    cover,
+    output_windows,
+    widths,
+)
+
+
+@dataclass
+class Query:
+    start: datetime
+    end: datetime
+    window_size: str | None  # "minute" | "hour" | "day" | None
+    tz: ZoneInfo
+    subjects: list[str] = field(default_factory=list)
+    group_by: list[str] = field(default_factory=list)
+    filter_group_by: dict[str, str] = field(default_factory=dict)
+
+
+def parse_time(field_name: str, value: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(value.strip().replace(" ", "+"))
+    except ValueError:
+        raise QueryError(field_name, f"{value!r} is not an RFC 3339 time") from None
+    if t.tzinfo is None:
+        raise QueryError(field_name, "needs a UTC offset, for example 2026-11-22T10:00:00Z")
+    return t.astimezone(UTC)
+
+
+def build_query(
+    meter: Meter,
+    *,
+    start: str | None,
+    end: str | None,
+    window_size: str | None,
+    tz: str | None,
+    subjects: Iterable[str],
+    group_by: Iterable[str],
+    filter_group_by: Mapping[str, str],
+    interval: int,
+    now: datetime,
+    day_retention_days: int,
+) -> Query:
+    """Validate a query's parameters; each error names its parameter."""
+    size = None
+    if window_size:
+        size = WINDOW_SIZES.get(window_size.upper())
+        if size is None:
+            raise QueryError("windowSize", f"{window_size!r} is not MINUTE, HOUR or DAY")
+    try:
+        zone = ZoneInfo(tz or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        raise QueryError("windowTimeZone", f"{tz!r} is not an IANA time zone") from None
+    step = interval
+    if end is None:
+        epoch = int(now.timestamp())
+        stop = datetime.fromtimestamp(epoch - epoch % step + step, UTC)
+    else:
+        stop = parse_time("to", end)
+    if start is None:
+        first = now - timedelta(days=day_retention_days)
+        begin = first.replace(hour=0, minute=0, second=0, microsecond=0)
+    else:
+        begin = parse_time("from", start)
+    if begin >= stop:
+        raise QueryError("from", "must be before to")
+    for name, t in (("from", begin), ("to", stop)):
+        if int(t.timestamp()) % step or t.microsecond:
+            raise QueryError(name, f"must fall on a {step}s boundary (METER_INTERVAL)")
+    groups = list(dict.fromkeys(group_by))
+    for g in [*groups, *filter_group_by]:
+        if g not in meter.groupBy:
+            known = ", ".join(sorted(meter.groupBy)) or "none"
+            raise QueryError("groupBy", f"meter {meter.id!r} has no group {g!r} (groups: {known})")
+    return Query(
+        start=begin,
+        end=stop,
+        window_size=size,
+        tz=zone,
+        subjects=list(dict.fromkeys(subjects)),
+        group_by=groups,
+        filter_group_by=dict(filter_group_by),
+    )
+
+
+def plan(
+    q: Query, interval: int, horizons: dict[str, int]
+) -> tuple[list[tuple[datetime, datetime]], dict[tuple[str, int], int]]:
+    """Output windows, and which stored window (level, start) feeds which output window."""
+    level_widths = widths(interval)
+    windows = output_windows(q.start, q.end, q.window_size, q.tz, interval)
+    feeds: dict[tuple[str, int], int] = {}
+    requested = q.window_size or (DAY if len(windows) == 1 else None)
+    for i, (ws, we) in enumerate(windows):
+        for level, start in cover(
+            int(ws.timestamp()), int(we.timestamp()), level_widths, horizons, requested
+        ):
+            feeds[(level, start)] = i
+    return windows, feeds
+
+
+def merge_rows(
+    q: Query,
+    meter: Meter,
+    windows: list[tuple[datetime, datetime]],
+    feeds: dict[tuple[str, int], int],
+    summaries: Iterable[tuple[str, Reading]],
+) -> list[dict[str, Any]]:
+    """Merge the summaries into one row per output window x (subject) x requested groups."""
+    agg = AGGREGATIONS[meter.aggregation]
+    subjects = set(q.subjects)
+    rows: dict[tuple[int, str | None, tuple[str | None, ...]], Acc] = {}
+    for level, s in summaries:
+        if s.windowStart is None or s.meterStartSeq != meter.startSeq:
+            continue
+        index = feeds.get((level, int(s.windowStart.timestamp())))
+        if index is None:
+            continue
+        if subjects and s.subject not in subjects:
+            continue
+        if any(s.groupBy.get(k) != v for k, v in q.filter_group_by.items()):
+            continue
+        key = (
+            index,
+            s.subject if subjects else None,
+            tuple(s.groupBy.get(g) for g in q.group_by),
+        )
+        acc = from_reading(s)
+        rows[key] = merge(rows[key], acc) if key in rows else acc
+    out = []
+    for (index, subject, groups), acc in sorted(
+        rows.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", [g or "" for g in kv[0][2]])
+    ):
+        ws, we = windows[index]
+        out.append(
+            {
+                "value": agg.result(acc),
+                "windowStart": ws,
+                "windowEnd": we,
+                "subject": subject,
+                "groupBy": dict(zip(q.group_by, groups, strict=True)),
+            }
+        )
+    return out

@@ -1,0 +1,229 @@
+"""OpenMeter-compatible v1 subset: CloudEvents ingest, meters, queries, subjects.
+
+One set of meters serves both APIs: KloudMeter's ``id`` is OpenMeter's ``slug`` (and ``id``),
+and aggregation names map both ways (``unique`` <-> ``UNIQUE_COUNT``).
+"""
+
+import ast
+import asyncio
+import json
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from kloudmeter_py.core.keys import encode_token, event_subject
+from kloudmeter_py.core.models import (
+    CloudEvent,
+    Meter,
+    MeterIn,
+    cloud_event_decoder,
+    cloud_event_id,
+    encoder,
+    reading_decoder,
+)
+from kloudmeter_py.errors import InvalidInput
+from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, decode_body
+from kloudmeter_py.gateway.query import QueryBody, _build, execute
+from kloudmeter_py.store.kv import scan
+
+_TO_OPENMETER = {"unique": "UNIQUE_COUNT"}
+_batch_decoder = msgspec.json.Decoder(list[CloudEvent])
+_any_decoder = msgspec.json.Decoder(CloudEvent | list[CloudEvent])
+
+
+class OpenMeterMeterIn(msgspec.Struct):
+    slug: str
+    aggregation: str
+    eventType: str
+    name: str | None = None
+    description: str | None = None
+    valueProperty: str | None = None
+    groupBy: dict[str, str] = {}
+    metadata: dict[str, str] | None = None
+    eventFrom: str | None = None
+
+
+_meter_decoder = msgspec.json.Decoder(OpenMeterMeterIn)
+_object_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def openmeter_meter(meter: Meter) -> dict[str, Any]:
+    return {
+        "id": meter.id,
+        "slug": meter.id,
+        "name": meter.name or meter.id,
+        "description": meter.description or None,
+        "aggregation": _TO_OPENMETER.get(meter.aggregation, meter.aggregation.upper()),
+        "eventType": meter.eventType,
+        "valueProperty": meter.valueProperty,
+        "groupBy": meter.groupBy,
+        "createdAt": meter.createdAt,
+        "updatedAt": meter.createdAt,
+    }
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=encoder.encode(body), status=status, content_type="application/json")
+
+
+async def ingest(request: web.Request) -> web.Response:
+    """POST /api/v1/events: one CloudEvent, a batch, or either as application/json -> 204."""
+    raw = await request.read()
+    ctype = request.content_type
+    events: list[CloudEvent]
+    if ctype == "application/cloudevents+json":
+        events = [decode_body(raw, cloud_event_decoder)]
+    elif ctype == "application/cloudevents-batch+json":
+        events = decode_body(raw, _batch_decoder)
+    elif ctype == "application/json":
+        parsed = decode_body(raw, _any_decoder)
+        events = parsed if isinstance(parsed, list) else [parsed]
+    else:
+        raise InvalidInput(
+            f"unsupported Content-Type {ctype!r}: use application/cloudevents+json, "
+            "application/cloudevents-batch+json or application/json",
+            field="Content-Type",
+        )
+    if not events:
+        raise InvalidInput("the batch holds no events", field="body")
+    js = request.app[JS]
+    stream = request.app[LAYOUT].stream
+    await asyncio.gather(
+        *(
+            js.publish(
+                event_subject(stream, e.type, e.subject),
+                encoder.encode(e),
+                headers={"Nats-Msg-Id": cloud_event_id(e.source, e.id)},
+            )
+            for e in events
+        )
+    )
+    return web.Response(status=204)
+
+
+async def list_meters(request: web.Request) -> web.Response:
+    return _json([openmeter_meter(m) for m in await request.app[METERS].list()])
+
+
+async def create_meter(request: web.Request) -> web.Response:
+    body = decode_body(await request.read(), _meter_decoder)
+    meter_in = MeterIn(
+        id=body.slug,
+        eventType=body.eventType,
+        aggregation=body.aggregation,
+        description=body.description or "",
+        name=body.name or "",
+        valueProperty=body.valueProperty,
+        groupBy=body.groupBy,
+    )
+    try:
+        msgspec.convert(msgspec.to_builtins(meter_in), MeterIn)
+    except msgspec.ValidationError as exc:
+        text = str(exc).replace("`$.id`", "`$.slug`")
+        field = "slug" if "$.slug" in text else None
+        raise InvalidInput(f"invalid meter: {text}", field=field) from None
+    meter = await request.app[METERS].create(meter_in)
+    return _json(openmeter_meter(meter), status=201)
+
+
+async def get_meter(request: web.Request) -> web.Response:
+    return _json(openmeter_meter(await request.app[METERS].get(request.match_info["meter"])))
+
+
+async def delete_meter(request: web.Request) -> web.Response:
+    await request.app[METERS].delete(request.match_info["meter"])
+    return web.Response(status=204)
+
+
+def _filter_group_by(request: web.Request) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name.startswith("filterGroupBy[") and name.endswith("]"):
+            out[name[len("filterGroupBy[") : -1]] = value
+        elif name == "filterGroupBy":
+            # The openmeter SDK sends the dict as one value (JSON, or a Python repr).
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                try:
+                    parsed = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    raise InvalidInput(
+                        "filterGroupBy: expected an object of group -> value", field="filterGroupBy"
+                    ) from None
+            if not isinstance(parsed, dict):
+                raise InvalidInput("filterGroupBy: expected an object", field="filterGroupBy")
+            out.update({str(k): str(v) for k, v in parsed.items()})
+    return out
+
+
+async def query_meter(request: web.Request) -> web.Response:
+    meter = await request.app[METERS].get(request.match_info["meter"])
+    if request.method == "POST":
+        raw = decode_body(await request.read() or b"{}", _object_decoder)
+        filters = {
+            k: (v[0] if isinstance(v, list) and len(v) == 1 else v)
+            for k, v in (raw.get("filterGroupBy") or {}).items()
+        }
+        if any(not isinstance(v, str) for v in filters.values()):
+            raise InvalidInput(
+                "filterGroupBy: one value per group is supported", field="filterGroupBy"
+            )
+        body = QueryBody(
+            start=raw.get("from"),
+            end=raw.get("to"),
+            windowSize=raw.get("windowSize"),
+            windowTimeZone=raw.get("windowTimeZone"),
+            subject=raw.get("subject") or [],
+            groupBy=raw.get("groupBy") or [],
+            filterGroupBy=filters,
+        )
+    else:
+        q = request.query
+        body = QueryBody(
+            start=q.get("from"),
+            end=q.get("to"),
+            windowSize=q.get("windowSize"),
+            windowTimeZone=q.get("windowTimeZone"),
+            subject=q.getall("subject", []),
+            groupBy=q.getall("groupBy", []),
+            filterGroupBy=_filter_group_by(request),
+        )
+    # OpenMeter lets "subject" be a group: it splits the rows by subject.
+    by_subject = "subject" in body.groupBy
+    body.groupBy = [g for g in body.groupBy if g != "subject"]
+    query = _build(request, meter, body)
+    if by_subject and not query.subjects:
+        query.subjects = await _subjects(request, meter)
+    result = await execute(request, meter, query)
+    result.pop("windowTimeZone", None)
+    return _json(result)
+
+
+async def _subjects(request: web.Request, meter: Meter) -> list[str]:
+    subjects = set()
+    for _, value in await scan(
+        request.app[JS], request.app[LAYOUT].readings_bucket, f"{encode_token(meter.id)}.>"
+    ):
+        reading = reading_decoder.decode(value)
+        if reading.meterStartSeq == meter.startSeq:
+            subjects.add(reading.subject)
+    return sorted(subjects)
+
+
+async def list_subjects(request: web.Request) -> web.Response:
+    meter = await request.app[METERS].get(request.match_info["meter"])
+    return _json(await _subjects(request, meter))
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_post("/api/v1/events", ingest)
+    r.add_get("/api/v1/meters", list_meters)
+    r.add_post("/api/v1/meters", create_meter)
+    r.add_get("/api/v1/meters/{meter}", get_meter)
+    r.add_delete("/api/v1/meters/{meter}", delete_meter)
+    r.add_get("/api/v1/meters/{meter}/query", query_meter)
+    r.add_post("/api/v1/meters/{meter}/query", query_meter)
+    r.add_get("/api/v1/meters/{meter}/subjects", list_subjects)

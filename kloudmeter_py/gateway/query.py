@@ -1,0 +1,91 @@
+"""GET/POST /api/meters/{id}/query: windows over the summaries, in OpenMeter's shape."""
+
+import re
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from kloudmeter_py.core.models import Meter, encoder
+from kloudmeter_py.core.query import Query, build_query
+from kloudmeter_py.core.windows import QueryError
+from kloudmeter_py.errors import InvalidInput
+from kloudmeter_py.gateway.app import JS, METERS, SETTINGS, decode_body
+from kloudmeter_py.store.query import run_query, utc_now
+
+_FILTER = re.compile(r"filterGroupBy\[(.+)\]")
+
+
+class QueryBody(msgspec.Struct, forbid_unknown_fields=True, rename={"start": "from", "end": "to"}):
+    start: str | None = None
+    end: str | None = None
+    windowSize: str | None = None
+    windowTimeZone: str | None = None
+    subject: list[str] = []
+    groupBy: list[str] = []
+    filterGroupBy: dict[str, str] = {}
+
+
+_body_decoder = msgspec.json.Decoder(QueryBody)
+
+
+def query_from_request_params(request: web.Request, meter: Meter) -> Query:
+    q = request.query
+    filters = {}
+    for name, value in q.items():
+        match = _FILTER.fullmatch(name)
+        if match:
+            filters[match.group(1)] = value
+    body = QueryBody(
+        start=q.get("from"),
+        end=q.get("to"),
+        windowSize=q.get("windowSize"),
+        windowTimeZone=q.get("windowTimeZone") or q.get("timeZone"),
+        subject=q.getall("subject", []),
+        groupBy=q.getall("groupBy", []),
+        filterGroupBy=filters,
+    )
+    return _build(request, meter, body)
+
+
+def _build(request: web.Request, meter: Meter, body: QueryBody) -> Query:
+    settings = request.app[SETTINGS]
+    try:
+        return build_query(
+            meter,
+            start=body.start,
+            end=body.end,
+            window_size=body.windowSize,
+            tz=body.windowTimeZone,
+            subjects=body.subject,
+            group_by=body.groupBy,
+            filter_group_by=body.filterGroupBy,
+            interval=settings.interval,
+            now=utc_now(),
+            day_retention_days=settings.day_retention_days,
+        )
+    except QueryError as exc:
+        raise InvalidInput(str(exc), field=exc.field) from None
+
+
+async def execute(request: web.Request, meter: Meter, q: Query) -> dict[str, Any]:
+    try:
+        return await run_query(request.app[JS], request.app[SETTINGS], meter, q)
+    except QueryError as exc:
+        raise InvalidInput(str(exc), field=exc.field) from None
+
+
+async def query_meter(request: web.Request) -> web.Response:
+    meter = await request.app[METERS].get(request.match_info["meter"])
+    if request.method == "POST":
+        body = decode_body(await request.read(), _body_decoder)
+        q = _build(request, meter, body)
+    else:
+        q = query_from_request_params(request, meter)
+    result = await execute(request, meter, q)
+    return web.Response(body=encoder.encode(result), content_type="application/json")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/meters/{meter}/query", query_meter)
+    app.router.add_post("/api/meters/{meter}/query", query_meter)
