@@ -27,8 +27,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     minute_retention: int = 7200
     hour_retention: int = 2 * 86400
     day_retention_days: int = 400
-    # Events pulled and folded per write round.
-    batch_size: int = 500
+    # Most events folded in one write round, and how long a round may gather them.
+    batch_size: int = 5000
+    flush_ms: int = 200
     # Largest HTTP request body accepted.
     max_body_bytes: int = 1024 * 1024
     # Stream duplicate window (seconds) for event ids.
@@ -58,7 +59,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("METER_HOUR_RETENTION", self.hour_retention, 1, 3660 * 86400),
             ("METER_DAY_RETENTION_DAYS", self.day_retention_days, 1, 36500),
             ("METER_PARTITIONS", self.partitions, 1, 1024),
-            ("METER_BATCH_SIZE", self.batch_size, 1, 10_000),
+            ("METER_BATCH_SIZE", self.batch_size, 1, 100_000),
+            ("METER_FLUSH_MS", self.flush_ms, 0, 60_000),
             ("METER_MAX_BODY_BYTES", self.max_body_bytes, 1024, 64 * 1024 * 1024),
             ("METER_DEDUP_WINDOW", self.dedup_window, 1, 10 * 365 * 86400),
             ("METER_RETENTION", self.retention, 0, 100 * 365 * 86400),
@@ -125,6 +127,7 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("METER_DAY_RETENTION_DAYS", "day_retention_days", int),
     ("METER_PARTITIONS", "partitions", int),
     ("METER_BATCH_SIZE", "batch_size", int),
+    ("METER_FLUSH_MS", "flush_ms", int),
     ("METER_MAX_BODY_BYTES", "max_body_bytes", int),
     ("METER_DEDUP_WINDOW", "dedup_window", int),
     ("METER_RETENTION", "retention", int),

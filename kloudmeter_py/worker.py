@@ -27,7 +27,6 @@ import msgspec
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
@@ -42,6 +41,7 @@ from kloudmeter_py.core.windows import widths, window_start, window_token
 from kloudmeter_py.store.kv import get_with_revision, scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterRegistry
+from kloudmeter_py.store.pull import RawPuller
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +49,14 @@ _offset_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 _Dead = dict[tuple[int, str], tuple[Msg, str | None, str]]
+
+
+class _BatchAck(msgspec.Struct):
+    seq: int = 0
+    error: dict[str, Any] | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_BatchAck)
 
 
 class Restart(Exception):
@@ -134,10 +142,14 @@ class Worker:
     async def start(self) -> None:
         self.readings = await self.js.key_value(self.layout.readings_bucket)
         self.level_widths = widths(self.settings.interval)
-        self.stores = [self.readings] + [
-            await self.js.key_value(self.layout.summary_buckets[level])
-            for level in self.level_widths
+        self.store_buckets = [self.layout.readings_bucket] + [
+            self.layout.summary_buckets[level] for level in self.level_widths
         ]
+        self.stores = [self.readings] + [
+            await self.js.key_value(bucket) for bucket in self.store_buckets[1:]
+        ]
+        info = await self.js.stream_info(f"KV_{self.layout.readings_bucket}")
+        self.atomic = bool(getattr(info.config, "allow_atomic", False))
         self.offsets = await self.js.key_value(self.layout.offsets_bucket)
         self.dedup: KeyValue | None = None
         if self.settings.dedup_horizon:
@@ -260,6 +272,8 @@ class PartitionRunner:
         self._replay_horizon = 0
         self._replay_meters: set[str] = set()
         self._batch_levels: list[tuple[int, int, int]] = []
+        self._pull_batch = min(self.settings.batch_size, 1000)
+        self._batch_counter = 0
         self.log = log.bind(partition=partition, worker=worker.worker_id)
 
     def meter_added(self, cm: CompiledMeter) -> None:
@@ -322,7 +336,7 @@ class PartitionRunner:
             # Redelivery is never relied on: any out-of-order message restarts from checkpoint.
             ack_wait=60.0,
             max_deliver=-1,
-            max_ack_pending=max(self.settings.batch_size * 4, 1000),
+            max_ack_pending=self.settings.batch_size + 2 * self._pull_batch,
             inactive_threshold=60.0,
             num_replicas=1,
             mem_storage=True,
@@ -333,23 +347,35 @@ class PartitionRunner:
         else:
             config.deliver_policy = DeliverPolicy.ALL
         await self.w.js.add_consumer(self.layout.stream, config)
-        sub = await self.w.js.pull_subscribe_bind(self.consumer, stream=self.layout.stream)
+        puller = RawPuller(self.w.nc, self.layout.stream, self.consumer, self._pull_batch)
+        await puller.start()
         self.log.debug("partition.consuming", start=checkpoint + 1)
+        round_limit = self.settings.batch_size
+        flush_after = self.settings.flush_ms / 1000
         try:
             while True:
                 if self._restart_from is not None:
                     raise Restart("replay for a new meter")
-                try:
-                    msgs = await sub.fetch(self.settings.batch_size, timeout=1.0)
-                except (NatsTimeout, TimeoutError):
+                msgs = await puller.take(round_limit, timeout=1.0)
+                if not msgs:
                     if self._replay_horizon and self.position >= self._replay_horizon:
                         self._end_replay()
                     continue
-                if msgs:
-                    await self._process(msgs)
+                # A write round folds what arrives within flush_ms (or up to batch_size
+                # events): more events per round means fewer writes per event.
+                started = time.monotonic()
+                while len(msgs) < round_limit and msgs[-1].metadata.num_pending > 0:
+                    left = flush_after - (time.monotonic() - started)
+                    if left <= 0:
+                        break
+                    more = await puller.take(round_limit - len(msgs), timeout=left)
+                    if not more:
+                        break
+                    msgs.extend(more)
+                await self._process(msgs)
         finally:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await puller.stop()
 
     async def _keep_alive(self, msg: Msg) -> None:
         """A long write round tells the server it is still working on the batch."""
@@ -577,10 +603,7 @@ class PartitionRunner:
                 writes.append((wkey, encoder.encode(reading), cached.revision, cached))
             if not writes:
                 return
-            results = await asyncio.gather(
-                *(self._cas(wkey, body, rev) for wkey, body, rev, _ in writes),
-                return_exceptions=True,
-            )
+            results = await self._store_many([(wkey, body, rev) for wkey, body, rev, _ in writes])
             todo = []
             for (wkey, _, _, cached), result in zip(writes, results, strict=True):
                 if isinstance(result, int):
@@ -608,6 +631,86 @@ class PartitionRunner:
         kv: KeyValue = self.w.stores[wkey[0]]
         rev: int = await kv.update(wkey[1], body, last=revision)
         return rev
+
+    async def _store_many(
+        self, writes: list[tuple[tuple[int, str], bytes, int]]
+    ) -> list[int | BaseException]:
+        """Compare-and-set every write; per write its new revision or the error.
+
+        With atomic batches (nats-server 2.12+, streams with allow_atomic) each bucket gets
+        batches of up to 1000 conditional writes, one acknowledgement each; a stale revision
+        rejects the whole batch, which is then retried key by key after a re-read. Otherwise
+        the writes are sent as concurrent conditional updates.
+        """
+        if not self.w.atomic:
+            return list(
+                await asyncio.gather(
+                    *(self._cas(wkey, body, rev) for wkey, body, rev in writes),
+                    return_exceptions=True,
+                )
+            )
+        results: list[int | BaseException] = [0] * len(writes)
+        chunks: list[list[int]] = []
+        by_store: dict[int, list[int]] = {}
+        for i, (wkey, _, _) in enumerate(writes):
+            by_store.setdefault(wkey[0], []).append(i)
+        for indexes in by_store.values():
+            chunk: list[int] = []
+            size = 0
+            for i in indexes:
+                if chunk and (len(chunk) >= 1000 or size + len(writes[i][1]) > 4 << 20):
+                    chunks.append(chunk)
+                    chunk, size = [], 0
+                chunk.append(i)
+                size += len(writes[i][1])
+            if chunk:
+                chunks.append(chunk)
+        await asyncio.gather(*(self._atomic(writes, c, results) for c in chunks))
+        return results
+
+    async def _atomic(
+        self,
+        writes: list[tuple[tuple[int, str], bytes, int]],
+        chunk: list[int],
+        results: list[int | BaseException],
+    ) -> None:
+        self._batch_counter += 1
+        batch_id = f"{self.consumer}-{self._batch_counter}"[-64:]
+        bucket = self.w.store_buckets[writes[chunk[0]][0][0]]
+        nc = self.w.nc
+        last = len(chunk) - 1
+        try:
+            for n, i in enumerate(chunk):
+                (_, key), body, revision = writes[i]
+                headers = {
+                    "Nats-Batch-Id": batch_id,
+                    "Nats-Batch-Sequence": str(n + 1),
+                    "Nats-Expected-Last-Subject-Sequence": str(revision),
+                }
+                if n < last:
+                    await nc.publish(f"$KV.{bucket}.{key}", body, headers=headers)
+                else:
+                    headers["Nats-Batch-Commit"] = "1"
+                    reply = await nc.request(
+                        f"$KV.{bucket}.{key}", body, headers=headers, timeout=10
+                    )
+            ack = _ack_decoder.decode(reply.data)
+        except Exception as exc:
+            for i in chunk:
+                results[i] = exc
+            return
+        if ack.error is not None:
+            err: BaseException
+            if ack.error.get("err_code") == 10071:
+                err = KeyWrongLastSequenceError(description=ack.error.get("description"))
+            else:
+                err = RuntimeError(f"atomic batch refused: {ack.error}")
+            for i in chunk:
+                results[i] = err
+            return
+        # An atomic batch is stored contiguously, its commit last.
+        for n, i in enumerate(chunk):
+            results[i] = ack.seq - (last - n)
 
     async def _dead_letter(self, dead: dict[tuple[int, str], tuple[Msg, str | None, str]]) -> None:
         js = self.w.js

@@ -101,6 +101,10 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
                 ttl=float(settings.dedup_horizon),
             ),
         )
+    # Atomic batches (nats-server 2.12+) let the worker write up to 1000 readings with one
+    # acknowledgement, each still conditional on its key's revision.
+    for bucket in (layout.readings_bucket, *layout.summary_buckets.values()):
+        await _allow_atomic(js, f"KV_{bucket}")
     log.info("setup.done", stream=layout.stream, partitions=layout.partitions)
     return layout
 
@@ -129,6 +133,17 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, **kw: Any) 
         info.config.max_age = config.max_age
         await js.update_stream(info.config)
         log.info("setup.stream_updated", stream=config.name)
+
+
+async def _allow_atomic(js: JetStreamContext, stream: str) -> None:
+    info = await js.stream_info(stream)
+    if info.config.allow_atomic:
+        return
+    info.config.allow_atomic = True
+    try:
+        await js.update_stream(info.config)
+    except Exception as exc:
+        log.warning("setup.atomic_unsupported", stream=stream, error=str(exc))
 
 
 async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> None:
