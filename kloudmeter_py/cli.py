@@ -61,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     backfill.add_argument("--no-wait", action="store_true", help="start it and return")
     backfill.add_argument("--timeout", type=float, default=600, help="seconds to wait at most")
+    bench = sub.add_parser(
+        "bench",
+        help="measure end to end against raw JetStream (embedded NATS unless NATS_URL is set)",
+    )
+    bench.add_argument("--nats-url", help="use this NATS instead of an embedded one")
+    bench.add_argument("--events", type=int, default=200_000, help="events end to end")
+    bench.add_argument("--subjects", type=int, default=1000)
+    bench.add_argument("--http-seconds", type=float, default=5.0)
+    bench.add_argument("--lag-rate", type=int, default=5000, help="offered events/s")
+    bench.add_argument("--lag-seconds", type=float, default=5.0)
+    bench.add_argument("--json", action="store_true", help="one JSON object on the last line")
     dead = sub.add_parser("dead-letters", help="count, list or replay dead letters")
     common(dead)
     dead.add_argument("--meter", help="only this meter's dead letters")
@@ -78,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(
             os.environ,
             nats_url=args.nats_url,
-            stream=args.stream,
+            stream=getattr(args, "stream", None),
             http_port=getattr(args, "port", None),
             http_host=getattr(args, "host", None),
             data_dir=getattr(args, "data_dir", None),
@@ -93,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "gateway": _gateway,
         "backfill": _backfill,
         "dead-letters": _dead_letters,
+        "bench": _bench,
     }[args.command]
     try:
         return asyncio.run(command(settings, args))
@@ -303,3 +315,26 @@ async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         print(msgspec.json.encode(await deadletters.counts(js, layout)).decode())
     return 0
+
+
+async def _bench(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from kloudmeter_py import bench
+
+    url = args.nats_url or os.environ.get("NATS_URL") or None
+    if args.events < 1 or args.subjects < 1:
+        raise ConfigError("--events and --subjects must be positive")
+    results = await bench.run(
+        nats_url=url,
+        events_n=args.events,
+        subjects=args.subjects,
+        http_seconds=args.http_seconds,
+        lag_rate=args.lag_rate,
+        lag_seconds=args.lag_seconds,
+        quiet=False,
+    )
+    print(bench.table(results))
+    if args.json:
+        print(json.dumps(results))
+    return 0 if results["correct"] else 1
