@@ -8,6 +8,7 @@ missing group value (JSON null or no match) is ``=-``, which no base64 text can 
 
 import base64
 import re
+from functools import lru_cache
 
 _PLAIN = re.compile(r"[A-Za-z0-9_-]+")
 NULL_TOKEN = "=-"
@@ -17,6 +18,7 @@ class TokenError(ValueError):
     """A token that no value encodes to."""
 
 
+@lru_cache(maxsize=1 << 16)
 def encode_token(value: str | None) -> str:
     if value is None:
         return NULL_TOKEN

@@ -2,6 +2,7 @@
 by stored ones (coarsest first, finer where a boundary needs it)."""
 
 from collections.abc import Iterator
+from functools import lru_cache
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -28,6 +29,7 @@ def window_start(at_ms: int, width: int) -> int:
     return seconds - seconds % width
 
 
+@lru_cache(maxsize=1 << 14)
 def window_token(start: int) -> str:
     return datetime.fromtimestamp(start, UTC).strftime("%Y%m%dT%H%M%SZ")
 
