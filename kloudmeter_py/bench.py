@@ -379,7 +379,8 @@ async def measure_lag(
         if delay > 0:
             await asyncio.sleep(delay)
     deadline = time.perf_counter() + 30
-    while any(pending.values()) and time.perf_counter() < deadline:
+    # The watch callback drains `pending`; poll it until empty or the deadline.
+    while any(pending.values()) and time.perf_counter() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.05)
     await sub.unsubscribe()
     if not lags:

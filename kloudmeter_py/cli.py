@@ -61,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     backfill.add_argument("--no-wait", action="store_true", help="start it and return")
     backfill.add_argument("--timeout", type=float, default=600, help="seconds to wait at most")
+    token = sub.add_parser("token", help="create an API token (shown once)")
+    common(token)
+    token.add_argument("action", choices=["create"])
+    token.add_argument("--admin", action="store_true", help="an admin token (else a user's)")
+    token.add_argument("--tenant", help="the tenant of a user token (for an admin: optional)")
+    token.add_argument("--name", default="", help="a name to recognise it by")
     bench = sub.add_parser(
         "bench",
         help="measure end to end against raw JetStream (embedded NATS unless NATS_URL is set)",
@@ -72,6 +78,19 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--lag-rate", type=int, default=5000, help="offered events/s")
     bench.add_argument("--lag-seconds", type=float, default=5.0)
     bench.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    agent = sub.add_parser(
+        "agent", help="sample this host's CPU and memory and post them to a perf receiver"
+    )
+    agent.add_argument(
+        "--this-host", required=True, help="what to call this host (hostname, IP, asset id)"
+    )
+    agent.add_argument(
+        "--publish", required=True, help="receiver URL, e.g. http://127.0.0.1:8080/api/perf"
+    )
+    agent.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    agent.add_argument(
+        "--buffer", type=int, default=600, help="samples kept while the receiver is down"
+    )
     dead = sub.add_parser("dead-letters", help="count, list or replay dead letters")
     common(dead)
     dead.add_argument("--meter", help="only this meter's dead letters")
@@ -88,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.from_env(
             os.environ,
-            nats_url=args.nats_url,
+            nats_url=getattr(args, "nats_url", None),
             stream=getattr(args, "stream", None),
             http_port=getattr(args, "port", None),
             http_host=getattr(args, "host", None),
@@ -105,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         "backfill": _backfill,
         "dead-letters": _dead_letters,
         "bench": _bench,
+        "token": _token,
+        "agent": _agent,
     }[args.command]
     try:
         return asyncio.run(command(settings, args))
@@ -205,6 +226,7 @@ async def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _gateway(settings: Settings, args: argparse.Namespace) -> int:
+    settings.check_exposure()
     async with _connected(settings, "kloudmeter-gateway") as nc, _serving(settings, nc):
         await _wait_for_signal()
     return 0
@@ -215,6 +237,7 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
     from kloudmeter_py.store.server import NatsServer
     from kloudmeter_py.worker import Worker
 
+    settings.check_exposure()
     async with contextlib.AsyncExitStack() as stack:
         if await _nats_answers(settings.nats_host, settings.nats_port):
             log.info("nats.using_existing", url=settings.nats_url)
@@ -338,3 +361,35 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results))
     return 0 if results["correct"] else 1
+
+
+async def _token(settings: Settings, args: argparse.Namespace) -> int:
+    from kloudmeter_py.store.auth import AuthStore
+    from kloudmeter_py.store.layout import Layout
+    from kloudmeter_py.store.provision import provision
+
+    if not args.admin and not args.tenant:
+        raise ConfigError("--tenant is required for a user token (or pass --admin)")
+    async with _connected(settings, "kloudmeter-token") as nc:
+        js = nc.jetstream()  # type: ignore[attr-defined]
+        await provision(js, settings)
+        user, token = await AuthStore(js, Layout(settings)).create_user(
+            args.name, args.tenant or "admin", "admin" if args.admin else "user"
+        )
+    print(token)
+    print(
+        f"user {user.id} ({user.role}, tenant {user.tenant}); the token is shown only now",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _agent(settings: Settings, args: argparse.Namespace) -> int:
+    from kloudmeter_py.agent import run_agent
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await run_agent(args.this_host, args.publish, args.interval, stop, buffer_size=args.buffer)
+    return 0

@@ -43,6 +43,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     data_dir: str = ".kloudmeter"
     # Seconds before a dead worker's partitions move to another worker (fixed at setup).
     lease_ttl: int = 10
+    # API tokens: off by default; KLOUDMETER_AUTH=on turns them on, and so does an admin token.
+    auth: bool = False
+    admin_token: str | None = None
+    # Serve without tokens on a non-loopback address (refused unless this is set).
+    allow_no_auth: bool = False
     # Replicas for streams and buckets (3 on a cluster).
     replicas: int = 1
 
@@ -78,6 +83,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             )
         if self.retention and self.dedup_window > self.retention:
             raise ConfigError("METER_DEDUP_WINDOW: may not exceed METER_RETENTION")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ConfigError("KLOUDMETER_ADMIN_TOKEN: use at least 16 characters")
         parsed = urlparse(self.nats_url.split(",")[0])
         if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
             raise ConfigError(f"NATS_URL: {self.nats_url!r} is not a nats:// URL")
@@ -89,6 +96,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "hour": self.hour_retention,
             "day": self.day_retention_days * 86400,
         }[level]
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth or self.admin_token is not None
+
+    def check_exposure(self) -> None:
+        """Refuse to serve without tokens anywhere but loopback, unless told explicitly."""
+        loopback = self.http_host in ("127.0.0.1", "localhost", "::1") or self.http_host.startswith(
+            "127."
+        )
+        if not loopback and not self.auth_enabled and not self.allow_no_auth:
+            raise ConfigError(
+                f"HTTP_SERVER_HOST: {self.http_host} is not loopback and API tokens are off; "
+                "set KLOUDMETER_AUTH=on (with KLOUDMETER_ADMIN_TOKEN or `kloudmeter token "
+                "create --admin`), or KLOUDMETER_ALLOW_NO_AUTH=1 to serve without tokens"
+            )
 
     @property
     def nats_host(self) -> str:
@@ -105,7 +128,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raw = environ.get(var)
             if raw is None or raw == "":
                 continue
-            if kind is int:
+            if kind is bool:
+                lowered = raw.strip().lower()
+                if lowered not in ("1", "0", "true", "false", "on", "off", "yes", "no"):
+                    raise ConfigError(f"{var}: {raw!r} is not on/off")
+                values[field] = lowered in ("1", "true", "on", "yes")
+            elif kind is int:
                 try:
                     values[field] = int(raw.strip())
                 except ValueError:
@@ -136,4 +164,7 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("KLOUDMETER_DATA_DIR", "data_dir", str),
     ("METER_REPLICAS", "replicas", int),
     ("METER_LEASE_TTL", "lease_ttl", int),
+    ("KLOUDMETER_AUTH", "auth", bool),
+    ("KLOUDMETER_ADMIN_TOKEN", "admin_token", str),
+    ("KLOUDMETER_ALLOW_NO_AUTH", "allow_no_auth", bool),
 )

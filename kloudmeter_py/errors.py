@@ -2,6 +2,8 @@
 
 KloudmeterError
  +-- InvalidInput      permanent: HTTP 400 (413 for size), or dead letter on the stream
+ +-- Unauthorized      HTTP 401: no token, or one that is not valid (any more)
+ +-- Forbidden         HTTP 403: a valid token whose role or tenant may not do this
  +-- NotFound          HTTP 404
  +-- Conflict          HTTP 409 (or a retry for a lost compare-and-set)
  +-- Unavailable       HTTP 503, or retry later in the worker
@@ -24,6 +26,14 @@ class InvalidInput(KloudmeterError):
 
 class PayloadTooLarge(InvalidInput):
     status = 413
+
+
+class Unauthorized(KloudmeterError):
+    status = 401
+
+
+class Forbidden(KloudmeterError):
+    status = 403
 
 
 class NotFound(KloudmeterError):

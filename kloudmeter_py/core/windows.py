@@ -2,8 +2,8 @@
 by stored ones (coarsest first, finer where a boundary needs it)."""
 
 from collections.abc import Iterator
-from functools import lru_cache
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from zoneinfo import ZoneInfo
 
 MINUTE, HOUR, DAY = "minute", "hour", "day"

@@ -17,6 +17,7 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.models import InvalidField, encoder
 from kloudmeter_py.errors import InvalidInput, KloudmeterError, PayloadTooLarge, Unavailable
+from kloudmeter_py.store.auth import AuthStore
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
 
@@ -27,6 +28,7 @@ NC = web.AppKey("nc", Client)
 JS = web.AppKey("js", JetStreamContext)
 LAYOUT = web.AppKey("layout", Layout)
 METERS = web.AppKey("meters", MeterStore)
+AUTH = web.AppKey("auth", AuthStore)
 
 _AT_FIELD = re.compile(r"at `\$\.?([^`]*)`")
 _NATS_DOWN = (
@@ -134,14 +136,19 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     finally:
         structlog.contextvars.unbind_contextvars("request_id")
     response.headers["X-Request-Id"] = request_id
+    if response.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="kloudmeter"'
     return response
 
 
 def create_app(settings: Settings, nc: Client) -> web.Application:
     """Wire the gateway by hand: app keys, middleware, routes."""
-    from kloudmeter_py.gateway import kloudmeter, openmeter, query
+    from kloudmeter_py.gateway import auth, kloudmeter, openmeter, perf, query
 
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[errors_middleware])
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[errors_middleware, auth.auth_middleware],
+    )
     js = nc.jetstream(timeout=10)
     layout = Layout(settings)
     app[SETTINGS] = settings
@@ -149,7 +156,10 @@ def create_app(settings: Settings, nc: Client) -> web.Application:
     app[JS] = js
     app[LAYOUT] = layout
     app[METERS] = MeterStore(js, layout)
+    app[AUTH] = AuthStore(js, layout, settings.admin_token)
     kloudmeter.add_routes(app)
     query.add_routes(app)
     openmeter.add_routes(app)
+    perf.add_routes(app)
+    auth.add_routes(app)
     return app

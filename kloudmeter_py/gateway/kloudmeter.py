@@ -15,8 +15,9 @@ from kloudmeter_py.core.models import (
     meter_in_decoder,
     reading_decoder,
 )
-from kloudmeter_py.errors import InvalidInput, NotFound
+from kloudmeter_py.errors import Forbidden, InvalidInput, NotFound
 from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, NC, SETTINGS, decode_body
+from kloudmeter_py.gateway.auth import tenant_scope
 from kloudmeter_py.store import deadletters
 from kloudmeter_py.store.kv import get_with_revision, scan
 
@@ -27,8 +28,24 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=encoder.encode(body), status=status, content_type="application/json")
 
 
+_object_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def stamp_tenant(request: web.Request, raw: bytes) -> bytes:
+    """A user's events are its tenant's: the subject is set to the tenant (or must be it)."""
+    scope = tenant_scope(request)
+    if scope is None:
+        return raw
+    body = decode_body(raw, _object_decoder)
+    subject = body.get("subject")
+    if subject is not None and subject != scope:
+        raise Forbidden(f"this token may only record usage for tenant {scope!r}", field="subject")
+    body["subject"] = scope
+    return encoder.encode(body)
+
+
 async def register_event(request: web.Request) -> web.Response:
-    raw = await request.read()
+    raw = stamp_tenant(request, await request.read())
     event = decode_body(raw, event_decoder)
     layout = request.app[LAYOUT]
     subject = event_subject(layout.stream, event.eventType, event.subject)
@@ -80,6 +97,11 @@ def _current(reading: Reading, meters: dict[str, Meter]) -> bool:
 async def list_readings(request: web.Request) -> web.Response:
     meter_id = request.query.get("meter")
     subject = request.query.get("subject")
+    scope = tenant_scope(request)
+    if scope is not None:
+        if subject is not None and subject != scope:
+            return _json([])
+        subject = scope
     meters = {m.id: m for m in await request.app[METERS].list()}
     if meter_id is not None and meter_id not in meters:
         return _json([])
@@ -112,6 +134,9 @@ async def get_reading(request: web.Request) -> web.Response:
     if value is None:
         raise NotFound(f"reading {key!r} not found", field="key")
     reading = reading_decoder.decode(value)
+    scope = tenant_scope(request)
+    if scope is not None and reading.subject != scope:
+        raise NotFound(f"reading {key!r} not found", field="key")
     meters = request.app[METERS]
     try:
         meter = await meters.get(reading.meterId)

@@ -22,8 +22,9 @@ from kloudmeter_py.core.models import (
     encoder,
     reading_decoder,
 )
-from kloudmeter_py.errors import InvalidInput
+from kloudmeter_py.errors import Forbidden, InvalidInput
 from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, decode_body
+from kloudmeter_py.gateway.auth import tenant_scope
 from kloudmeter_py.gateway.query import QueryBody, _build, execute
 from kloudmeter_py.store.kv import scan
 
@@ -87,6 +88,9 @@ async def ingest(request: web.Request) -> web.Response:
         )
     if not events:
         raise InvalidInput("the batch holds no events", field="body")
+    scope = tenant_scope(request)
+    if scope is not None and any(e.subject != scope for e in events):
+        raise Forbidden(f"this token may only record usage for tenant {scope!r}", field="subject")
     js = request.app[JS]
     stream = request.app[LAYOUT].stream
     await asyncio.gather(
@@ -196,6 +200,8 @@ async def query_meter(request: web.Request) -> web.Response:
     query = _build(request, meter, body)
     if by_subject and not query.subjects:
         query.subjects = await _subjects(request, meter)
+        if not query.subjects:
+            query.subjects = [""]  # no subject has data: no rows
     result = await execute(request, meter, query)
     result.pop("windowTimeZone", None)
     return _json(result)
@@ -214,7 +220,11 @@ async def _subjects(request: web.Request, meter: Meter) -> list[str]:
 
 async def list_subjects(request: web.Request) -> web.Response:
     meter = await request.app[METERS].get(request.match_info["meter"])
-    return _json(await _subjects(request, meter))
+    subjects = await _subjects(request, meter)
+    scope = tenant_scope(request)
+    if scope is not None:
+        subjects = [s for s in subjects if s == scope]
+    return _json(subjects)
 
 
 def add_routes(app: web.Application) -> None:

@@ -69,6 +69,21 @@ def _build(request: web.Request, meter: Meter, body: QueryBody) -> Query:
 
 
 async def execute(request: web.Request, meter: Meter, q: Query) -> dict[str, Any]:
+    from kloudmeter_py.gateway.auth import tenant_scope
+
+    scope = tenant_scope(request)
+    if scope is not None:
+        # A user sees its own tenant's subject and nothing else, asked for or not.
+        wanted = set(q.subjects)
+        q.subjects = [scope] if not wanted or scope in wanted else []
+        if not q.subjects:
+            return {
+                "from": q.start,
+                "to": q.end,
+                "windowSize": q.window_size.upper() if q.window_size else None,
+                "windowTimeZone": q.tz.key,
+                "data": [],
+            }
     try:
         return await run_query(request.app[JS], request.app[SETTINGS], meter, q)
     except QueryError as exc:

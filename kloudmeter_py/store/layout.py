@@ -21,6 +21,7 @@ class Layout:
         self.offsets_bucket = f"{prefix}offsets"
         self.leases_bucket = f"{prefix}leases"
         self.dedup_bucket = f"{prefix}dedup"
+        self.auth_bucket = f"{prefix}auth"
         self.summary_buckets = {
             level: f"{prefix}summaries_{level}" for level in ("minute", "hour", "day")
         }

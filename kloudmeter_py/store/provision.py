@@ -52,6 +52,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
         (layout.meters_bucket, 5, "kloudmeter meter definitions"),
         (layout.readings_bucket, 1, "kloudmeter running readings"),
         (layout.offsets_bucket, 1, "kloudmeter worker checkpoints per partition"),
+        (layout.auth_bucket, 1, "kloudmeter API users and token hashes"),
     ):
         await _ensure_bucket(
             js,
