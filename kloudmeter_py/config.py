@@ -48,6 +48,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     admin_token: str | None = None
     # Serve without tokens on a non-loopback address (refused unless this is set).
     allow_no_auth: bool = False
+    # The usage summary's lifecycle events and where their location is.
+    usage_event_type: str = "lifecycle"
+    usage_location: str = "$.location"
     # Replicas for streams and buckets (3 on a cluster).
     replicas: int = 1
 
@@ -85,6 +88,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError("METER_DEDUP_WINDOW: may not exceed METER_RETENTION")
         if self.admin_token is not None and len(self.admin_token) < 16:
             raise ConfigError("KLOUDMETER_ADMIN_TOKEN: use at least 16 characters")
+        from kloudmeter_py.core.paths import PathError, compile_path
+
+        try:
+            compile_path(self.usage_location)
+        except PathError as exc:
+            raise ConfigError(f"KLOUDMETER_USAGE_LOCATION: {exc}") from None
         parsed = urlparse(self.nats_url.split(",")[0])
         if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
             raise ConfigError(f"NATS_URL: {self.nats_url!r} is not a nats:// URL")
@@ -165,6 +174,8 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("METER_REPLICAS", "replicas", int),
     ("METER_LEASE_TTL", "lease_ttl", int),
     ("KLOUDMETER_AUTH", "auth", bool),
+    ("KLOUDMETER_USAGE_EVENT_TYPE", "usage_event_type", str),
+    ("KLOUDMETER_USAGE_LOCATION", "usage_location", str),
     ("KLOUDMETER_ADMIN_TOKEN", "admin_token", str),
     ("KLOUDMETER_ALLOW_NO_AUTH", "allow_no_auth", bool),
 )

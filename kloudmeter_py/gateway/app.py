@@ -101,7 +101,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             problem = problem_response(
                 response.status, err.get("message", ""), err.get("field"), request.path
             )
-            problem.headers["X-Request-Id"] = response.headers.get("X-Request-Id", "")
+            for header in ("X-Request-Id", "WWW-Authenticate"):
+                if header in response.headers:
+                    problem.headers[header] = response.headers[header]
             return problem
     return response
 
@@ -143,7 +145,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def create_app(settings: Settings, nc: Client) -> web.Application:
     """Wire the gateway by hand: app keys, middleware, routes."""
-    from kloudmeter_py.gateway import auth, kloudmeter, openmeter, perf, query
+    from kloudmeter_py.gateway import auth, kloudmeter, openmeter, perf, query, usage
 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
@@ -162,4 +164,5 @@ def create_app(settings: Settings, nc: Client) -> web.Application:
     openmeter.add_routes(app)
     perf.add_routes(app)
     auth.add_routes(app)
+    usage.add_routes(app)
     return app

@@ -15,7 +15,7 @@ from kloudmeter_py.errors import Forbidden, Unauthorized
 from kloudmeter_py.gateway.app import AUTH, SETTINGS, Handler, decode_body
 from kloudmeter_py.store.auth import Principal
 
-PRINCIPAL = "kloudmeter.principal"
+PRINCIPAL = web.RequestKey("principal", Principal)
 _ANYONE = {("GET", "/healthy")}
 # What a `user` token may call; everything else needs `admin`.
 _USER = {
@@ -44,8 +44,7 @@ _USER = {
 
 def principal(request: web.Request) -> Principal | None:
     """The caller, or None when tokens are off (then anyone acts as admin)."""
-    found: Principal | None = request.get(PRINCIPAL)
-    return found
+    return request.get(PRINCIPAL)
 
 
 def tenant_scope(request: web.Request) -> str | None:

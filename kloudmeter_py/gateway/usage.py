@@ -1,0 +1,115 @@
+"""GET /api/usage?tenant=&start=&end=: hours of use per location (AMP's usage summary).
+
+Read from the retained event stream: the tenant's lifecycle events (event type
+``KLOUDMETER_USAGE_EVENT_TYPE``, default ``lifecycle``) with ``data.event`` CREATED or
+DESTROYED, ``data.resource`` and the location at ``KLOUDMETER_USAGE_LOCATION`` (a JSONPath,
+default ``$.location``).
+"""
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from kloudmeter_py.core.keys import encode_token
+from kloudmeter_py.core.models import encoder, event_decoder
+from kloudmeter_py.core.paths import MISSING, compile_path
+from kloudmeter_py.core.query import parse_time
+from kloudmeter_py.core.usage import Lifecycle, usage_hours
+from kloudmeter_py.core.windows import QueryError
+from kloudmeter_py.errors import Forbidden, InvalidInput
+from kloudmeter_py.gateway.app import JS, LAYOUT, SETTINGS
+from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.store.auth import check_tenant
+
+
+async def usage(request: web.Request) -> web.Response:
+    q = request.query
+    tenant = q.get("tenant") or tenant_scope(request)
+    if not tenant:
+        raise InvalidInput("query parameter 'tenant' is required", field="tenant")
+    check_tenant(tenant)
+    scope = tenant_scope(request)
+    if scope is not None and tenant != scope:
+        raise Forbidden("this token may only see its own tenant's usage", field="tenant")
+    try:
+        start = parse_time("start", q.get("start", ""))
+        end = parse_time("end", q["end"]) if "end" in q else datetime.now(UTC)
+    except QueryError as exc:
+        raise InvalidInput(str(exc), field=exc.field) from None
+    if start >= end:
+        raise InvalidInput("start must be before end", field="start")
+    settings = request.app[SETTINGS]
+    events = await _lifecycle_events(
+        request, tenant, settings.usage_event_type, settings.usage_location
+    )
+    hours = usage_hours(events, start, end)
+    body: dict[str, Any] = {
+        "tenant": tenant,
+        "start": start,
+        "end": end,
+        "usage": [{"location": k, "hours": round(v, 6)} for k, v in sorted(hours.items())],
+    }
+    return web.Response(body=encoder.encode(body), content_type="application/json")
+
+
+async def _lifecycle_events(
+    request: web.Request, tenant: str, event_type: str, location_path: str
+) -> list[Lifecycle]:
+    js = request.app[JS]
+    stream = request.app[LAYOUT].stream
+    name = f"usage-{uuid.uuid4().hex[:12]}"
+    info = await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            name=name,
+            filter_subject=f"{stream}.events.{encode_token(event_type)}.{encode_token(tenant)}.*",
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=10.0,
+            mem_storage=True,
+            num_replicas=1,
+        ),
+    )
+    find_location = compile_path(location_path)
+    out: list[Lifecycle] = []
+    pending = info.num_pending or 0
+    try:
+        if pending:
+            sub = await js.pull_subscribe_bind(name, stream=stream)
+            try:
+                while pending > 0:
+                    for msg in await sub.fetch(min(pending, 1000), timeout=5):
+                        pending = msg.metadata.num_pending
+                        try:
+                            event = event_decoder.decode(msg.data)
+                        except ValueError:
+                            continue  # the worker dead-letters it
+                        kind = str(event.data.get("event", "")).upper()
+                        resource = event.data.get("resource")
+                        if kind not in ("CREATED", "DESTROYED") or not isinstance(resource, str):
+                            continue
+                        location = find_location(event.data)
+                        out.append(
+                            Lifecycle(
+                                resource=resource,
+                                kind=kind,
+                                at=event.time or msg.metadata.timestamp,
+                                location=None if location is MISSING else str(location),
+                                seq=msg.metadata.sequence.stream,
+                            )
+                        )
+            finally:
+                await sub.unsubscribe()
+    finally:
+        try:
+            await js.delete_consumer(stream, name)
+        except Exception:
+            pass
+    return out
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/usage", usage)
