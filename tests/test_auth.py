@@ -1,6 +1,7 @@
 """Access control: tokens, roles, tenant isolation over HTTP, and NATS publish permissions."""
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,10 @@ def _routes(http: Http) -> list[tuple[str, str]]:
         canonical = route.resource.canonical if route.resource else ""
         if route.method == "HEAD" or canonical == "/healthy":
             continue
-        path = (
-            canonical.replace("{meter}", "m")
-            .replace("{id}", "x")
-            .replace("{host}", "h")
-            .replace("{label}", "cpu")
-            .replace("{epoch}", "1")
+        path = re.sub(
+            r"\{[^}]+\}",
+            "x",
+            canonical.replace("{meter}", "m").replace("{label}", "cpu").replace("{epoch}", "1"),
         )
         out.append((route.method, path))
     return out

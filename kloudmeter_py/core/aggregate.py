@@ -191,6 +191,9 @@ AGGREGATIONS: dict[str, Aggregation] = {
         Aggregation("min", lambda s: s.min, numeric=True),
         Aggregation("max", lambda s: s.max, numeric=True),
         Aggregation("latest", lambda s: s.latest, numeric=True),
+        # Lifecycle meters: readings count the events; time in state is rated from the
+        # resource timelines (see core.rating), which accrue up to "now" when asked.
+        Aggregation("duration", lambda s: s.count, numeric=False),
         Aggregation(
             "unique",
             lambda s: len(s.distinct) if s.distinct is not None else 0,

@@ -33,7 +33,7 @@ class CompiledMeter:
         self.agg = AGGREGATIONS[meter.aggregation]
         self.value: Finder | None = (
             compile_path(meter.valueProperty)
-            if meter.valueProperty and meter.aggregation != "count"
+            if meter.valueProperty and meter.aggregation not in ("count", "duration")
             else None
         )
         self.group_names = tuple(sorted(meter.groupBy))

@@ -25,6 +25,7 @@ _AGGREGATION_ALIASES = {
     "unique_count": "unique",
     "uniquecount": "unique",
     "latest": "latest",
+    "duration": "duration",
 }
 
 
@@ -85,6 +86,11 @@ class MeterIn(Struct, forbid_unknown_fields=True):
     name: str = ""
     valueProperty: str | None = None
     groupBy: dict[Annotated[str, Meta(min_length=1, max_length=64)], str] = {}
+    # Lifecycle ("duration") meters: which resource an event is about, which action it is,
+    # and how action names map to start / change / stop / end.
+    resourceProperty: str | None = None
+    actionProperty: str | None = None
+    actions: dict[str, str] | None = None
 
 
 class Meter(Struct, kw_only=True):
@@ -97,6 +103,9 @@ class Meter(Struct, kw_only=True):
     name: str = ""
     valueProperty: str | None = None
     groupBy: dict[str, str] = {}
+    resourceProperty: str | None = None
+    actionProperty: str | None = None
+    actions: dict[str, str] | None = None
     createdAt: datetime
     # Events at stream sequences above this are applied live; older ones only by backfill.
     # Also tells a reading written for an earlier meter of the same id from the current one.
@@ -117,7 +126,26 @@ def validate_meter(body: MeterIn, *, now: datetime | None = None, start_seq: int
     """Check a meter definition completely, so nothing is discovered per event."""
     aggregation = normalize_aggregation(body.aggregation)
     value_property = body.valueProperty or None
-    if aggregation != "count" and value_property is None:
+    resource_property = action_property = None
+    actions = None
+    if aggregation == "duration":
+        resource_property = body.resourceProperty or "$.resource_id"
+        action_property = body.actionProperty or "$.event_type"
+        actions = dict(body.actions) if body.actions else None
+        for name, kind in (actions or {}).items():
+            if kind not in ("start", "change", "stop", "end"):
+                raise InvalidField(f"actions.{name}", "one of start, change, stop, end")
+        for fname, path in (
+            ("resourceProperty", resource_property),
+            ("actionProperty", action_property),
+        ):
+            try:
+                compile_path(path)
+            except PathError as exc:
+                raise InvalidField(fname, str(exc)) from exc
+    elif body.resourceProperty or body.actionProperty or body.actions:
+        raise InvalidField("resourceProperty", "only for aggregation 'duration'")
+    if aggregation not in ("count", "duration") and value_property is None:
         raise InvalidField("valueProperty", f"required for aggregation {aggregation!r}")
     if value_property is not None:
         try:
@@ -137,6 +165,9 @@ def validate_meter(body: MeterIn, *, now: datetime | None = None, start_seq: int
         name=body.name,
         valueProperty=value_property,
         groupBy=dict(sorted(body.groupBy.items())),
+        resourceProperty=resource_property,
+        actionProperty=action_property,
+        actions=actions,
         createdAt=now or datetime.now(UTC),
         startSeq=start_seq,
     )

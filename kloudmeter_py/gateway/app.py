@@ -145,7 +145,16 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def create_app(settings: Settings, nc: Client) -> web.Application:
     """Wire the gateway by hand: app keys, middleware, routes."""
-    from kloudmeter_py.gateway import auth, kloudmeter, openmeter, perf, query, usage
+    from kloudmeter_py.gateway import (
+        auth,
+        kloudmeter,
+        openmeter,
+        perf,
+        query,
+        rating,
+        templates,
+        usage,
+    )
 
     app = web.Application(
         client_max_size=settings.max_body_bytes,
@@ -165,4 +174,6 @@ def create_app(settings: Settings, nc: Client) -> web.Application:
     perf.add_routes(app)
     auth.add_routes(app)
     usage.add_routes(app)
+    rating.add_routes(app)
+    templates.add_routes(app)
     return app

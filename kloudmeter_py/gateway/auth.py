@@ -39,6 +39,9 @@ _USER = {
     ("GET", "/api/perf/{host}"),
     ("GET", "/api/perf/{host}/{label}"),
     ("POST", "/api/perf/{host}/{epoch}"),
+    ("GET", "/v1/resources"),
+    ("GET", "/v1/records/{resource_id}"),
+    ("POST", "/charging"),
 }
 
 

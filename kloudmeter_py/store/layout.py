@@ -22,6 +22,8 @@ class Layout:
         self.leases_bucket = f"{prefix}leases"
         self.dedup_bucket = f"{prefix}dedup"
         self.auth_bucket = f"{prefix}auth"
+        self.prices_bucket = f"{prefix}prices"
+        self.templates_bucket = f"{prefix}templates"
         self.summary_buckets = {
             level: f"{prefix}summaries_{level}" for level in ("minute", "hour", "day")
         }

@@ -53,6 +53,8 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
         (layout.readings_bucket, 1, "kloudmeter running readings"),
         (layout.offsets_bucket, 1, "kloudmeter worker checkpoints per partition"),
         (layout.auth_bucket, 1, "kloudmeter API users and token hashes"),
+        (layout.prices_bucket, 5, "kloudmeter price book"),
+        (layout.templates_bucket, 1, "kloudmeter rating templates"),
     ):
         await _ensure_bucket(
             js,

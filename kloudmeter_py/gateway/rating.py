@@ -1,0 +1,350 @@
+"""Rating and billing: Koala's price book, resources and records; eBill's charging and cost
+estimate. Money is Decimal and travels as strings in JSON."""
+
+from collections import defaultdict
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from kloudmeter_py.core.query import parse_time
+from kloudmeter_py.core.rating import (
+    Filter,
+    Price,
+    PriceIn,
+    Segment,
+    check_filters,
+    clip,
+    matches,
+    pick_price,
+    segments,
+    tiered_cost,
+    to_decimal,
+    validate_price,
+)
+from kloudmeter_py.core.windows import QueryError
+from kloudmeter_py.errors import Forbidden, InvalidInput, NotFound
+from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, decode_body
+from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.store.rating import PriceStore, Resource, resources
+
+_price_in = msgspec.json.Decoder(PriceIn)
+_encoder = msgspec.json.Encoder(decimal_format="string")
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_encoder.encode(body), status=status, content_type="application/json")
+
+
+def _prices(request: web.Request) -> PriceStore:
+    return PriceStore(request.app[JS], request.app[LAYOUT])
+
+
+def _body_price(raw: bytes) -> PriceIn:
+    body = decode_body(raw, _price_in)
+    validate_price(body)
+    return body
+
+
+async def create_price(request: web.Request) -> web.Response:
+    return _json(await _prices(request).create(_body_price(await request.read())), status=201)
+
+
+async def list_prices(request: web.Request) -> web.Response:
+    return _json(await _prices(request).list())
+
+
+async def get_price(request: web.Request) -> web.Response:
+    return _json(await _prices(request).get(request.match_info["id"]))
+
+
+async def put_price(request: web.Request) -> web.Response:
+    body = _body_price(await request.read())
+    return _json(await _prices(request).replace(request.match_info["id"], body))
+
+
+async def delete_price(request: web.Request) -> web.Response:
+    await _prices(request).delete(request.match_info["id"])
+    return web.Response(status=204)
+
+
+async def _resources(
+    request: web.Request, tenant: str | None
+) -> tuple[list[Resource], list[Price]]:
+    meters = await request.app[METERS].list()
+    found = await resources(request.app[JS], request.app[LAYOUT], meters, tenant)
+    return found, await _prices(request).list()
+
+
+def _segments(res: Resource, prices: list[Price], until: datetime) -> list[Segment]:
+    return segments(
+        res.points,
+        until,
+        prices,
+        meter=res.meter,
+        resource_type=res.resource_type,
+        region=res.region,
+    )
+
+
+def _status(res: Resource) -> str:
+    last = max(res.points, key=lambda p: (p.at, p.seq)).kind
+    return {"start": "running", "change": "running", "stop": "stopped", "end": "deleted"}[last]
+
+
+def _segment_cost(seg: Segment) -> Decimal:
+    return seg.quantity() * seg.price.unit_price if seg.price else Decimal(0)
+
+
+async def list_resources(request: web.Request) -> web.Response:
+    scope = tenant_scope(request)
+    tenant = request.query.get("tenant") or scope
+    if scope is not None and tenant != scope:
+        return _json([])
+    found, prices = await _resources(request, tenant)
+    now = datetime.now(UTC)
+    out = []
+    for res in found:
+        segs = _segments(res, prices, now)
+        created = min((p.at for p in res.points if p.kind == "start"), default=None)
+        deleted = max((p.at for p in res.points if p.kind == "end"), default=None)
+        out.append(
+            {
+                "meter": res.meter,
+                "resource_id": res.resource_id,
+                "resource_name": res.name,
+                "resource_type": res.resource_type,
+                "region": res.region,
+                "tenant_id": res.tenant,
+                "status": _status(res),
+                "created_at": created,
+                "deleted_at": deleted,
+                "quantity": sum((s.quantity() for s in segs), Decimal(0)),
+                "consumption": sum((_segment_cost(s) for s in segs), Decimal(0)),
+                "currency": next((s.price.currency for s in segs if s.price), None),
+            }
+        )
+    return _json(out)
+
+
+async def records(request: web.Request) -> web.Response:
+    rid = request.match_info["resource_id"]
+    scope = tenant_scope(request)
+    found, prices = await _resources(request, scope)
+    matching = [r for r in found if r.resource_id == rid]
+    if not matching:
+        raise NotFound(f"resource {rid!r} not found", field="resource_id")
+    now = datetime.now(UTC)
+    out = []
+    for res in matching:
+        for seg in _segments(res, prices, now):
+            out.append(
+                {
+                    "meter": res.meter,
+                    "resource_id": rid,
+                    "start_at": seg.start,
+                    "end_at": seg.end,
+                    "status": "running" if seg.running else "stopped",
+                    "weight": seg.weight,
+                    "seconds": seg.seconds,
+                    "unit_price": seg.price.unit_price if seg.price else None,
+                    "price_id": seg.price.id if seg.price else None,
+                    "currency": seg.price.currency if seg.price else None,
+                    "quantity": seg.quantity(),
+                    "consumption": _segment_cost(seg),
+                }
+            )
+    return _json(out)
+
+
+class ChargingIn(msgspec.Struct, forbid_unknown_fields=True):
+    start: str
+    end: str
+    tenant: str | None = None
+    project: str | None = None  # eBill's name for the tenant
+    meters: list[str] | None = None
+    filters: list[Filter] = []
+    template: str | None = None
+
+
+_charging_in = msgspec.json.Decoder(ChargingIn)
+
+
+def _period(start: str, end: str) -> tuple[datetime, datetime]:
+    try:
+        a, b = parse_time("start", start), parse_time("end", end)
+    except QueryError as exc:
+        raise InvalidInput(str(exc), field=exc.field) from None
+    if b <= a:
+        raise InvalidInput("end must be after start", field="end")
+    return a, b
+
+
+async def charging(request: web.Request) -> web.Response:
+    """POST /charging: cost per meter and resource of a tenant over a period, filtered."""
+    body = decode_body(await request.read(), _charging_in)
+    tenant = body.tenant or body.project
+    scope = tenant_scope(request)
+    if scope is not None:
+        if tenant is not None and tenant != scope:
+            raise Forbidden("this token may only see its own tenant's charges", field="tenant")
+        tenant = scope
+    start, end = _period(body.start, body.end)
+    try:
+        filters = check_filters(body.filters)
+    except ValueError as exc:
+        raise InvalidInput(str(exc), field=getattr(exc, "field", "filters")) from None
+    template_source = None
+    if body.template is not None:
+        template_source = await _template_source(request, body.template)
+    found, prices = await _resources(request, tenant)
+    wanted = set(body.meters) if body.meters else None
+    items = []
+    totals: dict[str, Decimal] = defaultdict(Decimal)
+    for res in found:
+        if wanted is not None and res.meter not in wanted:
+            continue
+        if not matches(res.metadata, filters):
+            continue
+        segs = clip(_segments(res, prices, min(end, datetime.now(UTC))), start, end)
+        by_price: dict[str | None, tuple[Price | None, Decimal]] = {}
+        for seg in segs:
+            pid = seg.price.id if seg.price else None
+            price, qty = by_price.get(pid, (seg.price, Decimal(0)))
+            by_price[pid] = (price, qty + seg.quantity())
+        for price, qty in by_price.values():
+            if qty == 0:
+                continue
+            cost = tiered_cost(price, qty) if price else Decimal(0)
+            if template_source is not None:
+                cost = await _rate(template_source, res, qty, price, cost)
+            currency = price.currency if price else None
+            items.append(
+                {
+                    "meter": res.meter,
+                    "resource_id": res.resource_id,
+                    "tenant": res.tenant,
+                    "quantity": qty,
+                    "unit_price": price.unit_price if price else None,
+                    "price_id": price.id if price else None,
+                    "currency": currency,
+                    "cost": cost,
+                    "metadata": res.metadata,
+                }
+            )
+            if currency:
+                totals[currency] += cost
+    return _json(
+        {"tenant": tenant, "start": start, "end": end, "totals": dict(totals), "items": items}
+    )
+
+
+async def _template_source(request: web.Request, template_id: str) -> str:
+    from kloudmeter_py.gateway.templates import load_source
+
+    return await load_source(request, template_id)
+
+
+async def _rate(
+    source: str, res: Resource, qty: Decimal, price: Price | None, cost: Decimal
+) -> Decimal:
+    from kloudmeter_py.rating.sandbox import TemplateError, run_template
+
+    data = {
+        "meter": res.meter,
+        "resource": res.resource_id,
+        "tenant": res.tenant,
+        "quantity": str(qty),
+        "unit_price": str(price.unit_price) if price else None,
+        "currency": price.currency if price else None,
+        "cost": str(cost),
+        "metadata": res.metadata,
+    }
+    try:
+        return await run_template(source, data)
+    except TemplateError as exc:
+        raise InvalidInput(f"template failed: {exc}", field="template") from None
+
+
+class EstimateGroup(msgspec.Struct, forbid_unknown_fields=True):
+    min_instances: int
+    max_instances: int
+    usage_per_hour: Decimal = Decimal(1)  # units per instance per hour (vCPUs, GB, ...)
+    meter: str | None = None
+    resource_type: str | None = None
+    region: str | None = None
+    name: str = ""
+
+
+class EstimateIn(msgspec.Struct, forbid_unknown_fields=True):
+    groups: list[EstimateGroup]
+    start: str | None = None
+    end: str | None = None
+    hours: Decimal | None = None
+
+
+_estimate_in = msgspec.json.Decoder(EstimateIn)
+
+
+async def cost_estimate(request: web.Request) -> web.Response:
+    """POST /cost: min and max cost of groups of resources over a period, from the price book."""
+    body = decode_body(await request.read(), _estimate_in)
+    if body.hours is not None:
+        hours = to_decimal(body.hours, "hours")
+        start = datetime.now(UTC)
+    elif body.start and body.end:
+        start, end = _period(body.start, body.end)
+        hours = Decimal(str((end - start).total_seconds())) / 3600
+    else:
+        raise InvalidInput("give hours, or start and end", field="hours")
+    if hours <= 0:
+        raise InvalidInput("the period must be positive", field="hours")
+    prices = await _prices(request).list()
+    groups = []
+    totals: dict[str, dict[str, Decimal]] = {}
+    for i, g in enumerate(body.groups):
+        if g.min_instances < 0 or g.max_instances < g.min_instances:
+            raise InvalidInput("0 <= min_instances <= max_instances", field=f"groups[{i}]")
+        price = pick_price(
+            prices,
+            meter=g.meter or "",
+            resource_type=g.resource_type,
+            region=g.region,
+            at=start,
+        )
+        if price is None:
+            raise InvalidInput("no price applies to this group", field=f"groups[{i}]")
+        per_unit = Decimal(3600) / Decimal(price.unit_seconds)
+        lo_q = g.min_instances * g.usage_per_hour * hours * per_unit
+        hi_q = g.max_instances * g.usage_per_hour * hours * per_unit
+        lo, hi = tiered_cost(price, lo_q), tiered_cost(price, hi_q)
+        t = totals.setdefault(price.currency, {"min_cost": Decimal(0), "max_cost": Decimal(0)})
+        t["min_cost"] += lo
+        t["max_cost"] += hi
+        groups.append(
+            {
+                "name": g.name,
+                "price_id": price.id,
+                "currency": price.currency,
+                "min_quantity": lo_q,
+                "max_quantity": hi_q,
+                "min_cost": lo,
+                "max_cost": hi,
+            }
+        )
+    return _json({"hours": hours, "groups": groups, "totals": totals})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v1/prices", list_prices)
+    r.add_post("/v1/prices", create_price)
+    r.add_get("/v1/prices/{id}", get_price)
+    r.add_put("/v1/prices/{id}", put_price)
+    r.add_delete("/v1/prices/{id}", delete_price)
+    r.add_get("/v1/resources", list_resources)
+    r.add_get("/v1/records/{resource_id}", records)
+    r.add_post("/charging", charging)
+    r.add_post("/cost", cost_estimate)

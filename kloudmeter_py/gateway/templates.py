@@ -1,0 +1,115 @@
+"""Rating templates (eBill's /template): CRUD, and a dry run with POST /template/{id}/rate."""
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import msgspec
+from aiohttp import web
+from msgspec import Meta
+
+from kloudmeter_py.errors import InvalidInput, NotFound
+from kloudmeter_py.gateway.app import JS, LAYOUT, decode_body
+from kloudmeter_py.rating.sandbox import TemplateError, check_template, run_template
+from kloudmeter_py.store.kv import get_with_revision, scan
+
+_encoder = msgspec.json.Encoder(decimal_format="string")
+
+
+class TemplateIn(msgspec.Struct, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=128)]
+    source: Annotated[str, Meta(min_length=1, max_length=64 * 1024)]
+    description: str = ""
+
+
+class Template(TemplateIn, kw_only=True):
+    id: str
+    created: datetime
+
+
+_template_in = msgspec.json.Decoder(TemplateIn)
+_template = msgspec.json.Decoder(Template)
+_object = msgspec.json.Decoder(dict[str, Any])
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_encoder.encode(body), status=status, content_type="application/json")
+
+
+async def _get(request: web.Request, template_id: str) -> Template:
+    if not template_id.isalnum():
+        raise NotFound("template not found", field="id")
+    kv = await request.app[JS].key_value(request.app[LAYOUT].templates_bucket)
+    value, _ = await get_with_revision(kv, template_id)
+    if value is None:
+        raise NotFound("template not found", field="id")
+    return _template.decode(value)
+
+
+async def load_source(request: web.Request, template_id: str) -> str:
+    """The source of a stored template (for charging)."""
+    try:
+        return (await _get(request, template_id)).source
+    except NotFound:
+        raise InvalidInput(f"template {template_id!r} not found", field="template") from None
+
+
+async def create(request: web.Request) -> web.Response:
+    body = decode_body(await request.read(), _template_in)
+    try:
+        await check_template(body.source)
+    except TemplateError as exc:
+        raise InvalidInput(
+            f"the template does not compile: {exc.message}", field="source"
+        ) from None
+    template = Template(
+        name=body.name,
+        source=body.source,
+        description=body.description,
+        id=uuid.uuid4().hex[:12],
+        created=datetime.now(UTC),
+    )
+    kv = await request.app[JS].key_value(request.app[LAYOUT].templates_bucket)
+    await kv.create(template.id, msgspec.json.encode(template))
+    return _json(template, status=201)
+
+
+async def list_templates(request: web.Request) -> web.Response:
+    out = []
+    for _, value in await scan(request.app[JS], request.app[LAYOUT].templates_bucket):
+        t = _template.decode(value)
+        out.append({"id": t.id, "name": t.name, "description": t.description, "created": t.created})
+    return _json(out)
+
+
+async def get(request: web.Request) -> web.Response:
+    template = await _get(request, request.match_info["id"])
+    if request.method == "HEAD":
+        return web.Response(status=200)
+    return _json(template)
+
+
+async def delete(request: web.Request) -> web.Response:
+    template = await _get(request, request.match_info["id"])
+    kv = await request.app[JS].key_value(request.app[LAYOUT].templates_bucket)
+    await kv.delete(template.id)
+    return web.Response(status=204)
+
+
+async def rate(request: web.Request) -> web.Response:
+    template = await _get(request, request.match_info["id"])
+    data = decode_body(await request.read(), _object)
+    try:
+        cost = await run_template(template.source, data)
+    except TemplateError as exc:
+        return _json({"status": "error", "kind": exc.kind, "message": exc.message}, status=422)
+    return _json({"cost": cost})
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/template", list_templates)
+    r.add_post("/template", create)
+    r.add_get("/template/{id}", get, allow_head=True)
+    r.add_delete("/template/{id}", delete)
+    r.add_post("/template/{id}/rate", rate)
