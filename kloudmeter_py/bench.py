@@ -29,7 +29,7 @@ from kloudmeter_py.core.models import encoder, meter_in_decoder, reading_decoder
 from kloudmeter_py.store.kv import scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.provision import provision
-from kloudmeter_py.store.server import NatsServer
+from kloudmeter_py.store.server import NatsServer, die_with_parent
 
 REGIONS = ("eu", "us", "ap")
 METERS = (
@@ -174,6 +174,7 @@ async def _process(args: list[str], env: dict[str, str]) -> AsyncIterator[Any]:
         env={**os.environ, **env},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
     )
     try:
         yield proc

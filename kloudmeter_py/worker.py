@@ -173,10 +173,19 @@ class Worker:
     async def _stop_runner(self, p: int) -> None:
         self.runners.pop(p, None)
         task = self._tasks.pop(p, None)
-        if task is not None:
+        if task is None:
+            return
+        # Cancel until it is done: a cancellation can be lost in a library's wait.
+        for _ in range(50):
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                break
+        else:
+            log.error("partition.stop_timeout", worker=self.worker_id, partition=p)
+            return
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            task.result()
 
     def _meter_added(self, cm: CompiledMeter) -> None:
         for runner in self.runners.values():
@@ -231,18 +240,22 @@ class Worker:
 
     async def stop(self) -> None:
         if self._lease_task is not None:
-            self._lease_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lease_task
+            for _ in range(50):
+                self._lease_task.cancel()
+                done, _ = await asyncio.wait({self._lease_task}, timeout=0.2)
+                if done:
+                    break
         for p in list(self._tasks):
             await self._stop_runner(p)
         if self._leases:
             # Give the partitions back at once, so another worker need not wait for expiry.
             for p, revision in self._leases.items():
                 with contextlib.suppress(Exception):
-                    await self.leases.delete(f"partition.{p}", last=revision)
+                    async with asyncio.timeout(2):
+                        await self.leases.delete(f"partition.{p}", last=revision)
             with contextlib.suppress(Exception):
-                await self.leases.delete(f"worker.{self.worker_id}")
+                async with asyncio.timeout(2):
+                    await self.leases.delete(f"worker.{self.worker_id}")
             self._leases.clear()
         await self.registry.stop()
         log.info("worker.stopped", worker=self.worker_id, **vars(self.stats))
@@ -306,7 +319,8 @@ class PartitionRunner:
             finally:
                 self.cache.clear()
                 with contextlib.suppress(Exception):
-                    await self.w.js.delete_consumer(self.layout.stream, self.consumer)
+                    async with asyncio.timeout(2):
+                        await self.w.js.delete_consumer(self.layout.stream, self.consumer)
 
     async def _read_checkpoint(self) -> tuple[int, int]:
         value, revision = await get_with_revision(self.w.offsets, self.offset_key)

@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from kloudmeter_py.core.keys import event_subject
 from kloudmeter_py.core.models import Meter, reading_decoder
 from kloudmeter_py.store.kv import scan
+from kloudmeter_py.store.server import die_with_parent
 
 METERS: list[dict[str, Any]] = [
     {"id": "calls", "eventType": "req", "aggregation": "count"},
@@ -151,6 +152,7 @@ class WorkerProcess:
             env=self.env,
             stdout=log,
             stderr=log,
+            preexec_fn=die_with_parent,
         )
         log.close()
         return self

@@ -48,7 +48,7 @@ def _routes(http: Http) -> list[tuple[str, str]]:
     out = []
     for route in http.server.app.router.routes():
         canonical = route.resource.canonical if route.resource else ""
-        if route.method == "HEAD" or canonical == "/healthy":
+        if route.method == "HEAD" or canonical in ("/healthy", "/", "/static/{name}"):
             continue
         path = re.sub(
             r"\{[^}]+\}",

@@ -111,7 +111,9 @@ async def test_oversized_body_gets_413_in_the_envelope(nc: Client, settings: Set
 async def _dead_letters(nc: Client) -> list[tuple[str, dict[str, str], bytes]]:
     js = nc.jetstream()
     info = await js.stream_info("meters_errors")
-    out = []
+    out: list[tuple[str, dict[str, str], bytes]] = []
+    if not info.state.messages:
+        return out
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         msg = await js.get_msg("meters_errors", seq)
         out.append((msg.subject, dict(msg.headers or {}), msg.data or b""))

@@ -147,6 +147,7 @@ def create_app(settings: Settings, nc: Client) -> web.Application:
     """Wire the gateway by hand: app keys, middleware, routes."""
     from kloudmeter_py.gateway import (
         auth,
+        dashboard,
         kloudmeter,
         openmeter,
         perf,
@@ -176,4 +177,5 @@ def create_app(settings: Settings, nc: Client) -> web.Application:
     usage.add_routes(app)
     rating.add_routes(app)
     templates.add_routes(app)
+    dashboard.add_routes(app)
     return app

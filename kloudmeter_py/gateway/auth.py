@@ -16,7 +16,8 @@ from kloudmeter_py.gateway.app import AUTH, SETTINGS, Handler, decode_body
 from kloudmeter_py.store.auth import Principal
 
 PRINCIPAL = web.RequestKey("principal", Principal)
-_ANYONE = {("GET", "/healthy")}
+# The dashboard's page and its files hold no data; the data calls it makes need a token.
+_ANYONE = {("GET", "/healthy"), ("GET", "/"), ("GET", "/static/{name}")}
 # What a `user` token may call; everything else needs `admin`.
 _USER = {
     ("POST", "/api/register-event"),
@@ -42,6 +43,7 @@ _USER = {
     ("GET", "/v1/resources"),
     ("GET", "/v1/records/{resource_id}"),
     ("POST", "/charging"),
+    ("GET", "/api/stream/readings"),
 }
 
 

@@ -91,7 +91,8 @@ class MeterRegistry:
         kv = await self.js.key_value(self.layout.meters_bucket)
         watcher = await kv.watchall()
         self._task = asyncio.create_task(self._watch(watcher))
-        await asyncio.wait_for(self._ready.wait(), timeout=30)
+        async with asyncio.timeout(30):
+            await self._ready.wait()
 
     async def _restart_watch(self) -> None:
         """A watch that fell behind (nats.py's ordered consumer can stall after a reconnect):
@@ -101,13 +102,16 @@ class MeterRegistry:
         watcher = await kv.watchall()
         self._ready = asyncio.Event()
         self._task = asyncio.create_task(self._watch(watcher))
-        await asyncio.wait_for(self._ready.wait(), timeout=30)
+        async with asyncio.timeout(30):
+            await self._ready.wait()
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            for _ in range(50):
+                self._task.cancel()
+                done, _ = await asyncio.wait({self._task}, timeout=0.2)
+                if done:
+                    break
 
     async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
         try:
@@ -154,9 +158,8 @@ class MeterRegistry:
             return
         async with self._changed:
             try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.revision >= target), timeout
-                )
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait_for(lambda: self.revision >= target)
             except TimeoutError:
                 log.warning("meters.watch_restarted", have=self.revision, want=target)
         if self.revision < target:

@@ -6,6 +6,7 @@ in a callback does the same protocol at about twice that.
 """
 
 import asyncio
+import time
 from collections import deque
 
 import msgspec
@@ -26,6 +27,10 @@ class RawPuller:
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.batch = batch
         self.request = msgspec.json.encode({"batch": batch, "expires": int(expires * 1e9)})
+        # The server answers every request within `expires` (messages, or a 408 status);
+        # silence for longer means the request or the consumer is gone (a server restart).
+        self.silence_limit = 3 * expires + 2
+        self.last_heard = time.monotonic()
         self.buffer: deque[Msg] = deque()
         self.ready = asyncio.Event()
         self.remaining = 0  # messages the outstanding request may still deliver
@@ -45,9 +50,11 @@ class RawPuller:
 
     async def _request(self) -> None:
         self.remaining = self.batch
+        self.last_heard = time.monotonic()
         await self.nc.publish(self.subject, self.request, reply=self.inbox)
 
     async def _on_msg(self, msg: Msg) -> None:
+        self.last_heard = time.monotonic()
         headers = msg.headers
         if headers and "Status" in headers and not msg.data:
             status = headers.get("Status", "")
@@ -71,9 +78,14 @@ class RawPuller:
             raise self.error
         if not self.buffer:
             self.ready.clear()
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as the wait ends, and then the consumer would never stop.
             try:
-                await asyncio.wait_for(self.ready.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self.ready.wait()
             except TimeoutError:
+                if time.monotonic() - self.last_heard > self.silence_limit:
+                    raise ConsumerGone("no answer to the pull request") from None
                 return []
             if self.error is not None:
                 raise self.error

