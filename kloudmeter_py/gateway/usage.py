@@ -6,12 +6,10 @@ DESTROYED, ``data.resource`` and the location at ``KLOUDMETER_USAGE_LOCATION`` (
 default ``$.location``).
 """
 
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.models import encoder, event_decoder
@@ -23,6 +21,7 @@ from kloudmeter_py.errors import Forbidden, InvalidInput
 from kloudmeter_py.gateway.app import JS, LAYOUT, SETTINGS
 from kloudmeter_py.gateway.auth import tenant_scope
 from kloudmeter_py.store.auth import check_tenant
+from kloudmeter_py.store.kv import read
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -58,56 +57,29 @@ async def usage(request: web.Request) -> web.Response:
 async def _lifecycle_events(
     request: web.Request, tenant: str, event_type: str, location_path: str
 ) -> list[Lifecycle]:
-    js = request.app[JS]
     stream = request.app[LAYOUT].stream
-    name = f"usage-{uuid.uuid4().hex[:12]}"
-    info = await js.add_consumer(
-        stream,
-        ConsumerConfig(
-            name=name,
-            filter_subject=f"{stream}.events.{encode_token(event_type)}.{encode_token(tenant)}.*",
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.NONE,
-            inactive_threshold=10.0,
-            mem_storage=True,
-            num_replicas=1,
-        ),
-    )
+    subject = f"{stream}.events.{encode_token(event_type)}.{encode_token(tenant)}.*"
     find_location = compile_path(location_path)
     out: list[Lifecycle] = []
-    pending = info.num_pending or 0
-    try:
-        if pending:
-            sub = await js.pull_subscribe_bind(name, stream=stream)
-            try:
-                while pending > 0:
-                    for msg in await sub.fetch(min(pending, 1000), timeout=5):
-                        pending = msg.metadata.num_pending
-                        try:
-                            event = event_decoder.decode(msg.data)
-                        except ValueError:
-                            continue  # the worker dead-letters it
-                        kind = str(event.data.get("event", "")).upper()
-                        resource = event.data.get("resource")
-                        if kind not in ("CREATED", "DESTROYED") or not isinstance(resource, str):
-                            continue
-                        location = find_location(event.data)
-                        out.append(
-                            Lifecycle(
-                                resource=resource,
-                                kind=kind,
-                                at=event.time or msg.metadata.timestamp,
-                                location=None if location is MISSING else str(location),
-                                seq=msg.metadata.sequence.stream,
-                            )
-                        )
-            finally:
-                await sub.unsubscribe()
-    finally:
+    for msg in await read(request.app[JS], stream, subject):
         try:
-            await js.delete_consumer(stream, name)
-        except Exception:
-            pass
+            event = event_decoder.decode(msg.data)
+        except ValueError:
+            continue  # the worker dead-letters it
+        kind = str(event.data.get("event", "")).upper()
+        resource = event.data.get("resource")
+        if kind not in ("CREATED", "DESTROYED") or not isinstance(resource, str):
+            continue
+        location = find_location(event.data)
+        out.append(
+            Lifecycle(
+                resource=resource,
+                kind=kind,
+                at=event.time or msg.metadata.timestamp,
+                location=None if location is MISSING else str(location),
+                seq=msg.metadata.sequence.stream,
+            )
+        )
     return out
 
 

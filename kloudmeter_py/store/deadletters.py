@@ -7,21 +7,19 @@ event that the worker later reads again) is never counted twice. The dead letter
 only after that write is stored.
 """
 
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import structlog
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyWrongLastSequenceError
 
 from kloudmeter_py.core.aggregate import Acc, ValueError_, fold
 from kloudmeter_py.core.keys import decode_token, encode_token
 from kloudmeter_py.core.meters import CompiledMeter, from_reading, to_reading
 from kloudmeter_py.core.models import Meter, encoder, event_decoder, reading_decoder
-from kloudmeter_py.store.kv import get_with_revision
+from kloudmeter_py.store.kv import get_with_revision, read
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
 
@@ -61,40 +59,8 @@ async def iterate(
 ) -> list[DeadLetter]:
     """Dead letters, oldest first (all, or those of one meter)."""
     token = encode_token(meter) if meter is not None else ">"
-    name = f"dlq-{uuid.uuid4().hex[:12]}"
-    try:
-        info = await js.add_consumer(
-            layout.errors_stream,
-            ConsumerConfig(
-                name=name,
-                filter_subject=layout.error_subject(token),
-                deliver_policy=DeliverPolicy.ALL,
-                ack_policy=AckPolicy.NONE,
-                inactive_threshold=10.0,
-                mem_storage=True,
-                num_replicas=1,
-            ),
-        )
-    except NotFoundError:
-        return []
-    out: list[DeadLetter] = []
-    pending = info.num_pending or 0
-    try:
-        if pending:
-            sub = await js.pull_subscribe_bind(name, stream=layout.errors_stream)
-            try:
-                while pending > 0 and (limit is None or len(out) < limit):
-                    for msg in await sub.fetch(min(pending, 500), timeout=5):
-                        out.append(_letter(msg.metadata.sequence.stream, msg.headers, msg.data))
-                        pending = msg.metadata.num_pending
-            finally:
-                await sub.unsubscribe()
-    finally:
-        try:
-            await js.delete_consumer(layout.errors_stream, name)
-        except NotFoundError:
-            pass
-    return out[:limit] if limit is not None else out
+    msgs = await read(js, layout.errors_stream, layout.error_subject(token), limit=limit)
+    return [_letter(m.metadata.sequence.stream, m.headers, m.data) for m in msgs]
 
 
 def _letter(seq: int, headers: dict[str, str] | None, data: bytes) -> DeadLetter:

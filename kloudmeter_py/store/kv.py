@@ -3,6 +3,7 @@
 import uuid
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
@@ -11,45 +12,43 @@ from nats.js.kv import KeyValue
 _DELETE_OPS = ("DEL", "PURGE")
 
 
-async def scan(js: JetStreamContext, bucket: str, pattern: str = ">") -> list[tuple[str, bytes]]:
-    """Latest value of every live key matching ``pattern`` (NATS wildcards), in key order.
-
-    Uses an ephemeral consumer filtered on the server, so the cost is the number of keys that
-    match, not the size of the bucket (nats-py's ``keys(filters=)`` filters client-side).
-    """
-    stream = f"KV_{bucket}"
-    prefix = f"$KV.{bucket}."
-    name = f"scan-{uuid.uuid4().hex[:12]}"
+async def read(
+    js: JetStreamContext,
+    stream: str,
+    filter_subject: str,
+    *,
+    last_per_subject: bool = False,
+    after_seq: int = 0,
+    limit: int | None = None,
+) -> list[Msg]:
+    """Every stored message matching ``filter_subject`` (or the last one per subject), oldest
+    first, through an ephemeral consumer filtered on the server. [] if the stream is missing."""
+    name = f"read-{uuid.uuid4().hex[:12]}"
+    config = ConsumerConfig(
+        name=name,
+        filter_subject=filter_subject,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL,
+        ack_policy=AckPolicy.NONE,
+        inactive_threshold=10.0,
+        mem_storage=True,
+        num_replicas=1,
+    )
+    if after_seq:
+        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+        config.opt_start_seq = after_seq + 1
     try:
-        info = await js.add_consumer(
-            stream,
-            ConsumerConfig(
-                name=name,
-                filter_subject=prefix + pattern,
-                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                ack_policy=AckPolicy.NONE,
-                inactive_threshold=10.0,
-                mem_storage=True,
-                num_replicas=1,
-            ),
-        )
+        info = await js.add_consumer(stream, config)
     except NotFoundError:
         return []
-    out: dict[str, bytes] = {}
+    out: list[Msg] = []
     try:
         pending = info.num_pending or 0
         if pending:
             sub = await js.pull_subscribe_bind(name, stream=stream)
             try:
-                while pending > 0:
-                    msgs = await sub.fetch(min(pending, 1000), timeout=5)
-                    for msg in msgs:
-                        key = msg.subject[len(prefix) :]
-                        op = (msg.headers or {}).get("KV-Operation")
-                        if op in _DELETE_OPS:
-                            out.pop(key, None)
-                        else:
-                            out[key] = msg.data
+                while pending > 0 and (limit is None or len(out) < limit):
+                    for msg in await sub.fetch(min(pending, 1000), timeout=5):
+                        out.append(msg)
                         pending = msg.metadata.num_pending
             finally:
                 await sub.unsubscribe()
@@ -58,6 +57,23 @@ async def scan(js: JetStreamContext, bucket: str, pattern: str = ">") -> list[tu
             await js.delete_consumer(stream, name)
         except NotFoundError:
             pass
+    return out if limit is None else out[:limit]
+
+
+async def scan(js: JetStreamContext, bucket: str, pattern: str = ">") -> list[tuple[str, bytes]]:
+    """Latest value of every live key matching ``pattern`` (NATS wildcards), in key order.
+
+    The filter runs on the server, so the cost is the number of keys that match, not the size
+    of the bucket (nats-py's ``keys(filters=)`` filters client-side).
+    """
+    prefix = f"$KV.{bucket}."
+    out: dict[str, bytes] = {}
+    for msg in await read(js, f"KV_{bucket}", prefix + pattern, last_per_subject=True):
+        key = msg.subject[len(prefix) :]
+        if (msg.headers or {}).get("KV-Operation") in _DELETE_OPS:
+            out.pop(key, None)
+        else:
+            out[key] = msg.data
     return sorted(out.items())
 
 

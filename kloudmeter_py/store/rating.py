@@ -8,8 +8,8 @@ from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from kloudmeter_py.core.keys import encode_token
@@ -17,7 +17,7 @@ from kloudmeter_py.core.models import InvalidField, Meter, event_decoder
 from kloudmeter_py.core.paths import MISSING, compile_path
 from kloudmeter_py.core.rating import DEFAULT_ACTIONS, Point, Price, PriceIn, to_decimal
 from kloudmeter_py.errors import NotFound
-from kloudmeter_py.store.kv import get_with_revision, scan
+from kloudmeter_py.store.kv import get_with_revision, read, scan
 from kloudmeter_py.store.layout import Layout
 
 _price_decoder = msgspec.json.Decoder(Price)
@@ -138,35 +138,5 @@ async def resources(
 async def _events(
     js: JetStreamContext, layout: Layout, subject: str, after_seq: int
 ) -> list[tuple[int, datetime, bytes]]:
-    name = f"rate-{uuid.uuid4().hex[:12]}"
-    config = ConsumerConfig(
-        name=name,
-        filter_subject=subject,
-        ack_policy=AckPolicy.NONE,
-        inactive_threshold=10.0,
-        mem_storage=True,
-        num_replicas=1,
-    )
-    if after_seq:
-        config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-        config.opt_start_seq = after_seq + 1
-    info = await js.add_consumer(layout.stream, config)
-    out: list[tuple[int, datetime, bytes]] = []
-    pending = info.num_pending or 0
-    try:
-        if pending:
-            sub = await js.pull_subscribe_bind(name, stream=layout.stream)
-            try:
-                while pending > 0:
-                    for msg in await sub.fetch(min(pending, 1000), timeout=5):
-                        meta = msg.metadata
-                        out.append((meta.sequence.stream, meta.timestamp, msg.data))
-                        pending = meta.num_pending
-            finally:
-                await sub.unsubscribe()
-    finally:
-        try:
-            await js.delete_consumer(layout.stream, name)
-        except NotFoundError:
-            pass
-    return out
+    msgs = await read(js, layout.stream, subject, after_seq=after_seq)
+    return [(m.metadata.sequence.stream, m.metadata.timestamp, m.data) for m in msgs]
