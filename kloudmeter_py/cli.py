@@ -8,6 +8,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -15,6 +16,9 @@ from aiohttp import web
 from kloudmeter_py import logs
 from kloudmeter_py.config import Settings
 from kloudmeter_py.errors import ConfigError, KloudmeterError
+
+if TYPE_CHECKING:
+    from kloudmeter_py.metrics import Metrics
 
 log = structlog.get_logger("kloudmeter")
 
@@ -177,10 +181,12 @@ async def _connected(settings: Settings, name: str) -> AsyncIterator[object]:
 
 
 @contextlib.asynccontextmanager
-async def _serving(settings: Settings, nc: object) -> AsyncIterator[None]:
+async def _serving(
+    settings: Settings, nc: object, metrics: "Metrics | None" = None
+) -> AsyncIterator[None]:
     from kloudmeter_py.gateway import create_app
 
-    app = create_app(settings, nc)  # type: ignore[arg-type]
+    app = create_app(settings, nc, metrics)  # type: ignore[arg-type]
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)
@@ -233,6 +239,7 @@ async def _gateway(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _up(settings: Settings, args: argparse.Namespace) -> int:
+    from kloudmeter_py.metrics import Metrics
     from kloudmeter_py.store.provision import provision
     from kloudmeter_py.store.server import NatsServer
     from kloudmeter_py.worker import Worker
@@ -249,9 +256,11 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
         nc = await stack.enter_async_context(_connected(settings, "kloudmeter"))
         await provision(nc.jetstream(), settings)  # type: ignore[attr-defined]
         worker = Worker(nc, settings)  # type: ignore[arg-type]
+        metrics = Metrics()  # one registry: /metrics shows the gateway and the worker
+        metrics.watch_worker(worker)
         await worker.start()
         stack.push_async_callback(worker.stop)
-        await stack.enter_async_context(_serving(settings, nc))
+        await stack.enter_async_context(_serving(settings, nc, metrics))
         print(
             f"kloudmeter is up: http://{settings.http_host}:{settings.http_port} "
             f"(NATS {settings.nats_url}). Ctrl-C stops.",

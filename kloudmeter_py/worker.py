@@ -21,7 +21,7 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
@@ -42,6 +42,9 @@ from kloudmeter_py.store.kv import get_with_revision, scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterRegistry
 from kloudmeter_py.store.pull import RawPuller
+
+if TYPE_CHECKING:
+    from kloudmeter_py.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -130,6 +133,7 @@ class Worker:
         self.static_partitions = partitions
         self.registry = MeterRegistry(self.js, self.layout)
         self.stats = WorkerStats()
+        self.metrics: Metrics | None = None  # set by Metrics.watch_worker
         self.runners: dict[int, PartitionRunner] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._leases: dict[int, int] = {}  # partition -> lease revision
@@ -402,6 +406,7 @@ class PartitionRunner:
         self._replay_meters.clear()
 
     async def _process(self, msgs: list[Msg]) -> None:
+        started = time.perf_counter()
         last = self.position
         for msg in msgs:
             meta = msg.metadata
@@ -440,6 +445,10 @@ class PartitionRunner:
         stats.batches += 1
         stats.events += len(msgs)
         stats.dead_lettered += len(dead)
+        if self.w.metrics is not None:
+            pending = msgs[-1].metadata.num_pending
+            seconds = time.perf_counter() - started
+            self.w.metrics.observe_round(len(msgs), seconds, pending, self.partition)
 
     def _decode(self, msg: Msg, dead: _Dead) -> Event | None:
         """The event in a message, or None after recording why it is unusable."""

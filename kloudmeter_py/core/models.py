@@ -38,6 +38,18 @@ class InvalidField(ValueError):
         self.reason = reason
 
 
+# Event times whose windows (up to a day wide) and timestamps fit in a datetime.
+MIN_EVENT_TIME = datetime(1, 1, 3, tzinfo=UTC)
+MAX_EVENT_TIME = datetime(9999, 12, 29, tzinfo=UTC)
+
+
+def check_event_time(time: datetime | None) -> None:
+    """For __post_init__: msgspec turns the ValueError into a ValidationError."""
+    if time is not None and not MIN_EVENT_TIME <= time <= MAX_EVENT_TIME:
+        lo, hi = MIN_EVENT_TIME.date().isoformat(), MAX_EVENT_TIME.date().isoformat()
+        raise ValueError(f"time must be between {lo} and {hi} (UTC)")
+
+
 class Event(Struct):
     """A KloudMeter usage event, as posted to /api/register-event or published to NATS."""
 
@@ -46,6 +58,9 @@ class Event(Struct):
     subject: Name
     time: AwareTime | None = None
     data: dict[str, Any] = {}
+
+    def __post_init__(self) -> None:
+        check_event_time(self.time)
 
 
 class CloudEvent(Struct):
@@ -60,6 +75,9 @@ class CloudEvent(Struct):
     data: dict[str, Any] = {}
     datacontenttype: str | None = None
     dataschema: str | None = None
+
+    def __post_init__(self) -> None:
+        check_event_time(self.time)
 
     def to_event(self) -> Event:
         return Event(

@@ -11,12 +11,16 @@ from kloudmeter_py.core.meters import from_reading
 from kloudmeter_py.core.models import Meter, Reading
 from kloudmeter_py.core.windows import (
     DAY,
+    MINUTE,
     WINDOW_SIZES,
     QueryError,
     cover,
     output_windows,
     widths,
 )
+
+# Output windows one query may ask for: planning them is CPU work on the event loop.
+MAX_WINDOWS = 20_000
 
 
 @dataclass
@@ -37,7 +41,10 @@ def parse_time(field_name: str, value: str) -> datetime:
         raise QueryError(field_name, f"{value!r} is not an RFC 3339 time") from None
     if t.tzinfo is None:
         raise QueryError(field_name, "needs a UTC offset, for example 2026-11-22T10:00:00Z")
-    return t.astimezone(UTC)
+    try:
+        return t.astimezone(UTC)
+    except OverflowError:
+        raise QueryError(field_name, f"{value!r} is out of range") from None
 
 
 def build_query(
@@ -71,7 +78,8 @@ def build_query(
     else:
         stop = parse_time("to", end)
     if start is None:
-        first = now - timedelta(days=day_retention_days)
+        # Minute windows: the last day by default (minute summaries are kept for hours).
+        first = now - timedelta(days=1 if size == MINUTE else day_retention_days)
         begin = first.replace(hour=0, minute=0, second=0, microsecond=0)
     else:
         begin = parse_time("from", start)
@@ -80,6 +88,14 @@ def build_query(
     for name, t in (("from", begin), ("to", stop)):
         if int(t.timestamp()) % step or t.microsecond:
             raise QueryError(name, f"must fall on a {step}s boundary (METER_INTERVAL)")
+    if size is not None:
+        count = (stop - begin).total_seconds() / widths(interval)[size]
+        if count > MAX_WINDOWS:
+            raise QueryError(
+                "from",
+                f"{count:.0f} {size} windows from {begin:%Y-%m-%dT%H:%M:%SZ}; at most "
+                f"{MAX_WINDOWS}: narrow from/to or ask for a larger windowSize",
+            )
     groups = list(dict.fromkeys(group_by))
     for g in [*groups, *filter_group_by]:
         if g not in meter.groupBy:

@@ -121,4 +121,5 @@ def cover(
                 "windows at this time can only be built from finer summaries, which have "
                 "expired; ask for UTC windows or a more recent range",
             )
-        t += aligned[-1][1] if aligned else finest
+        # Expired here, and so is everything finer inside: skip the coarsest aligned window.
+        t += aligned[0][1] if aligned else finest

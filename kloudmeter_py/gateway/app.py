@@ -17,6 +17,7 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.models import InvalidField, encoder
 from kloudmeter_py.errors import InvalidInput, KloudmeterError, PayloadTooLarge, Unavailable
+from kloudmeter_py.metrics import METRICS, Metrics
 from kloudmeter_py.store.auth import AuthStore
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
@@ -143,12 +144,13 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-def create_app(settings: Settings, nc: Client) -> web.Application:
+def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -> web.Application:
     """Wire the gateway by hand: app keys, middleware, routes."""
     from kloudmeter_py.gateway import (
         auth,
         dashboard,
         kloudmeter,
+        openapi,
         openmeter,
         perf,
         query,
@@ -157,10 +159,14 @@ def create_app(settings: Settings, nc: Client) -> web.Application:
         usage,
     )
 
+    if metrics is None:
+        metrics = Metrics()
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[errors_middleware, auth.auth_middleware],
+        # metrics outermost: it times the whole request and sees the statuses of errors_middleware
+        middlewares=[metrics.middleware, errors_middleware, auth.auth_middleware],
     )
+    app[METRICS] = metrics
     js = nc.jetstream(timeout=10)
     layout = Layout(settings)
     app[SETTINGS] = settings
@@ -178,4 +184,6 @@ def create_app(settings: Settings, nc: Client) -> web.Application:
     rating.add_routes(app)
     templates.add_routes(app)
     dashboard.add_routes(app)
+    metrics.add_routes(app)
+    openapi.add_routes(app)  # last
     return app

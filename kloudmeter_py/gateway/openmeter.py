@@ -46,6 +46,21 @@ class OpenMeterMeterIn(msgspec.Struct):
 
 
 _meter_decoder = msgspec.json.Decoder(OpenMeterMeterIn)
+
+
+class OpenMeterQueryIn(msgspec.Struct, rename={"start": "from", "end": "to"}):
+    """Body of POST /api/v1/meters/{id}/query; unknown fields are ignored, null is absent."""
+
+    start: str | None = None
+    end: str | None = None
+    windowSize: str | None = None
+    windowTimeZone: str | None = None
+    subject: list[str] | None = None
+    groupBy: list[str] | None = None
+    filterGroupBy: dict[str, str | list[str]] | None = None
+
+
+_query_decoder = msgspec.json.Decoder(OpenMeterQueryIn)
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -165,22 +180,23 @@ def _filter_group_by(request: web.Request) -> dict[str, str]:
 async def query_meter(request: web.Request) -> web.Response:
     meter = await request.app[METERS].get(request.match_info["meter"])
     if request.method == "POST":
-        raw = decode_body(await request.read() or b"{}", _object_decoder)
-        filters = {
-            k: (v[0] if isinstance(v, list) and len(v) == 1 else v)
-            for k, v in (raw.get("filterGroupBy") or {}).items()
-        }
-        if any(not isinstance(v, str) for v in filters.values()):
-            raise InvalidInput(
-                "filterGroupBy: one value per group is supported", field="filterGroupBy"
-            )
+        raw = decode_body(await request.read() or b"{}", _query_decoder)
+        filters: dict[str, str] = {}
+        for group, wanted in (raw.filterGroupBy or {}).items():
+            if isinstance(wanted, list):
+                if len(wanted) != 1:
+                    raise InvalidInput(
+                        "filterGroupBy: one value per group is supported", field="filterGroupBy"
+                    )
+                wanted = wanted[0]
+            filters[group] = wanted
         body = QueryBody(
-            start=raw.get("from"),
-            end=raw.get("to"),
-            windowSize=raw.get("windowSize"),
-            windowTimeZone=raw.get("windowTimeZone"),
-            subject=raw.get("subject") or [],
-            groupBy=raw.get("groupBy") or [],
+            start=raw.start,
+            end=raw.end,
+            windowSize=raw.windowSize,
+            windowTimeZone=raw.windowTimeZone,
+            subject=raw.subject or [],
+            groupBy=raw.groupBy or [],
             filterGroupBy=filters,
         )
     else:

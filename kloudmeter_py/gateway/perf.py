@@ -279,4 +279,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/perf/", list_hosts)
     r.add_post("/api/perf/{host}/{epoch}", post_sample)
     r.add_get("/api/perf/{host}", get_host)
-    r.add_get("/api/perf/{host}/{label:.+}", get_host)
+    r.add_get(r"/api/perf/{host}/{label:[\s\S]+}", get_host)  # newlines too

@@ -37,7 +37,7 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 
 async def _get(request: web.Request, template_id: str) -> Template:
-    if not template_id.isalnum():
+    if not (template_id.isascii() and template_id.isalnum()):  # a KV key token
         raise NotFound("template not found", field="id")
     kv = await request.app[JS].key_value(request.app[LAYOUT].templates_bucket)
     value, _ = await get_with_revision(kv, template_id)

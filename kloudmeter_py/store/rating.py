@@ -50,7 +50,7 @@ class PriceStore:
         return price
 
     async def get(self, price_id: str) -> Price:
-        if not price_id.isalnum():
+        if not (price_id.isascii() and price_id.isalnum()):  # a KV key token
             raise NotFound("price not found", field="id")
         value, _ = await get_with_revision(await self.kv(), price_id)
         if value is None:
