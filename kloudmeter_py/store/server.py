@@ -83,6 +83,9 @@ class NatsServer:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             preexec_fn=die_with_parent,
+            # Its own process group: Ctrl-C in a terminal reaches kloudmeter only, which then
+            # stops the worker and the gateway before the server.
+            start_new_session=True,
         )
         assert self.proc.stderr is not None
         try:
