@@ -249,3 +249,43 @@ async def test_usage_hours_per_location_match_a_hand_computed_case(
     assert (await resp.json())["usage"][0] == {"location": "eu", "hours": 2.75}
     resp = await http.get("/api/usage", params={"tenant": "acme", "start": "x"}, headers=admin)
     assert resp.status == 400 and (await resp.json())["field"] == "start"
+
+
+async def test_tenants_cannot_see_each_others_resources_records_or_charges(
+    http: Http,
+) -> None:
+    """Rating endpoints are narrowed to the user's tenant too: resources, records, charging."""
+    admin = _h(ADMIN)
+    resp = await http.post(
+        "/api/create-meter",
+        json={"id": "vm", "eventType": "instance", "aggregation": "duration"},
+        headers=admin,
+    )
+    assert resp.status == 201
+    for tenant, resource in (("acme", "vm-a"), ("globex", "vm-g")):
+        resp = await http.post(
+            "/api/register-event",
+            json={
+                "id": f"c-{resource}",
+                "eventType": "instance",
+                "subject": tenant,
+                "time": "2026-11-20T10:00:00Z",
+                "data": {"event_type": "create", "resource_id": resource},
+            },
+            headers=admin,
+        )
+        assert resp.status == 202
+    acme = _h((await _user(http, "acme"))["token"])
+    resources = await (await http.get("/v1/resources", headers=acme)).json()
+    assert [r["resource_id"] for r in resources] == ["vm-a"]
+    assert await (await http.get("/v1/resources?tenant=globex", headers=acme)).json() == []
+    assert (await http.get("/v1/records/vm-g", headers=acme)).status == 404
+    assert (await http.get("/v1/records/vm-a", headers=acme)).status == 200
+    period = {"start": "2026-11-20T00:00:00Z", "end": "2026-11-21T00:00:00Z"}
+    resp = await http.post("/charging", json={"tenant": "globex", **period}, headers=acme)
+    assert resp.status == 403
+    body = await (await http.post("/charging", json=period, headers=acme)).json()
+    assert {i["resource_id"] for i in body["items"]} <= {"vm-a"} and body["tenant"] == "acme"
+    admin_view = await (await http.get("/v1/resources", headers=admin)).json()
+    assert sorted(r["resource_id"] for r in admin_view) == ["vm-a", "vm-g"]
+    assert (await http.post("/v1/prices", json={}, headers=acme)).status == 403
