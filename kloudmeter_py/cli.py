@@ -176,8 +176,13 @@ async def _connected(settings: Settings, name: str) -> AsyncIterator[object]:
     try:
         yield nc
     finally:
-        with contextlib.suppress(Exception):
-            await nc.drain()
+        # Bounded: with every NATS server gone, a drain would wait for a reconnect forever.
+        try:
+            async with asyncio.timeout(5):
+                await nc.drain()
+        except Exception:
+            with contextlib.suppress(Exception):
+                await nc.close()
 
 
 @contextlib.asynccontextmanager
