@@ -29,7 +29,7 @@ from kloudmeter_py.core.models import encoder, meter_in_decoder, reading_decoder
 from kloudmeter_py.store.kv import scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.provision import provision
-from kloudmeter_py.store.server import NatsServer, die_with_parent
+from kloudmeter_py.store.server import NatsServer, die_with_parent, stop_process
 
 REGIONS = ("eu", "us", "ap")
 METERS = (
@@ -179,14 +179,7 @@ async def _process(args: list[str], env: dict[str, str]) -> AsyncIterator[Any]:
     try:
         yield proc
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc)
 
 
 async def baseline(nc: Client, events: list[tuple[str, bytes, str]], p: Progress) -> float:

