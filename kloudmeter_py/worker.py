@@ -19,21 +19,20 @@ import contextlib
 import time
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import structlog
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from kloudmeter_py.config import Settings
-from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold
+from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold, merge_into
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.meters import CompiledMeter, from_reading, to_reading
 from kloudmeter_py.core.models import Event, encoder, event_decoder, reading_decoder
@@ -41,7 +40,8 @@ from kloudmeter_py.core.windows import widths, window_start, window_token
 from kloudmeter_py.store.kv import get_with_revision, scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterRegistry
-from kloudmeter_py.store.pull import RawPuller
+from kloudmeter_py.store.pull import RawPuller, ack_fields
+from kloudmeter_py.store.wire import Wire, WireMsg
 
 if TYPE_CHECKING:
     from kloudmeter_py.metrics import Metrics
@@ -51,7 +51,7 @@ log = structlog.get_logger(__name__)
 _offset_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
-_Dead = dict[tuple[int, str], tuple[Msg, str | None, str]]
+_Dead = dict[tuple[int, str], tuple[WireMsg, str | None, str]]
 
 
 class _BatchAck(msgspec.Struct):
@@ -78,19 +78,65 @@ class _Cached:
 
 # (stream seq, event time ms, number, distinct key, too old for every summary level)
 _Item = tuple[int, int, Number | None, str | None, bool]
+# (message, stream seq, event time ms, event)
+_Row = tuple[WireMsg, int, int, Event]
+_NO_LIMIT = 1 << 60
 
 
 @dataclass(slots=True)
-class _KeyWork:
+class _Part:
+    """The events of one round for one series within one finest window, folded together."""
+
     meter: CompiledMeter
     subject: str
     groups: tuple[str | None, ...]
-    window: tuple[int, int] | None  # (start epoch seconds, width) for summaries
-    items: list[_Item] = field(default_factory=list)
+    acc: Acc
+    first_seq: int
+    last_seq: int = 0
+    events: int = 0
+    late: int = 0  # events too old for every summary level
 
 
-# (store, key): store 0 is the readings bucket, 1.. the summary levels
-_Work = dict[tuple[int, str], _KeyWork]
+class _KeyWork:
+    """What one round changes in one KV key: the parts that fall in it."""
+
+    __slots__ = ("first_seq", "groups", "last_seq", "meter", "parts", "subject", "window")
+
+    def __init__(self, part: _Part, window: tuple[int, int] | None) -> None:
+        self.meter = part.meter
+        self.subject = part.subject
+        self.groups = part.groups
+        self.window = window  # (start epoch seconds, width) for summaries
+        self.parts = [part]
+        self.first_seq = part.first_seq
+        self.last_seq = part.last_seq
+
+    def add(self, part: _Part) -> None:
+        self.parts.append(part)
+        self.first_seq = min(self.first_seq, part.first_seq)
+        self.last_seq = max(self.last_seq, part.last_seq)
+
+    @property
+    def events(self) -> int:
+        return sum(p.events for p in self.parts)
+
+
+class _Round:
+    """One write round: its events, the work per key (store, key) and, only when needed, the
+    events per key one by one."""
+
+    def __init__(self, rows: list[_Row], levels: list[tuple[int, int, int]]) -> None:
+        self.rows = rows
+        self.levels = levels
+        # store 0 is the readings bucket, 1.. the summary levels
+        self.work: dict[tuple[int, str], _KeyWork] = {}
+        self.items: dict[tuple[int, str], list[_Item]] | None = None
+        self._by_seq: dict[int, WireMsg] | None = None
+
+    def by_seq(self) -> dict[int, WireMsg]:
+        if self._by_seq is None:
+            self._by_seq = {seq: msg for msg, seq, _, _ in self.rows}
+        return self._by_seq
 
 
 @dataclass
@@ -138,6 +184,17 @@ class Worker:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._leases: dict[int, int] = {}  # partition -> lease revision
         self._lease_task: asyncio.Task[None] | None = None
+        self._wire: Wire | None = None
+        self._wire_lock = asyncio.Lock()
+
+    async def wire(self) -> Wire:
+        """The hot-path connection (pulls and KV write batches), opened again after a failure."""
+        async with self._wire_lock:
+            if self._wire is None or self._wire.error is not None:
+                self._wire = await Wire.connect(
+                    self.settings.nats_url, name=f"kloudmeter-worker-{self.worker_id}"
+                )
+            return self._wire
 
     @property
     def owned(self) -> list[int]:
@@ -262,6 +319,8 @@ class Worker:
                     await self.leases.delete(f"worker.{self.worker_id}")
             self._leases.clear()
         await self.registry.stop()
+        if self._wire is not None:
+            await self._wire.close()
         log.info("worker.stopped", worker=self.worker_id, **vars(self.stats))
 
 
@@ -281,7 +340,6 @@ class PartitionRunner:
         # While replaying seqs <= horizon, only meters that caused the replay get dead letters.
         self._replay_horizon = 0
         self._replay_meters: set[str] = set()
-        self._batch_levels: list[tuple[int, int, int]] = []
         self._pull_batch = min(self.settings.batch_size, 1000)
         self._batch_counter = 0
         self.log = log.bind(partition=partition, worker=worker.worker_id)
@@ -358,7 +416,8 @@ class PartitionRunner:
         else:
             config.deliver_policy = DeliverPolicy.ALL
         await self.w.js.add_consumer(self.layout.stream, config)
-        puller = RawPuller(self.w.nc, self.layout.stream, self.consumer, self._pull_batch)
+        wire = await self.w.wire()
+        puller = RawPuller(wire, self.layout.stream, self.consumer, self._pull_batch)
         await puller.start()
         self.log.debug("partition.consuming", start=checkpoint + 1)
         round_limit = self.settings.batch_size
@@ -375,7 +434,7 @@ class PartitionRunner:
                 # A write round folds what arrives within flush_ms (or up to batch_size
                 # events): more events per round means fewer writes per event.
                 started = time.monotonic()
-                while len(msgs) < round_limit and msgs[-1].metadata.num_pending > 0:
+                while len(msgs) < round_limit and ack_fields(msgs[-1].reply)[3] > 0:
                     left = flush_after - (time.monotonic() - started)
                     if left <= 0:
                         break
@@ -383,54 +442,56 @@ class PartitionRunner:
                     if not more:
                         break
                     msgs.extend(more)
-                await self._process(msgs)
+                await self._process(puller, msgs)
         finally:
             with contextlib.suppress(Exception):
                 await puller.stop()
 
-    async def _keep_alive(self, msg: Msg) -> None:
+    @staticmethod
+    async def _keep_alive(puller: RawPuller, msg: WireMsg) -> None:
         """A long write round tells the server it is still working on the batch."""
         while True:
             await asyncio.sleep(20)
-            await msg.in_progress()
+            puller.in_progress(msg)
 
     def _end_replay(self) -> None:
         self._replay_horizon = 0
         self._replay_meters.clear()
 
-    async def _process(self, msgs: list[Msg]) -> None:
+    async def _process(self, puller: RawPuller, msgs: list[WireMsg]) -> None:
         started = time.perf_counter()
         last = self.position
+        rows: list[tuple[WireMsg, int, int]] = []
         for msg in msgs:
-            meta = msg.metadata
-            if meta.num_delivered != 1 or meta.sequence.stream <= last:
-                raise Restart(f"out of order at stream seq {meta.sequence.stream}")
-            last = meta.sequence.stream
+            seq, delivered, stored_ns, _ = ack_fields(msg.reply)
+            if delivered != 1 or seq <= last:
+                raise Restart(f"out of order at stream seq {seq}")
+            last = seq
+            rows.append((msg, seq, stored_ns // 1_000_000))
         await self.w.registry.catch_up()
         if self._restart_from is not None:
             raise Restart("replay for a new meter")
-        work: _Work = {}
         dead: _Dead = {}
-        decoded = []
-        for msg in msgs:
-            event = self._decode(msg, dead)
+        decoded: list[_Row] = []
+        for msg, seq, stored_ms in rows:
+            event = self._decode(msg, seq, dead)
             if event is not None:
-                decoded.append((msg, event))
+                at_ms = int(event.time.timestamp() * 1000) if event.time is not None else stored_ms
+                decoded.append((msg, seq, at_ms, event))
         if self.w.dedup is not None and decoded:
             decoded = await self._dedup(decoded)
-        self._batch_levels = self._levels
-        for msg, event in decoded:
-            self._match(msg, event, work, dead)
-        keepalive = asyncio.create_task(self._keep_alive(msgs[-1]))
+        rnd = _Round(decoded, self._levels)
+        self._fold(rnd, dead)
+        keepalive = asyncio.create_task(self._keep_alive(puller, msgs[-1]))
         try:
-            await self._write(work, dead, msgs)
+            await self._write(rnd, dead)
             if dead:
                 await self._dead_letter(dead)
             await self._write_checkpoint(last)
         finally:
             keepalive.cancel()
         # AckAll: acking the last message acks the batch, after all its effects are stored.
-        await msgs[-1].ack()
+        puller.ack(msgs[-1])
         self.position = last
         if self._replay_horizon and last >= self._replay_horizon:
             self._end_replay()
@@ -439,14 +500,12 @@ class PartitionRunner:
         stats.events += len(msgs)
         stats.dead_lettered += len(dead)
         if self.w.metrics is not None:
-            pending = msgs[-1].metadata.num_pending
+            pending = ack_fields(msgs[-1].reply)[3]
             seconds = time.perf_counter() - started
             self.w.metrics.observe_round(len(msgs), seconds, pending, self.partition)
 
-    def _decode(self, msg: Msg, dead: _Dead) -> Event | None:
+    def _decode(self, msg: WireMsg, seq: int, dead: _Dead) -> Event | None:
         """The event in a message, or None after recording why it is unusable."""
-        meta = msg.metadata
-        seq = meta.sequence.stream
         replaying = seq <= self._replay_horizon
         if len(msg.data) > self.settings.max_body_bytes:
             if not replaying:
@@ -459,8 +518,8 @@ class PartitionRunner:
             if not replaying:
                 dead[(seq, "")] = (msg, None, f"invalid event: {exc}")
             return None
-        tokens = msg.subject.split(".")
-        if len(tokens) < 5 or (
+        tokens = msg.subject.rsplit(".", 3)
+        if len(tokens) < 4 or (
             tokens[-3] != encode_token(event.eventType) or tokens[-2] != encode_token(event.subject)
         ):
             if not replaying:
@@ -474,7 +533,7 @@ class PartitionRunner:
             return None
         return event
 
-    async def _dedup(self, decoded: list[tuple[Msg, Event]]) -> list[tuple[Msg, Event]]:
+    async def _dedup(self, decoded: list[_Row]) -> list[_Row]:
         """Drop events whose id was first stored at another stream sequence (long dedup).
 
         The first sequence seen for an id is recorded with a create (compare-and-set), before
@@ -483,8 +542,8 @@ class PartitionRunner:
         kv = self.w.dedup
         assert kv is not None
         first: dict[str, int] = {}
-        for msg, event in decoded:
-            first.setdefault(event.id, msg.metadata.sequence.stream)
+        for _, seq, _, event in decoded:
+            first.setdefault(event.id, seq)
         ids = list(first)
         results = await asyncio.gather(
             *(kv.create(encode_token(i), str(first[i]).encode()) for i in ids),
@@ -497,54 +556,85 @@ class PartitionRunner:
                     first[event_id] = int(value)
             elif isinstance(result, BaseException):
                 raise result
-        kept = [(m, e) for m, e in decoded if first[e.id] == m.metadata.sequence.stream]
+        kept = [row for row in decoded if first[row[3].id] == row[1]]
         self.w.stats.deduplicated += len(decoded) - len(kept)
         return kept
 
-    def _match(self, msg: Msg, event: Event, work: _Work, dead: _Dead) -> None:
-        meta = msg.metadata
-        seq = meta.sequence.stream
-        replaying = seq <= self._replay_horizon
-        if event.time is not None:
-            at_ms = int(event.time.timestamp() * 1000)
-        else:
-            at_ms = int(meta.timestamp.timestamp() * 1000)
-        # The summary levels whose retention still covers this event's window.
-        levels = []
-        for store, width, horizon in self._batch_levels:
-            start = window_start(at_ms, width)
-            if start + width > horizon:
-                levels.append((store, width, start))
-        late = not levels
-        for cm in self.w.registry.by_type.get(event.eventType, ()):
-            if seq <= cm.meter.startSeq:
+    def _fold(self, rnd: "_Round", dead: _Dead) -> None:
+        """Fold the round's events per series and finest window, then spread those partial
+        states over the keys they change: the reading and each summary level still kept."""
+        interval = self.settings.interval
+        bucket_ms = interval * 1000
+        by_type = self.w.registry.by_type
+        series: dict[tuple[str, int], _Part] = {}
+        for msg, seq, at_ms, event in rnd.rows:
+            meters = by_type.get(event.eventType)
+            if not meters:
                 continue
-            try:
-                key, groups, number, dkey = cm.extract(event.subject, event.data)
-            except ValueError_ as exc:
-                if not replaying or cm.meter.id in self._replay_meters:
-                    dead[(seq, cm.meter.id)] = (msg, cm.meter.id, str(exc))
-                continue
-            item = (seq, at_ms, number, dkey, late)
-            self._add(work, (0, key), cm, event.subject, groups, None, item)
-            for store, width, start in levels:
-                skey = f"{key}.{window_token(start)}"
-                self._add(work, (store, skey), cm, event.subject, groups, (start, width), item)
+            bucket = at_ms // bucket_ms
+            for cm in meters:
+                if seq <= cm.meter.startSeq:
+                    continue
+                try:
+                    key, groups, number, dkey = cm.extract(event.subject, event.data)
+                except ValueError_ as exc:
+                    if seq > self._replay_horizon or cm.meter.id in self._replay_meters:
+                        dead[(seq, cm.meter.id)] = (msg, cm.meter.id, str(exc))
+                    continue
+                part = series.get((key, bucket))
+                if part is None:
+                    part = series[(key, bucket)] = _Part(cm, event.subject, groups, Acc(), seq)
+                fold(part.acc, number, dkey, at_ms, seq, _NO_LIMIT)
+                part.last_seq = seq
+                part.events += 1
+        work = rnd.work
+        for (key, bucket), part in series.items():
+            start0 = bucket * interval
+            late = True
+            for store, width, oldest in rnd.levels:
+                start = start0 - start0 % width
+                if start + width > oldest:
+                    late = False
+                    skey = f"{key}.{window_token(start)}"
+                    kw = work.get((store, skey))
+                    if kw is None:
+                        work[(store, skey)] = _KeyWork(part, (start, width))
+                    else:
+                        kw.add(part)
+            if late:
+                part.late = part.events
+            kw = work.get((0, key))
+            if kw is None:
+                work[(0, key)] = _KeyWork(part, None)
+            else:
+                kw.add(part)
 
-    @staticmethod
-    def _add(
-        work: _Work,
-        wkey: tuple[int, str],
-        cm: CompiledMeter,
-        subject: str,
-        groups: tuple[str | None, ...],
-        window: tuple[int, int] | None,
-        item: _Item,
-    ) -> None:
-        kw = work.get(wkey)
-        if kw is None or kw.meter is not cm:
-            kw = work[wkey] = _KeyWork(cm, subject, groups, window)
-        kw.items.append(item)
+    def _exact_items(self, rnd: "_Round") -> dict[tuple[int, str], list[_Item]]:
+        """Every key's events one by one, for keys whose stored state already holds part of
+        this round (a replay after a crash, a lost compare-and-set, a replayed dead letter)."""
+        if rnd.items is not None:
+            return rnd.items
+        items: dict[tuple[int, str], list[_Item]] = {}
+        for _, seq, at_ms, event in rnd.rows:
+            levels = []
+            for store, width, oldest in rnd.levels:
+                start = window_start(at_ms, width)
+                if start + width > oldest:
+                    levels.append((store, start))
+            late = not levels
+            for cm in self.w.registry.by_type.get(event.eventType, ()):
+                if seq <= cm.meter.startSeq:
+                    continue
+                try:
+                    key, _, number, dkey = cm.extract(event.subject, event.data)
+                except ValueError_:
+                    continue  # dead-lettered by _fold
+                item = (seq, at_ms, number, dkey, late)
+                items.setdefault((0, key), []).append(item)
+                for store, start in levels:
+                    items.setdefault((store, f"{key}.{window_token(start)}"), []).append(item)
+        rnd.items = items
+        return items
 
     @property
     def _levels(self) -> list[tuple[int, int, int]]:
@@ -567,11 +657,56 @@ class PartitionRunner:
                     from_reading(r), r.lastSeq, revision, r.meterStartSeq, r.replayed, r.late
                 )
 
-    async def _write(self, work: _Work, dead: _Dead, msgs: list[Msg]) -> None:
-        by_seq = {m.metadata.sequence.stream: m for m in msgs}
+    def _apply(self, rnd: "_Round", wkey: tuple[int, str], cached: _Cached, dead: _Dead) -> bool:
+        """Fold the round into one key's cached state; False when nothing in it is new."""
+        kw = rnd.work[wkey]
+        if cached.last_seq >= kw.last_seq:
+            return False
+        is_reading = wkey[0] == 0
+        limit = self.settings.unique_limit
+        replayed = cached.replayed
+        exact = cached.last_seq >= kw.first_seq or bool(
+            replayed and any(kw.first_seq <= r <= kw.last_seq for r in replayed)
+        )
+        if not exact and is_reading and kw.meter.agg.uses_distinct:
+            have = cached.acc.distinct or set()
+            new: set[str] = set()
+            for part in kw.parts:
+                if part.acc.distinct:
+                    new |= part.acc.distinct - have
+            exact = len(have) + len(new) > limit
+        if not exact:
+            for part in kw.parts:
+                merge_into(cached.acc, part.acc)
+                if is_reading:
+                    cached.late += part.late
+            cached.last_seq = kw.last_seq
+            return True
+        meter = kw.meter.meter
+        last_seq = cached.last_seq
+        changed = False
+        for seq, at_ms, number, dkey, late in self._exact_items(rnd)[wkey]:
+            if seq <= cached.last_seq or (replayed and seq in replayed):
+                continue
+            try:
+                # The unique limit is the reading's: a window never holds more distinct
+                # values than the reading of the same series.
+                fold(cached.acc, number, dkey, at_ms, seq, limit if is_reading else _NO_LIMIT)
+                changed = True
+                if late and is_reading:
+                    cached.late += 1
+            except ValueError_ as exc:
+                dead[(seq, meter.id)] = (rnd.by_seq()[seq], meter.id, str(exc))
+            last_seq = seq
+        if not changed and last_seq == cached.last_seq:
+            return False
+        cached.last_seq = last_seq
+        return True
+
+    async def _write(self, rnd: "_Round", dead: _Dead) -> None:
+        work = rnd.work
         todo = list(work)
         now = datetime.now(UTC)
-        limit = self.settings.unique_limit
         for attempt in range(20):
             missing = [k for k in todo if k not in self.cache]
             if missing:
@@ -585,32 +720,14 @@ class PartitionRunner:
                     # Written for an earlier meter of this id (or new): start from zero.
                     cached = _Cached(Acc(), 0, cached.revision, meter.startSeq)
                     self.cache[wkey] = cached
-                last_seq = cached.last_seq
-                changed = False
-                replayed = cached.replayed
-                is_reading = wkey[0] == 0
-                for seq, at_ms, number, dkey, late in kw.items:
-                    if seq <= cached.last_seq or (replayed and seq in replayed):
-                        continue
-                    try:
-                        # The unique limit is the reading's: a window never holds more
-                        # distinct values than the reading of the same series.
-                        fold(cached.acc, number, dkey, at_ms, seq, limit if is_reading else 1 << 60)
-                        changed = True
-                        if late and is_reading:
-                            cached.late += 1
-                    except ValueError_ as exc:
-                        dead[(seq, meter.id)] = (by_seq[seq], meter.id, str(exc))
-                    last_seq = seq
-                if not changed and last_seq == cached.last_seq:
+                if not self._apply(rnd, wkey, cached, dead):
                     continue
-                cached.last_seq = last_seq
                 reading = to_reading(
                     cached.acc,
                     meter,
                     kw.subject,
                     kw.groups,
-                    last_seq,
+                    cached.last_seq,
                     now,
                     cached.replayed,
                     window=kw.window,
@@ -626,7 +743,7 @@ class PartitionRunner:
                     cached.revision = result
                     self.w.stats.writes += 1
                     if wkey[0] == 0:
-                        self.w.stats.applied += len(work[wkey].items)
+                        self.w.stats.applied += work[wkey].events
                 elif isinstance(result, KeyWrongLastSequenceError):
                     # Someone else wrote this key: read it again and fold what is still new.
                     self.w.stats.conflicts += 1
@@ -693,24 +810,28 @@ class PartitionRunner:
         self._batch_counter += 1
         batch_id = f"{self.consumer}-{self._batch_counter}"[-64:]
         bucket = self.w.store_buckets[writes[chunk[0]][0][0]]
-        nc = self.w.nc
         last = len(chunk) - 1
+        head = b"NATS/1.0\r\nNats-Batch-Id: %s\r\nNats-Batch-Sequence: " % batch_id.encode()
         try:
-            for n, i in enumerate(chunk):
-                (_, key), body, revision = writes[i]
-                headers = {
-                    "Nats-Batch-Id": batch_id,
-                    "Nats-Batch-Sequence": str(n + 1),
-                    "Nats-Expected-Last-Subject-Sequence": str(revision),
-                }
-                if n < last:
-                    await nc.publish(f"$KV.{bucket}.{key}", body, headers=headers)
-                else:
-                    headers["Nats-Batch-Commit"] = "1"
-                    reply = await nc.request(
-                        f"$KV.{bucket}.{key}", body, headers=headers, timeout=10
+            wire = await self.w.wire()
+            reply, answer = wire.new_reply()
+            try:
+                for n, i in enumerate(chunk):
+                    (_, key), body, revision = writes[i]
+                    headers = b"%s%d\r\nNats-Expected-Last-Subject-Sequence: %d\r\n%s\r\n" % (
+                        head,
+                        n + 1,
+                        revision,
+                        b"Nats-Batch-Commit: 1\r\n" if n == last else b"",
                     )
-            ack = _ack_decoder.decode(reply.data)
+                    wire.hpublish(f"$KV.{bucket}.{key}", headers, body, reply if n == last else "")
+                    if n % 256 == 255:
+                        await wire.drain()
+                async with asyncio.timeout(10):
+                    data = await answer
+            finally:
+                wire.forget_reply(reply)
+            ack = _ack_decoder.decode(data)
         except Exception as exc:
             for i in chunk:
                 results[i] = exc
@@ -728,7 +849,7 @@ class PartitionRunner:
         for n, i in enumerate(chunk):
             results[i] = ack.seq - (last - n)
 
-    async def _dead_letter(self, dead: dict[tuple[int, str], tuple[Msg, str | None, str]]) -> None:
+    async def _dead_letter(self, dead: _Dead) -> None:
         js = self.w.js
         publishes = []
         for (seq, meter_key), (msg, meter_id, reason) in sorted(dead.items()):
@@ -740,7 +861,9 @@ class PartitionRunner:
                 "Kloudmeter-Meter": meter_id or "",
                 "Kloudmeter-Stream-Seq": str(seq),
                 "Kloudmeter-Subject": msg.subject,
-                "Kloudmeter-Stored-At": msg.metadata.timestamp.isoformat(),
+                "Kloudmeter-Stored-At": datetime.fromtimestamp(
+                    ack_fields(msg.reply)[2] / 1e9, UTC
+                ).isoformat(),
             }
             subject = self.layout.error_subject(encode_token(meter_id) if meter_id else "_event")
             publishes.append(js.publish(subject, msg.data, headers=headers))

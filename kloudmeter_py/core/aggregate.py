@@ -150,6 +150,29 @@ def merge(a: Acc, b: Acc) -> Acc:
     return out
 
 
+def merge_into(acc: Acc, delta: Acc) -> None:
+    """Merge ``delta`` into ``acc`` in place: the same state as ``merge(acc, delta)``."""
+    acc.count += delta.count
+    acc.sum += delta.sum
+    if delta.min is not None and (acc.min is None or delta.min < acc.min):
+        acc.min = delta.min
+    if delta.max is not None and (acc.max is None or delta.max > acc.max):
+        acc.max = delta.max
+    if delta.first_at is not None and (acc.first_at is None or delta.first_at < acc.first_at):
+        acc.first_at = delta.first_at
+    if delta.last_at is not None and (acc.last_at is None or delta.last_at > acc.last_at):
+        acc.last_at = delta.last_at
+    if delta.latest is not None and (
+        acc.latest is None or (delta.latest_at, delta.latest_seq) >= (acc.latest_at, acc.latest_seq)
+    ):
+        acc.latest, acc.latest_at, acc.latest_seq = delta.latest, delta.latest_at, delta.latest_seq
+    if delta.distinct is not None:
+        if acc.distinct is None:
+            acc.distinct = set(delta.distinct)
+        else:
+            acc.distinct |= delta.distinct
+
+
 def _pick(fn: Callable[[Any, Any], Any], x: Any, y: Any) -> Any:
     if x is None:
         return y

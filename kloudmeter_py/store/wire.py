@@ -1,0 +1,311 @@
+"""A lean NATS client connection for the worker's hot path: reading pulled events and writing
+KV batches.
+
+nats-py does everything else here (setup, KV reads, leases, the gateway). On the hot path it
+costs most of the worker's time: per received message it parses the headers, builds a ``Msg``,
+queues it and runs a coroutine; per published message it validates and encodes a header dict.
+This connection parses the protocol in ``data_received`` and hands each message to a plain
+function, and it builds each published message's bytes in one step. It speaks only what the
+worker needs: CONNECT (user and password or token from the URL, TLS for ``tls://`` or when
+the server asks), SUB, UNSUB, PUB, HPUB, MSG, HMSG, PING and PONG. Any trouble closes it, and
+the worker's partitions start again from their checkpoints on a new one.
+"""
+
+import asyncio
+import itertools
+import json
+import ssl
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from kloudmeter_py import __version__
+
+
+class WireError(Exception):
+    """The connection failed, was closed, or the server refused something."""
+
+
+class WireMsg:
+    """One delivered message. ``headers`` is the raw header block (b"" when there is none)."""
+
+    __slots__ = ("data", "headers", "reply", "subject")
+
+    def __init__(self, subject: str, reply: str, headers: bytes, data: bytes) -> None:
+        self.subject = subject
+        self.reply = reply
+        self.headers = headers
+        self.data = data
+
+    def status(self) -> str | None:
+        """The status code of a server status message (``NATS/1.0 408 ...``), else None."""
+        if self.data or not self.headers.startswith(b"NATS/1.0 "):
+            return None
+        line = self.headers.split(b"\r\n", 1)[0]
+        return line[9:].decode("ascii", "replace").strip()
+
+
+Handler = Callable[[WireMsg], None]
+
+
+class Wire(asyncio.Protocol):
+    def __init__(self) -> None:
+        self._buf = b""
+        self._subs: dict[bytes, Handler] = {}
+        self._sids = itertools.count(1)
+        self._pongs: list[asyncio.Future[None]] = []
+        self._info: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._inbox_prefix = ""
+        self._replies: dict[str, asyncio.Future[bytes]] = {}
+        self._reply_ids = itertools.count(1)
+        self.error: WireError | None = None
+        self.closed = asyncio.Event()
+
+    # --- connecting ---------------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str, timeout: float = 5.0) -> "Wire":
+        """Connect to the first server of a comma-separated NATS URL list that answers."""
+        errors = []
+        for server in [u.strip() for u in url.split(",") if u.strip()]:
+            try:
+                async with asyncio.timeout(timeout):
+                    return await cls._connect_one(server, name)
+            except (OSError, TimeoutError, WireError, ssl.SSLError) as exc:
+                errors.append(f"{server}: {exc!r}")
+        raise WireError("could not connect: " + "; ".join(errors))
+
+    @classmethod
+    async def _connect_one(cls, server: str, name: str) -> "Wire":
+        if "://" not in server:
+            server = "nats://" + server
+        parts = urlsplit(server)
+        if parts.scheme not in ("nats", "tls"):
+            raise WireError(f"unsupported URL scheme {parts.scheme!r}")
+        host = parts.hostname or "127.0.0.1"
+        port = parts.port or 4222
+        loop = asyncio.get_running_loop()
+        transport, wire = await loop.create_connection(cls, host, port)
+        try:
+            info = await wire._info
+            if parts.scheme == "tls" or info.get("tls_required"):
+                context = ssl.create_default_context()
+                upgraded = await loop.start_tls(transport, wire, context, server_hostname=host)
+                if upgraded is None:
+                    raise WireError("TLS upgrade failed")
+                wire._transport = upgraded
+            options: dict[str, Any] = {
+                "verbose": False,
+                "pedantic": False,
+                "headers": True,
+                "no_responders": True,
+                "protocol": 1,
+                "lang": "python-kloudmeter",
+                "version": __version__,
+                "name": name,
+            }
+            if parts.username and parts.password is not None:
+                options["user"] = unquote(parts.username)
+                options["pass"] = unquote(parts.password)
+            elif parts.username:
+                options["auth_token"] = unquote(parts.username)
+            wire._write(b"CONNECT " + json.dumps(options).encode() + b"\r\n")
+            await wire.flush()
+            wire._inbox_prefix = f"_INBOX.km{id(wire):x}{next(wire._reply_ids)}"
+            wire.subscribe(wire._inbox_prefix + ".*", wire._on_reply)
+        except BaseException:
+            transport.close()
+            raise
+        return wire
+
+    # --- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.set_write_buffer_limits(high=4 << 20)
+        self._transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(WireError(f"connection lost: {exc!r}" if exc else "connection closed"))
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf + data if self._buf else data
+        pos = 0
+        size = len(buf)
+        subs = self._subs
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            op = buf[pos : pos + 4]
+            if op == b"HMSG":
+                args = buf[pos + 5 : eol].split(b" ")
+                if len(args) == 5:
+                    subject, sid, reply, hlen_b, tlen_b = args
+                else:
+                    subject, sid, hlen_b, tlen_b = args
+                    reply = b""
+                hlen = int(hlen_b)
+                end = eol + 2 + int(tlen_b)
+                if end + 2 > size:
+                    break
+                handler = subs.get(sid)
+                if handler is not None:
+                    head = buf[eol + 2 : eol + 2 + hlen]
+                    handler(
+                        WireMsg(subject.decode(), reply.decode(), head, buf[eol + 2 + hlen : end])
+                    )
+                pos = end + 2
+            elif op == b"MSG ":
+                args = buf[pos + 4 : eol].split(b" ")
+                if len(args) == 4:
+                    subject, sid, reply, tlen_b = args
+                else:
+                    subject, sid, tlen_b = args
+                    reply = b""
+                end = eol + 2 + int(tlen_b)
+                if end + 2 > size:
+                    break
+                handler = subs.get(sid)
+                if handler is not None:
+                    handler(WireMsg(subject.decode(), reply.decode(), b"", buf[eol + 2 : end]))
+                pos = end + 2
+            else:
+                line = buf[pos:eol]
+                pos = eol + 2
+                if line == b"PING":
+                    self._write(b"PONG\r\n")
+                elif line == b"PONG":
+                    if self._pongs:
+                        fut = self._pongs.pop(0)
+                        if not fut.done():
+                            fut.set_result(None)
+                elif line.startswith(b"INFO "):
+                    if not self._info.done():
+                        self._info.set_result(json.loads(line[5:]))
+                elif line.startswith(b"-ERR"):
+                    self._fail(WireError(line[5:].decode("utf-8", "replace").strip(" '")))
+                    return
+                # +OK and anything unknown: nothing to do
+        self._buf = buf[pos:]
+
+    # --- using it -----------------------------------------------------------------------
+
+    def _fail(self, error: WireError) -> None:
+        if self.error is None:
+            self.error = error
+        for pong in self._pongs:
+            if not pong.done():
+                pong.set_exception(self.error)
+        for answer in self._replies.values():
+            if not answer.done():
+                answer.set_exception(self.error)
+        self._pongs.clear()
+        self._replies.clear()
+        if not self._info.done():
+            self._info.set_exception(self.error)
+        self._writable.set()
+        self.closed.set()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _write(self, data: bytes) -> None:
+        """Queue ``data``; what is queued goes out in one write when the loop next turns."""
+        if self.error is not None:
+            raise self.error
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._send)
+        self._out.append(data)
+
+    def _send(self) -> None:
+        if self._out and self.error is None and self._transport is not None:
+            self._transport.write(b"".join(self._out))
+        self._out.clear()
+
+    async def drain(self) -> None:
+        """Send what is queued and wait while the socket's send buffer is full."""
+        self._send()
+        await self._writable.wait()
+        if self.error is not None:
+            raise self.error
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until the server has read everything sent so far (a PING answered)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pongs.append(fut)
+        self._write(b"PING\r\n")
+        async with asyncio.timeout(timeout):
+            await fut
+
+    def subscribe(self, subject: str, handler: Handler) -> bytes:
+        sid = str(next(self._sids)).encode()
+        self._subs[sid] = handler
+        self._write(b"SUB %s %s\r\n" % (subject.encode(), sid))
+        return sid
+
+    def unsubscribe(self, sid: bytes) -> None:
+        self._subs.pop(sid, None)
+        if self.error is None:
+            self._write(b"UNSUB %s\r\n" % sid)
+
+    def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+        if reply:
+            self._write(
+                b"PUB %s %s %d\r\n%s\r\n"
+                % (subject.encode(), reply.encode(), len(payload), payload)
+            )
+        else:
+            self._write(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
+
+    def hpublish(self, subject: str, headers: bytes, payload: bytes, reply: str = "") -> None:
+        """Publish with a header block built by :func:`header_block`."""
+        hlen = len(headers)
+        total = hlen + len(payload)
+        if reply:
+            line = b"HPUB %s %s %d %d\r\n" % (subject.encode(), reply.encode(), hlen, total)
+        else:
+            line = b"HPUB %s %d %d\r\n" % (subject.encode(), hlen, total)
+        self._write(line + headers + payload + b"\r\n")
+
+    def new_inbox(self) -> str:
+        return f"{self._inbox_prefix}x.{next(self._reply_ids)}"
+
+    def new_reply(self) -> tuple[str, "asyncio.Future[bytes]"]:
+        """A reply subject and the future its first answer resolves."""
+        token = str(next(self._reply_ids))
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._replies[token] = fut
+        return f"{self._inbox_prefix}.{token}", fut
+
+    def forget_reply(self, subject: str) -> None:
+        self._replies.pop(subject.rsplit(".", 1)[-1], None)
+
+    def _on_reply(self, msg: WireMsg) -> None:
+        fut = self._replies.pop(msg.subject.rsplit(".", 1)[-1], None)
+        if fut is None or fut.done():
+            return
+        status = msg.status()
+        if status is not None and status.startswith("503"):
+            fut.set_exception(WireError("no responders"))
+        else:
+            fut.set_result(msg.data)
+
+    async def close(self) -> None:
+        if self.error is None and self._transport is not None:
+            self._fail(WireError("connection closed"))
+
+
+def header_block(headers: dict[str, str]) -> bytes:
+    """The NATS header block for ``headers`` (names and values must not contain CR or LF)."""
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"NATS/1.0\r\n{lines}\r\n".encode()
