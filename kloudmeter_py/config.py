@@ -28,8 +28,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     hour_retention: int = 2 * 86400
     day_retention_days: int = 400
     # Most events folded in one write round, and how long a round may gather them.
-    batch_size: int = 5000
-    flush_ms: int = 200
+    batch_size: int = 20000
+    flush_ms: int = 1000
     # Largest HTTP request body accepted.
     max_body_bytes: int = 1024 * 1024
     # Stream duplicate window (seconds) for event ids.

@@ -41,7 +41,7 @@ from kloudmeter_py.store.kv import get_with_revision, scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterRegistry
 from kloudmeter_py.store.pull import RawPuller, ack_fields
-from kloudmeter_py.store.wire import Wire, WireMsg
+from kloudmeter_py.store.wire import Wire, WireError, WireMsg
 
 if TYPE_CHECKING:
     from kloudmeter_py.metrics import Metrics
@@ -122,12 +122,16 @@ class _KeyWork:
 
 
 class _Round:
-    """One write round: its events, the work per key (store, key) and, only when needed, the
-    events per key one by one."""
+    """One write round: its messages, its events folded per series and finest window, the
+    work per key (store, key) and, only when needed, the events per key one by one."""
 
-    def __init__(self, rows: list[_Row], levels: list[tuple[int, int, int]]) -> None:
-        self.rows = rows
+    def __init__(self, levels: list[tuple[int, int, int]], position: int) -> None:
         self.levels = levels
+        self.last = position  # highest stream sequence in the round
+        self.rows: list[tuple[WireMsg, int, int]] = []  # (message, stream seq, stored-at ms)
+        self.series: dict[tuple[str, int], _Part] = {}  # (reading key, finest window)
+        self.dead: _Dead = {}
+        self.dropped: set[int] = set()  # sequences dropped by the long dedup
         # store 0 is the readings bucket, 1.. the summary levels
         self.work: dict[tuple[int, str], _KeyWork] = {}
         self.items: dict[tuple[int, str], list[_Item]] | None = None
@@ -135,7 +139,7 @@ class _Round:
 
     def by_seq(self) -> dict[int, WireMsg]:
         if self._by_seq is None:
-            self._by_seq = {seq: msg for msg, seq, _, _ in self.rows}
+            self._by_seq = {seq: msg for msg, seq, _ in self.rows}
         return self._by_seq
 
 
@@ -334,6 +338,7 @@ class PartitionRunner:
         self.settings = worker.settings
         self.cache: dict[tuple[int, str], _Cached] = {}
         self.position = 0  # last stream seq fully applied by this runner
+        self._folded = 0  # last stream seq folded into the round in progress
         self.offset_key = f"partition.{partition}"
         self.consumer = f"{self.layout.stream}-p{partition}-{worker.worker_id}"
         self._restart_from: int | None = None
@@ -346,7 +351,7 @@ class PartitionRunner:
 
     def meter_added(self, cm: CompiledMeter) -> None:
         """A meter that should have seen events this runner already passed: replay them."""
-        if cm.meter.startSeq < self.position:
+        if cm.meter.startSeq < max(self.position, self._folded):
             start = cm.meter.startSeq + 1
             if self._restart_from is None or start < self._restart_from:
                 self._restart_from = start
@@ -395,7 +400,7 @@ class PartitionRunner:
             # Lower the checkpoint first, so a crash during the replay resumes it.
             await self._write_checkpoint(checkpoint)
         self._restart_from = None
-        self.position = checkpoint
+        self.position = self._folded = checkpoint
         with contextlib.suppress(NotFoundError):
             await self.w.js.delete_consumer(self.layout.stream, self.consumer)
         config = ConsumerConfig(
@@ -432,17 +437,20 @@ class PartitionRunner:
                         self._end_replay()
                     continue
                 # A write round folds what arrives within flush_ms (or up to batch_size
-                # events): more events per round means fewer writes per event.
+                # events), as it arrives: more events per round means fewer writes per event.
                 started = time.monotonic()
-                while len(msgs) < round_limit and ack_fields(msgs[-1].reply)[3] > 0:
+                await self.w.registry.catch_up()
+                rnd = _Round(self._levels, self.position)
+                await self._add(rnd, msgs)
+                while len(rnd.rows) < round_limit and ack_fields(msgs[-1].reply)[3] > 0:
                     left = flush_after - (time.monotonic() - started)
                     if left <= 0:
                         break
-                    more = await puller.take(round_limit - len(msgs), timeout=left)
-                    if not more:
+                    msgs = await puller.take(round_limit - len(rnd.rows), timeout=left)
+                    if not msgs:
                         break
-                    msgs.extend(more)
-                await self._process(puller, msgs)
+                    await self._add(rnd, msgs)
+                await self._process(puller, rnd, started)
         finally:
             with contextlib.suppress(Exception):
                 await puller.stop()
@@ -458,31 +466,39 @@ class PartitionRunner:
         self._replay_horizon = 0
         self._replay_meters.clear()
 
-    async def _process(self, puller: RawPuller, msgs: list[WireMsg]) -> None:
-        started = time.perf_counter()
-        last = self.position
-        rows: list[tuple[WireMsg, int, int]] = []
+    async def _add(self, rnd: _Round, msgs: list[WireMsg]) -> None:
+        """Check the order of newly arrived messages, decode them and fold them into the round."""
+        start = len(rnd.rows)
+        last = rnd.last
         for msg in msgs:
             seq, delivered, stored_ns, _ = ack_fields(msg.reply)
             if delivered != 1 or seq <= last:
                 raise Restart(f"out of order at stream seq {seq}")
             last = seq
-            rows.append((msg, seq, stored_ns // 1_000_000))
-        await self.w.registry.catch_up()
-        if self._restart_from is not None:
-            raise Restart("replay for a new meter")
-        dead: _Dead = {}
+            rnd.rows.append((msg, seq, stored_ns // 1_000_000))
+        rnd.last = last
         decoded: list[_Row] = []
-        for msg, seq, stored_ms in rows:
-            event = self._decode(msg, seq, dead)
+        for msg, seq, stored_ms in rnd.rows[start:]:
+            event = self._decode(msg, seq, rnd.dead)
             if event is not None:
                 at_ms = int(event.time.timestamp() * 1000) if event.time is not None else stored_ms
                 decoded.append((msg, seq, at_ms, event))
         if self.w.dedup is not None and decoded:
-            decoded = await self._dedup(decoded)
-        rnd = _Round(decoded, self._levels)
-        self._fold(rnd, dead)
-        keepalive = asyncio.create_task(self._keep_alive(puller, msgs[-1]))
+            kept = await self._dedup(decoded)
+            if len(kept) < len(decoded):
+                rnd.dropped.update({row[1] for row in decoded} - {row[1] for row in kept})
+            decoded = kept
+        self._fold(rnd, decoded)
+        self._folded = last
+        if self._restart_from is not None:
+            raise Restart("replay for a new meter")
+
+    async def _process(self, puller: RawPuller, rnd: _Round, started: float) -> None:
+        self._spread(rnd)
+        dead = rnd.dead
+        last = rnd.last
+        last_msg = rnd.rows[-1][0]
+        keepalive = asyncio.create_task(self._keep_alive(puller, last_msg))
         try:
             await self._write(rnd, dead)
             if dead:
@@ -491,18 +507,18 @@ class PartitionRunner:
         finally:
             keepalive.cancel()
         # AckAll: acking the last message acks the batch, after all its effects are stored.
-        puller.ack(msgs[-1])
+        puller.ack(last_msg)
         self.position = last
         if self._replay_horizon and last >= self._replay_horizon:
             self._end_replay()
         stats = self.w.stats
         stats.batches += 1
-        stats.events += len(msgs)
+        stats.events += len(rnd.rows)
         stats.dead_lettered += len(dead)
         if self.w.metrics is not None:
-            pending = ack_fields(msgs[-1].reply)[3]
-            seconds = time.perf_counter() - started
-            self.w.metrics.observe_round(len(msgs), seconds, pending, self.partition)
+            pending = ack_fields(last_msg.reply)[3]
+            seconds = time.monotonic() - started
+            self.w.metrics.observe_round(len(rnd.rows), seconds, pending, self.partition)
 
     def _decode(self, msg: WireMsg, seq: int, dead: _Dead) -> Event | None:
         """The event in a message, or None after recording why it is unusable."""
@@ -560,14 +576,13 @@ class PartitionRunner:
         self.w.stats.deduplicated += len(decoded) - len(kept)
         return kept
 
-    def _fold(self, rnd: "_Round", dead: _Dead) -> None:
-        """Fold the round's events per series and finest window, then spread those partial
-        states over the keys they change: the reading and each summary level still kept."""
-        interval = self.settings.interval
-        bucket_ms = interval * 1000
+    def _fold(self, rnd: _Round, rows: list[_Row]) -> None:
+        """Fold events into the round per series and finest window."""
+        bucket_ms = self.settings.interval * 1000
         by_type = self.w.registry.by_type
-        series: dict[tuple[str, int], _Part] = {}
-        for msg, seq, at_ms, event in rnd.rows:
+        series = rnd.series
+        dead = rnd.dead
+        for msg, seq, at_ms, event in rows:
             meters = by_type.get(event.eventType)
             if not meters:
                 continue
@@ -587,8 +602,13 @@ class PartitionRunner:
                 fold(part.acc, number, dkey, at_ms, seq, _NO_LIMIT)
                 part.last_seq = seq
                 part.events += 1
+
+    def _spread(self, rnd: _Round) -> None:
+        """Spread the round's partial states over the keys they change: the reading and each
+        summary level whose retention still covers the window."""
+        interval = self.settings.interval
         work = rnd.work
-        for (key, bucket), part in series.items():
+        for (key, bucket), part in rnd.series.items():
             start0 = bucket * interval
             late = True
             for store, width, oldest in rnd.levels:
@@ -609,13 +629,20 @@ class PartitionRunner:
             else:
                 kw.add(part)
 
-    def _exact_items(self, rnd: "_Round") -> dict[tuple[int, str], list[_Item]]:
+    def _exact_items(self, rnd: _Round) -> dict[tuple[int, str], list[_Item]]:
         """Every key's events one by one, for keys whose stored state already holds part of
         this round (a replay after a crash, a lost compare-and-set, a replayed dead letter)."""
         if rnd.items is not None:
             return rnd.items
         items: dict[tuple[int, str], list[_Item]] = {}
-        for _, seq, at_ms, event in rnd.rows:
+        scratch: _Dead = {}
+        for msg, seq, stored_ms in rnd.rows:
+            if seq in rnd.dropped:
+                continue
+            event = self._decode(msg, seq, scratch)
+            if event is None:
+                continue
+            at_ms = int(event.time.timestamp() * 1000) if event.time is not None else stored_ms
             levels = []
             for store, width, oldest in rnd.levels:
                 start = window_start(at_ms, width)
@@ -645,10 +672,49 @@ class PartitionRunner:
             for store, (level, width) in enumerate(self.w.level_widths.items(), start=1)
         ]
 
-    async def _load(self, keys: list[tuple[int, str]]) -> None:
-        kvs = self.w.stores
-        results = await asyncio.gather(*(get_with_revision(kvs[st], k) for st, k in keys))
-        for wkey, (value, revision) in zip(keys, results, strict=True):
+    async def _load(self, keys: list[tuple[int, str]], *, leader: bool = False) -> None:
+        """Read keys into the cache: many per direct-get request, or one by one from the
+        stream leader (after a lost compare-and-set, where a replica might lag)."""
+        results: dict[tuple[int, str], tuple[bytes | None, int]] = {}
+        by_store: dict[int, list[str]] = {}
+        for store, key in keys:
+            by_store.setdefault(store, []).append(key)
+        one_by_one: list[tuple[int, str]] = []
+
+        async def direct(store: int, chunk: list[str]) -> None:
+            bucket = self.w.store_buckets[store]
+            prefix = f"$KV.{bucket}."
+            try:
+                wire = await self.w.wire()
+                found = await wire.last_values(f"KV_{bucket}", [prefix + k for k in chunk])
+            except WireError as exc:
+                self.log.debug("load.direct_failed", error=str(exc))
+                one_by_one.extend((store, k) for k in chunk)
+                return
+            for k in chunk:
+                results[(store, k)] = found.get(prefix + k, (None, 0))
+
+        if not leader:
+            await asyncio.gather(
+                *(
+                    direct(store, names[i : i + 1000])
+                    for store, names in by_store.items()
+                    for i in range(0, len(names), 1000)
+                )
+            )
+        else:
+            one_by_one = keys
+        if one_by_one:
+            kvs = self.w.stores
+            limit = asyncio.Semaphore(64)
+
+            async def get(wkey: tuple[int, str]) -> None:
+                async with limit:
+                    results[wkey] = await get_with_revision(kvs[wkey[0]], wkey[1])
+
+            await asyncio.gather(*(get(wkey) for wkey in one_by_one))
+        for wkey in keys:
+            value, revision = results[wkey]
             if value is None:
                 self.cache[wkey] = _Cached(Acc(), 0, revision, -1)
             else:
@@ -657,7 +723,7 @@ class PartitionRunner:
                     from_reading(r), r.lastSeq, revision, r.meterStartSeq, r.replayed, r.late
                 )
 
-    def _apply(self, rnd: "_Round", wkey: tuple[int, str], cached: _Cached, dead: _Dead) -> bool:
+    def _apply(self, rnd: _Round, wkey: tuple[int, str], cached: _Cached, dead: _Dead) -> bool:
         """Fold the round into one key's cached state; False when nothing in it is new."""
         kw = rnd.work[wkey]
         if cached.last_seq >= kw.last_seq:
@@ -703,14 +769,14 @@ class PartitionRunner:
         cached.last_seq = last_seq
         return True
 
-    async def _write(self, rnd: "_Round", dead: _Dead) -> None:
+    async def _write(self, rnd: _Round, dead: _Dead) -> None:
         work = rnd.work
         todo = list(work)
         now = datetime.now(UTC)
         for attempt in range(20):
             missing = [k for k in todo if k not in self.cache]
             if missing:
-                await self._load(missing)
+                await self._load(missing, leader=attempt > 0)
             writes: list[tuple[tuple[int, str], bytes, int, _Cached]] = []
             for wkey in todo:
                 kw = work[wkey]

@@ -139,10 +139,12 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, **kw: Any) 
 
 
 async def _allow_atomic(js: JetStreamContext, stream: str) -> None:
+    """Atomic batch writes, and direct gets (the worker loads many keys in one request)."""
     info = await js.stream_info(stream)
-    if info.config.allow_atomic:
+    if info.config.allow_atomic and info.config.allow_direct:
         return
     info.config.allow_atomic = True
+    info.config.allow_direct = True
     try:
         await js.update_stream(info.config)
     except Exception as exc:

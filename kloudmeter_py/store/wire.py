@@ -300,6 +300,48 @@ class Wire(asyncio.Protocol):
         else:
             fut.set_result(msg.data)
 
+    async def last_values(
+        self, stream: str, subjects: list[str], timeout: float = 10.0
+    ) -> dict[str, tuple[bytes | None, int]]:
+        """The last message of each subject in one direct-get request (``multi_last``, nats-server
+        2.11+, streams with allow_direct): subject -> (data, sequence). A subject with nothing
+        stored is absent; a KV delete marker gives (None, its sequence). WireError when the
+        server cannot answer this way."""
+        out: dict[str, tuple[bytes | None, int]] = {}
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_msg(msg: WireMsg) -> None:
+            if done.done():
+                return
+            status = msg.status()
+            if status is not None:
+                if status.startswith(("204", "404")):  # end of batch / nothing found
+                    done.set_result(None)
+                else:
+                    done.set_exception(WireError(f"direct get refused: {status}"))
+                return
+            subject, seq, deleted = "", 0, False
+            for line in msg.headers.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name == b"Nats-Subject":
+                    subject = value.strip().decode()
+                elif name == b"Nats-Sequence":
+                    seq = int(value)
+                elif name == b"KV-Operation":
+                    deleted = True
+            out[subject] = (None if deleted else msg.data, seq)
+
+        inbox = self.new_inbox()
+        sid = self.subscribe(inbox, on_msg)
+        try:
+            request = json.dumps({"multi_last": subjects, "batch": len(subjects)}).encode()
+            self.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=inbox)
+            async with asyncio.timeout(timeout):
+                await done
+        finally:
+            self.unsubscribe(sid)
+        return out
+
     async def close(self) -> None:
         if self.error is None and self._transport is not None:
             self._fail(WireError("connection closed"))
