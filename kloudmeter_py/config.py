@@ -30,6 +30,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Most events folded in one write round, and how long a round may gather them.
     batch_size: int = 20000
     flush_ms: int = 1000
+    # Under load, summary windows are written at most this often (readings every round);
+    # 0 writes them every round too.
+    summary_flush_ms: int = 5000
     # Largest HTTP request body accepted.
     max_body_bytes: int = 1024 * 1024
     # Stream duplicate window (seconds) for event ids.
@@ -69,6 +72,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("METER_PARTITIONS", self.partitions, 1, 1024),
             ("METER_BATCH_SIZE", self.batch_size, 1, 100_000),
             ("METER_FLUSH_MS", self.flush_ms, 0, 60_000),
+            ("METER_SUMMARY_FLUSH_MS", self.summary_flush_ms, 0, 600_000),
             ("METER_MAX_BODY_BYTES", self.max_body_bytes, 1024, 64 * 1024 * 1024),
             ("METER_DEDUP_WINDOW", self.dedup_window, 1, 10 * 365 * 86400),
             ("METER_RETENTION", self.retention, 0, 100 * 365 * 86400),
@@ -165,6 +169,7 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("METER_PARTITIONS", "partitions", int),
     ("METER_BATCH_SIZE", "batch_size", int),
     ("METER_FLUSH_MS", "flush_ms", int),
+    ("METER_SUMMARY_FLUSH_MS", "summary_flush_ms", int),
     ("METER_MAX_BODY_BYTES", "max_body_bytes", int),
     ("METER_DEDUP_WINDOW", "dedup_window", int),
     ("METER_RETENTION", "retention", int),

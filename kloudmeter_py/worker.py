@@ -78,6 +78,8 @@ class _Cached:
 
 # (stream seq, event time ms, number, distinct key, too old for every summary level)
 _Item = tuple[int, int, Number | None, str | None, bool]
+# (meter, subject, group values, window) of a key
+_Series = tuple[CompiledMeter, str, tuple[str | None, ...], tuple[int, int] | None]
 # (message, stream seq, event time ms, event)
 _Row = tuple[WireMsg, int, int, Event]
 _NO_LIMIT = 1 << 60
@@ -337,8 +339,14 @@ class PartitionRunner:
         self.layout = worker.layout
         self.settings = worker.settings
         self.cache: dict[tuple[int, str], _Cached] = {}
-        self.position = 0  # last stream seq fully applied by this runner
+        self.position = 0  # last stream seq whose readings and dead letters are stored
         self._folded = 0  # last stream seq folded into the round in progress
+        # Summaries changed in memory but not yet written, the last message not yet acked,
+        # and since when: all are flushed together with the checkpoint.
+        self._defer = self.settings.summary_flush_ms > 0
+        self._dirty: dict[tuple[int, str], _Series] = {}
+        self._unacked: WireMsg | None = None
+        self._unflushed_at = 0.0
         self.offset_key = f"partition.{partition}"
         self.consumer = f"{self.layout.stream}-p{partition}-{worker.worker_id}"
         self._restart_from: int | None = None
@@ -401,6 +409,7 @@ class PartitionRunner:
             await self._write_checkpoint(checkpoint)
         self._restart_from = None
         self.position = self._folded = checkpoint
+        self._forget_unflushed()
         with contextlib.suppress(NotFoundError):
             await self.w.js.delete_consumer(self.layout.stream, self.consumer)
         config = ConsumerConfig(
@@ -410,7 +419,8 @@ class PartitionRunner:
             # Redelivery is never relied on: any out-of-order message restarts from checkpoint.
             ack_wait=60.0,
             max_deliver=-1,
-            max_ack_pending=self.settings.batch_size + 2 * self._pull_batch,
+            # Rounds are acknowledged when the summaries are flushed, several rounds at once.
+            max_ack_pending=10 * self.settings.batch_size + 2 * self._pull_batch,
             inactive_threshold=60.0,
             num_replicas=1,
             mem_storage=True,
@@ -433,6 +443,8 @@ class PartitionRunner:
                     raise Restart("replay for a new meter")
                 msgs = await puller.take(round_limit, timeout=1.0)
                 if not msgs:
+                    if self._unacked is not None:
+                        await self._flush(puller)
                     if self._replay_horizon and self.position >= self._replay_horizon:
                         self._end_replay()
                     continue
@@ -498,17 +510,27 @@ class PartitionRunner:
         dead = rnd.dead
         last = rnd.last
         last_msg = rnd.rows[-1][0]
+        pending = ack_fields(last_msg.reply)[3]
         keepalive = asyncio.create_task(self._keep_alive(puller, last_msg))
         try:
             await self._write(rnd, dead)
             if dead:
                 await self._dead_letter(dead)
-            await self._write_checkpoint(last)
+            self.position = last
+            if self._unacked is None:
+                self._unflushed_at = time.monotonic()
+            self._unacked = last_msg
+            # Caught up, or the summaries have waited long enough: write them, then the
+            # checkpoint, then acknowledge (AckAll: the last message acks all before it).
+            if (
+                pending == 0
+                or not self._dirty
+                or time.monotonic() - self._unflushed_at >= self.settings.summary_flush_ms / 1000
+                or len(self._dirty) >= 100_000
+            ):
+                await self._flush(puller)
         finally:
             keepalive.cancel()
-        # AckAll: acking the last message acks the batch, after all its effects are stored.
-        puller.ack(last_msg)
-        self.position = last
         if self._replay_horizon and last >= self._replay_horizon:
             self._end_replay()
         stats = self.w.stats
@@ -516,9 +538,51 @@ class PartitionRunner:
         stats.events += len(rnd.rows)
         stats.dead_lettered += len(dead)
         if self.w.metrics is not None:
-            pending = ack_fields(last_msg.reply)[3]
             seconds = time.monotonic() - started
             self.w.metrics.observe_round(len(rnd.rows), seconds, pending, self.partition)
+
+    def _forget_unflushed(self) -> None:
+        self._dirty.clear()
+        self._unacked = None
+
+    async def _flush(self, puller: RawPuller) -> None:
+        """Write the summaries changed since the last flush, then the checkpoint, then ack."""
+        if self._dirty:
+            now = datetime.now(UTC)
+            writes = []
+            for wkey, (cm, subject, groups, window) in self._dirty.items():
+                cached = self.cache[wkey]
+                reading = to_reading(
+                    cached.acc,
+                    cm.meter,
+                    subject,
+                    groups,
+                    cached.last_seq,
+                    now,
+                    cached.replayed,
+                    window=window,
+                    late=cached.late,
+                )
+                writes.append((wkey, encoder.encode(reading), cached.revision))
+            results = await self._store_many(writes)
+            for (wkey, _, _), result in zip(writes, results, strict=True):
+                if isinstance(result, int):
+                    self.cache[wkey].revision = result
+                    self.w.stats.writes += 1
+                elif isinstance(result, KeyWrongLastSequenceError):
+                    # The events behind this state are no longer at hand: start again from
+                    # the checkpoint (lastSeq makes the replay exact).
+                    self.w.stats.conflicts += 1
+                    raise Restart("a summary was written by another worker")
+                else:
+                    raise result
+            self._dirty.clear()
+        await self._write_checkpoint(self.position)
+        if self._unacked is not None:
+            puller.ack(self._unacked)
+            self._unacked = None
+        if len(self.cache) > 200_000:
+            self.cache.clear()
 
     def _decode(self, msg: WireMsg, seq: int, dead: _Dead) -> Event | None:
         """The event in a message, or None after recording why it is unusable."""
@@ -608,26 +672,31 @@ class PartitionRunner:
         summary level whose retention still covers the window."""
         interval = self.settings.interval
         work = rnd.work
+        # per finest window: (store, key suffix, window) of each summary level that keeps it
+        targets: dict[int, list[tuple[int, str, tuple[int, int]]]] = {}
         for (key, bucket), part in rnd.series.items():
-            start0 = bucket * interval
-            late = True
-            for store, width, oldest in rnd.levels:
-                start = start0 - start0 % width
-                if start + width > oldest:
-                    late = False
-                    skey = f"{key}.{window_token(start)}"
-                    kw = work.get((store, skey))
-                    if kw is None:
-                        work[(store, skey)] = _KeyWork(part, (start, width))
-                    else:
-                        kw.add(part)
-            if late:
+            levels = targets.get(bucket)
+            if levels is None:
+                start0 = bucket * interval
+                levels = targets[bucket] = []
+                for store, width, oldest in rnd.levels:
+                    start = start0 - start0 % width
+                    if start + width > oldest:
+                        levels.append((store, "." + window_token(start), (start, width)))
+            if not levels:
                 part.late = part.events
             kw = work.get((0, key))
             if kw is None:
                 work[(0, key)] = _KeyWork(part, None)
             else:
                 kw.add(part)
+            for store, suffix, window in levels:
+                wkey = (store, key + suffix)
+                kw = work.get(wkey)
+                if kw is None:
+                    work[wkey] = _KeyWork(part, window)
+                else:
+                    kw.add(part)
 
     def _exact_items(self, rnd: _Round) -> dict[tuple[int, str], list[_Item]]:
         """Every key's events one by one, for keys whose stored state already holds part of
@@ -788,6 +857,10 @@ class PartitionRunner:
                     self.cache[wkey] = cached
                 if not self._apply(rnd, wkey, cached, dead):
                     continue
+                if wkey[0] and self._defer:
+                    # A summary: written by _flush, with the checkpoint.
+                    self._dirty[wkey] = (kw.meter, kw.subject, kw.groups, kw.window)
+                    continue
                 reading = to_reading(
                     cached.acc,
                     meter,
@@ -820,8 +893,6 @@ class PartitionRunner:
                     assert isinstance(result, BaseException)
                     raise result
             if not todo:
-                if len(self.cache) > 200_000:
-                    self.cache.clear()
                 return
             self.log.info("batch.cas_conflict", keys=len(todo), attempt=attempt)
         raise Restart("compare-and-set kept failing")

@@ -76,12 +76,17 @@ class Load:
             out[("bytes", s, (r,))] = v
         return out
 
-    async def publish(self, nc: Client, *, chunk: int = 200, stream: str = "meters") -> None:
-        """Publish every event, retrying each until JetStream acknowledges it."""
+    async def publish(
+        self, nc: Client, *, chunk: int = 200, stream: str = "meters", pause: float = 0.0
+    ) -> None:
+        """Publish every event, retrying each until JetStream acknowledges it; ``pause``
+        seconds between chunks paces the offered load like a steady producer."""
         js = nc.jetstream(timeout=5)
         for start in range(0, len(self.events), chunk):
             part = self.events[start : start + chunk]
             await asyncio.gather(*(self._publish_one(js, e, stream) for e in part))
+            if pause:
+                await asyncio.sleep(pause)
 
     async def _publish_one(self, js: Any, event: dict[str, Any], stream: str) -> None:
         body = msgspec.json.encode(event)
@@ -115,6 +120,25 @@ async def actual_or_empty(
         return await actual(nc, bucket)
     except Exception:
         return {}
+
+
+async def day_totals(
+    nc: Client, bucket: str = "summaries_day"
+) -> dict[tuple[str, str, tuple[Any, ...]], Any]:
+    """What the day summaries add up to per series, in the shape of Load.expected(): counts
+    and sums added over the windows, unique counts as the size of the union."""
+    js = nc.jetstream(timeout=10)
+    out: dict[tuple[str, str, tuple[Any, ...]], Any] = {}
+    users: dict[tuple[str, str, tuple[Any, ...]], set[str]] = defaultdict(set)
+    for _, value in await scan(js, bucket):
+        r = reading_decoder.decode(value)
+        key = (r.meterId, r.subject, tuple(r.groupBy.values()))
+        if r.aggregation == "unique":
+            users[key].update(r.distinct or ())
+        else:
+            out[key] = out.get(key, 0) + (r.value or 0)
+    out.update({key: len(values) for key, values in users.items()})
+    return out
 
 
 def calls_total(readings: dict[tuple[str, str, tuple[Any, ...]], Any]) -> int:

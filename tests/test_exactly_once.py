@@ -14,14 +14,20 @@ from kloudmeter_py.config import Settings
 from kloudmeter_py.store.server import NatsServer
 from kloudmeter_py.worker import Worker
 from tests.conftest import eventually
-from tests.load import Load, WorkerProcess, actual, calls_total, create_meters
+from tests.load import Load, WorkerProcess, actual, calls_total, create_meters, day_totals
 
 
 async def _settled(nc: Client, load: Load, timeout: float = 60) -> None:
+    """The readings equal the reference, and so do the day summaries added up (summaries
+    are written after the readings, with the checkpoint)."""
     expected = load.expected()
     total = calls_total(expected)
     got = await eventually(lambda: actual(nc), lambda r: calls_total(r) >= total, timeout=timeout)
     assert got == expected
+    days = await eventually(
+        lambda: day_totals(nc), lambda r: calls_total(r) >= total, timeout=timeout
+    )
+    assert days == expected
 
 
 async def test_two_live_owners_of_every_partition_do_not_double_count(
@@ -88,7 +94,8 @@ async def test_worker_killed_repeatedly_loses_and_doubles_nothing(
     load = Load(20_000, subjects=200, dup_ratio=0.1, seed=4)
     env = {"NATS_URL": settings.nats_url, "METER_PARTITIONS": "2", "METER_BATCH_SIZE": "300"}
     rng = random.Random(4)
-    publisher = asyncio.create_task(load.publish(nc))
+    # Paced (about 2,000 events/s), so that all six kills fall while events are arriving.
+    publisher = asyncio.create_task(load.publish(nc, pause=0.1))
     worker = await WorkerProcess(env, tmp_path / "worker.log", "--partitions", "0,1").start()
     kills = 0
     try:

@@ -172,8 +172,10 @@ async def _seed(http: Http) -> dict[str, Any]:
     assert resp.status == 202, await resp.text()
     resp = await http.post("/api/users", json={"tenant": "acme"})
     assert resp.status == 201, await resp.text()
-    rs = await eventually(lambda: readings(http, meter="api-calls"), lambda r: len(r) == 2)
-    assert total_count(rs) == 3
+    rs = await eventually(
+        lambda: readings(http, meter="api-calls"),
+        lambda r: len(r) == 2 and total_count(r) == 3,
+    )
 
     async def dead_letters() -> int:
         resp = await http.get("/api/dead-letters")

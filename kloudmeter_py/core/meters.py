@@ -26,7 +26,7 @@ def group_text(value: Any) -> str | None:
 
 
 class CompiledMeter:
-    __slots__ = ("agg", "group_names", "groups", "meter", "value")
+    __slots__ = ("_keys", "agg", "group_names", "groups", "meter", "value")
 
     def __init__(self, meter: Meter) -> None:
         self.meter = meter
@@ -38,18 +38,21 @@ class CompiledMeter:
         )
         self.group_names = tuple(sorted(meter.groupBy))
         self.groups = tuple(compile_path(meter.groupBy[name]) for name in self.group_names)
+        self._keys: dict[tuple[str, tuple[str | None, ...]], str] = {}
 
     def extract(
         self, subject: str, data: dict[str, Any]
     ) -> tuple[str, tuple[str | None, ...], Number | None, str | None]:
         """(reading key, group values, number, distinct key) for one event, or ValueError_."""
-        try:
-            groups = tuple(group_text(find(data)) for find in self.groups)
-        except PathError as exc:
-            raise ValueError_(f"groupBy: {exc}") from exc
-        for value in groups:
-            if value is not None and len(value) > 256:
-                raise ValueError_("groupBy: group value longer than 256 characters")
+        groups: tuple[str | None, ...] = ()
+        if self.groups:
+            try:
+                groups = tuple([group_text(find(data)) for find in self.groups])
+            except PathError as exc:
+                raise ValueError_(f"groupBy: {exc}") from exc
+            for value in groups:
+                if value is not None and len(value) > 256:
+                    raise ValueError_("groupBy: group value longer than 256 characters")
         number: Number | None = None
         dkey: str | None = None
         if self.value is not None:
@@ -68,7 +71,12 @@ class CompiledMeter:
                     number = to_number(raw)
                 except ValueError_ as exc:
                     raise ValueError_(f"valueProperty {self.meter.valueProperty}: {exc}") from None
-        return reading_key(self.meter.id, subject, groups), groups, number, dkey
+        key = self._keys.get((subject, groups))
+        if key is None:
+            if len(self._keys) >= 100_000:
+                self._keys.clear()
+            key = self._keys[(subject, groups)] = reading_key(self.meter.id, subject, groups)
+        return key, groups, number, dkey
 
 
 def _ms_to_dt(ms: int | None) -> datetime | None:
