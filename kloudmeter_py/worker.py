@@ -598,9 +598,9 @@ class PartitionRunner:
             if not replaying:
                 dead[(seq, "")] = (msg, None, f"invalid event: {exc}")
             return None
-        tokens = msg.subject.rsplit(".", 3)
-        if len(tokens) < 4 or (
-            tokens[-3] != encode_token(event.eventType) or tokens[-2] != encode_token(event.subject)
+        tokens = msg.subject.rsplit(".", 2)  # <stream>.events.<partition>.<type>.<subject>
+        if len(tokens) < 3 or (
+            tokens[-2] != encode_token(event.eventType) or tokens[-1] != encode_token(event.subject)
         ):
             if not replaying:
                 dead[(seq, "")] = (

@@ -145,3 +145,34 @@ async def test_meters_list_and_get(http: Http) -> None:
     assert [m["id"] for m in meters] == ["x"] and meters[0]["aggregation"] == "unique"
     resp = await http.get("/api/meter", params={"key": "x"})
     assert resp.status == 200 and (await resp.json())["valueProperty"] == "$.u"
+
+
+async def test_events_are_stored_with_the_partition_first(nc: Client, settings: Any) -> None:
+    """`meters.events.<type>.<subject>` is stored as `meters.events.<partition>.<type>.<subject>`:
+    each subject always in the same partition, and every event in exactly one partition filter
+    (what the README's `nats stream view --subject` examples rely on)."""
+    from kloudmeter_py.core.keys import event_subject
+    from kloudmeter_py.store.kv import read
+    from kloudmeter_py.store.layout import Layout
+
+    layout = Layout(settings)
+    js = nc.jetstream()
+    subjects = [f"customer {i}" for i in range(12)]
+    for subject in subjects * 2:
+        await js.publish(event_subject("meters", "api-request", subject), b"{}")
+    stored = [m.subject for m in await read(js, "meters", "meters.events.>")]
+    assert len(stored) == 24
+    partition_of: dict[str, str] = {}
+    for name in stored:
+        stream, events, partition, event_type, subject = name.split(".")
+        assert (stream, events, event_type) == ("meters", "events", "api-request")
+        assert int(partition) in range(settings.partitions)
+        assert partition_of.setdefault(subject, partition) == partition
+    assert set(partition_of) == {encode_token(s) for s in subjects}
+    per_partition = [
+        len(await read(js, "meters", layout.partition_filter(p)))
+        for p in range(settings.partitions)
+    ]
+    assert sum(per_partition) == 24 and all(per_partition)
+    one = layout.stored_subject("api-request", encode_token("customer 3"))
+    assert len(await read(js, "meters", one)) == 2

@@ -57,8 +57,9 @@ async def usage(request: web.Request) -> web.Response:
 async def _lifecycle_events(
     request: web.Request, tenant: str, event_type: str, location_path: str
 ) -> list[Lifecycle]:
-    stream = request.app[LAYOUT].stream
-    subject = f"{stream}.events.{encode_token(event_type)}.{encode_token(tenant)}.*"
+    layout = request.app[LAYOUT]
+    stream = layout.stream
+    subject = layout.stored_subject(encode_token(event_type), encode_token(tenant))
     find_location = compile_path(location_path)
     out: list[Lifecycle] = []
     for msg in await read(request.app[JS], stream, subject):

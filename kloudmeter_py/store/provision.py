@@ -125,9 +125,15 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, **kw: Any) 
         want = config.subject_transform
         assert want is not None
         if have is None or have.dest != want.dest:
+            if have is not None and have.dest.endswith("{{wildcard(2)}}"):
+                raise ConfigError(
+                    f"METER_PARTITIONS: stream {config.name!r} was set up with transform "
+                    f"{have.dest!r}; the partition count is fixed at setup"
+                )
             raise ConfigError(
-                f"METER_PARTITIONS: stream {config.name!r} was set up with transform "
-                f"{have.dest if have else None!r}; the partition count is fixed at setup"
+                f"stream {config.name!r} stores events as {have.dest if have else None!r}, an "
+                "earlier layout (partition last): set up a new stream (METER_NATS_STREAM) with "
+                "this version and publish the events again"
             )
     if info.config.duplicate_window != config.duplicate_window or (info.config.max_age or 0) != (
         config.max_age or 0

@@ -87,7 +87,7 @@ async def resources(
         for seq, stored, raw in await _events(
             js,
             layout,
-            f"{layout.stream}.events.{encode_token(meter.eventType)}.{subject}.*",
+            layout.stored_subject(encode_token(meter.eventType), subject),
             meter.startSeq,
         ):
             try:
