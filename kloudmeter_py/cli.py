@@ -218,7 +218,9 @@ async def _setup(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    from kloudmeter_py.worker import Worker
+    from kloudmeter_py.worker import Worker, tune_gc
+
+    tune_gc()
 
     parts = None
     if args.partitions:
@@ -247,9 +249,10 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
     from kloudmeter_py.metrics import Metrics
     from kloudmeter_py.store.provision import provision
     from kloudmeter_py.store.server import NatsServer
-    from kloudmeter_py.worker import Worker
+    from kloudmeter_py.worker import Worker, tune_gc
 
     settings.check_exposure()
+    tune_gc()
     async with contextlib.AsyncExitStack() as stack:
         if await _nats_answers(settings.nats_host, settings.nats_port):
             log.info("nats.using_existing", url=settings.nats_url)

@@ -16,6 +16,7 @@ Exactness rests on three things:
 
 import asyncio
 import contextlib
+import gc
 import time
 import uuid
 import zlib
@@ -60,6 +61,19 @@ class _BatchAck(msgspec.Struct):
 
 
 _ack_decoder = msgspec.json.Decoder(_BatchAck)
+
+
+def tune_gc() -> None:
+    """For a worker process: collect cyclic garbage less often.
+
+    A round allocates hundreds of thousands of short-lived objects (messages, events, tuples)
+    that reference counting frees, while the key cache keeps tens of thousands alive; with the
+    default thresholds the collector walks that cache again and again. Measured in-process on a
+    200,000-event backlog: worker CPU 4.3-4.5 s with the defaults, 3.0-3.2 s with these.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 50)
 
 
 class Restart(Exception):

@@ -16,7 +16,7 @@ import itertools
 import json
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from kloudmeter_py import __version__
@@ -125,9 +125,9 @@ class Wire(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.set_write_buffer_limits(high=4 << 20)
-        self._transport = transport
+        # Not an isinstance check: uvloop's transports do not subclass asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.set_write_buffer_limits(high=4 << 20)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(WireError(f"connection lost: {exc!r}" if exc else "connection closed"))
