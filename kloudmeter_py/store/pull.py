@@ -83,6 +83,7 @@ class RawPuller:
                     self.error = ConsumerGone(status)
                     self.ready.set()
                 return
+        msg.headers = b""  # not needed past this point (a round holds many messages)
         self.buffer.append(msg)
         self.remaining -= 1
         if self.remaining <= 0:
