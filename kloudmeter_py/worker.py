@@ -778,6 +778,7 @@ class PartitionRunner:
                 results[(store, k)] = found.get(prefix + k, (None, 0))
 
         if not leader:
+            # nats-server answers at most 1,024 subjects per multi_last request (413 above)
             await asyncio.gather(
                 *(
                     direct(store, names[i : i + 1000])

@@ -7,7 +7,15 @@ from typing import Any
 import msgspec
 import pytest
 
-from kloudmeter_py.core.aggregate import AGGREGATIONS, Acc, ValueError_, fold, merge, to_number
+from kloudmeter_py.core.aggregate import (
+    AGGREGATIONS,
+    Acc,
+    ValueError_,
+    fold,
+    merge,
+    merge_into,
+    to_number,
+)
 from kloudmeter_py.core.keys import decode_token, encode_token, reading_key
 from kloudmeter_py.core.models import InvalidField, MeterIn, event_decoder, validate_meter
 from kloudmeter_py.core.paths import MISSING, PathError, compile_path
@@ -55,6 +63,11 @@ def test_merge_of_any_split_equals_folding_everything(
             fold(a if seq <= cut else b, number, key, at, seq)
         assert agg.result(merge(a, b)) == expected
         assert agg.result(merge(b, a)) == expected
+        # merge_into (the worker's in-place merge) leaves exactly the state merge builds
+        for first, second in ((a, b), (b, a)):
+            into = merge(Acc(), first)
+            merge_into(into, second)
+            assert into == merge(first, second)
 
 
 def test_min_and_max_start_from_the_first_value_not_zero() -> None:

@@ -268,7 +268,7 @@ class Wire(asyncio.Protocol):
             self._write(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
 
     def hpublish(self, subject: str, headers: bytes, payload: bytes, reply: str = "") -> None:
-        """Publish with a header block built by :func:`header_block`."""
+        """Publish with a complete header block (``NATS/1.0\r\n`` ... ``\r\n\r\n``)."""
         hlen = len(headers)
         total = hlen + len(payload)
         if reply:
@@ -345,9 +345,3 @@ class Wire(asyncio.Protocol):
     async def close(self) -> None:
         if self.error is None and self._transport is not None:
             self._fail(WireError("connection closed"))
-
-
-def header_block(headers: dict[str, str]) -> bytes:
-    """The NATS header block for ``headers`` (names and values must not contain CR or LF)."""
-    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    return f"NATS/1.0\r\n{lines}\r\n".encode()

@@ -1,0 +1,117 @@
+"""The worker's lean NATS connection against a real nats-server: authentication from the URL,
+clear errors, many keys in one direct get, and the ack subject parser."""
+
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from nats.js.api import KeyValueConfig
+
+from kloudmeter_py.config import Settings
+from kloudmeter_py.store.provision import provision
+from kloudmeter_py.store.pull import ack_fields
+from kloudmeter_py.store.server import NatsServer
+from kloudmeter_py.store.wire import Wire, WireError
+from kloudmeter_py.worker import Worker
+from tests.conftest import eventually
+from tests.load import METERS, Load, actual, calls_total, create_meters
+
+
+def test_ack_fields_reads_both_ack_subject_forms() -> None:
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ns>.<pending>
+    assert ack_fields("$JS.ACK.meters.c1.1.42.7.1700000000000000000.3") == (
+        42,
+        1,
+        1700000000000000000,
+        3,
+    )
+    # with domain and account hash, and a trailing token
+    assert ack_fields("$JS.ACK.hub.ACCHASH.meters.c1.2.43.8.1700000000000000001.0.tok") == (
+        43,
+        2,
+        1700000000000000001,
+        0,
+    )
+    with pytest.raises(ValueError, match="not a JetStream ack subject"):
+        ack_fields("_INBOX.abc")
+
+
+async def test_user_password_and_token_come_from_the_url(tmp_path: Path) -> None:
+    async with NatsServer(tmp_path / "a", extra_args=("--user", "km", "--pass", "s3cret")) as s:
+        wire = await Wire.connect(f"nats://km:s3cret@127.0.0.1:{s.port}", name="t")
+        await wire.flush()
+        await wire.close()
+        with pytest.raises(WireError, match="Authorization"):
+            await Wire.connect(f"nats://km:wrong@127.0.0.1:{s.port}", name="t")
+    async with NatsServer(tmp_path / "b", extra_args=("--auth", "t0ken")) as s:
+        wire = await Wire.connect(f"nats://t0ken@127.0.0.1:{s.port}", name="t")
+        await wire.flush()
+        await wire.close()
+
+
+async def test_a_list_of_servers_is_tried_in_order_and_failures_are_named(
+    tmp_path: Path,
+) -> None:
+    async with NatsServer(tmp_path / "nats") as s:
+        dead = "nats://127.0.0.1:1"
+        wire = await Wire.connect(f"{dead},{s.url}", name="t")
+        await wire.flush()
+        await wire.close()
+        with pytest.raises(WireError, match="connection closed"):
+            wire.publish("x", b"")
+    with pytest.raises(WireError, match=r"could not connect: nats://127\.0\.0\.1:1"):
+        await Wire.connect("nats://127.0.0.1:1", name="t", timeout=2)
+
+
+async def test_last_values_reads_many_keys_in_one_request(tmp_path: Path) -> None:
+    async with NatsServer(tmp_path / "nats") as s:
+        nc = await nats.connect(s.url)
+        kv = await nc.jetstream().create_key_value(KeyValueConfig(bucket="b", direct=True))
+        revisions = {f"k{i}": await kv.put(f"k{i}", str(i).encode()) for i in range(1000)}
+        revisions["k3"] = await kv.put("k3", b"again")
+        await kv.delete("k4")
+        wire = await Wire.connect(s.url, name="t")
+        # the worker asks for at most 1,000 keys at a time (the server answers at most 1,024)
+        subjects = [f"$KV.b.k{i}" for i in range(1000)] + ["$KV.b.missing"]
+        found = await wire.last_values("KV_b", subjects)
+        assert found["$KV.b.k0"] == (b"0", revisions["k0"])
+        assert found["$KV.b.k999"] == (b"999", revisions["k999"])
+        assert found["$KV.b.k3"] == (b"again", revisions["k3"])
+        assert found["$KV.b.k4"][0] is None and found["$KV.b.k4"][1] > revisions["k3"]
+        assert "$KV.b.missing" not in found and len(found) == 1000
+        # a stream that does not allow direct gets: a clear error, so callers fall back
+        await nc.jetstream().create_key_value(KeyValueConfig(bucket="plain"))
+        with pytest.raises(WireError, match=r"direct get refused|no responders"):
+            await wire.last_values("KV_plain", ["$KV.plain.x"], timeout=3)
+        await wire.close()
+        await nc.close()
+
+
+async def test_worker_counts_exactly_on_a_server_that_requires_a_password(
+    tmp_path: Path,
+) -> None:
+    """The worker's two connections (nats-py and the lean one) both log in from NATS_URL."""
+    async with NatsServer(tmp_path / "nats", extra_args=("--user", "km", "--pass", "pw")) as s:
+        url = f"nats://km:pw@127.0.0.1:{s.port}"
+        settings = Settings(nats_url=url, partitions=2)
+        nc = await nats.connect(url)
+        await provision(nc.jetstream(), settings)
+        await create_meters(nc)
+        worker = Worker(nc, settings)
+        await worker.start()
+        try:
+            load = Load(500, dup_ratio=0.0, seed=21)
+            await load.publish(nc)
+            expected = load.expected()
+            got = await eventually(
+                lambda: actual(nc), lambda r: calls_total(r) >= calls_total(expected)
+            )
+            assert got == expected and len(METERS) == 3
+        finally:
+            await worker.stop()
+            await nc.close()
+
+
+def test_events_in_the_load_are_json() -> None:
+    assert msgspec.json.decode(msgspec.json.encode(Load(3).events))
