@@ -176,3 +176,29 @@ async def test_events_are_stored_with_the_partition_first(nc: Client, settings: 
     assert sum(per_partition) == 24 and all(per_partition)
     one = layout.stored_subject("api-request", encode_token("customer 3"))
     assert len(await read(js, "meters", one)) == 2
+
+
+async def test_setup_refuses_a_changed_partition_count_or_an_older_layout(
+    nc: Client, settings: Any
+) -> None:
+    """The partition count and the stored-subject layout are fixed when the stream is made."""
+    import msgspec
+    from nats.js.api import StreamConfig, SubjectTransform
+
+    from kloudmeter_py.errors import ConfigError
+    from kloudmeter_py.store.provision import provision
+
+    changed = msgspec.structs.replace(settings, partitions=settings.partitions + 1)
+    with pytest.raises(ConfigError, match="METER_PARTITIONS"):
+        await provision(nc.jetstream(), changed)
+    js = nc.jetstream()
+    old = "old.events.{{wildcard(1)}}.{{wildcard(2)}}.{{partition(2,2)}}"
+    await js.add_stream(
+        StreamConfig(
+            name="old",
+            subjects=["old.events.*.*"],
+            subject_transform=SubjectTransform(src="old.events.*.*", dest=old),
+        )
+    )
+    with pytest.raises(ConfigError, match="earlier layout"):
+        await provision(js, msgspec.structs.replace(settings, stream="old"))
