@@ -451,13 +451,20 @@ class PartitionRunner:
         self.log.debug("partition.consuming", start=checkpoint + 1)
         round_limit = self.settings.batch_size
         flush_after = self.settings.flush_ms / 1000
+        linger = min(0.1, flush_after)
         try:
             while True:
                 if self._restart_from is not None:
                     raise Restart("replay for a new meter")
-                msgs = await puller.take(round_limit, timeout=1.0)
+                wait = 1.0
+                if self._unacked is not None:  # flush deferred summaries once idle
+                    wait = min(1.0, max(0.0, self._unflushed_at + flush_after - time.monotonic()))
+                msgs = await puller.take(round_limit, timeout=wait)
                 if not msgs:
-                    if self._unacked is not None:
+                    if (
+                        self._unacked is not None
+                        and time.monotonic() - self._unflushed_at >= flush_after
+                    ):
                         await self._flush(puller)
                     if self._replay_horizon and self.position >= self._replay_horizon:
                         self._end_replay()
@@ -468,8 +475,11 @@ class PartitionRunner:
                 await self.w.registry.catch_up()
                 rnd = _Round(self._levels, self.position)
                 await self._add(rnd, msgs)
-                while len(rnd.rows) < round_limit and ack_fields(msgs[-1].reply)[3] > 0:
-                    left = flush_after - (time.monotonic() - started)
+                while len(rnd.rows) < round_limit:
+                    # More waiting: gather up to METER_FLUSH_MS. Caught up: linger a moment
+                    # for what is arriving, so a steady stream makes rounds of useful size.
+                    busy = ack_fields(msgs[-1].reply)[3] > 0
+                    left = (flush_after if busy else linger) - (time.monotonic() - started)
                     if left <= 0:
                         break
                     msgs = await puller.take(round_limit - len(rnd.rows), timeout=left)
@@ -534,12 +544,14 @@ class PartitionRunner:
             if self._unacked is None:
                 self._unflushed_at = time.monotonic()
             self._unacked = last_msg
-            # Caught up, or the summaries have waited long enough: write them, then the
-            # checkpoint, then acknowledge (AckAll: the last message acks all before it).
+            # Summaries wait at most METER_FLUSH_MS once caught up (or idle, see _consume),
+            # METER_SUMMARY_FLUSH_MS under load; then they are written, then the checkpoint,
+            # then the acknowledgement (AckAll: the last message acks all before it).
+            waited = time.monotonic() - self._unflushed_at
             if (
-                pending == 0
-                or not self._dirty
-                or time.monotonic() - self._unflushed_at >= self.settings.summary_flush_ms / 1000
+                not self._dirty
+                or waited >= self.settings.summary_flush_ms / 1000
+                or (pending == 0 and waited >= self.settings.flush_ms / 1000)
                 or len(self._dirty) >= 100_000
             ):
                 await self._flush(puller)

@@ -47,7 +47,9 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
 
 @pytest.fixture
 def settings(nats_server: NatsServer) -> Settings:
-    return Settings(nats_url=nats_server.url, partitions=2, batch_size=200)
+    # Summaries written with the readings: tests of query results need not wait for a flush
+    # (deferred summaries are covered by the kill and cluster tests, which use the defaults).
+    return Settings(nats_url=nats_server.url, partitions=2, batch_size=200, summary_flush_ms=0)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ ADMIN = "admin-token-for-tests-0123456789"
 
 @pytest.fixture
 def settings(nats_server: NatsServer) -> Settings:
-    return Settings(nats_url=nats_server.url, partitions=2, admin_token=ADMIN)
+    return Settings(nats_url=nats_server.url, partitions=2, admin_token=ADMIN, summary_flush_ms=0)
 
 
 @pytest.fixture

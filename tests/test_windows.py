@@ -76,7 +76,9 @@ def test_cover_refuses_what_only_expired_summaries_could_answer() -> None:
 
 @pytest.fixture
 def long_settings(nats_server: Any) -> Settings:
-    return Settings(nats_url=nats_server.url, partitions=2, hour_retention=400 * 86400)
+    return Settings(
+        nats_url=nats_server.url, partitions=2, hour_retention=400 * 86400, summary_flush_ms=0
+    )
 
 
 @pytest.fixture
