@@ -1,5 +1,5 @@
-"""The worker's lean NATS connection against a real nats-server: authentication from the URL,
-clear errors, many keys in one direct get, and the ack subject parser."""
+"""The worker's lean NATS connection against a real nats-server: authentication and TLS from
+the URL, clear errors, many keys in one direct get, and the ack subject parser."""
 
 from pathlib import Path
 
@@ -115,3 +115,43 @@ async def test_worker_counts_exactly_on_a_server_that_requires_a_password(
 
 def test_events_in_the_load_are_json() -> None:
     assert msgspec.json.decode(msgspec.json.encode(Load(3).events))
+
+
+async def test_tls_from_the_url_or_when_the_server_asks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tls:// connects with TLS; nats:// upgrades when the server requires TLS; the CA comes
+    from the system store (here SSL_CERT_FILE), and an untrusted server is refused."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl tool is not installed")
+    d = tmp_path
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    run(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        "-subj", "/CN=test-ca", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
+    )  # fmt: skip
+    run(
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+        "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
+    )  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run(
+        "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
+        "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "1",
+        "-extfile", str(d / "san.ext"), "-out", str(d / "server.pem"),
+    )  # fmt: skip
+    tls = ("--tls", "--tlscert", str(d / "server.pem"), "--tlskey", str(d / "server.key"))
+    async with NatsServer(d / "nats", extra_args=tls) as s:
+        with pytest.raises(WireError, match=r"(?i)certificate verify failed"):
+            await Wire.connect(f"tls://127.0.0.1:{s.port}", name="t", timeout=3)
+        monkeypatch.setenv("SSL_CERT_FILE", str(d / "ca.pem"))
+        for url in (f"tls://127.0.0.1:{s.port}", f"nats://127.0.0.1:{s.port}"):
+            wire = await Wire.connect(url, name="t")
+            await wire.flush()
+            await wire.close()
