@@ -63,7 +63,6 @@ class Wire(asyncio.Protocol):
         self._replies: dict[str, asyncio.Future[bytes]] = {}
         self._reply_ids = itertools.count(1)
         self.error: WireError | None = None
-        self.closed = asyncio.Event()
 
     # --- connecting ---------------------------------------------------------------------
 
@@ -215,7 +214,6 @@ class Wire(asyncio.Protocol):
         if not self._info.done():
             self._info.set_exception(self.error)
         self._writable.set()
-        self.closed.set()
         if self._transport is not None:
             self._transport.close()
 
