@@ -847,7 +847,8 @@ class PartitionRunner:
         meter = kw.meter.meter
         last_seq = cached.last_seq
         changed = False
-        for seq, at_ms, number, dkey, late in self._exact_items(rnd)[wkey]:
+        # (.get: a meter deleted during the round has no items left to fold)
+        for seq, at_ms, number, dkey, late in self._exact_items(rnd).get(wkey, ()):
             if seq <= cached.last_seq or (replayed and seq in replayed):
                 continue
             try:
