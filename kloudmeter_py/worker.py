@@ -76,6 +76,11 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 50)
 
 
+def _event_ms(event: Event, stored_ms: int) -> int:
+    """The event's own time in epoch ms, or the time the stream stored it."""
+    return int(event.time.timestamp() * 1000) if event.time is not None else stored_ms
+
+
 class Restart(Exception):
     """Start the partition's consumer again from its checkpoint."""
 
@@ -517,8 +522,7 @@ class PartitionRunner:
         for msg, seq, stored_ms in rnd.rows[start:]:
             event = self._decode(msg, seq, rnd.dead)
             if event is not None:
-                at_ms = int(event.time.timestamp() * 1000) if event.time is not None else stored_ms
-                decoded.append((msg, seq, at_ms, event))
+                decoded.append((msg, seq, _event_ms(event, stored_ms), event))
         if self.w.dedup is not None and decoded:
             kept = await self._dedup(decoded)
             if len(kept) < len(decoded):
@@ -737,7 +741,7 @@ class PartitionRunner:
             event = self._decode(msg, seq, scratch)
             if event is None:
                 continue
-            at_ms = int(event.time.timestamp() * 1000) if event.time is not None else stored_ms
+            at_ms = _event_ms(event, stored_ms)
             levels = []
             for store, width, oldest in rnd.levels:
                 start = window_start(at_ms, width)

@@ -52,6 +52,10 @@ def test_settings_come_from_kloudmeters_variables() -> None:
         ({"METER_INTERVAL": "7"}, "METER_INTERVAL"),
         ({"METER_NATS_STREAM": "a.b"}, "METER_NATS_STREAM"),
         ({"NATS_URL": "http://x"}, "NATS_URL"),
+        # acknowledged only after the round and the summary flush: both stay under the 60 s
+        # ack wait, or the server would redeliver and the worker start over forever
+        ({"METER_SUMMARY_FLUSH_MS": "60000"}, "METER_SUMMARY_FLUSH_MS"),
+        ({"METER_FLUSH_MS": "30000"}, "METER_FLUSH_MS"),
     ],
 )
 def test_invalid_settings_name_the_variable(env: dict[str, str], var: str) -> None:

@@ -3,7 +3,6 @@ the URL, clear errors, many keys in one direct get, and the ack subject parser."
 
 from pathlib import Path
 
-import msgspec
 import nats
 import pytest
 from nats.js.api import KeyValueConfig
@@ -15,7 +14,7 @@ from kloudmeter_py.store.server import NatsServer
 from kloudmeter_py.store.wire import Wire, WireError
 from kloudmeter_py.worker import Worker
 from tests.conftest import eventually
-from tests.load import METERS, Load, actual, calls_total, create_meters
+from tests.load import Load, actual, calls_total, create_meters
 
 
 def test_ack_fields_reads_both_ack_subject_forms() -> None:
@@ -107,14 +106,10 @@ async def test_worker_counts_exactly_on_a_server_that_requires_a_password(
             got = await eventually(
                 lambda: actual(nc), lambda r: calls_total(r) >= calls_total(expected)
             )
-            assert got == expected and len(METERS) == 3
+            assert got == expected
         finally:
             await worker.stop()
             await nc.close()
-
-
-def test_events_in_the_load_are_json() -> None:
-    assert msgspec.json.decode(msgspec.json.encode(Load(3).events))
 
 
 async def test_tls_from_the_url_or_when_the_server_asks(

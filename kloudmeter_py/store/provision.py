@@ -107,7 +107,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
     # Atomic batches (nats-server 2.12+) let the worker write up to 1000 readings with one
     # acknowledgement, each still conditional on its key's revision.
     for bucket in (layout.readings_bucket, *layout.summary_buckets.values()):
-        await _allow_atomic(js, f"KV_{bucket}")
+        await _allow_atomic_and_direct(js, f"KV_{bucket}")
     log.info("setup.done", stream=layout.stream, partitions=layout.partitions)
     return layout
 
@@ -144,7 +144,7 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, **kw: Any) 
         log.info("setup.stream_updated", stream=config.name)
 
 
-async def _allow_atomic(js: JetStreamContext, stream: str) -> None:
+async def _allow_atomic_and_direct(js: JetStreamContext, stream: str) -> None:
     """Atomic batch writes, and direct gets (the worker loads many keys in one request)."""
     info = await js.stream_info(stream)
     if info.config.allow_atomic and info.config.allow_direct:
