@@ -224,15 +224,15 @@ async def baseline(nc: Client, events: list[tuple[str, bytes, str]], p: Progress
     return total / elapsed
 
 
-async def _unapplied(nc: Client, stream: str, partitions: int) -> int:
-    """Events the worker has not yet applied: its partition consumers' undelivered and
-    unacknowledged messages. The worker acknowledges a round only after its readings and its
-    checkpoint are stored, so 0 (with every partition's consumer present) means final."""
+async def _unapplied(nc: Client, stream: str) -> int:
+    """Events the worker has not yet applied: its consumer's undelivered and unacknowledged
+    messages. The worker acknowledges a round only after its readings and its checkpoint are
+    stored, so 0 (from its one consumer, unfiltered: it owns every partition) means final."""
     infos = await nc.jetstream().consumers_info(stream)
-    ours = [c for c in infos if c.name and "-p" in c.name]
-    if len(ours) < partitions:
+    ours = [c for c in infos if c.name and c.name.startswith(f"{stream}-w")]
+    if len(ours) != 1 or ours[0].config.filter_subject or ours[0].config.filter_subjects:
         return -1
-    return sum((c.num_pending or 0) + (c.num_ack_pending or 0) for c in ours)
+    return (ours[0].num_pending or 0) + (ours[0].num_ack_pending or 0)
 
 
 async def _readings(nc: Client, layout: Layout) -> dict[tuple[str, str, str], Any]:
@@ -297,7 +297,7 @@ async def run(
             p.phase(f"end to end: published {publisher.acked:,}/{events_n:,}")
             await asyncio.wait({publishing}, timeout=0.25)
         while time.perf_counter() - start < 600:
-            left = await _unapplied(nc, stream, settings.partitions)
+            left = await _unapplied(nc, stream)
             p.phase(f"end to end: published {events_n:,}, {left:,} to apply")
             if left == 0:
                 break

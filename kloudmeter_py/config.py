@@ -28,7 +28,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     hour_retention: int = 2 * 86400
     day_retention_days: int = 400
     # Most events folded in one write round, and how long a round may gather them.
-    batch_size: int = 20000
+    batch_size: int = 100_000
     flush_ms: int = 1000
     # Under load, summary windows are written at most this often (readings every round);
     # 0 writes them every round too. Both intervals stay well below the consumer's 60 s ack
@@ -71,7 +71,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("METER_HOUR_RETENTION", self.hour_retention, 1, 3660 * 86400),
             ("METER_DAY_RETENTION_DAYS", self.day_retention_days, 1, 36500),
             ("METER_PARTITIONS", self.partitions, 1, 1024),
-            ("METER_BATCH_SIZE", self.batch_size, 1, 100_000),
+            ("METER_BATCH_SIZE", self.batch_size, 1, 1_000_000),
             ("METER_FLUSH_MS", self.flush_ms, 0, 20_000),
             ("METER_SUMMARY_FLUSH_MS", self.summary_flush_ms, 0, 30_000),
             ("METER_MAX_BODY_BYTES", self.max_body_bytes, 1024, 64 * 1024 * 1024),

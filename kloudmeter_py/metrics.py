@@ -21,8 +21,8 @@ its own shows the HTTP side only (a worker process would need a port of its own 
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import structlog
@@ -98,7 +98,7 @@ class WatchedWorker(Protocol):
     metrics: "Metrics | None"
 
     @property
-    def runners(self) -> Mapping[int, Any]: ...
+    def owned(self) -> list[int]: ...
 
 
 class _WorkerCollector:
@@ -116,15 +116,14 @@ class _WorkerCollector:
             yield family
         lag = GaugeMetricFamily(
             "kloudmeter_consumer_lag",
-            "Events in the partition not yet delivered to its worker, as of the last message "
-            "of its last write round (num_pending); only partitions this process owns.",
-            labels=["partition"],
+            "Events not yet delivered to the worker's consumer (of the partitions it owns), as "
+            "of the last message of its last write round (num_pending).",
+            labels=["worker"],
         )
-        owned = {p for w in workers for p in w.runners}
-        for partition in sorted(owned):
-            pending = self.metrics.lag.get(partition)
-            if pending is not None:
-                lag.add_metric([str(partition)], pending)
+        for w in workers:
+            pending = self.metrics.lag.get(w.worker_id)
+            if pending is not None and w.owned:
+                lag.add_metric([w.worker_id], pending)
         yield lag
 
 
@@ -168,7 +167,7 @@ class Metrics:
             registry=self.registry,
         )
         self.workers: list[WatchedWorker] = []
-        self.lag: dict[int, int] = {}
+        self.lag: dict[str, int] = {}
         self.registry.register(_WorkerCollector(self))
         self.handler = make_aiohttp_handler(self.registry)
 
@@ -183,11 +182,11 @@ class Metrics:
             self.workers.append(worker)
         worker.metrics = self
 
-    def observe_round(self, events: int, seconds: float, pending: int, partition: int) -> None:
-        """One write round: its size, duration, and the partition's remaining backlog."""
+    def observe_round(self, events: int, seconds: float, pending: int, worker: str) -> None:
+        """One write round: its size, duration, and the worker's remaining backlog."""
         self.round_events.observe(events)
         self.round_seconds.observe(seconds)
-        self.lag[partition] = pending
+        self.lag[worker] = pending
 
     # -- gateway side --------------------------------------------------------------------------
 

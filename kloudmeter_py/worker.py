@@ -4,8 +4,11 @@
 Exactness rests on three things:
 
 * Each partition (events are spread by subject) is read strictly in stream order by one
-  consumer that starts right after the partition's checkpoint. Every reading key belongs to
-  exactly one partition, since its subject is part of the key.
+  consumer, the consumer of the worker that owns it, which starts right after the lowest
+  checkpoint of the partitions it reads and skips what a partition's own checkpoint already
+  covers. Every reading key belongs to exactly one partition, since its subject is part of the
+  key. A worker that owns every partition reads the stream unfiltered, which costs nats-server
+  far less than a filtered consumer per partition.
 * Each reading stores ``lastSeq``, the highest stream sequence folded into it. Folding skips
   events at or below it, so any replay (after a crash, a redelivery, a second owner, a backfill)
   changes nothing that was already applied.
@@ -33,7 +36,7 @@ from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from kloudmeter_py.config import Settings
-from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold, merge_into
+from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold, fold_many, merge_into
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.meters import CompiledMeter, from_reading, to_reading
 from kloudmeter_py.core.models import Event, encoder, event_decoder, reading_decoder
@@ -82,7 +85,7 @@ def _event_ms(event: Event, stored_ms: int) -> int:
 
 
 class Restart(Exception):
-    """Start the partition's consumer again from its checkpoint."""
+    """Start the worker's consumer again from its partitions' checkpoints."""
 
 
 @dataclass(slots=True)
@@ -102,6 +105,8 @@ _Series = tuple[CompiledMeter, str, tuple[str | None, ...], tuple[int, int] | No
 # (message, stream seq, event time ms, event)
 _Row = tuple[WireMsg, int, int, Event]
 _NO_LIMIT = 1 << 60
+# Events of one subject gathered in a round before they are folded together.
+_FOLD_AT = 64
 
 
 @dataclass(slots=True)
@@ -149,7 +154,10 @@ class _Round:
     def __init__(self, levels: list[tuple[int, int, int]], position: int) -> None:
         self.levels = levels
         self.last = position  # highest stream sequence in the round
+        self.last_msg: WireMsg | None = None  # its message, acknowledged after the round
         self.rows: list[tuple[WireMsg, int, int]] = []  # (message, stream seq, stored-at ms)
+        # the same rows by NATS subject (one event type and subject), until they are folded
+        self.by_subject: dict[str, list[tuple[WireMsg, int, int]]] = {}
         self.series: dict[tuple[str, int], _Part] = {}  # (reading key, finest window)
         self.dead: _Dead = {}
         self.dropped: set[int] = set()  # sequences dropped by the long dedup
@@ -205,8 +213,9 @@ class Worker:
         self.registry = MeterRegistry(self.js, self.layout)
         self.stats = WorkerStats()
         self.metrics: Metrics | None = None  # set by Metrics.watch_worker
-        self.runners: dict[int, PartitionRunner] = {}
-        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._owned: set[int] = set()
+        self.runner: Runner | None = None
+        self._task: asyncio.Task[None] | None = None
         self._leases: dict[int, int] = {}  # partition -> lease revision
         self._lease_task: asyncio.Task[None] | None = None
         self._wire: Wire | None = None
@@ -223,7 +232,7 @@ class Worker:
 
     @property
     def owned(self) -> list[int]:
-        return sorted(self.runners)
+        return sorted(self._owned)
 
     async def start(self) -> None:
         self.readings = await self.js.key_value(self.layout.readings_bucket)
@@ -243,22 +252,24 @@ class Worker:
         await self.registry.start()
         self.registry.on_meter_added.append(self._meter_added)
         if self.static_partitions is not None:
-            for p in self.static_partitions:
-                self._start_runner(p)
+            self._owned = set(self.static_partitions)
+            self._start_runner()
         else:
             self.leases = await self.js.key_value(self.layout.leases_bucket)
             await self._lease_round()
             self._lease_task = asyncio.create_task(self._lease_loop(), name="leases")
         log.info("worker.started", worker=self.worker_id, partitions=self.owned)
 
-    def _start_runner(self, p: int) -> None:
-        runner = PartitionRunner(self, p)
-        self.runners[p] = runner
-        self._tasks[p] = asyncio.create_task(runner.run(), name=f"partition-{p}")
+    def _start_runner(self) -> None:
+        if not self._owned:
+            return
+        runner = Runner(self, sorted(self._owned))
+        self.runner = runner
+        self._task = asyncio.create_task(runner.run(), name="runner")
 
-    async def _stop_runner(self, p: int) -> None:
-        self.runners.pop(p, None)
-        task = self._tasks.pop(p, None)
+    async def _stop_runner(self) -> None:
+        self.runner = None
+        task, self._task = self._task, None
         if task is None:
             return
         # Cancel until it is done: a cancellation can be lost in a library's wait.
@@ -268,14 +279,14 @@ class Worker:
             if done:
                 break
         else:
-            log.error("partition.stop_timeout", worker=self.worker_id, partition=p)
+            log.error("runner.stop_timeout", worker=self.worker_id)
             return
         with contextlib.suppress(asyncio.CancelledError, Exception):
             task.result()
 
     def _meter_added(self, cm: CompiledMeter) -> None:
-        for runner in self.runners.values():
-            runner.meter_added(cm)
+        if self.runner is not None:
+            self.runner.meter_added(cm)
 
     async def _lease_loop(self) -> None:
         interval = self.settings.lease_ttl / 3
@@ -302,11 +313,11 @@ class Worker:
             except KeyWrongLastSequenceError:
                 log.warning("lease.lost", worker=self.worker_id, partition=p)
                 del self._leases[p]
-                await self._stop_runner(p)
+                await self._set_owned()
         while len(self._leases) > share:
             p = max(self._leases)
             revision = self._leases.pop(p)
-            await self._stop_runner(p)
+            await self._set_owned()
             with contextlib.suppress(Exception):
                 await kv.delete(f"partition.{p}", last=revision)
             log.info("lease.released", worker=self.worker_id, partition=p)
@@ -322,7 +333,16 @@ class Worker:
             except KeyWrongLastSequenceError:
                 continue
             log.info("lease.acquired", worker=self.worker_id, partition=p)
-            self._start_runner(p)
+        await self._set_owned()
+
+    async def _set_owned(self) -> None:
+        """Read exactly the leased partitions: a changed set restarts the consumer (from the
+        checkpoints, so what the old one had not yet stored is read again)."""
+        if set(self._leases) == self._owned and (self.runner is not None or not self._owned):
+            return
+        await self._stop_runner()
+        self._owned = set(self._leases)
+        self._start_runner()
 
     async def stop(self) -> None:
         if self._lease_task is not None:
@@ -331,8 +351,7 @@ class Worker:
                 done, _ = await asyncio.wait({self._lease_task}, timeout=0.2)
                 if done:
                     break
-        for p in list(self._tasks):
-            await self._stop_runner(p)
+        await self._stop_runner()
         if self._leases:
             # Give the partitions back at once, so another worker need not wait for expiry.
             for p, revision in self._leases.items():
@@ -349,32 +368,36 @@ class Worker:
         log.info("worker.stopped", worker=self.worker_id, **vars(self.stats))
 
 
-class PartitionRunner:
-    """One in-order reader of one partition."""
+class Runner:
+    """The in-order reader of the partitions a worker owns: one consumer for all of them."""
 
-    def __init__(self, worker: Worker, partition: int) -> None:
+    def __init__(self, worker: Worker, partitions: list[int]) -> None:
         self.w = worker
-        self.partition = partition
+        self.partitions = partitions
         self.layout = worker.layout
         self.settings = worker.settings
         self.cache: dict[tuple[int, str], _Cached] = {}
         self.position = 0  # last stream seq whose readings and dead letters are stored
-        self._folded = 0  # last stream seq folded into the round in progress
+        self._folded = 0  # highest stream seq folded (into the round in progress or before)
         # Summaries changed in memory but not yet written, the last message not yet acked,
         # and since when: all are flushed together with the checkpoint.
         self._defer = self.settings.summary_flush_ms > 0
         self._dirty: dict[tuple[int, str], _Series] = {}
         self._unacked: WireMsg | None = None
+        self._behind = False  # the last round left messages waiting
         self._unflushed_at = 0.0
-        self.offset_key = f"partition.{partition}"
-        self.consumer = f"{self.layout.stream}-p{partition}-{worker.worker_id}"
+        # Per partition, the checkpoint read at the start: its messages at or below it are
+        # already applied and are skipped (the consumer starts at the lowest checkpoint).
+        self._skip: dict[int, int] = {}
+        self._skip_below = 0
+        self.consumer = f"{self.layout.stream}-w{worker.worker_id}"
         self._restart_from: int | None = None
         # While replaying seqs <= horizon, only meters that caused the replay get dead letters.
         self._replay_horizon = 0
         self._replay_meters: set[str] = set()
         self._pull_batch = min(self.settings.batch_size, 1000)
         self._batch_counter = 0
-        self.log = log.bind(partition=partition, worker=worker.worker_id)
+        self.log = log.bind(partitions=partitions, worker=worker.worker_id)
 
     def meter_added(self, cm: CompiledMeter) -> None:
         """A meter that should have seen events this runner already passed: replay them."""
@@ -409,31 +432,58 @@ class PartitionRunner:
                     async with asyncio.timeout(2):
                         await self.w.js.delete_consumer(self.layout.stream, self.consumer)
 
-    async def _read_checkpoint(self) -> tuple[int, int]:
-        value, revision = await get_with_revision(self.w.offsets, self.offset_key)
-        if value is None:
-            return 0, revision
-        return int(_offset_decoder.decode(value).get("seq", 0)), revision
+    async def _read_checkpoints(self) -> dict[int, int]:
+        async def one(p: int) -> int:
+            value, _ = await get_with_revision(self.w.offsets, f"partition.{p}")
+            return 0 if value is None else int(_offset_decoder.decode(value).get("seq", 0))
+
+        seqs = await asyncio.gather(*(one(p) for p in self.partitions))
+        return dict(zip(self.partitions, seqs, strict=True))
+
+    async def _write_checkpoints(self, seqs: dict[int, int]) -> None:
+        now = datetime.now(UTC)
+        worker = self.w.worker_id
+        await asyncio.gather(
+            *(
+                self.w.offsets.put(
+                    f"partition.{p}", encoder.encode({"seq": seq, "worker": worker, "at": now})
+                )
+                for p, seq in seqs.items()
+            )
+        )
 
     async def _write_checkpoint(self, seq: int) -> None:
-        body = encoder.encode({"seq": seq, "worker": self.w.worker_id, "at": datetime.now(UTC)})
-        await self.w.offsets.put(self.offset_key, body)
+        """Every partition read is applied up to ``seq``."""
+        await self._write_checkpoints(dict.fromkeys(self.partitions, seq))
+
+    def _filter(self) -> dict[str, Any]:
+        if len(self.partitions) == self.settings.partitions:
+            return {}  # the stream holds only events: unfiltered is every partition
+        filters = [self.layout.partition_filter(p) for p in self.partitions]
+        if len(filters) == 1:
+            return {"filter_subject": filters[0]}
+        return {"filter_subjects": filters}
 
     async def _consume(self) -> None:
-        checkpoint, _ = await self._read_checkpoint()
-        if self._restart_from is not None and self._restart_from <= checkpoint:
-            self._replay_horizon = max(self._replay_horizon, self.position, checkpoint)
-            checkpoint = self._restart_from - 1
-            # Lower the checkpoint first, so a crash during the replay resumes it.
-            await self._write_checkpoint(checkpoint)
+        checkpoints = await self._read_checkpoints()
+        if self._restart_from is not None and self._restart_from <= max(checkpoints.values()):
+            self._replay_horizon = max(
+                self._replay_horizon, self.position, max(checkpoints.values())
+            )
+            checkpoints = {p: min(c, self._restart_from - 1) for p, c in checkpoints.items()}
+            # Lower the checkpoints first, so a crash during the replay resumes it.
+            await self._write_checkpoints(checkpoints)
         self._restart_from = None
+        checkpoint = min(checkpoints.values())
+        self._skip = {p: c for p, c in checkpoints.items() if c > checkpoint}
+        self._skip_below = max(checkpoints.values())
         self.position = self._folded = checkpoint
         self._forget_unflushed()
         with contextlib.suppress(NotFoundError):
             await self.w.js.delete_consumer(self.layout.stream, self.consumer)
         config = ConsumerConfig(
             name=self.consumer,
-            filter_subject=self.layout.partition_filter(self.partition),
+            **self._filter(),
             ack_policy=AckPolicy.ALL,
             # Redelivery is never relied on: any out-of-order message restarts from checkpoint.
             ack_wait=60.0,
@@ -457,8 +507,14 @@ class PartitionRunner:
         round_limit = self.settings.batch_size
         flush_after = self.settings.flush_ms / 1000
         linger = min(0.1, flush_after)
+        # The previous round's writes, still in flight while the next round is gathered and
+        # folded; a round's writes start only after the previous round's are stored.
+        writing: asyncio.Task[None] | None = None
         try:
             while True:
+                if writing is not None and (writing.done() or not puller.buffer):
+                    await writing
+                    writing = None
                 if self._restart_from is not None:
                     raise Restart("replay for a new meter")
                 wait = 1.0
@@ -478,8 +534,8 @@ class PartitionRunner:
                 # events), as it arrives: more events per round means fewer writes per event.
                 started = time.monotonic()
                 await self.w.registry.catch_up()
-                rnd = _Round(self._levels, self.position)
-                await self._add(rnd, msgs)
+                rnd = _Round(self._levels, self._folded)
+                self._add(rnd, msgs)
                 while len(rnd.rows) < round_limit:
                     # More waiting: gather up to METER_FLUSH_MS. Caught up: linger a moment
                     # for what is arriving, so a steady stream makes rounds of useful size.
@@ -490,9 +546,17 @@ class PartitionRunner:
                     msgs = await puller.take(round_limit - len(rnd.rows), timeout=left)
                     if not msgs:
                         break
-                    await self._add(rnd, msgs)
-                await self._process(puller, rnd, started)
+                    self._add(rnd, msgs)
+                await self._fold_round(rnd)
+                if writing is not None:
+                    await writing
+                writing = asyncio.create_task(self._process(puller, rnd, started))
         finally:
+            if writing is not None:
+                if not writing.done():
+                    writing.cancel()
+                with contextlib.suppress(BaseException):
+                    await writing
             with contextlib.suppress(Exception):
                 await puller.stop()
 
@@ -507,29 +571,76 @@ class PartitionRunner:
         self._replay_horizon = 0
         self._replay_meters.clear()
 
-    async def _add(self, rnd: _Round, msgs: list[WireMsg]) -> None:
-        """Check the order of newly arrived messages, decode them and fold them into the round."""
-        start = len(rnd.rows)
+    def _add(self, rnd: _Round, msgs: list[WireMsg]) -> None:
+        """Check the order of newly arrived messages and add them to the round."""
+        rows = rnd.rows
+        by_subject = rnd.by_subject
         last = rnd.last
+        skip = self._skip
+        early = self.w.dedup is None  # the long dedup looks at a whole round at once
         for msg in msgs:
             seq, delivered, stored_ns, _ = ack_fields(msg.reply)
             if delivered != 1 or seq <= last:
                 raise Restart(f"out of order at stream seq {seq}")
             last = seq
-            rnd.rows.append((msg, seq, stored_ns // 1_000_000))
+            if skip:
+                if seq > self._skip_below:
+                    skip.clear()
+                elif seq <= skip.get(int(msg.subject.split(".", 3)[2]), 0):
+                    continue  # applied before: its partition's checkpoint covers it
+            row = (msg, seq, stored_ns // 1_000_000)
+            rows.append(row)
+            same = by_subject.get(msg.subject)
+            if same is None:
+                by_subject[msg.subject] = [row]
+            else:
+                same.append(row)
+                if len(same) >= _FOLD_AT and early:
+                    # Enough of one subject to fold together: fold them now rather than
+                    # all at the end of the round.
+                    self._fold_rows(rnd, same)
+                    del by_subject[msg.subject]
         rnd.last = last
+        rnd.last_msg = msgs[-1]
+        if self._restart_from is not None:
+            raise Restart("replay for a new meter")
+
+    def _fold_rows(self, rnd: _Round, rows: list[tuple[WireMsg, int, int]]) -> None:
+        """Decode and fold rows of one subject (without the long dedup)."""
+        decode = self._decode
+        dead = rnd.dead
         decoded: list[_Row] = []
-        for msg, seq, stored_ms in rnd.rows[start:]:
-            event = self._decode(msg, seq, rnd.dead)
+        for msg, seq, stored_ms in rows:
+            event = decode(msg, seq, dead)
             if event is not None:
                 decoded.append((msg, seq, _event_ms(event, stored_ms), event))
-        if self.w.dedup is not None and decoded:
-            kept = await self._dedup(decoded)
-            if len(kept) < len(decoded):
-                rnd.dropped.update({row[1] for row in decoded} - {row[1] for row in kept})
-            decoded = kept
-        self._fold(rnd, decoded)
-        self._folded = last
+        if decoded:
+            self._fold(rnd, decoded)
+        # Folded before the round ends, and not in stream order across subjects: a meter
+        # added from now on with an earlier start must replay (see meter_added).
+        self._folded = max(self._folded, rows[-1][1])
+
+    async def _fold_round(self, rnd: _Round) -> None:
+        """Decode the round's events and fold them, the events of one subject together (one
+        subject's events at a time, so that few decoded events are alive at once)."""
+        decode = self._decode
+        dead = rnd.dead
+        if self.w.dedup is None:
+            for rows in rnd.by_subject.values():
+                self._fold_rows(rnd, rows)
+        else:
+            decoded = []
+            for msg, seq, stored_ms in rnd.rows:
+                event = decode(msg, seq, dead)
+                if event is not None:
+                    decoded.append((msg, seq, _event_ms(event, stored_ms), event))
+            if decoded:
+                kept = await self._dedup(decoded)
+                if len(kept) < len(decoded):
+                    rnd.dropped.update({row[1] for row in decoded} - {row[1] for row in kept})
+                self._fold(rnd, kept)
+        rnd.by_subject = {}
+        self._folded = rnd.last
         if self._restart_from is not None:
             raise Restart("replay for a new meter")
 
@@ -537,7 +648,8 @@ class PartitionRunner:
         self._spread(rnd)
         dead = rnd.dead
         last = rnd.last
-        last_msg = rnd.rows[-1][0]
+        last_msg = rnd.last_msg
+        assert last_msg is not None
         pending = ack_fields(last_msg.reply)[3]
         keepalive = asyncio.create_task(self._keep_alive(puller, last_msg))
         try:
@@ -548,17 +660,20 @@ class PartitionRunner:
             if self._unacked is None:
                 self._unflushed_at = time.monotonic()
             self._unacked = last_msg
-            # Summaries wait at most METER_FLUSH_MS once caught up (or idle, see _consume),
-            # METER_SUMMARY_FLUSH_MS under load; then they are written, then the checkpoint,
-            # then the acknowledgement (AckAll: the last message acks all before it).
+            # Summaries are written at once when a backlog has just been cleared, then at
+            # most METER_FLUSH_MS apart while caught up (or idle, see _consume), and every
+            # METER_SUMMARY_FLUSH_MS under load; after them the checkpoint, then the
+            # acknowledgement (AckAll: the last message acks all before it).
             waited = time.monotonic() - self._unflushed_at
+            caught_up = pending == 0
             if (
                 not self._dirty
                 or waited >= self.settings.summary_flush_ms / 1000
-                or (pending == 0 and waited >= self.settings.flush_ms / 1000)
+                or (caught_up and (self._behind or waited >= self.settings.flush_ms / 1000))
                 or len(self._dirty) >= 100_000
             ):
                 await self._flush(puller)
+            self._behind = not caught_up
         finally:
             keepalive.cancel()
         if self._replay_horizon and last >= self._replay_horizon:
@@ -569,7 +684,7 @@ class PartitionRunner:
         stats.dead_lettered += len(dead)
         if self.w.metrics is not None:
             seconds = time.monotonic() - started
-            self.w.metrics.observe_round(len(rnd.rows), seconds, pending, self.partition)
+            self.w.metrics.observe_round(len(rnd.rows), seconds, pending, self.w.worker_id)
 
     def _forget_unflushed(self) -> None:
         self._dirty.clear()
@@ -671,31 +786,66 @@ class PartitionRunner:
         return kept
 
     def _fold(self, rnd: _Round, rows: list[_Row]) -> None:
-        """Fold events into the round per series and finest window."""
+        """Fold events into the round per series and finest window: the events of one type,
+        subject and window together, each meter over all of them at once; event by event
+        for a meter that some of them do not fit (to dead-letter exactly those)."""
         bucket_ms = self.settings.interval * 1000
         by_type = self.w.registry.by_type
         series = rnd.series
-        dead = rnd.dead
-        for msg, seq, at_ms, event in rows:
-            meters = by_type.get(event.eventType)
+        together: dict[tuple[str, str, int], list[_Row]] = {}
+        for row in rows:
+            event = row[3]
+            gkey = (event.eventType, event.subject, row[2] // bucket_ms)
+            group = together.get(gkey)
+            if group is None:
+                together[gkey] = [row]
+            else:
+                group.append(row)
+        for (event_type, subject, bucket), group in together.items():
+            meters = by_type.get(event_type)
             if not meters:
                 continue
-            bucket = at_ms // bucket_ms
+            datas: list[dict[str, Any]] = [row[3].data for row in group]
+            ats = [row[2] for row in group]
+            seqs = [row[1] for row in group]
             for cm in meters:
-                if seq <= cm.meter.startSeq:
+                found = cm.extract_many(subject, datas) if seqs[0] > cm.meter.startSeq else None
+                if found is None:
+                    self._fold_each(rnd, cm, group, bucket)
                     continue
-                try:
-                    key, groups, number, dkey = cm.extract(event.subject, event.data)
-                except ValueError_ as exc:
-                    if seq > self._replay_horizon or cm.meter.id in self._replay_meters:
-                        dead[(seq, cm.meter.id)] = (msg, cm.meter.id, str(exc))
-                    continue
-                part = series.get((key, bucket))
-                if part is None:
-                    part = series[(key, bucket)] = _Part(cm, event.subject, groups, Acc(), seq)
-                fold(part.acc, number, dkey, at_ms, seq, _NO_LIMIT)
-                part.last_seq = seq
-                part.events += 1
+                for key, groups, indexes, numbers, dkeys in found:
+                    if indexes is None:
+                        at_list, seq_list = ats, seqs
+                    else:
+                        at_list = [ats[i] for i in indexes]
+                        seq_list = [seqs[i] for i in indexes]
+                    part = series.get((key, bucket))
+                    if part is None:
+                        part = series[(key, bucket)] = _Part(
+                            cm, subject, groups, Acc(), seq_list[0]
+                        )
+                    fold_many(part.acc, numbers, dkeys, at_list, seq_list)
+                    part.last_seq = seq_list[-1]
+                    part.events += len(seq_list)
+
+    def _fold_each(self, rnd: _Round, cm: CompiledMeter, rows: list[_Row], bucket: int) -> None:
+        series = rnd.series
+        dead = rnd.dead
+        for msg, seq, at_ms, event in rows:
+            if seq <= cm.meter.startSeq:
+                continue
+            try:
+                key, groups, number, dkey = cm.extract(event.subject, event.data)
+            except ValueError_ as exc:
+                if seq > self._replay_horizon or cm.meter.id in self._replay_meters:
+                    dead[(seq, cm.meter.id)] = (msg, cm.meter.id, str(exc))
+                continue
+            part = series.get((key, bucket))
+            if part is None:
+                part = series[(key, bucket)] = _Part(cm, event.subject, groups, Acc(), seq)
+            fold(part.acc, number, dkey, at_ms, seq, _NO_LIMIT)
+            part.last_seq = seq
+            part.events += 1
 
     def _spread(self, rnd: _Round) -> None:
         """Spread the round's partial states over the keys they change: the reading and each

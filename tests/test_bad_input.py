@@ -7,6 +7,8 @@ import pytest
 from nats.aio.client import Client
 
 from kloudmeter_py.config import Settings
+from kloudmeter_py.core.models import encoder, meter_in_decoder, reading_decoder, validate_meter
+from kloudmeter_py.store.kv import scan
 from kloudmeter_py.worker import Worker
 from tests.conftest import eventually
 from tests.helpers import Http, create_meter, post_event, publish_event, readings, total_count
@@ -187,3 +189,56 @@ async def test_event_count_is_unchanged_by_bad_http_events(http: Http, worker: W
     await post_event(http, id="2", eventType="t", subject="s")
     rs = await eventually(lambda: readings(http, meter="m"), lambda rs: total_count(rs) >= 1)
     assert total_count(rs) == 1
+
+
+async def test_bad_events_among_many_of_one_subject_are_the_only_ones_dead_lettered(
+    nc: Client, settings: Settings
+) -> None:
+    """150 events of one subject, waiting before the worker starts, are folded together; two
+    do not fit the sum meter: exactly those two are dead-lettered for it, and every event
+    still counts for the count meter."""
+    meters = await nc.jetstream().key_value("meters")
+    for body in (
+        {"id": "calls", "eventType": "t", "aggregation": "count"},
+        {
+            "id": "total",
+            "eventType": "t",
+            "aggregation": "sum",
+            "valueProperty": "$.v",
+            "groupBy": {"r": "$.r"},
+        },
+    ):
+        meter = validate_meter(meter_in_decoder.decode(msgspec.json.encode(body)))
+        await meters.put(meter.id, encoder.encode(meter))
+    expected = {"eu": 0, "us": 0}
+    for i in range(150):
+        data: dict[str, Any] = {"v": i, "r": "eu" if i % 2 else "us"}
+        if i == 37:
+            data["v"] = "lots"
+        elif i == 120:
+            del data["v"]
+        else:
+            expected[data["r"]] += i
+        await publish_event(nc, id=f"e{i}", eventType="t", subject="s", data=data)
+    w = Worker(nc, settings, partitions=[0, 1])
+    await w.start()
+    try:
+
+        async def values() -> dict[tuple[str, str], Any]:
+            out = {}
+            for _, raw in await scan(nc.jetstream(), "readings", ">"):
+                r = reading_decoder.decode(raw)
+                out[(r.meterId, r.groupBy.get("r") or "")] = r.value
+            return out
+
+        got = await eventually(values, lambda v: len(v) == 3 and v[("calls", "")] == 150)
+        assert got == {
+            ("calls", ""): 150,
+            ("total", "eu"): expected["eu"],
+            ("total", "us"): expected["us"],
+        }
+        dead = await eventually(lambda: _dead_letters(nc), lambda d: len(d) == 2)
+        assert [msgspec.json.decode(body)["id"] for _, _, body in dead] == ["e37", "e120"]
+        assert {headers["Kloudmeter-Meter"] for _, headers, _ in dead} == {"total"}
+    finally:
+        await w.stop()

@@ -12,6 +12,7 @@ from kloudmeter_py.core.aggregate import (
     Acc,
     ValueError_,
     fold,
+    fold_many,
     merge,
     merge_into,
     to_number,
@@ -68,6 +69,31 @@ def test_merge_of_any_split_equals_folding_everything(
             into = merge(Acc(), first)
             merge_into(into, second)
             assert into == merge(first, second)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_folding_many_at_once_equals_folding_one_by_one(seed: int) -> None:
+    """fold_many (the worker's batch fold) leaves exactly the state of fold() event by event,
+    onto an empty or a used state: ints and floats, repeated times, ties, distinct keys."""
+    rng = random.Random(seed)
+    for numeric in (True, False):
+        start = Acc()
+        for seq in range(1, rng.randint(1, 4)):
+            value = rng.choice([rng.randint(-5, 5), rng.random() * 10])
+            fold(start, value if numeric else None, None if numeric else str(value), 50, seq)
+        n = rng.randint(1, 40)
+        ats = [rng.choice([10, 20, 50, 50, 90]) for _ in range(n)]
+        seqs = sorted(rng.sample(range(10, 1000), n))
+        values: list[Any] = [
+            rng.choice([rng.randint(-9, 9), round(rng.uniform(-9, 9), 3), 0.1]) for _ in range(n)
+        ]
+        keys = [f"k{rng.randint(0, 6)}" for _ in range(n)]
+        one_by_one = merge(Acc(), start)
+        for at, seq, value, key in zip(ats, seqs, values, keys, strict=True):
+            fold(one_by_one, value if numeric else None, None if numeric else key, at, seq)
+        at_once = merge(Acc(), start)
+        fold_many(at_once, values if numeric else None, None if numeric else keys, ats, seqs)
+        assert at_once == one_by_one
 
 
 def test_min_and_max_start_from_the_first_value_not_zero() -> None:

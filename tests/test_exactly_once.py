@@ -258,3 +258,41 @@ async def test_malformed_events_beside_good_ones_are_dead_lettered_and_counted(
         assert any("larger than" in r for r in reasons)
     finally:
         await w.stop()
+
+
+async def test_a_worker_reads_each_partition_from_its_own_checkpoint(
+    nc: Client, settings: Settings
+) -> None:
+    """One consumer reads every partition a worker owns, from the lowest checkpoint: what a
+    partition's own, higher checkpoint covers is skipped, not read again."""
+    await create_meters(nc)
+    load = Load(1500, dup_ratio=0, seed=8)
+    w = Worker(nc, settings, partitions=[0, 1])
+    await w.start()
+    await load.publish(nc)
+    await _settled(nc, load)
+    await w.stop()
+    # Partition 1 read again from the start, partition 0 from where it was.
+    offsets = await nc.jetstream().key_value("offsets")
+    await offsets.delete("partition.1")
+    info = await nc.jetstream().stream_info("meters", subjects_filter="meters.events.1.>")
+    in_partition_1 = sum((info.state.subjects or {}).values())
+    assert 0 < in_partition_1 < len(load.unique_events)
+    last_seq = (await nc.jetstream().stream_info("meters")).state.last_seq
+    w2 = Worker(nc, settings, partitions=[0, 1])
+    await w2.start()
+    try:
+
+        async def checkpoint_1() -> int:
+            try:
+                return int(msgspec.json.decode((await offsets.get("partition.1")).value)["seq"])
+            except Exception:
+                return 0
+
+        # Done once partition 1's checkpoint is back at the end of the stream.
+        await eventually(checkpoint_1, lambda seq: seq == last_seq)
+        assert w2.stats.events == in_partition_1
+        assert w2.stats.writes == 0
+        assert await actual(nc) == load.expected()
+    finally:
+        await w2.stop()

@@ -70,7 +70,7 @@ def latency_count(samples: Samples, method: str, route: str, status: int) -> flo
     )
 
 
-async def test_event_ingested_applied_and_timed(http: Http) -> None:
+async def test_event_ingested_applied_and_timed(http: Http, worker: Worker) -> None:
     await create_meter(
         http, id="api-calls", eventType="api-request", aggregation="sum", valueProperty="$.ms"
     )
@@ -88,13 +88,13 @@ async def test_event_ingested_applied_and_timed(http: Http) -> None:
     assert latency_count(after, "POST", route, 202) == 1
     assert value(after, "kloudmeter_worker_events_total") == 1
     assert value(after, "kloudmeter_events_dead_lettered_total") == 0
-    # One write round of one event, timed; the partition's backlog is empty.
+    # One write round of one event, timed; the worker's backlog is empty.
     assert value(after, "kloudmeter_write_round_events_count") == 1
     assert value(after, "kloudmeter_write_round_events_sum") == 1
     assert value(after, "kloudmeter_write_round_seconds_count") == 1
     assert value(after, "kloudmeter_write_round_seconds_sum") > 0
     lags = series(after, "kloudmeter_consumer_lag")
-    assert lags and all(labels["partition"] in ("0", "1") for labels in lags)
+    assert [labels["worker"] for labels in lags] == [worker.worker_id]
     assert value(after, "kloudmeter_consumer_lag") == 0
 
     # The same id again: stored by JetStream as a duplicate, not applied again.
@@ -172,7 +172,7 @@ async def test_batches_samples_dead_letters_and_worker_dedup(http: Http, nc: Cli
 
 async def test_registries_are_separate() -> None:
     one, two = Metrics(), Metrics(process_collectors=False)
-    one.observe_round(10, 0.5, 3, partition=0)
+    one.observe_round(10, 0.5, 3, worker="w1")
     assert one.registry.get_sample_value("kloudmeter_write_round_events_sum") == 10
     assert two.registry.get_sample_value("kloudmeter_write_round_events_sum") == 0
     assert one.registry.get_sample_value("process_cpu_seconds_total") is not None

@@ -132,6 +132,46 @@ def fold(
         acc.latest_seq = seq
 
 
+def fold_many(
+    acc: Acc,
+    numbers: list[Number] | None,
+    keys: list[str] | None,
+    ats: list[int],
+    seqs: list[int],
+) -> None:
+    """Fold events of one series in place, given in stream order (``seqs`` ascending): the
+    same state as :func:`fold` one by one, without a unique limit, at a fraction of the cost.
+    """
+    if keys is not None:
+        if acc.distinct is None:
+            acc.distinct = set(keys)
+        else:
+            acc.distinct.update(keys)
+    acc.count += len(ats)
+    first, last = min(ats), max(ats)
+    if acc.first_at is None or first < acc.first_at:
+        acc.first_at = first
+    if acc.last_at is None or last > acc.last_at:
+        acc.last_at = last
+    if numbers is None:
+        return
+    total = acc.sum
+    for number in numbers:  # in order, as fold() adds them: the same float rounding
+        total += number
+    acc.sum = total
+    low, high = min(numbers), max(numbers)
+    if acc.min is None or low < acc.min:
+        acc.min = low
+    if acc.max is None or high > acc.max:
+        acc.max = high
+    # The latest is the value with the greatest (time, seq); among equal times the last one.
+    i = len(ats) - 1 - ats[::-1].index(last)
+    if acc.latest is None or (last, seqs[i]) >= (acc.latest_at, acc.latest_seq):
+        acc.latest = numbers[i]
+        acc.latest_at = last
+        acc.latest_seq = seqs[i]
+
+
 def merge(a: Acc, b: Acc) -> Acc:
     """A new state equal to folding everything in ``a`` and ``b``."""
     out = Acc()

@@ -25,6 +25,12 @@ def group_text(value: Any) -> str | None:
     return distinct_key(value)
 
 
+# (reading key, group values, indexes of the events or None for all, numbers, distinct keys)
+Extracted = tuple[
+    str, tuple[str | None, ...], list[int] | None, list[Number] | None, list[str] | None
+]
+
+
 class CompiledMeter:
     __slots__ = ("_keys", "agg", "group_names", "groups", "meter", "value")
 
@@ -71,12 +77,61 @@ class CompiledMeter:
                     number = to_number(raw)
                 except ValueError_ as exc:
                     raise ValueError_(f"valueProperty {self.meter.valueProperty}: {exc}") from None
+        return self._key(subject, groups), groups, number, dkey
+
+    def extract_many(self, subject: str, datas: list[dict[str, Any]]) -> list[Extracted] | None:
+        """:meth:`extract` for many events of one subject at once: per reading key, its group
+        values, the indexes of its events (None: all of them) and their numbers or distinct
+        keys. None when any event does not fit the meter: the caller then goes event by event,
+        so that exactly those events are dead-lettered."""
+        try:
+            if not self.groups:
+                return [self._values(self._key(subject, ()), (), None, datas)]
+            by_groups: dict[tuple[str | None, ...], list[int]] = {}
+            for i, data in enumerate(datas):
+                groups = tuple([group_text(find(data)) for find in self.groups])
+                indexes = by_groups.get(groups)
+                if indexes is None:
+                    by_groups[groups] = [i]
+                else:
+                    indexes.append(i)
+            out = []
+            for groups, indexes in by_groups.items():
+                for value in groups:
+                    if value is not None and len(value) > 256:
+                        return None
+                picked = datas if len(indexes) == len(datas) else [datas[i] for i in indexes]
+                out.append(self._values(self._key(subject, groups), groups, indexes, picked))
+            return out
+        except (PathError, ValueError_):
+            return None
+
+    def _values(
+        self,
+        key: str,
+        groups: tuple[str | None, ...],
+        indexes: list[int] | None,
+        datas: list[dict[str, Any]],
+    ) -> Extracted:
+        if self.value is None:
+            return key, groups, indexes, None, None
+        find = self.value
+        raws = [find(data) for data in datas]
+        if any(raw is MISSING or raw is None for raw in raws):
+            raise ValueError_("no value")
+        if self.agg.uses_distinct:
+            keys = [raw if type(raw) is str else distinct_key(raw) for raw in raws]
+            return key, groups, indexes, None, keys
+        numbers = [raw if type(raw) is int else to_number(raw) for raw in raws]
+        return key, groups, indexes, numbers, None
+
+    def _key(self, subject: str, groups: tuple[str | None, ...]) -> str:
         key = self._keys.get((subject, groups))
         if key is None:
             if len(self._keys) >= 100_000:
                 self._keys.clear()
             key = self._keys[(subject, groups)] = reading_key(self.meter.id, subject, groups)
-        return key, groups, number, dkey
+        return key
 
 
 def _ms_to_dt(ms: int | None) -> datetime | None:
