@@ -578,6 +578,7 @@ class Runner:
         last = rnd.last
         skip = self._skip
         early = self.w.dedup is None  # the long dedup looks at a whole round at once
+        final = msgs[-1]
         for msg in msgs:
             seq, delivered, stored_ns, _ = ack_fields(msg.reply)
             if delivered != 1 or seq <= last:
@@ -590,10 +591,16 @@ class Runner:
                     continue  # applied before: its partition's checkpoint covers it
             row = (msg, seq, stored_ns // 1_000_000)
             rows.append(row)
+            # A round holds its messages until it is written: keep them small. The ack
+            # subject is needed only on a take's last message (the one acknowledged), and one
+            # subject string serves all the messages of a subject.
+            if msg is not final:
+                msg.reply = ""
             same = by_subject.get(msg.subject)
             if same is None:
                 by_subject[msg.subject] = [row]
             else:
+                msg.subject = same[0][0].subject
                 same.append(row)
                 if len(same) >= _FOLD_AT and early:
                     # Enough of one subject to fold together: fold them now rather than
@@ -655,7 +662,9 @@ class Runner:
         try:
             await self._write(rnd, dead)
             if dead:
-                await self._dead_letter(dead)
+                seqs = {seq for seq, _ in dead}
+                stored = {seq: at for _, seq, at in rnd.rows if seq in seqs}
+                await self._dead_letter(dead, stored)
             self.position = last
             if self._unacked is None:
                 self._unflushed_at = time.monotonic()
@@ -1168,7 +1177,7 @@ class Runner:
         for n, i in enumerate(chunk):
             results[i] = ack.seq - (last - n)
 
-    async def _dead_letter(self, dead: _Dead) -> None:
+    async def _dead_letter(self, dead: _Dead, stored_ms: dict[int, int]) -> None:
         js = self.w.js
         publishes = []
         for (seq, meter_key), (msg, meter_id, reason) in sorted(dead.items()):
@@ -1181,7 +1190,7 @@ class Runner:
                 "Kloudmeter-Stream-Seq": str(seq),
                 "Kloudmeter-Subject": msg.subject,
                 "Kloudmeter-Stored-At": datetime.fromtimestamp(
-                    ack_fields(msg.reply)[2] / 1e9, UTC
+                    stored_ms[seq] / 1000, UTC
                 ).isoformat(),
             }
             subject = self.layout.error_subject(encode_token(meter_id) if meter_id else "_event")
