@@ -691,8 +691,15 @@ class Runner:
         stats.batches += 1
         stats.events += len(rnd.rows)
         stats.dead_lettered += len(dead)
+        seconds = time.monotonic() - started
+        self.log.debug(
+            "round.written",
+            events=len(rnd.rows),
+            keys=len(rnd.work),
+            seconds=round(seconds, 3),
+            pending=pending,
+        )
         if self.w.metrics is not None:
-            seconds = time.monotonic() - started
             self.w.metrics.observe_round(len(rnd.rows), seconds, pending, self.w.worker_id)
 
     def _forget_unflushed(self) -> None:
@@ -702,6 +709,7 @@ class Runner:
     async def _flush(self, puller: RawPuller) -> None:
         """Write the summaries changed since the last flush, then the checkpoint, then ack."""
         if self._dirty:
+            self.log.debug("summaries.flush", keys=len(self._dirty))
             now = datetime.now(UTC)
             writes = []
             for wkey, (cm, subject, groups, window) in self._dirty.items():
