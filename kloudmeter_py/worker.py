@@ -107,6 +107,9 @@ _Row = tuple[WireMsg, int, int, Event]
 _NO_LIMIT = 1 << 60
 # Events of one subject gathered in a round before they are folded together.
 _FOLD_AT = 64
+# Events left waiting after a round that make a backlog: once it is cleared, summaries are
+# written at once (a blip of a few events at a steady rate is not one).
+_BACKLOG = 1000
 
 
 @dataclass(slots=True)
@@ -384,7 +387,7 @@ class Runner:
         self._defer = self.settings.summary_flush_ms > 0
         self._dirty: dict[tuple[int, str], _Series] = {}
         self._unacked: WireMsg | None = None
-        self._behind = False  # the last round left messages waiting
+        self._behind = False  # the last round left a backlog (_BACKLOG events or more) waiting
         self._unflushed_at = 0.0
         # Per partition, the checkpoint read at the start: its messages at or below it are
         # already applied and are skipped (the consumer starts at the lowest checkpoint).
@@ -669,7 +672,7 @@ class Runner:
             if self._unacked is None:
                 self._unflushed_at = time.monotonic()
             self._unacked = last_msg
-            # Summaries are written at once when a backlog has just been cleared, then at
+            # Summaries are written at once when a backlog has just been cleared, else at
             # most METER_FLUSH_MS apart while caught up (or idle, see _consume), and every
             # METER_SUMMARY_FLUSH_MS under load; after them the checkpoint, then the
             # acknowledgement (AckAll: the last message acks all before it).
@@ -682,7 +685,7 @@ class Runner:
                 or len(self._dirty) >= 100_000
             ):
                 await self._flush(puller)
-            self._behind = not caught_up
+            self._behind = pending >= _BACKLOG
         finally:
             keepalive.cancel()
         if self._replay_horizon and last >= self._replay_horizon:

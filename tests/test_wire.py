@@ -9,7 +9,7 @@ from nats.js.api import KeyValueConfig
 
 from kloudmeter_py.config import Settings
 from kloudmeter_py.store.provision import provision
-from kloudmeter_py.store.pull import ack_fields
+from kloudmeter_py.store.pull import _left_undelivered, ack_fields
 from kloudmeter_py.store.server import NatsServer
 from kloudmeter_py.store.wire import Wire, WireError
 from kloudmeter_py.worker import Worker
@@ -150,3 +150,11 @@ async def test_tls_from_the_url_or_when_the_server_asks(
             wire = await Wire.connect(url, name="t")
             await wire.flush()
             await wire.close()
+
+
+def test_an_ended_pull_request_says_what_it_had_left() -> None:
+    """A 408 status ends a pull request: its Nats-Pending-Messages is what it will no longer
+    deliver (the puller asks again for that); without the header, the whole batch."""
+    head = b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 640\r\nNats-Pending-Bytes: 0"
+    assert _left_undelivered(head + b"\r\n\r\n") == 640
+    assert _left_undelivered(b"NATS/1.0 408 Request Timeout\r\n\r\n") >= 1 << 20

@@ -33,12 +33,29 @@ def ack_fields(reply: str) -> tuple[int, int, int, int]:
     return int(t[o + 1]), int(t[o]), int(t[o + 3]), int(t[o + 4])
 
 
+def _left_undelivered(headers: bytes) -> int:
+    """What an ended pull request had still been due to deliver (its status's
+    ``Nats-Pending-Messages``); all of a batch when the server does not say."""
+    for line in headers.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"nats-pending-messages":
+            try:
+                return int(value)
+            except ValueError:
+                break
+    return 1 << 30
+
+
 class ConsumerGone(Exception):
     """The server says the consumer no longer exists (or the request is refused)."""
 
 
 class RawPuller:
-    """Keeps one pull request outstanding and buffers what it delivers, in stream order."""
+    """Keeps pull requests outstanding and buffers what they deliver, in stream order.
+
+    A new request goes out when half of what was asked for has arrived, so the server always
+    has the next batch to send while the last one is being read (a second round trip per
+    batch would otherwise stall a worker that is catching up)."""
 
     def __init__(self, wire: Wire, stream: str, consumer: str, batch: int, expires: float = 1.0):
         self.wire = wire
@@ -51,7 +68,7 @@ class RawPuller:
         self.last_heard = time.monotonic()
         self.buffer: deque[WireMsg] = deque()
         self.ready = asyncio.Event()
-        self.remaining = 0  # messages the outstanding request may still deliver
+        self.remaining = 0  # messages the outstanding requests may still deliver
         self.error: Exception | None = None
         self.sid: bytes | None = None
         self.inbox = ""
@@ -67,7 +84,7 @@ class RawPuller:
             self.sid = None
 
     def _request(self) -> None:
-        self.remaining = self.batch
+        self.remaining += self.batch
         self.last_heard = time.monotonic()
         self.wire.publish(self.subject, self.request, reply=self.inbox)
 
@@ -78,7 +95,9 @@ class RawPuller:
             if status is not None:
                 code = status[:3]
                 if code in ("404", "408"):  # no messages / request expired: ask again
-                    self._request()
+                    self.remaining = max(0, self.remaining - _left_undelivered(msg.headers))
+                    if self.remaining <= self.batch // 2:
+                        self._request()
                 elif code != "100":  # 100 is a heartbeat
                     self.error = ConsumerGone(status)
                     self.ready.set()
@@ -86,7 +105,7 @@ class RawPuller:
         msg.headers = b""  # not needed past this point (a round holds many messages)
         self.buffer.append(msg)
         self.remaining -= 1
-        if self.remaining <= 0:
+        if self.remaining <= self.batch // 2:
             self._request()
         self.ready.set()
 
