@@ -84,6 +84,11 @@ def _event_ms(event: Event, stored_ms: int) -> int:
     return int(event.time.timestamp() * 1000) if event.time is not None else stored_ms
 
 
+def _partition_of(stored_subject: str) -> int:
+    """The partition in a stored subject, ``<stream>.events.<partition>.<type>.<subject>``."""
+    return int(stored_subject.split(".", 3)[2])
+
+
 class Restart(Exception):
     """Start the worker's consumer again from its partitions' checkpoints."""
 
@@ -219,6 +224,11 @@ class Worker:
         self._owned: set[int] = set()
         self.runner: Runner | None = None
         self._task: asyncio.Task[None] | None = None
+        self._runs = 0  # runners started: each one's consumer has its own name
+        # Meters added while no runner was reading, and replays a stopped runner had not yet
+        # started: handed to the next runner.
+        self._unseen: list[CompiledMeter] = []
+        self._carried: tuple[int | None, set[str]] = (None, set())
         self._leases: dict[int, int] = {}  # partition -> lease revision
         self._lease_task: asyncio.Task[None] | None = None
         self._wire: Wire | None = None
@@ -266,12 +276,21 @@ class Worker:
     def _start_runner(self) -> None:
         if not self._owned:
             return
-        runner = Runner(self, sorted(self._owned))
+        self._runs += 1
+        runner = Runner(self, sorted(self._owned), self._runs)
+        restart_from, meters = self._carried
+        runner.inherit(restart_from, meters)
+        for cm in self._unseen:
+            runner.meter_added(cm)
+        self._carried = (None, set())
+        self._unseen = []
         self.runner = runner
         self._task = asyncio.create_task(runner.run(), name="runner")
 
     async def _stop_runner(self) -> None:
-        self.runner = None
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            self._carried = (runner._restart_from, set(runner._replay_meters))
         task, self._task = self._task, None
         if task is None:
             return
@@ -290,6 +309,8 @@ class Worker:
     def _meter_added(self, cm: CompiledMeter) -> None:
         if self.runner is not None:
             self.runner.meter_added(cm)
+        else:
+            self._unseen.append(cm)
 
     async def _lease_loop(self) -> None:
         interval = self.settings.lease_ttl / 3
@@ -374,7 +395,7 @@ class Worker:
 class Runner:
     """The in-order reader of the partitions a worker owns: one consumer for all of them."""
 
-    def __init__(self, worker: Worker, partitions: list[int]) -> None:
+    def __init__(self, worker: Worker, partitions: list[int], run: int = 1) -> None:
         self.w = worker
         self.partitions = partitions
         self.layout = worker.layout
@@ -393,9 +414,15 @@ class Runner:
         # already applied and are skipped (the consumer starts at the lowest checkpoint).
         self._skip: dict[int, int] = {}
         self._skip_below = 0
-        self.consumer = f"{self.layout.stream}-w{worker.worker_id}"
+        # Per partition, the checkpoint it started from: never written lower (a partition
+        # ahead of the others is not moved back while they catch up).
+        self._floor: dict[int, int] = {}
+        self._started = False  # checkpoints read: position and the floors are known
+        self.consumer = f"{self.layout.stream}-w{worker.worker_id}-{run}"
         self._restart_from: int | None = None
-        # While replaying seqs <= horizon, only meters that caused the replay get dead letters.
+        # While replaying seqs at or below its partition's horizon (what was read before),
+        # only meters that caused the replay get dead letters; _replay_horizon is the highest.
+        self._horizons: dict[int, int] = {}
         self._replay_horizon = 0
         self._replay_meters: set[str] = set()
         self._pull_batch = min(self.settings.batch_size, 1000)
@@ -403,13 +430,29 @@ class Runner:
         self.log = log.bind(partitions=partitions, worker=worker.worker_id)
 
     def meter_added(self, cm: CompiledMeter) -> None:
-        """A meter that should have seen events this runner already passed: replay them."""
-        if cm.meter.startSeq < max(self.position, self._folded):
-            start = cm.meter.startSeq + 1
-            if self._restart_from is None or start < self._restart_from:
-                self._restart_from = start
-            self._replay_meters.add(cm.meter.id)
-            self.log.info("partition.replay_requested", meter=cm.meter.id, start=start)
+        """A meter that should have seen events already applied: replay them. Before the
+        checkpoints are read that is not known yet, so the replay is asked for anyway
+        (``_consume`` drops it when every checkpoint is below its start)."""
+        applied = max(self.position, self._folded, self._skip_below)
+        if not self._started or cm.meter.startSeq < applied:
+            self.inherit(cm.meter.startSeq + 1, {cm.meter.id})
+            self.log.info(
+                "partition.replay_requested", meter=cm.meter.id, start=cm.meter.startSeq + 1
+            )
+
+    def inherit(self, start: int | None, meters: set[str]) -> None:
+        """Replay from ``start`` for ``meters`` (asked of this runner or of the one before)."""
+        if start is None:
+            return
+        if self._restart_from is None or start < self._restart_from:
+            self._restart_from = start
+        self._replay_meters |= meters
+
+    def _replaying(self, msg: WireMsg, seq: int) -> bool:
+        """Whether this event was read before, and now only replayed (see _horizons)."""
+        if seq > self._replay_horizon:
+            return False
+        return seq <= self._horizons.get(_partition_of(msg.subject), 0)
 
     async def run(self) -> None:
         backoff = 0.1
@@ -456,8 +499,9 @@ class Runner:
         )
 
     async def _write_checkpoint(self, seq: int) -> None:
-        """Every partition read is applied up to ``seq``."""
-        await self._write_checkpoints(dict.fromkeys(self.partitions, seq))
+        """Every partition read is applied up to ``seq`` (or its higher starting point)."""
+        floor = self._floor
+        await self._write_checkpoints({p: max(seq, floor.get(p, 0)) for p in self.partitions})
 
     def _filter(self) -> dict[str, Any]:
         if len(self.partitions) == self.settings.partitions:
@@ -470,17 +514,23 @@ class Runner:
     async def _consume(self) -> None:
         checkpoints = await self._read_checkpoints()
         if self._restart_from is not None and self._restart_from <= max(checkpoints.values()):
-            self._replay_horizon = max(
-                self._replay_horizon, self.position, max(checkpoints.values())
-            )
+            for p, c in checkpoints.items():
+                # Read before, up to here: the runner's position covers every partition
+                # it reads, the checkpoint this one.
+                self._horizons[p] = max(self._horizons.get(p, 0), self.position, c)
+            self._replay_horizon = max(self._horizons.values())
             checkpoints = {p: min(c, self._restart_from - 1) for p, c in checkpoints.items()}
             # Lower the checkpoints first, so a crash during the replay resumes it.
             await self._write_checkpoints(checkpoints)
+        elif not self._replay_horizon:
+            self._replay_meters.clear()  # nothing to replay after all
         self._restart_from = None
         checkpoint = min(checkpoints.values())
+        self._floor = checkpoints
         self._skip = {p: c for p, c in checkpoints.items() if c > checkpoint}
         self._skip_below = max(checkpoints.values())
         self.position = self._folded = checkpoint
+        self._started = True
         self._forget_unflushed()
         with contextlib.suppress(NotFoundError):
             await self.w.js.delete_consumer(self.layout.stream, self.consumer)
@@ -530,7 +580,7 @@ class Runner:
                         and time.monotonic() - self._unflushed_at >= flush_after
                     ):
                         await self._flush(puller)
-                    if self._replay_horizon and self.position >= self._replay_horizon:
+                    if self._replay_done():
                         self._end_replay()
                     continue
                 # A write round folds what arrives within flush_ms (or up to batch_size
@@ -554,12 +604,19 @@ class Runner:
                 if writing is not None:
                     await writing
                 writing = asyncio.create_task(self._process(puller, rnd, started))
-        finally:
+        except asyncio.CancelledError:
             if writing is not None:
-                if not writing.done():
-                    writing.cancel()
-                with contextlib.suppress(BaseException):
-                    await writing
+                writing.cancel()
+            raise
+        finally:
+            # A round being written finishes (or, when the runner is cancelled, stops) before
+            # the consumer is read again; its outcome no longer matters.
+            if writing is not None:
+                try:
+                    await asyncio.wait({writing})
+                finally:
+                    if writing.done() and not writing.cancelled():
+                        writing.exception()
             with contextlib.suppress(Exception):
                 await puller.stop()
 
@@ -570,8 +627,17 @@ class Runner:
             await asyncio.sleep(20)
             puller.in_progress(msg)
 
+    def _replay_done(self) -> bool:
+        # (not while a replay for another meter is asked for: its meter must stay listed)
+        return (
+            bool(self._replay_horizon)
+            and self.position >= self._replay_horizon
+            and self._restart_from is None
+        )
+
     def _end_replay(self) -> None:
         self._replay_horizon = 0
+        self._horizons.clear()
         self._replay_meters.clear()
 
     def _add(self, rnd: _Round, msgs: list[WireMsg]) -> None:
@@ -590,7 +656,7 @@ class Runner:
             if skip:
                 if seq > self._skip_below:
                     skip.clear()
-                elif seq <= skip.get(int(msg.subject.split(".", 3)[2]), 0):
+                elif seq <= skip.get(_partition_of(msg.subject), 0):
                     continue  # applied before: its partition's checkpoint covers it
             row = (msg, seq, stored_ns // 1_000_000)
             rows.append(row)
@@ -688,7 +754,7 @@ class Runner:
             self._behind = pending >= _BACKLOG
         finally:
             keepalive.cancel()
-        if self._replay_horizon and last >= self._replay_horizon:
+        if self._replay_done():
             self._end_replay()
         stats = self.w.stats
         stats.batches += 1
@@ -751,7 +817,7 @@ class Runner:
 
     def _decode(self, msg: WireMsg, seq: int, dead: _Dead) -> Event | None:
         """The event in a message, or None after recording why it is unusable."""
-        replaying = seq <= self._replay_horizon
+        replaying = self._replaying(msg, seq)
         if len(msg.data) > self.settings.max_body_bytes:
             if not replaying:
                 limit = self.settings.max_body_bytes
@@ -857,7 +923,7 @@ class Runner:
             try:
                 key, groups, number, dkey = cm.extract(event.subject, event.data)
             except ValueError_ as exc:
-                if seq > self._replay_horizon or cm.meter.id in self._replay_meters:
+                if cm.meter.id in self._replay_meters or not self._replaying(msg, seq):
                     dead[(seq, cm.meter.id)] = (msg, cm.meter.id, str(exc))
                 continue
             part = series.get((key, bucket))

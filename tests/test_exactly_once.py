@@ -279,6 +279,16 @@ async def test_a_worker_reads_each_partition_from_its_own_checkpoint(
     in_partition_1 = sum((info.state.subjects or {}).values())
     assert 0 < in_partition_1 < len(load.unique_events)
     last_seq = (await nc.jetstream().stream_info("meters")).state.last_seq
+    # Partition 0 is ahead while partition 1 catches up: its checkpoint never goes back.
+    written_0: list[int] = []
+    watch = await offsets.watch("partition.0", include_history=False)
+
+    async def watch_0() -> None:
+        async for entry in watch:
+            if entry is not None and entry.value:
+                written_0.append(int(msgspec.json.decode(entry.value)["seq"]))
+
+    watching = asyncio.create_task(watch_0())
     w2 = Worker(nc, settings, partitions=[0, 1])
     await w2.start()
     try:
@@ -294,5 +304,63 @@ async def test_a_worker_reads_each_partition_from_its_own_checkpoint(
         assert w2.stats.events == in_partition_1
         assert w2.stats.writes == 0
         assert await actual(nc) == load.expected()
+        await eventually(lambda: asyncio.sleep(0, len(written_0)), lambda n: n >= 2)
+        assert min(written_0) == last_seq
+    finally:
+        watching.cancel()
+        await w2.stop()
+
+
+async def test_a_replay_still_dead_letters_what_a_lagging_partition_never_read(
+    nc: Client, settings: Settings
+) -> None:
+    """Partition 0 applied up to the end, partition 1 not at all; a replay for a new meter
+    then reads both. Events of partition 1 are read for the first time, so its bad events
+    are dead-lettered (a replay dead-letters again only for the new meter)."""
+    from kloudmeter_py.core.meters import CompiledMeter
+    from kloudmeter_py.core.models import encoder, meter_in_decoder, validate_meter
+
+    async def meter(body: dict[str, object]) -> CompiledMeter:
+        m = validate_meter(meter_in_decoder.decode(msgspec.json.encode(body)))
+        await (await nc.jetstream().key_value("meters")).put(m.id, encoder.encode(m))
+        return CompiledMeter(m)
+
+    await meter({"id": "total", "eventType": "t", "aggregation": "sum", "valueProperty": "$.v"})
+    js = nc.jetstream()
+    for i in range(16):
+        for n, value in enumerate((1, "bad", 2)):
+            body = {"id": f"e{i}-{n}", "eventType": "t", "subject": f"s{i}", "data": {"v": value}}
+            await js.publish(f"meters.events.t.s{i}", msgspec.json.encode(body))
+    last_seq = (await js.stream_info("meters")).state.last_seq
+    info = await js.stream_info("meters", subjects_filter="meters.events.1.>")
+    assert info.state.subjects  # some subjects (and their bad events) are in partition 1
+
+    w1 = Worker(nc, settings, partitions=[0])
+    await w1.start()
+    offsets = await js.key_value("offsets")
+
+    async def checkpoint_0() -> int:
+        try:
+            return int(msgspec.json.decode((await offsets.get("partition.0")).value)["seq"])
+        except Exception:
+            return 0
+
+    try:
+        await eventually(checkpoint_0, lambda seq: seq == last_seq)
+    finally:
+        await w1.stop()
+    w2 = Worker(nc, settings, partitions=[0, 1])
+    await w2.start()
+    # A meter added before the runner has read its checkpoints: a replay from the start.
+    w2._meter_added(await meter({"id": "calls", "eventType": "t", "aggregation": "count"}))
+    try:
+
+        async def dead_for_total() -> int:
+            state = (await js.stream_info("meters_errors", subjects_filter=">")).state
+            return (state.subjects or {}).get("meters.event-errors.total", 0)
+
+        await eventually(dead_for_total, lambda n: n >= 16)
+        await eventually(lambda: actual(nc), lambda r: calls_total(r) == 48)
+        assert await dead_for_total() == 16
     finally:
         await w2.stop()

@@ -1,5 +1,6 @@
 """Time windows: boundaries, time zones with DST, late events, merges, expiry, the query API."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -324,4 +325,29 @@ async def test_summaries_expire_by_themselves(nats_server: Any) -> None:
             assert total_count(await readings(http, meter="m")) == 1
     finally:
         await worker.stop()
+        await nc.close()
+
+
+async def test_a_listing_racing_an_expiry_returns_what_is_left(nats_server: Any) -> None:
+    """A key counted when the listing starts and gone (expired, purged) before it is read:
+    the listing ends with what is there instead of waiting out its timeout and failing."""
+    import nats
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        kv = await js.create_key_value(bucket="racing")
+        await kv.put("a", b"1")
+        add_consumer = js.add_consumer
+
+        async def add_then_purge(stream: str, config: Any) -> Any:
+            info = await add_consumer(stream, config)
+            await js.purge_stream(stream)  # after the consumer counted the key
+            return info
+
+        js.add_consumer = add_then_purge  # type: ignore[method-assign]
+        started = asyncio.get_running_loop().time()
+        assert await scan(js, "racing") == []
+        assert asyncio.get_running_loop().time() - started < 4  # not the 5 s fetch timeout
+    finally:
         await nc.close()

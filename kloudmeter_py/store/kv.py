@@ -1,7 +1,9 @@
 """KV helpers that nats-py lacks: server-side filtered listing and revision-aware reads."""
 
+import asyncio
 import uuid
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -46,8 +48,18 @@ async def read(
         if pending:
             sub = await js.pull_subscribe_bind(name, stream=stream)
             try:
+                give_up = asyncio.get_running_loop().time() + 15
                 while pending > 0 and (limit is None or len(out) < limit):
-                    for msg in await sub.fetch(min(pending, 1000), timeout=5):
+                    try:
+                        msgs = await sub.fetch(min(pending, 1000), timeout=1)
+                    except nats.errors.TimeoutError:
+                        # Counted when the consumer was made, maybe gone since (a key that
+                        # expired, a purge): ask the server what is still to come.
+                        pending = (await sub.consumer_info()).num_pending or 0
+                        if pending and asyncio.get_running_loop().time() > give_up:
+                            raise
+                        continue
+                    for msg in msgs:
                         out.append(msg)
                         pending = msg.metadata.num_pending
             finally:
