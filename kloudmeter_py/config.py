@@ -28,7 +28,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     hour_retention: int = 2 * 86400
     day_retention_days: int = 400
     # Most events folded in one write round, and how long a round may gather them.
-    batch_size: int = 100_000
+    batch_size: int = 50_000
     flush_ms: int = 1000
     # Under load, summary windows are written at most this often (readings every round);
     # 0 writes them every round too. Both intervals stay well below the consumer's 60 s ack
