@@ -337,11 +337,12 @@ class Worker:
             except KeyWrongLastSequenceError:
                 log.warning("lease.lost", worker=self.worker_id, partition=p)
                 del self._leases[p]
-                await self._set_owned()
-        while len(self._leases) > share:
-            p = max(self._leases)
-            revision = self._leases.pop(p)
-            await self._set_owned()
+        extra = sorted(self._leases)[share:]
+        released = {p: self._leases.pop(p) for p in extra}
+        # Stop reading lost and released partitions (one restart for all of them) before
+        # giving the released ones back.
+        await self._set_owned()
+        for p, revision in released.items():
             with contextlib.suppress(Exception):
                 await kv.delete(f"partition.{p}", last=revision)
             log.info("lease.released", worker=self.worker_id, partition=p)
@@ -583,8 +584,9 @@ class Runner:
                     if self._replay_done():
                         self._end_replay()
                     continue
-                # A write round folds what arrives within flush_ms (or up to batch_size
-                # events), as it arrives: more events per round means fewer writes per event.
+                # A write round gathers what arrives within flush_ms (or up to batch_size
+                # events): more events per round means fewer writes per event. A subject's
+                # events are folded together, once _FOLD_AT of them are in or at the end.
                 started = time.monotonic()
                 await self.w.registry.catch_up()
                 rnd = _Round(self._levels, self._folded)
