@@ -76,8 +76,15 @@ def _parser() -> argparse.ArgumentParser:
         help="measure end to end against raw JetStream (embedded NATS unless NATS_URL is set)",
     )
     bench.add_argument("--nats-url", help="use this NATS instead of an embedded one")
-    bench.add_argument("--events", type=int, default=200_000, help="events end to end")
-    bench.add_argument("--subjects", type=int, default=1000)
+    bench.add_argument(
+        "--shape",
+        choices=["live", "wide"],
+        default="live",
+        help="live: 1,000 subjects, events in the current minute (200,000); wide: 10,000 "
+        "subjects, times over the last 30 days (1,000,000)",
+    )
+    bench.add_argument("--events", type=int, help="events end to end (default: the shape's)")
+    bench.add_argument("--subjects", type=int, help="subjects (default: the shape's)")
     bench.add_argument("--http-seconds", type=float, default=5.0)
     bench.add_argument("--lag-rate", type=int, default=5000, help="offered events/s")
     bench.add_argument("--lag-seconds", type=float, default=5.0)
@@ -363,9 +370,12 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     from kloudmeter_py import bench
 
     url = args.nats_url or os.environ.get("NATS_URL") or None
-    if args.events < 1 or args.subjects < 1:
+    if (args.events is not None and args.events < 1) or (
+        args.subjects is not None and args.subjects < 1
+    ):
         raise ConfigError("--events and --subjects must be positive")
     results = await bench.run(
+        shape=args.shape,
         nats_url=url,
         events_n=args.events,
         subjects=args.subjects,
