@@ -115,6 +115,12 @@ _FOLD_AT = 64
 # Events left waiting after a round that make a backlog: once it is cleared, summaries are
 # written at once (a blip of a few events at a steady rate is not one).
 _BACKLOG = 1000
+# Atomic batches a runner keeps open at once per bucket. nats-server allows 50 in flight per
+# stream (1,000 per server) and answers any batch beyond that with 10176 "atomic publish batch
+# is incomplete": a flush of 2,000 summary batches started all at once drew 31 of those at
+# 10,000 subjects, each a restart from the checkpoint. Eight per runner leave room for six
+# workers on one bucket and still keep the server busy (a batch is a round trip of ~1,000 writes).
+_BATCHES_IN_FLIGHT = 8
 
 
 @dataclass(slots=True)
@@ -428,6 +434,8 @@ class Runner:
         self._replay_meters: set[str] = set()
         self._pull_batch = min(self.settings.batch_size, 1000)
         self._batch_counter = 0
+        # Atomic batches open at once, per bucket (see _BATCHES_IN_FLIGHT).
+        self._batch_slots: dict[int, asyncio.Semaphore] = {}
         self.log = log.bind(partitions=partitions, worker=worker.worker_id)
 
     def meter_added(self, cm: CompiledMeter) -> None:
@@ -1214,9 +1222,23 @@ class Runner:
         chunk: list[int],
         results: list[int | BaseException],
     ) -> None:
+        store = writes[chunk[0]][0][0]
+        slots = self._batch_slots.get(store)
+        if slots is None:
+            slots = self._batch_slots[store] = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
+        async with slots:
+            await self._atomic_one(writes, chunk, results, store)
+
+    async def _atomic_one(
+        self,
+        writes: list[tuple[tuple[int, str], bytes, int]],
+        chunk: list[int],
+        results: list[int | BaseException],
+        store: int,
+    ) -> None:
         self._batch_counter += 1
         batch_id = f"{self.consumer}-{self._batch_counter}"[-64:]
-        bucket = self.w.store_buckets[writes[chunk[0]][0][0]]
+        bucket = self.w.store_buckets[store]
         last = len(chunk) - 1
         head = b"NATS/1.0\r\nNats-Batch-Id: %s\r\nNats-Batch-Sequence: " % batch_id.encode()
         try:
