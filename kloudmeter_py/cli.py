@@ -33,9 +33,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-json", action="store_true", help="JSON logs even on a terminal")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def secured(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--nats-creds", help="overrides NATS_CREDS: a user .creds file")
+        sp.add_argument("--nats-nkey-seed", help="overrides NATS_NKEY_SEED: an NKEY seed file")
+        sp.add_argument("--nats-tls-cert", help="overrides NATS_TLS_CERT: client certificate")
+        sp.add_argument("--nats-tls-key", help="overrides NATS_TLS_KEY: its private key")
+        sp.add_argument("--nats-tls-ca", help="overrides NATS_TLS_CA: CA of the server")
+
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--nats-url", help="overrides NATS_URL")
         sp.add_argument("--stream", help="overrides METER_NATS_STREAM")
+        secured(sp)
 
     up = sub.add_parser("up", help="embedded nats-server + setup + worker + gateway")
     common(up)
@@ -76,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         help="measure end to end against raw JetStream (embedded NATS unless NATS_URL is set)",
     )
     bench.add_argument("--nats-url", help="use this NATS instead of an embedded one")
+    secured(bench)
     bench.add_argument("--events", type=int, default=200_000, help="events end to end")
     bench.add_argument("--subjects", type=int, default=1000)
     bench.add_argument("--http-seconds", type=float, default=5.0)
@@ -116,7 +125,17 @@ def main(argv: list[str] | None = None) -> int:
             http_port=getattr(args, "port", None),
             http_host=getattr(args, "host", None),
             data_dir=getattr(args, "data_dir", None),
+            nats_creds=getattr(args, "nats_creds", None),
+            nats_nkey_seed=getattr(args, "nats_nkey_seed", None),
+            nats_tls_cert=getattr(args, "nats_tls_cert", None),
+            nats_tls_key=getattr(args, "nats_tls_key", None),
+            nats_tls_ca=getattr(args, "nats_tls_ca", None),
         )
+        if args.command != "agent":
+            from kloudmeter_py.store import credentials
+
+            # Every file a secured NATS needs is read and checked before anything starts.
+            credentials.load(settings)
     except ConfigError as exc:
         print(f"kloudmeter: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -170,7 +189,9 @@ async def _connected(settings: Settings, name: str) -> AsyncIterator[object]:
     from kloudmeter_py.store.kv import connect
 
     try:
-        nc = await connect(settings.nats_url, name=name)
+        nc = await connect(settings.nats_url, name=name, settings=settings)
+    except ConfigError:
+        raise  # refused credentials or certificate: the message names the setting
     except Exception as exc:
         raise KloudmeterError(f"cannot reach NATS at {settings.nats_url}: {exc}") from exc
     try:

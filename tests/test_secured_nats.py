@@ -1,0 +1,230 @@
+"""Secured NATS: NKEY users, operator-mode JWT creds and mutual TLS, on every connection the
+service makes (nats-py for setup, gateway, leases and KV reads; the worker's lean connection)."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from nats.aio.client import Client
+
+from kloudmeter_py.config import Settings
+from kloudmeter_py.gateway import create_app
+from kloudmeter_py.store import credentials
+from kloudmeter_py.store.credentials import NatsRefused
+from kloudmeter_py.store.kv import connect
+from kloudmeter_py.store.provision import provision
+from kloudmeter_py.store.wire import Wire
+from kloudmeter_py.worker import Worker
+from tests import secured
+from tests.conftest import SecuredNats, eventually
+from tests.helpers import create_meter, post_event, readings, total_count
+
+KINDS = ["nkey_nats", "operator_nats", "mtls_nats"]
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    """The environment a deployment would set for ``settings``' secured NATS."""
+    env = {"NATS_URL": settings.nats_url}
+    for var, value in (
+        ("NATS_CREDS", settings.nats_creds),
+        ("NATS_NKEY_SEED", settings.nats_nkey_seed),
+        ("NATS_TLS_CERT", settings.nats_tls_cert),
+        ("NATS_TLS_KEY", settings.nats_tls_key),
+        ("NATS_TLS_CA", settings.nats_tls_ca),
+    ):
+        if value:
+            env[var] = value
+    return env
+
+
+def _kloudmeter(
+    *args: str, env: dict[str, str], timeout: float = 30
+) -> "subprocess.CompletedProcess[str]":
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    return subprocess.run(
+        [sys.executable, "-m", "kloudmeter_py", "--log-level", "warning", *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("secured_nats", KINDS, indirect=True)
+async def test_worker_and_gateway_apply_events_exactly(
+    secured_nats: SecuredNats,
+) -> None:
+    """Setup, gateway and worker (its lean connection too) on a secured server: every event is
+    counted once, a repeated id not at all."""
+    sn = secured_nats
+    settings = sn.settings
+    nc = await connect(settings.nats_url, name="test", settings=settings)
+    try:
+        await provision(nc.jetstream(), settings)
+        worker = Worker(nc, settings)
+        await worker.start()
+        try:
+            async with TestClient(TestServer(create_app(settings, nc))) as http:
+                await create_meter(http, id="calls", eventType="call", aggregation="count")
+                for i in range(30):
+                    await post_event(
+                        http, id=f"e{i % 25}", eventType="call", subject=f"c{i % 3}", data={}
+                    )
+                found = await eventually(
+                    lambda: readings(http, meter="calls"), lambda rs: total_count(rs) >= 25
+                )
+                await asyncio.sleep(0.3)  # a late double count would show here
+                assert total_count(await readings(http, meter="calls")) == 25
+                assert {r["subject"] for r in found} == {"c0", "c1", "c2"}
+            # the lean connection is the one that pulled and wrote: it authenticated too
+            assert worker._wire is not None and worker._wire.error is None
+        finally:
+            await worker.stop()
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("secured_nats", KINDS, indirect=True)
+async def test_setup_command_takes_the_settings_from_the_environment(
+    secured_nats: SecuredNats,
+) -> None:
+    """`kloudmeter setup` with NATS_CREDS / NATS_NKEY_SEED / NATS_TLS_* creates the stream."""
+    sn = secured_nats
+    proc = await asyncio.to_thread(_kloudmeter, "setup", env=_env(sn.settings))
+    assert proc.returncode == 0, proc.stderr
+    nc = await connect(sn.settings.nats_url, name="test", settings=sn.settings)
+    try:
+        assert (await nc.jetstream().stream_info("meters")).config.name == "meters"
+    finally:
+        await nc.close()
+
+
+async def test_setup_command_takes_the_settings_as_flags(operator_nats: SecuredNats) -> None:
+    """The same settings as command-line flags."""
+    s = operator_nats.settings
+    assert s.nats_creds is not None
+    proc = await asyncio.to_thread(
+        _kloudmeter, "setup", "--nats-url", s.nats_url, "--nats-creds", s.nats_creds, env={}
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+async def test_tenant_creds_publish_only_their_own_events(operator_nats: SecuredNats) -> None:
+    """A tenant's user JWT with publish allowed on meters.events.*.acme (as tenants.conf does
+    with passwords) may publish acme's events and not globex's."""
+    import nats
+    import nats.errors
+
+    account, acme = operator_nats.keys["account"], secured.user_key()
+    permissions = {
+        "pub": {"allow": ["meters.events.*.acme"]},
+        "sub": {"allow": ["_INBOX.>"]},
+    }
+    creds = secured.write_secret(
+        operator_nats.dir / "acme.creds",
+        secured.creds_text(secured.user_jwt(account, acme, "acme", permissions), acme),
+    )
+    service = await connect(
+        operator_nats.settings.nats_url, name="svc", settings=operator_nats.settings
+    )
+    await provision(service.jetstream(), operator_nats.settings)
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    tenant = Settings(nats_url=operator_nats.settings.nats_url, nats_creds=creds)
+    producer = await connect(tenant.nats_url, name="acme", settings=tenant, error_cb=on_error)
+    try:
+        js = producer.jetstream(timeout=2)
+        event = {"id": "1", "eventType": "t", "subject": "acme"}
+        assert (await js.publish("meters.events.t.acme", msgspec.json.encode(event))).seq == 1
+        with pytest.raises((nats.errors.TimeoutError, asyncio.TimeoutError)):
+            await js.publish("meters.events.t.globex", b'{"id":"2"}')
+        assert (await service.jetstream().stream_info("meters")).state.messages == 1
+    finally:
+        await producer.close()
+        await service.close()
+
+
+# --- refused: a clear error naming the setting, quickly, and nothing started ---------------
+
+
+def _refused_cases(sn: SecuredNats, case: str) -> tuple[Settings, str]:
+    base = sn.settings
+    if case == "wrong seed":
+        seed = secured.write_secret(sn.dir / "other.nk", secured.user_key().seed.decode())
+        return msgspec.structs.replace(base, nats_nkey_seed=seed), "NATS_NKEY_SEED"
+    if case == "revoked jwt":
+        revoked = sn.keys["revoked"]
+        jwt = secured.user_jwt(sn.keys["account"], revoked, iat_offset=-60)
+        creds = secured.write_secret(sn.dir / "revoked.creds", secured.creds_text(jwt, revoked))
+        return msgspec.structs.replace(base, nats_creds=creds), "NATS_CREDS"
+    if case == "foreign jwt":
+        user = secured.user_key()
+        jwt = secured.user_jwt(secured.account_key(), user)
+        creds = secured.write_secret(sn.dir / "foreign.creds", secured.creds_text(jwt, user))
+        return msgspec.structs.replace(base, nats_creds=creds), "NATS_CREDS"
+    if case == "missing certificate":
+        return msgspec.structs.replace(base, nats_tls_cert=None, nats_tls_key=None), "NATS_TLS_CERT"
+    assert case == "untrusted server"
+    other_ca = secured.make_ca(sn.dir, "other-ca")
+    return msgspec.structs.replace(base, nats_tls_ca=str(other_ca[0])), "NATS_TLS_CA"
+
+
+REFUSED = [
+    ("nkey_nats", "wrong seed"),
+    ("operator_nats", "revoked jwt"),
+    ("operator_nats", "foreign jwt"),
+    ("mtls_nats", "missing certificate"),
+    ("mtls_nats", "untrusted server"),
+]
+
+
+@pytest.mark.parametrize(("secured_nats", "case"), REFUSED, indirect=["secured_nats"])
+async def test_refused_connections_name_the_setting(secured_nats: SecuredNats, case: str) -> None:
+    """nats-py and the lean connection both stop at once with NatsRefused naming the setting."""
+    sn = secured_nats
+    settings, setting = _refused_cases(sn, case)
+    started = time.monotonic()
+    with pytest.raises(NatsRefused, match=f"^{setting}: "):
+        await connect(settings.nats_url, name="test", settings=settings)
+    with pytest.raises(NatsRefused, match=f"^{setting}: "):
+        await Wire.connect(settings.nats_url, name="test", credentials=credentials.load(settings))
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    ("secured_nats", "case"), REFUSED[:1] + REFUSED[2:4], indirect=["secured_nats"]
+)
+async def test_refused_worker_and_gateway_do_not_start(
+    secured_nats: SecuredNats, case: str, tmp_path: Path
+) -> None:
+    """`kloudmeter up`/`gateway` with credentials the server refuses: exit 2 with the setting
+    named, no HTTP port opened, nothing provisioned."""
+    sn = secured_nats
+    settings, setting = _refused_cases(sn, case)
+    env = {**_env(settings), "KLOUDMETER_DATA_DIR": str(tmp_path / "data")}
+    proc = await asyncio.to_thread(_kloudmeter, "up", "--port", "0", env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert f"kloudmeter: {setting}: " in proc.stderr
+    assert "gateway.listening" not in proc.stderr and "kloudmeter is up" not in proc.stderr
+    nc = await connect(sn.settings.nats_url, name="test", settings=sn.settings)
+    try:
+        names = [s.config.name async for s in _streams(nc)]
+        assert names == []
+    finally:
+        await nc.close()
+
+
+async def _streams(nc: Client) -> AsyncIterator[Any]:
+    for info in await nc.jetstream().streams_info():
+        yield info
