@@ -268,6 +268,7 @@ async def _gateway(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _up(settings: Settings, args: argparse.Namespace) -> int:
     from kloudmeter_py.metrics import Metrics
+    from kloudmeter_py.store import credentials
     from kloudmeter_py.store.provision import provision
     from kloudmeter_py.store.server import NatsServer
     from kloudmeter_py.worker import Worker, tune_gc
@@ -277,6 +278,12 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
     async with contextlib.AsyncExitStack() as stack:
         if await _nats_answers(settings.nats_host, settings.nats_port):
             log.info("nats.using_existing", url=settings.nats_url)
+        elif secured := credentials.secured_setting(settings):
+            # Credentials mean a secured NATS elsewhere: never an open embedded one instead.
+            raise ConfigError(
+                f"{secured}: no NATS server answers at {settings.nats_url}, and kloudmeter up "
+                "starts an embedded one only without NATS credentials or certificates"
+            )
         else:
             store = Path(settings.data_dir) / "nats"
             server = NatsServer(store, host=settings.nats_host, port=settings.nats_port)

@@ -77,16 +77,15 @@ class NatsCredentials:
 
     def connect_fields(self, info: dict[str, Any]) -> dict[str, str]:
         """The CONNECT fields for a server whose INFO is ``info``: ``jwt`` + ``sig`` for a
-        credentials file, ``nkey`` + ``sig`` for an NKEY seed, nothing without a seed."""
+        credentials file, ``nkey`` + ``sig`` for an NKEY seed, nothing without a seed or a
+        nonce to sign."""
         if self.seed is None:
             return {}
         nonce = info.get("nonce")
         if not nonce:
-            # A server that does not ask for a signature does not know this user either.
-            raise NatsRefused(
-                f"{self.seed_setting}: the NATS server did not send a nonce to sign; it is not "
-                "configured for NKEY or JWT users"
-            )
+            # The server asks for no signature (it has no NKEY or JWT users): as nats-py does,
+            # connect without one, and let the server decide.
+            return {}
         fields = {"sig": self.sign(str(nonce))}
         if self.jwt is not None:
             fields["jwt"] = self.jwt
@@ -129,6 +128,10 @@ def _check_seed(setting: str, path: str, seed: str) -> str:
     import nkeys
 
     try:
+        # nkeys decodes a seed without checking its checksum: check it with nkeys' own CRC.
+        raw = base64.b32decode(seed + "=" * (-len(seed) % 8))
+        if len(raw) != 36 or nkeys.crc16_checksum(raw[:-2]) != raw[-2:]:
+            raise ValueError("bad checksum")
         kp = nkeys.from_seed(bytearray(seed.encode()))
     except Exception:
         raise ConfigError(f"{setting}: {path} holds no valid NKEY seed") from None
@@ -219,6 +222,19 @@ def _tls_context(settings: Settings) -> ssl.SSLContext | None:
                 f"{settings.nats_tls_key} is not a PEM certificate and its private key: {exc}"
             ) from None
     return context
+
+
+def secured_setting(settings: Settings) -> str | None:
+    """The first secured-NATS setting that is set, or None."""
+    for name, value in (
+        ("NATS_CREDS", settings.nats_creds),
+        ("NATS_NKEY_SEED", settings.nats_nkey_seed),
+        ("NATS_TLS_CERT", settings.nats_tls_cert),
+        ("NATS_TLS_CA", settings.nats_tls_ca),
+    ):
+        if value:
+            return name
+    return None
 
 
 def load(settings: Settings) -> NatsCredentials:
