@@ -6,8 +6,9 @@ One place reads and checks the files named by ``NATS_CREDS``, ``NATS_NKEY_SEED``
 same way, and a setting that cannot work stops the program at start with a message naming it.
 Signing uses the official ``nkeys`` package (ed25519); nothing here does crypto of its own.
 
-Also here: ``explain``, which turns what a refused connection raised (an authorization
-violation, a TLS alert, an untrusted server certificate) into such a message.
+Also here: ``refusal``, which turns what a refused connection raised (an authorization
+violation, a TLS alert, an untrusted server certificate) into such a message, and
+``connect_nats``, the nats-py connection that stops on one instead of retrying forever.
 """
 
 import asyncio
@@ -18,7 +19,7 @@ import json
 import re
 import ssl
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ class NatsCredentials:
 
     jwt: str | None = None
     # The user's seed and which setting it came from (NATS_CREDS or NATS_NKEY_SEED).
-    seed: bytes | None = field(default=None)
+    seed: bytes | None = None
     seed_setting: str | None = None
     public_key: str | None = None
     tls: ssl.SSLContext | None = None
@@ -113,14 +114,21 @@ class NatsCredentials:
         return options
 
 
-def _read(setting: str, path: str) -> str:
+def _read(setting: str, path: str) -> bytes:
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{setting}: {path} does not exist")
     try:
-        return p.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
+        return p.read_bytes()
+    except OSError as exc:
         raise ConfigError(f"{setting}: cannot read {path}: {exc}") from None
+
+
+def _read_text(setting: str, path: str, what: str) -> str:
+    try:
+        return _read(setting, path).decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{setting}: {path} is not {what}") from None
 
 
 def _check_seed(setting: str, path: str, seed: str) -> str:
@@ -167,7 +175,7 @@ def _jwt_claims(setting: str, path: str, token: str) -> dict[str, Any]:
 
 
 def _load_creds(path: str) -> NatsCredentials:
-    text = _read("NATS_CREDS", path)
+    text = _read_text("NATS_CREDS", path, "a NATS credentials file")
     jwt_match = _JWT_BLOCK.search(text)
     seed_match = _SEED_BLOCK.search(text)
     if jwt_match is None or seed_match is None:
@@ -186,7 +194,7 @@ def _load_creds(path: str) -> NatsCredentials:
 
 
 def _load_seed(path: str) -> NatsCredentials:
-    text = _read("NATS_NKEY_SEED", path)
+    text = _read_text("NATS_NKEY_SEED", path, "an NKEY seed file")
     block = _SEED_BLOCK.search(text)
     seeds = [block.group(1)] if block else _SEED.findall(text)
     if len(seeds) != 1:
