@@ -250,3 +250,61 @@ def test_bench_refuses_a_secured_nats_it_cannot_use(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "NATS_NKEY_SEED: kloudmeter bench does not support secured NATS yet" in proc.stderr
+
+
+@pytest.mark.parametrize("secured_nats", ["operator_nats", "mtls_nats"], indirect=True)
+async def test_up_command_counts_events_on_a_secured_server(
+    secured_nats: SecuredNats, tmp_path: Path
+) -> None:
+    """`kloudmeter up` against a secured server (settings from the environment): provisioning,
+    the worker's lean connection and the gateway all connect; an event becomes a reading."""
+    import signal
+    import socket
+
+    import aiohttp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        http_port = s.getsockname()[1]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+    env = {
+        **clean,
+        **_env(secured_nats.settings),
+        "HTTP_SERVER_PORT": str(http_port),
+        "KLOUDMETER_DATA_DIR": str(tmp_path / "data"),
+        "LOG_LEVEL": "warning",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kloudmeter_py", "up", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def health() -> int:
+                try:
+                    async with http.get(f"{base}/healthy") as r:
+                        return r.status
+                except aiohttp.ClientError:
+                    return 0
+
+            await eventually(health, lambda s: s == 200, timeout=30)
+            meter = {"id": "m", "eventType": "t", "aggregation": "count"}
+            async with http.post(f"{base}/api/create-meter", json=meter) as r:
+                assert r.status == 201
+            for i in (1, 2, 1):
+                event = {"id": str(i), "eventType": "t", "subject": "s"}
+                async with http.post(f"{base}/api/register-event", json=event) as r:
+                    assert r.status == 202
+
+            async def count() -> int:
+                async with http.get(f"{base}/api/readings") as r:
+                    return sum(x["count"] for x in await r.json())
+
+            await eventually(count, lambda c: c == 2)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(20):
+            code = await proc.wait()
+    assert code == 0
+    assert not (tmp_path / "data").exists()  # the secured server was used, none embedded
