@@ -242,10 +242,14 @@ class Worker:
 
     async def wire(self) -> Wire:
         """The hot-path connection (pulls and KV write batches), opened again after a failure."""
+        from kloudmeter_py.store.credentials import load as load_credentials
+
         async with self._wire_lock:
             if self._wire is None or self._wire.error is not None:
                 self._wire = await Wire.connect(
-                    self.settings.nats_url, name=f"kloudmeter-worker-{self.worker_id}"
+                    self.settings.nats_url,
+                    name=f"kloudmeter-worker-{self.worker_id}",
+                    credentials=load_credentials(self.settings),
                 )
             return self._wire
 
