@@ -29,12 +29,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.keys import event_subject
 from kloudmeter_py.core.models import (
-    decode_summary,
     encoder,
     meter_in_decoder,
     reading_decoder,
     validate_meter,
 )
+from kloudmeter_py.core.summaries import summary_reading
 from kloudmeter_py.core.windows import widths, window_start
 from kloudmeter_py.store.kv import scan
 from kloudmeter_py.store.layout import Layout
@@ -339,7 +339,7 @@ async def _unapplied(nc: Client, stream: str) -> int:
     return (ours[0].num_pending or 0) + (ours[0].num_ack_pending or 0)
 
 
-async def latest_values(nc: Client, bucket: str, on_value: Callable[[bytes], None]) -> int:
+async def latest_values(nc: Client, bucket: str, on_value: Callable[[str, bytes], None]) -> int:
     """Feed the latest value of every key of a bucket to ``on_value``; the number of values.
 
     Pulled on a lean connection in batches of 1,000 (a push consumer without flow control
@@ -360,6 +360,7 @@ async def latest_values(nc: Client, bucket: str, on_value: Callable[[bytes], Non
     )
     left = info.num_pending or 0
     seen = 0
+    prefix = f"$KV.{bucket}."
     wire = await Wire.connect(nc.connected_url.geturl() if nc.connected_url else "", name="bench")
     try:
         puller = RawPuller(wire, f"KV_{bucket}", name, 1000)
@@ -370,7 +371,7 @@ async def latest_values(nc: Client, bucket: str, on_value: Callable[[bytes], Non
                 raise TimeoutError(f"{bucket}: {left} values not delivered")
             for msg in msgs:
                 if msg.data:  # (a delete marker has none)
-                    on_value(msg.data)
+                    on_value(msg.subject[len(prefix) :], msg.data)
                     seen += 1
             left -= len(msgs)
         await puller.stop()
@@ -381,25 +382,36 @@ async def latest_values(nc: Client, bucket: str, on_value: Callable[[bytes], Non
     return seen
 
 
-async def stored(nc: Client, layout: Layout) -> tuple[dict[_RKey, Any], dict[_WKey, Any]]:
+async def stored(
+    nc: Client, layout: Layout, layout_interval: int = 60
+) -> tuple[dict[_RKey, Any], dict[_WKey, Any]]:
     """Every reading's and every summary window's value (the bench's meters only)."""
     readings: dict[_RKey, Any] = {}
     windows: dict[_WKey, Any] = {}
 
-    def reading(data: bytes) -> None:
+    meters = {
+        m.id: m
+        for m in (validate_meter(meter_in_decoder.decode(msgspec.json.encode(b))) for b in METERS)
+    }
+
+    def reading(key: str, data: bytes) -> None:
         r = reading_decoder.decode(data)
         if r.meterId != "lag":
             readings[(r.meterId, r.subject, next(iter(r.groupBy.values()), None) or "")] = r.value
 
     await latest_values(nc, layout.readings_bucket, reading)
+    level_widths = widths(layout_interval)
     for level, bucket in layout.summary_buckets.items():
 
-        def window(data: bytes, level: str = level) -> None:
-            r = decode_summary(data)
-            if r.meterId != "lag" and r.windowStart is not None:
-                group = next(iter(r.groupBy.values()), None) or ""
-                start = int(r.windowStart.timestamp())
-                windows[(level, r.meterId, r.subject, group, start)] = r.value
+        def window(key: str, data: bytes, level: str = level) -> None:
+            meter = meters[key.split(".", 1)[0]]
+            if meter.id == "lag":
+                return
+            r = summary_reading(key, data, meter, level_widths[level])
+            assert r.windowStart is not None
+            group = next(iter(r.groupBy.values()), None) or ""
+            start = int(r.windowStart.timestamp())
+            windows[(level, r.meterId, r.subject, group, start)] = r.value
 
         await latest_values(nc, bucket, window)
     return readings, windows
@@ -525,7 +537,7 @@ async def run(
         results["raw_stream_bytes_per_event"] = round(raw / events_n, 1)
         results["disk_over_raw"] = round(disk / raw, 2) if disk and raw else None
         p.phase("end to end: checking every reading and summary window")
-        readings, windows = await stored(nc, layout)
+        readings, windows = await stored(nc, layout, settings.interval)
         correct, wrong = expected.compare(readings, windows)
         results["correct"] = correct and publisher.errors == 0
         if wrong:

@@ -40,6 +40,7 @@ from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold, fold_ma
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.meters import CompiledMeter, from_reading, to_reading
 from kloudmeter_py.core.models import Event, encoder, event_decoder, reading_decoder
+from kloudmeter_py.core.summaries import decode_window, encode_window
 from kloudmeter_py.core.windows import widths, window_start, window_token
 from kloudmeter_py.store.kv import get_with_revision, scan
 from kloudmeter_py.store.layout import Layout
@@ -793,22 +794,13 @@ class Runner:
         """Write the summaries changed since the last flush, then the checkpoint, then ack."""
         if self._dirty:
             self.log.debug("summaries.flush", keys=len(self._dirty))
-            now = datetime.now(UTC)
             writes = []
-            for wkey, (cm, subject, groups, window) in self._dirty.items():
+            for wkey, (cm, _, _, _) in self._dirty.items():
                 cached = self.cache[wkey]
-                reading = to_reading(
-                    cached.acc,
-                    cm.meter,
-                    subject,
-                    groups,
-                    cached.last_seq,
-                    now,
-                    cached.replayed,
-                    window=window,
-                    late=cached.late,
+                body = encode_window(
+                    cached.acc, cached.last_seq, cm.meter.startSeq, cached.replayed
                 )
-                writes.append((wkey, encoder.encode(reading), cached.revision))
+                writes.append((wkey, body, cached.revision))
             results = await self._store_many(writes)
             for (wkey, _, _), result in zip(writes, results, strict=True):
                 if isinstance(result, int):
@@ -1067,6 +1059,11 @@ class Runner:
             value, revision = results[wkey]
             if value is None:
                 self.cache[wkey] = _Cached(Acc(), 0, revision, -1)
+            elif wkey[0]:
+                w = decode_window(value)
+                self.cache[wkey] = _Cached(
+                    w.acc, w.last_seq, revision, w.meter_start_seq, w.replayed
+                )
             else:
                 r = reading_decoder.decode(value)
                 self.cache[wkey] = _Cached(
@@ -1139,22 +1136,28 @@ class Runner:
                     self.cache[wkey] = cached
                 if not self._apply(rnd, wkey, cached, dead):
                     continue
-                if wkey[0] and self._defer:
-                    # A summary: written by _flush, with the checkpoint.
-                    self._dirty[wkey] = (kw.meter, kw.subject, kw.groups, kw.window)
-                    continue
-                reading = to_reading(
-                    cached.acc,
-                    meter,
-                    kw.subject,
-                    kw.groups,
-                    cached.last_seq,
-                    now,
-                    cached.replayed,
-                    window=kw.window,
-                    late=cached.late,
-                )
-                writes.append((wkey, encoder.encode(reading), cached.revision, cached))
+                if wkey[0]:
+                    if self._defer:
+                        # A summary: written by _flush, with the checkpoint.
+                        self._dirty[wkey] = (kw.meter, kw.subject, kw.groups, kw.window)
+                        continue
+                    body = encode_window(
+                        cached.acc, cached.last_seq, meter.startSeq, cached.replayed
+                    )
+                else:
+                    body = encoder.encode(
+                        to_reading(
+                            cached.acc,
+                            meter,
+                            kw.subject,
+                            kw.groups,
+                            cached.last_seq,
+                            now,
+                            cached.replayed,
+                            late=cached.late,
+                        )
+                    )
+                writes.append((wkey, body, cached.revision, cached))
             if not writes:
                 return
             results = await self._store_many([(wkey, body, rev) for wkey, body, rev, _ in writes])

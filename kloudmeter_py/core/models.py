@@ -239,8 +239,3 @@ meter_in_decoder = msgspec.json.Decoder(MeterIn)
 meter_decoder = msgspec.json.Decoder(Meter)
 reading_decoder = msgspec.json.Decoder(Reading)
 encoder = msgspec.json.Encoder()
-
-
-def decode_summary(data: bytes) -> Reading:
-    """A summary window's stored value."""
-    return reading_decoder.decode(data)

@@ -21,7 +21,8 @@ import msgspec
 from aiohttp import web
 
 from kloudmeter_py.core.keys import encode_token, event_subject
-from kloudmeter_py.core.models import Meter, MeterIn, Reading, encoder, reading_decoder
+from kloudmeter_py.core.models import Meter, MeterIn, Reading, encoder
+from kloudmeter_py.core.summaries import summary_reading
 from kloudmeter_py.core.windows import widths
 from kloudmeter_py.errors import Conflict, InvalidInput, NotFound
 from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, SETTINGS
@@ -219,8 +220,8 @@ async def summaries(
         oldest = int(now - span)
         oldest -= oldest % width
         ranges[name] = (oldest, width)
-        for _, value in await scan(js, layout.summary_buckets[level], pattern):
-            s = reading_decoder.decode(value)
+        for key, value in await scan(js, layout.summary_buckets[level], pattern):
+            s = summary_reading(key, value, meter, width)
             label = s.groupBy.get("label")
             if (
                 s.meterStartSeq != meter.startSeq
