@@ -34,6 +34,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # 0 writes them every round too. Both intervals stay well below the consumer's 60 s ack
     # wait: a message is acknowledged only after its round and the summary flush.
     summary_flush_ms: int = 5000
+    # The worker's cache of key states (readings and summaries), in MB (an estimate).
+    cache_mb: int = 64
     # Largest HTTP request body accepted.
     max_body_bytes: int = 1024 * 1024
     # Stream duplicate window (seconds) for event ids.
@@ -83,6 +85,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("METER_BATCH_SIZE", self.batch_size, 1, 1_000_000),
             ("METER_FLUSH_MS", self.flush_ms, 0, 20_000),
             ("METER_SUMMARY_FLUSH_MS", self.summary_flush_ms, 0, 30_000),
+            ("METER_CACHE_MB", self.cache_mb, 1, 1_000_000),
             ("METER_MAX_BODY_BYTES", self.max_body_bytes, 1024, 64 * 1024 * 1024),
             ("METER_DEDUP_WINDOW", self.dedup_window, 1, 10 * 365 * 86400),
             ("METER_RETENTION", self.retention, 0, 100 * 365 * 86400),
@@ -190,6 +193,7 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("METER_BATCH_SIZE", "batch_size", int),
     ("METER_FLUSH_MS", "flush_ms", int),
     ("METER_SUMMARY_FLUSH_MS", "summary_flush_ms", int),
+    ("METER_CACHE_MB", "cache_mb", int),
     ("METER_MAX_BODY_BYTES", "max_body_bytes", int),
     ("METER_DEDUP_WINDOW", "dedup_window", int),
     ("METER_RETENTION", "retention", int),

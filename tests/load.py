@@ -7,6 +7,7 @@ import random
 import signal
 import sys
 from collections import Counter, defaultdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,20 @@ REGIONS = ["eu", "us", "ap"]
 class Load:
     """Events to publish (with duplicates) and what the readings must be afterwards."""
 
-    def __init__(self, n: int, *, subjects: int = 50, dup_ratio: float = 0.1, seed: int = 1):
+    def __init__(
+        self,
+        n: int,
+        *,
+        subjects: int = 50,
+        dup_ratio: float = 0.1,
+        seed: int = 1,
+        spread_days: int = 0,
+    ):
+        """``spread_days``: event times spread uniformly over that many days before
+        2026-11-22T10:00Z (the wide shape: many day windows per series) instead of all in
+        one hour of that day."""
         rng = random.Random(seed)
+        base = 1_795_341_600  # 2026-11-22T10:00:00Z
         self.events: list[dict[str, Any]] = []
         uniques: list[dict[str, Any]] = []
         for i in range(n):
@@ -46,7 +59,13 @@ class Load:
                 continue
             event = {
                 "id": f"ev-{seed}-{i}",
-                "time": f"2026-11-22T10:{(i // 60) % 60:02d}:{i % 60:02d}Z",
+                "time": (
+                    f"2026-11-22T10:{(i // 60) % 60:02d}:{i % 60:02d}Z"
+                    if not spread_days
+                    else datetime.fromtimestamp(
+                        base - rng.randrange(spread_days * 86400), UTC
+                    ).strftime("%Y-%m-%dT%H:%M:%SZ")
+                ),
                 "eventType": "req",
                 "subject": f"customer {rng.randrange(subjects)}",
                 "data": {

@@ -19,6 +19,13 @@ KEYS = {
     "lag_p99_ms",
     "worker_peak_rss_mb",
     "correct",
+    "distinct_keys",
+    "kv_writes_per_event",
+    "worker_cpu_s",
+    "nats_server_cpu_s",
+    "disk_bytes_per_event",
+    "http_single_ratio",
+    "http_batch_ratio",
 }
 
 
@@ -38,6 +45,45 @@ async def test_small_bench_run_reports_every_figure(nats_server: NatsServer) -> 
     assert results["e2e_events_per_s"] > 0 and results["baseline_events_per_s"] > 0
     assert results["http_batch_events_per_s"] > 0 and results["worker_peak_rss_mb"] > 0
     assert "end to end / baseline" in bench.table(results)
+
+
+async def test_small_wide_bench_checks_every_reading_and_window() -> None:
+    """The wide shape, small (embedded NATS, so that disk and server CPU are known): times
+    over 30 days make mostly day windows, and every one of them is checked."""
+    results: dict[str, Any] = await bench.run(
+        nats_url=None,
+        shape="wide",
+        events_n=2000,
+        subjects=300,
+        http_seconds=0.3,
+        lag_rate=200,
+        lag_seconds=0.3,
+        quiet=True,
+    )
+    assert KEYS <= set(results) and results["shape"] == "wide"
+    assert results["correct"] is True, results.get("wrong")
+    # 2,000 events over 30 days of 300 subjects: nearly every event has day windows of its
+    # own (3 meters), besides 300 x 7 readings.
+    assert results["distinct_keys"] > 5000
+    assert results["kv_writes_per_event"] >= results["distinct_keys"] / 2000
+    assert results["disk_bytes_per_event"] > 0 and results["nats_server_cpu_s"] > 0
+
+
+def test_expected_totals_see_a_wrong_window() -> None:
+    """The bench's check is not vacuous: one window off by one is reported."""
+    from kloudmeter_py.config import Settings
+
+    shape = bench.SHAPES["wide"]
+    events = bench.make_events(200, 20, shape=shape)
+    expected = bench.Expected(Settings())
+    expected.add(events)
+    readings = {k: (len(v) if isinstance(v, set) else v) for k, v in expected.readings.items()}
+    windows = {k: (len(v) if isinstance(v, set) else v) for k, v in expected.windows.items()}
+    assert expected.compare(readings, windows) == (True, [])
+    key = next(k for k in windows if k[1] == "calls")
+    windows[key] += 1
+    ok, wrong = expected.compare(readings, windows)
+    assert not ok and wrong and "window" in wrong[0]
 
 
 def test_bench_json_is_the_last_line_of_stdout() -> None:

@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import msgspec
+import pytest
 from nats.aio.client import Client
 
 from kloudmeter_py.config import Settings
@@ -85,13 +86,19 @@ async def _applied_position(nc: Client, partitions: int) -> int:
     return total
 
 
+@pytest.mark.parametrize(
+    ("subjects", "spread_days"),
+    [(200, 0), (2000, 30)],
+    ids=["live", "wide"],
+)
 async def test_worker_killed_repeatedly_loses_and_doubles_nothing(
-    nc: Client, settings: Settings, tmp_path: Path
+    nc: Client, settings: Settings, tmp_path: Path, subjects: int, spread_days: int
 ) -> None:
     """20,000 events with 10% duplicates; the worker SIGKILLed 6 times, each time at a random
-    moment after it has made progress, and started again."""
+    moment after it has made progress, and started again. Wide: 2,000 subjects and times over
+    30 days, so that most keys are day windows seen once or twice."""
     await create_meters(nc)
-    load = Load(20_000, subjects=200, dup_ratio=0.1, seed=4)
+    load = Load(20_000, subjects=subjects, dup_ratio=0.1, seed=4, spread_days=spread_days)
     env = {"NATS_URL": settings.nats_url, "METER_PARTITIONS": "2", "METER_BATCH_SIZE": "300"}
     rng = random.Random(4)
     # Paced (about 2,000 events/s), so that all six kills fall while events are arriving.

@@ -57,8 +57,20 @@ class RawPuller:
     has the next batch to send while the last one is being read (a second round trip per
     batch would otherwise stall a worker that is catching up)."""
 
-    def __init__(self, wire: Wire, stream: str, consumer: str, batch: int, expires: float = 1.0):
+    def __init__(
+        self,
+        wire: Wire,
+        stream: str,
+        consumer: str,
+        batch: int,
+        expires: float = 1.0,
+        max_buffer: int | None = None,
+    ):
         self.wire = wire
+        # No new request while this many messages wait to be taken: a worker slower than
+        # the stream holds at most this much of it (on the wide bench shape, without a
+        # bound, its buffer grew to the consumer's max_ack_pending, ~500,000 messages).
+        self.max_buffer = max_buffer or 1 << 62
         self.subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.batch = batch
         self.request = msgspec.json.encode({"batch": batch, "expires": int(expires * 1e9)})
@@ -96,8 +108,7 @@ class RawPuller:
                 code = status[:3]
                 if code in ("404", "408"):  # no messages / request expired: ask again
                     self.remaining = max(0, self.remaining - _left_undelivered(msg.headers))
-                    if self.remaining <= self.batch // 2:
-                        self._request()
+                    self._maybe_request()
                 elif code != "100":  # 100 is a heartbeat
                     self.error = ConsumerGone(status)
                     self.ready.set()
@@ -105,9 +116,13 @@ class RawPuller:
         msg.headers = b""  # not needed past this point (a round holds many messages)
         self.buffer.append(msg)
         self.remaining -= 1
-        if self.remaining <= self.batch // 2:
-            self._request()
+        self._maybe_request()
         self.ready.set()
+
+    def _maybe_request(self) -> None:
+        """Ask for the next batch once half of the last has arrived, unless enough waits."""
+        if self.remaining <= self.batch // 2 and len(self.buffer) < self.max_buffer:
+            self._request()
 
     def ack(self, msg: WireMsg) -> None:
         """Acknowledge ``msg`` and, with AckAll, everything delivered before it."""
@@ -141,4 +156,5 @@ class RawPuller:
         buffer = self.buffer
         while buffer and len(out) < limit:
             out.append(buffer.popleft())
+        self._maybe_request()
         return out

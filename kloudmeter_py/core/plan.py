@@ -1,0 +1,283 @@
+"""Planning a write round, with no I/O: which keys a round changes, and what each becomes.
+
+The worker's runner calls these in this order for every round:
+
+1. ``fold_rows``: the round's events folded per series (meter x subject x group values) and
+   finest window, all of one type, subject and window together (``Part``).
+2. ``spread``: the parts spread over the keys they change: the reading, and the window of
+   each summary level that still keeps it (``kept_windows``, the one place that decides
+   which windows an event falls in and whether they are kept). One ``KeyWork`` per key.
+3. ``apply``: a key's stored state (``KeyState``) and its ``KeyWork`` give the new state, or
+   "nothing new". Where the stored state already holds part of the round (a replay after a
+   crash, a lost compare-and-set, a replayed dead letter), the key is folded event by event
+   from ``exact_items`` instead, skipping what its ``last_seq`` covers.
+
+Keys are ``(store, key)``: store 0 is the readings bucket, 1.. the summary levels in
+``Levels`` order. Events are rows ``(tag, stream seq, event time ms, event)``; the tag is the
+caller's (the worker's message) and comes back with any failure.
+"""
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold, fold_many, merge_into
+from kloudmeter_py.core.meters import CompiledMeter
+from kloudmeter_py.core.models import Event
+from kloudmeter_py.core.windows import window_token
+
+# (store, width in seconds, oldest window end still kept) per summary level
+Levels = Sequence[tuple[int, int, int]]
+WKey = tuple[int, str]
+Row = tuple[Any, int, int, Event]
+# (tag, stream seq, meter id, reason) of an event a meter cannot use
+Failure = tuple[Any, int, str, str]
+# (stream seq, event time ms, number, distinct key, too old for every summary level)
+Item = tuple[int, int, Number | None, str | None, bool]
+NO_LIMIT = 1 << 60
+
+
+def kept_windows(at_seconds: int, levels: Levels) -> list[tuple[int, int, int]]:
+    """(store, window start, width) of each summary level whose window holding
+    ``at_seconds`` is still kept (its end is after the level's oldest kept end)."""
+    out = []
+    for store, width, oldest in levels:
+        start = at_seconds - at_seconds % width
+        if start + width > oldest:
+            out.append((store, start, width))
+    return out
+
+
+@dataclass(slots=True)
+class Part:
+    """The events of one round for one series within one finest window, folded together."""
+
+    meter: CompiledMeter
+    subject: str
+    groups: tuple[str | None, ...]
+    acc: Acc
+    first_seq: int
+    last_seq: int = 0
+    events: int = 0
+    late: int = 0  # events too old for every summary level
+
+
+class KeyWork:
+    """What one round changes in one key: the parts that fall in it."""
+
+    __slots__ = ("first_seq", "groups", "last_seq", "meter", "parts", "subject", "window")
+
+    def __init__(self, part: Part, window: tuple[int, int] | None) -> None:
+        self.meter = part.meter
+        self.subject = part.subject
+        self.groups = part.groups
+        self.window = window  # (start epoch seconds, width) for summaries
+        self.parts = [part]
+        self.first_seq = part.first_seq
+        self.last_seq = part.last_seq
+
+    def add(self, part: Part) -> None:
+        self.parts.append(part)
+        self.first_seq = min(self.first_seq, part.first_seq)
+        self.last_seq = max(self.last_seq, part.last_seq)
+
+    @property
+    def events(self) -> int:
+        return sum(p.events for p in self.parts)
+
+
+@dataclass(slots=True)
+class KeyState:
+    """A key's stored state as the worker holds it: what it folds the round into."""
+
+    acc: Acc
+    last_seq: int  # highest stream sequence folded in
+    revision: int  # the key's KV revision (0: never written), for compare-and-set
+    meter_start_seq: int  # the meter generation it was written for (-1: nothing stored)
+    replayed: list[int] | None = None  # dead letters replayed into it
+    late: int = 0  # readings: events too old for every summary level
+    size: int = 0  # estimated bytes in memory
+
+
+Series = dict[tuple[str, int], Part]  # (reading key, finest window) -> part
+
+
+def fold_rows(
+    series: Series,
+    rows: Iterable[Row],
+    by_type: Mapping[str, Sequence[CompiledMeter]],
+    interval: int,
+) -> list[Failure]:
+    """Fold events into ``series`` per series and finest window: the events of one type,
+    subject and window together, each meter over all of them at once; event by event for a
+    meter that some of them do not fit, so that exactly those fail."""
+    bucket_ms = interval * 1000
+    together: dict[tuple[str, str, int], list[Row]] = {}
+    for row in rows:
+        event = row[3]
+        gkey = (event.eventType, event.subject, row[2] // bucket_ms)
+        group = together.get(gkey)
+        if group is None:
+            together[gkey] = [row]
+        else:
+            group.append(row)
+    failures: list[Failure] = []
+    for (event_type, subject, bucket), group in together.items():
+        meters = by_type.get(event_type)
+        if not meters:
+            continue
+        datas: list[dict[str, Any]] = [row[3].data for row in group]
+        ats = [row[2] for row in group]
+        seqs = [row[1] for row in group]
+        for cm in meters:
+            found = cm.extract_many(subject, datas) if seqs[0] > cm.meter.startSeq else None
+            if found is None:
+                failures.extend(fold_each(series, cm, group, bucket))
+                continue
+            for key, groups, indexes, numbers, dkeys in found:
+                if indexes is None:
+                    at_list, seq_list = ats, seqs
+                else:
+                    at_list = [ats[i] for i in indexes]
+                    seq_list = [seqs[i] for i in indexes]
+                part = series.get((key, bucket))
+                if part is None:
+                    part = series[(key, bucket)] = Part(cm, subject, groups, Acc(), seq_list[0])
+                fold_many(part.acc, numbers, dkeys, at_list, seq_list)
+                part.last_seq = seq_list[-1]
+                part.events += len(seq_list)
+    return failures
+
+
+def fold_each(series: Series, cm: CompiledMeter, rows: list[Row], bucket: int) -> list[Failure]:
+    """Fold one meter event by event (events at or before its start are not its)."""
+    failures: list[Failure] = []
+    for tag, seq, at_ms, event in rows:
+        if seq <= cm.meter.startSeq:
+            continue
+        try:
+            key, groups, number, dkey = cm.extract(event.subject, event.data)
+        except ValueError_ as exc:
+            failures.append((tag, seq, cm.meter.id, str(exc)))
+            continue
+        part = series.get((key, bucket))
+        if part is None:
+            part = series[(key, bucket)] = Part(cm, event.subject, groups, Acc(), seq)
+        fold(part.acc, number, dkey, at_ms, seq, NO_LIMIT)
+        part.last_seq = seq
+        part.events += 1
+    return failures
+
+
+def spread(series: Series, levels: Levels, interval: int) -> dict[WKey, KeyWork]:
+    """The keys the parts change: each part's reading, and its window at each level that
+    still keeps it (a part kept by no level is counted as late in its reading)."""
+    work: dict[WKey, KeyWork] = {}
+    # per finest window: (store, key suffix, window) of each level that keeps it
+    targets: dict[int, list[tuple[int, str, tuple[int, int]]]] = {}
+    for (key, bucket), part in series.items():
+        windows = targets.get(bucket)
+        if windows is None:
+            windows = targets[bucket] = [
+                (store, "." + window_token(start), (start, width))
+                for store, start, width in kept_windows(bucket * interval, levels)
+            ]
+        if not windows:
+            part.late = part.events
+        kw = work.get((0, key))
+        if kw is None:
+            work[(0, key)] = KeyWork(part, None)
+        else:
+            kw.add(part)
+        for store, suffix, window in windows:
+            wkey = (store, key + suffix)
+            kw = work.get(wkey)
+            if kw is None:
+                work[wkey] = KeyWork(part, window)
+            else:
+                kw.add(part)
+    return work
+
+
+def exact_items(
+    rows: Iterable[tuple[int, int, Event]],
+    by_type: Mapping[str, Sequence[CompiledMeter]],
+    levels: Levels,
+) -> dict[WKey, list[Item]]:
+    """Every key's events one by one (rows of stream seq, event time ms, event), in order:
+    for the keys whose stored state already holds part of the round."""
+    items: dict[WKey, list[Item]] = {}
+    for seq, at_ms, event in rows:
+        windows = kept_windows(at_ms // 1000, levels)
+        late = not windows
+        for cm in by_type.get(event.eventType, ()):
+            if seq <= cm.meter.startSeq:
+                continue
+            try:
+                key, _, number, dkey = cm.extract(event.subject, event.data)
+            except ValueError_:
+                continue  # failed when the round was folded
+            item = (seq, at_ms, number, dkey, late)
+            items.setdefault((0, key), []).append(item)
+            for store, start, _ in windows:
+                items.setdefault((store, f"{key}.{window_token(start)}"), []).append(item)
+    return items
+
+
+def apply(
+    wkey: WKey,
+    kw: KeyWork,
+    state: KeyState,
+    unique_limit: int,
+    items: Callable[[], Mapping[WKey, list[Item]]],
+) -> tuple[bool, list[tuple[int, str, str]]]:
+    """Fold the round's work on one key into its state, in place.
+
+    Returns whether the state changed and the events that failed ((seq, meter id, reason):
+    a unique reading over its limit). The parts are merged at once unless the state already
+    holds part of the round, or a unique reading would pass ``unique_limit``: then the key's
+    events (``items()``, computed when first needed) are folded one by one.
+    """
+    if state.last_seq >= kw.last_seq:
+        return False, []
+    is_reading = wkey[0] == 0
+    replayed = state.replayed
+    exact = state.last_seq >= kw.first_seq or bool(
+        replayed and any(kw.first_seq <= r <= kw.last_seq for r in replayed)
+    )
+    if not exact and is_reading and kw.meter.agg.uses_distinct:
+        have = state.acc.distinct or set()
+        new: set[str] = set()
+        for part in kw.parts:
+            if part.acc.distinct:
+                new |= part.acc.distinct - have
+        exact = len(have) + len(new) > unique_limit
+    if not exact:
+        for part in kw.parts:
+            merge_into(state.acc, part.acc)
+            if is_reading:
+                state.late += part.late
+        state.last_seq = kw.last_seq
+        return True, []
+    meter_id = kw.meter.meter.id
+    last_seq = state.last_seq
+    changed = False
+    failures: list[tuple[int, str, str]] = []
+    # (.get: a meter deleted during the round has no items left to fold)
+    for seq, at_ms, number, dkey, late in items().get(wkey, ()):
+        if seq <= state.last_seq or (replayed and seq in replayed):
+            continue
+        try:
+            # The unique limit is the reading's: a window never holds more distinct values
+            # than the reading of the same series.
+            fold(state.acc, number, dkey, at_ms, seq, unique_limit if is_reading else NO_LIMIT)
+            changed = True
+            if late and is_reading:
+                state.late += 1
+        except ValueError_ as exc:
+            failures.append((seq, meter_id, str(exc)))
+        last_seq = seq
+    if not changed and last_seq == state.last_seq:
+        return False, failures
+    state.last_seq = last_seq
+    return True, failures

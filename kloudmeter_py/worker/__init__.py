@@ -1,0 +1,232 @@
+"""The worker: fetch a batch -> decode -> match meters -> fold in memory -> write each key once
+(compare-and-set) -> checkpoint -> ack.
+
+Its steps live in modules named for them:
+
+* ``leases`` - which partitions this worker reads (``Leases``);
+* ``runner`` - the in-order reader of those partitions: take a round of events, plan it
+  (pure, ``core.plan``), write it, flush summaries, checkpoint, acknowledge (``Runner``);
+* ``keystore`` - the key states a round folds into: a cache bounded by bytes, multi-key reads
+  and atomic batches of conditional writes (``KeyStore``);
+* ``checkpoint`` - where the runner stands, and what it skips or replays (``Checkpoint``).
+"""
+
+import asyncio
+import contextlib
+import gc
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from kloudmeter_py.config import Settings
+from kloudmeter_py.core.meters import CompiledMeter
+from kloudmeter_py.core.windows import widths
+from kloudmeter_py.store.layout import Layout
+from kloudmeter_py.store.meters import MeterRegistry
+from kloudmeter_py.store.wire import Wire
+from kloudmeter_py.worker.leases import Leases
+
+if TYPE_CHECKING:
+    from kloudmeter_py.metrics import Metrics
+    from kloudmeter_py.worker.runner import Runner
+
+log = structlog.get_logger(__name__)
+
+__all__ = ["Worker", "WorkerStats", "tune_gc"]
+
+
+def tune_gc() -> None:
+    """For a worker process: collect cyclic garbage less often.
+
+    A round allocates hundreds of thousands of short-lived objects (messages, events, tuples)
+    that reference counting frees, while the key cache keeps tens of thousands alive; with the
+    default thresholds the collector walks that cache again and again. Measured in-process on a
+    200,000-event backlog: worker CPU 4.3-4.5 s with the defaults, 3.0-3.2 s with these.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 50)
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    events: int = 0
+    applied: int = 0
+    dead_lettered: int = 0
+    deduplicated: int = 0
+    writes: int = 0
+    conflicts: int = 0
+    restarts: int = 0
+
+
+class Worker:
+    """Owns some partitions of the event stream and keeps their readings.
+
+    With ``partitions`` given, it owns exactly those. Otherwise it takes its share of the
+    partitions through leases in the ``leases`` bucket (keys expire after METER_LEASE_TTL), and
+    a partition whose owner died moves to a live worker once the lease expires.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        settings: Settings,
+        *,
+        partitions: list[int] | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=10)
+        self.settings = settings
+        self.layout = Layout(settings)
+        self.worker_id = worker_id or uuid.uuid4().hex[:8]
+        self.static_partitions = partitions
+        self.registry = MeterRegistry(self.js, self.layout)
+        self.stats = WorkerStats()
+        self.metrics: Metrics | None = None  # set by Metrics.watch_worker
+        self._owned: set[int] = set()
+        self.runner: Runner | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._runs = 0  # runners started: each one's consumer has its own name
+        # Meters added while no runner was reading, and replays a stopped runner had not yet
+        # started: handed to the next runner.
+        self._unseen: list[CompiledMeter] = []
+        self._carried: tuple[int | None, set[str]] = (None, set())
+        self.leases: Leases | None = None
+        self._lease_task: asyncio.Task[None] | None = None
+        self._wire: Wire | None = None
+        self._wire_lock = asyncio.Lock()
+
+    async def wire(self) -> Wire:
+        """The hot-path connection (pulls and KV write batches), opened again after a failure."""
+        from kloudmeter_py.store.credentials import load as load_credentials
+
+        async with self._wire_lock:
+            if self._wire is None or self._wire.error is not None:
+                self._wire = await Wire.connect(
+                    self.settings.nats_url,
+                    name=f"kloudmeter-worker-{self.worker_id}",
+                    credentials=load_credentials(self.settings),
+                )
+            return self._wire
+
+    @property
+    def owned(self) -> list[int]:
+        return sorted(self._owned)
+
+    async def start(self) -> None:
+        self.readings = await self.js.key_value(self.layout.readings_bucket)
+        self.level_widths = widths(self.settings.interval)
+        self.store_buckets = [self.layout.readings_bucket] + [
+            self.layout.summary_buckets[level] for level in self.level_widths
+        ]
+        self.stores = [self.readings] + [
+            await self.js.key_value(bucket) for bucket in self.store_buckets[1:]
+        ]
+        info = await self.js.stream_info(f"KV_{self.layout.readings_bucket}")
+        self.atomic = bool(getattr(info.config, "allow_atomic", False))
+        self.offsets = await self.js.key_value(self.layout.offsets_bucket)
+        self.dedup: KeyValue | None = None
+        if self.settings.dedup_horizon:
+            self.dedup = await self.js.key_value(self.layout.dedup_bucket)
+        await self.registry.start()
+        self.registry.on_meter_added.append(self._meter_added)
+        if self.static_partitions is not None:
+            self._owned = set(self.static_partitions)
+            self._start_runner()
+        else:
+            self.leases = Leases(
+                self.js,
+                await self.js.key_value(self.layout.leases_bucket),
+                self.layout.leases_bucket,
+                self.worker_id,
+                self.settings.partitions,
+                self._set_owned,
+            )
+            await self.leases.round()
+            self._lease_task = asyncio.create_task(self._lease_loop(), name="leases")
+        log.info("worker.started", worker=self.worker_id, partitions=self.owned)
+
+    def _start_runner(self) -> None:
+        if not self._owned:
+            return
+        self._runs += 1
+        from kloudmeter_py.worker.runner import Runner
+
+        runner = Runner(self, sorted(self._owned), self._runs)
+        restart_from, meters = self._carried
+        runner.inherit(restart_from, meters)
+        for cm in self._unseen:
+            runner.meter_added(cm)
+        self._carried = (None, set())
+        self._unseen = []
+        self.runner = runner
+        self._task = asyncio.create_task(runner.run(), name="runner")
+
+    async def _stop_runner(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            self._carried = (runner.cp.restart_from, set(runner.cp.replay_meters))
+        task, self._task = self._task, None
+        if task is None:
+            return
+        # Cancel until it is done: a cancellation can be lost in a library's wait.
+        for _ in range(50):
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                break
+        else:
+            log.error("runner.stop_timeout", worker=self.worker_id)
+            return
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            task.result()
+
+    def _meter_added(self, cm: CompiledMeter) -> None:
+        if self.runner is not None:
+            self.runner.meter_added(cm)
+        else:
+            self._unseen.append(cm)
+
+    async def _lease_loop(self) -> None:
+        assert self.leases is not None
+        interval = self.settings.lease_ttl / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.leases.round()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("lease.round_failed", worker=self.worker_id, error=repr(exc))
+
+    async def _set_owned(self, leased: set[int]) -> None:
+        """Read exactly the leased partitions: a changed set restarts the consumer (from the
+        checkpoints, so what the old one had not yet stored is read again)."""
+        if leased == self._owned and (self.runner is not None or not self._owned):
+            return
+        await self._stop_runner()
+        self._owned = leased
+        self._start_runner()
+
+    async def stop(self) -> None:
+        if self._lease_task is not None:
+            for _ in range(50):
+                self._lease_task.cancel()
+                done, _ = await asyncio.wait({self._lease_task}, timeout=0.2)
+                if done:
+                    break
+        await self._stop_runner()
+        if self.leases is not None and self.leases.held:
+            # Give the partitions back at once, so another worker need not wait for expiry.
+            await self.leases.give_back()
+        await self.registry.stop()
+        if self._wire is not None:
+            await self._wire.close()
+        log.info("worker.stopped", worker=self.worker_id, **vars(self.stats))

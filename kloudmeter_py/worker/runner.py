@@ -1,0 +1,699 @@
+"""The worker: fetch a batch -> decode -> match meters -> fold in memory -> write each key once
+(compare-and-set) -> checkpoint -> ack.
+
+Exactness rests on three things:
+
+* Each partition (events are spread by subject) is read strictly in stream order by one
+  consumer, the consumer of the worker that owns it, which starts right after the lowest
+  checkpoint of the partitions it reads and skips what a partition's own checkpoint already
+  covers. Every reading key belongs to exactly one partition, since its subject is part of the
+  key. A worker that owns every partition reads the stream unfiltered, which costs nats-server
+  far less than a filtered consumer per partition.
+* Each reading stores ``lastSeq``, the highest stream sequence folded into it. Folding skips
+  events at or below it, so any replay (after a crash, a redelivery, a second owner, a backfill)
+  changes nothing that was already applied.
+* Writes are compare-and-set on the key's revision; a lost race re-reads and folds again. The
+  checkpoint is written, and the batch acked, only after every write and dead letter of the
+  batch is confirmed.
+"""
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Coroutine, Iterable, Iterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+import structlog
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+
+from kloudmeter_py.core.aggregate import Acc
+from kloudmeter_py.core.keys import encode_token
+from kloudmeter_py.core.meters import CompiledMeter, to_reading
+from kloudmeter_py.core.models import Event, encoder, event_decoder
+from kloudmeter_py.core.plan import (
+    Item,
+    KeyState,
+    KeyWork,
+    Series,
+    WKey,
+    apply,
+    exact_items,
+    fold_rows,
+    spread,
+)
+from kloudmeter_py.core.summaries import encode_window
+from kloudmeter_py.store.kv import get_with_revision
+from kloudmeter_py.store.pull import RawPuller, ack_fields
+from kloudmeter_py.store.wire import WireMsg
+from kloudmeter_py.worker.checkpoint import Checkpoint
+from kloudmeter_py.worker.keystore import CHUNK, KeyStore
+
+if TYPE_CHECKING:
+    from kloudmeter_py.worker import Worker
+
+log = structlog.get_logger(__name__)
+
+_Dead = dict[tuple[int, str], tuple[WireMsg, str | None, str]]
+
+
+def _event_ms(event: Event, stored_ms: int) -> int:
+    """The event's own time in epoch ms, or the time the stream stored it."""
+    return int(event.time.timestamp() * 1000) if event.time is not None else stored_ms
+
+
+class Restart(Exception):
+    """Start the worker's consumer again from its partitions' checkpoints."""
+
+
+# (meter, subject, group values, window) of a deferred summary
+_Series = tuple[CompiledMeter, str, tuple[str | None, ...], tuple[int, int] | None]
+# (message, stream seq, event time ms, event)
+_Row = tuple[WireMsg, int, int, Event]
+# Events of one subject gathered in a round before they are folded together.
+_FOLD_AT = 64
+# Events left waiting after a round that make a backlog: once it is cleared, summaries are
+# written at once (a blip of a few events at a steady rate is not one).
+_BACKLOG = 1000
+# Deferred summaries written at once, however recent the last flush: deferring coalesces the
+# writes of a window that several rounds touch (the live shape: 1,000 subjects, the current
+# minute), but where windows are many and each is seldom touched again it only holds memory
+# (the wide shape: deferring for 5 s saved 0.06 KV writes per event and cost 130 MB).
+_DIRTY_LIMIT = 50_000
+# Multi-get requests (up to 1,000 keys each) a runner keeps open at once.
+_LOADS_IN_FLIGHT = 4
+_T = TypeVar("_T")
+
+
+def _chunks(keys: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
+    """The keys in chunks of up to CHUNK of one bucket each, in order."""
+    by_store: dict[int, list[tuple[int, str]]] = {}
+    for wkey in keys:
+        by_store.setdefault(wkey[0], []).append(wkey)
+    return [
+        names[i : i + CHUNK] for names in by_store.values() for i in range(0, len(names), CHUNK)
+    ]
+
+
+async def _all(coros: Iterable[Coroutine[Any, Any, _T]]) -> list[_T]:
+    """Run side by side; the first failure cancels the rest and is raised as itself."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coros]
+    except BaseExceptionGroup as eg:
+        raise eg.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
+class _Round:
+    """One write round: its messages, its events folded per series and finest window, the
+    work per key (store, key) and, only when needed, the events per key one by one."""
+
+    def __init__(self, levels: list[tuple[int, int, int]], position: int) -> None:
+        self.levels = levels
+        self.last = position  # highest stream sequence in the round
+        self.last_msg: WireMsg | None = None  # its message, acknowledged after the round
+        self.rows: list[tuple[WireMsg, int, int]] = []  # (message, stream seq, stored-at ms)
+        # the same rows by NATS subject (one event type and subject), until they are folded
+        self.by_subject: dict[str, list[tuple[WireMsg, int, int]]] = {}
+        self.series: Series = {}  # (reading key, finest window) -> part
+        self.dead: _Dead = {}
+        self.dropped: set[int] = set()  # sequences dropped by the long dedup
+        # store 0 is the readings bucket, 1.. the summary levels
+        self.work: dict[WKey, KeyWork] = {}
+        self.items: dict[WKey, list[Item]] | None = None
+        self._by_seq: dict[int, WireMsg] | None = None
+
+    def by_seq(self) -> dict[int, WireMsg]:
+        if self._by_seq is None:
+            self._by_seq = {seq: msg for msg, seq, _ in self.rows}
+        return self._by_seq
+
+
+def _clean_header(text: str) -> str:
+    return " ".join(text.split())[:500]
+
+
+class Runner:
+    """The in-order reader of the partitions a worker owns: one consumer for all of them."""
+
+    def __init__(self, worker: "Worker", partitions: list[int], run: int = 1) -> None:
+        self.w = worker
+        self.partitions = partitions
+        self.layout = worker.layout
+        self.settings = worker.settings
+        self.consumer = f"{self.layout.stream}-w{worker.worker_id}-{run}"
+        self.log = log.bind(partitions=partitions, worker=worker.worker_id)
+        self.keys = KeyStore(worker, self.consumer, self.log)
+        self.cp = Checkpoint(worker.offsets, partitions, worker.worker_id)
+        # Summaries changed in memory but not yet written, the last message not yet acked,
+        # and since when: all are flushed together with the checkpoint.
+        self._defer = self.settings.summary_flush_ms > 0
+        self._dirty: dict[WKey, _Series] = {}
+        self._unacked: WireMsg | None = None
+        self._behind = False  # the last round left a backlog (_BACKLOG events or more) waiting
+        self._unflushed_at = 0.0
+        self._pull_batch = min(self.settings.batch_size, 1000)
+        self._load_slots = asyncio.Semaphore(_LOADS_IN_FLIGHT)
+
+    def meter_added(self, cm: CompiledMeter) -> None:
+        """A meter that should have seen events already applied: replay them. Before the
+        checkpoints are read that is not known yet, so the replay is asked for anyway
+        (``Checkpoint.begin`` drops it when every checkpoint is below its start)."""
+        if self.cp.needs_replay(cm.meter.startSeq):
+            self.cp.ask_replay(cm.meter.startSeq + 1, {cm.meter.id})
+            self.log.info(
+                "partition.replay_requested", meter=cm.meter.id, start=cm.meter.startSeq + 1
+            )
+
+    def inherit(self, start: int | None, meters: set[str]) -> None:
+        """Replay from ``start`` for ``meters`` (asked of the runner before this one)."""
+        self.cp.ask_replay(start, meters)
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Restart as exc:
+                self.w.stats.restarts += 1
+                self.log.info("partition.restart", reason=str(exc))
+                backoff = 0.1
+            except Exception as exc:
+                self.w.stats.restarts += 1
+                self.log.warning(
+                    "partition.error", error=repr(exc), retry_in=backoff, exc_info=True
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                self.keys.clear()
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(2):
+                        await self.w.js.delete_consumer(self.layout.stream, self.consumer)
+
+    def _filter(self) -> dict[str, Any]:
+        if len(self.partitions) == self.settings.partitions:
+            return {}  # the stream holds only events: unfiltered is every partition
+        filters = [self.layout.partition_filter(p) for p in self.partitions]
+        if len(filters) == 1:
+            return {"filter_subject": filters[0]}
+        return {"filter_subjects": filters}
+
+    async def _consume(self) -> None:
+        checkpoint = await self.cp.begin()
+        self._forget_unflushed()
+        with contextlib.suppress(NotFoundError):
+            await self.w.js.delete_consumer(self.layout.stream, self.consumer)
+        config = ConsumerConfig(
+            name=self.consumer,
+            **self._filter(),
+            ack_policy=AckPolicy.ALL,
+            # Redelivery is never relied on: any out-of-order message restarts from checkpoint.
+            ack_wait=60.0,
+            max_deliver=-1,
+            # Rounds are acknowledged when the summaries are flushed, several rounds at once.
+            max_ack_pending=10 * self.settings.batch_size + 2 * self._pull_batch,
+            inactive_threshold=60.0,
+            num_replicas=1,
+            mem_storage=True,
+        )
+        if checkpoint > 0:
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = checkpoint + 1
+        else:
+            config.deliver_policy = DeliverPolicy.ALL
+        await self.w.js.add_consumer(self.layout.stream, config)
+        wire = await self.w.wire()
+        puller = RawPuller(
+            wire,
+            self.layout.stream,
+            self.consumer,
+            self._pull_batch,
+            max_buffer=self.settings.batch_size,
+        )
+        await puller.start()
+        self.log.debug("partition.consuming", start=checkpoint + 1)
+        round_limit = self.settings.batch_size
+        flush_after = self.settings.flush_ms / 1000
+        linger = min(0.1, flush_after)
+        # The previous round's writes, still in flight while the next round is gathered and
+        # folded; a round's writes start only after the previous round's are stored.
+        writing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                if writing is not None and (writing.done() or not puller.buffer):
+                    await writing
+                    writing = None
+                if self.cp.restart_from is not None:
+                    raise Restart("replay for a new meter")
+                wait = 1.0
+                if self._unacked is not None:  # flush deferred summaries once idle
+                    wait = min(1.0, max(0.0, self._unflushed_at + flush_after - time.monotonic()))
+                msgs = await puller.take(round_limit, timeout=wait)
+                if not msgs:
+                    if (
+                        self._unacked is not None
+                        and time.monotonic() - self._unflushed_at >= flush_after
+                    ):
+                        await self._flush(puller)
+                    if self.cp.replay_done():
+                        self.cp.end_replay()
+                    continue
+                # A write round gathers what arrives within flush_ms (or up to batch_size
+                # events): more events per round means fewer writes per event. A subject's
+                # events are folded together, once _FOLD_AT of them are in or at the end.
+                started = time.monotonic()
+                await self.w.registry.catch_up()
+                rnd = _Round(self._levels, self.cp.folded)
+                self._add(rnd, msgs)
+                while len(rnd.rows) < round_limit:
+                    # More waiting: gather up to METER_FLUSH_MS. Caught up: linger a moment
+                    # for what is arriving, so a steady stream makes rounds of useful size.
+                    busy = ack_fields(msgs[-1].reply)[3] > 0
+                    left = (flush_after if busy else linger) - (time.monotonic() - started)
+                    if left <= 0:
+                        break
+                    msgs = await puller.take(round_limit - len(rnd.rows), timeout=left)
+                    if not msgs:
+                        break
+                    self._add(rnd, msgs)
+                await self._fold_round(rnd)
+                if writing is not None:
+                    await writing
+                writing = asyncio.create_task(self._process(puller, rnd, started))
+        except asyncio.CancelledError:
+            if writing is not None:
+                writing.cancel()
+            raise
+        finally:
+            # A round being written finishes (or, when the runner is cancelled, stops) before
+            # the consumer is read again; its outcome no longer matters.
+            if writing is not None:
+                try:
+                    await asyncio.wait({writing})
+                finally:
+                    if writing.done() and not writing.cancelled():
+                        writing.exception()
+            with contextlib.suppress(Exception):
+                await puller.stop()
+
+    @staticmethod
+    async def _keep_alive(puller: RawPuller, msg: WireMsg) -> None:
+        """A long write round tells the server it is still working on the batch."""
+        while True:
+            await asyncio.sleep(20)
+            puller.in_progress(msg)
+
+    def _add(self, rnd: _Round, msgs: list[WireMsg]) -> None:
+        """Check the order of newly arrived messages and add them to the round."""
+        rows = rnd.rows
+        by_subject = rnd.by_subject
+        last = rnd.last
+        covered = self.cp.covered
+        early = self.w.dedup is None  # the long dedup looks at a whole round at once
+        final = msgs[-1]
+        for msg in msgs:
+            seq, delivered, stored_ns, _ = ack_fields(msg.reply)
+            if delivered != 1 or seq <= last:
+                raise Restart(f"out of order at stream seq {seq}")
+            last = seq
+            if covered(msg.subject, seq):
+                continue  # applied before: its partition's checkpoint covers it
+            row = (msg, seq, stored_ns // 1_000_000)
+            rows.append(row)
+            # A round holds its messages until it is written: keep them small. The ack
+            # subject is needed only on a take's last message (the one acknowledged), and one
+            # subject string serves all the messages of a subject.
+            if msg is not final:
+                msg.reply = ""
+            same = by_subject.get(msg.subject)
+            if same is None:
+                by_subject[msg.subject] = [row]
+            else:
+                msg.subject = same[0][0].subject
+                same.append(row)
+                if len(same) >= _FOLD_AT and early:
+                    # Enough of one subject to fold together: fold them now rather than
+                    # all at the end of the round.
+                    self._fold_rows(rnd, same)
+                    del by_subject[msg.subject]
+        rnd.last = last
+        rnd.last_msg = msgs[-1]
+        if self.cp.restart_from is not None:
+            raise Restart("replay for a new meter")
+
+    def _fold_rows(self, rnd: _Round, rows: list[tuple[WireMsg, int, int]]) -> None:
+        """Decode and fold rows of one subject (without the long dedup)."""
+        decode = self._decode
+        dead = rnd.dead
+        decoded: list[_Row] = []
+        for msg, seq, stored_ms in rows:
+            event = decode(msg, seq, dead)
+            if event is not None:
+                decoded.append((msg, seq, _event_ms(event, stored_ms), event))
+        if decoded:
+            self._fold(rnd, decoded)
+        # Folded before the round ends, and not in stream order across subjects: a meter
+        # added from now on with an earlier start must replay (see meter_added).
+        self.cp.folded = max(self.cp.folded, rows[-1][1])
+
+    async def _fold_round(self, rnd: _Round) -> None:
+        """Decode the round's events and fold them, the events of one subject together (one
+        subject's events at a time, so that few decoded events are alive at once)."""
+        decode = self._decode
+        dead = rnd.dead
+        if self.w.dedup is None:
+            for rows in rnd.by_subject.values():
+                self._fold_rows(rnd, rows)
+        else:
+            decoded = []
+            for msg, seq, stored_ms in rnd.rows:
+                event = decode(msg, seq, dead)
+                if event is not None:
+                    decoded.append((msg, seq, _event_ms(event, stored_ms), event))
+            if decoded:
+                kept = await self._dedup(decoded)
+                if len(kept) < len(decoded):
+                    rnd.dropped.update({row[1] for row in decoded} - {row[1] for row in kept})
+                self._fold(rnd, kept)
+        rnd.by_subject = {}
+        self.cp.folded = rnd.last
+        if self.cp.restart_from is not None:
+            raise Restart("replay for a new meter")
+
+    async def _process(self, puller: RawPuller, rnd: _Round, started: float) -> None:
+        self._spread(rnd)
+        dead = rnd.dead
+        last = rnd.last
+        last_msg = rnd.last_msg
+        assert last_msg is not None
+        pending = ack_fields(last_msg.reply)[3]
+        keepalive = asyncio.create_task(self._keep_alive(puller, last_msg))
+        try:
+            await self._write(rnd, dead)
+            if dead:
+                seqs = {seq for seq, _ in dead}
+                stored = {seq: at for _, seq, at in rnd.rows if seq in seqs}
+                await self._dead_letter(dead, stored)
+            self.cp.position = last
+            if self._unacked is None:
+                self._unflushed_at = time.monotonic()
+            self._unacked = last_msg
+            # Summaries are written at once when a backlog has just been cleared, else at
+            # most METER_FLUSH_MS apart while caught up (or idle, see _consume), and every
+            # METER_SUMMARY_FLUSH_MS under load; after them the checkpoint, then the
+            # acknowledgement (AckAll: the last message acks all before it).
+            waited = time.monotonic() - self._unflushed_at
+            caught_up = pending == 0
+            if (
+                not self._dirty
+                or waited >= self.settings.summary_flush_ms / 1000
+                or (caught_up and (self._behind or waited >= self.settings.flush_ms / 1000))
+                or len(self._dirty) >= _DIRTY_LIMIT
+            ):
+                await self._flush(puller)
+            self._behind = pending >= _BACKLOG
+        finally:
+            keepalive.cancel()
+        if self.cp.replay_done():
+            self.cp.end_replay()
+        stats = self.w.stats
+        stats.batches += 1
+        stats.events += len(rnd.rows)
+        stats.dead_lettered += len(dead)
+        seconds = time.monotonic() - started
+        self.log.debug(
+            "round.written",
+            events=len(rnd.rows),
+            keys=len(rnd.work),
+            seconds=round(seconds, 3),
+            pending=pending,
+        )
+        if self.w.metrics is not None:
+            self.w.metrics.observe_round(len(rnd.rows), seconds, pending, self.w.worker_id)
+
+    def _forget_unflushed(self) -> None:
+        self._dirty.clear()
+        self._unacked = None
+
+    async def _flush(self, puller: RawPuller) -> None:
+        """Write the summaries changed since the last flush, then the checkpoint, then ack."""
+        if self._dirty:
+            self.log.debug("summaries.flush", keys=len(self._dirty))
+            await _all(self._flush_chunk(chunk) for chunk in _chunks(list(self._dirty)))
+            self._dirty.clear()
+        await self.cp.commit()
+        if self._unacked is not None:
+            puller.ack(self._unacked)
+            self._unacked = None
+        self.keys.trim()
+
+    async def _flush_chunk(self, chunk: list[tuple[int, str]]) -> None:
+        """Encode and store one chunk of deferred summaries (one bucket)."""
+        writes = []
+        dirty = self._dirty
+        for wkey in chunk:
+            cached = self.keys.cache[wkey]
+            cm = dirty[wkey][0]
+            body = encode_window(cached.acc, cached.last_seq, cm.meter.startSeq, cached.replayed)
+            writes.append((wkey, body, cached.revision))
+        results = await self.keys.store_many(writes)
+        for (wkey, body, _), result in zip(writes, results, strict=True):
+            if isinstance(result, int):
+                cached = self.keys.cache[wkey]
+                cached.revision = result
+                self.keys.resize(cached, len(body))
+                self.w.stats.writes += 1
+            elif isinstance(result, KeyWrongLastSequenceError):
+                # The events behind this state are no longer at hand: start again from
+                # the checkpoint (lastSeq makes the replay exact).
+                self.w.stats.conflicts += 1
+                raise Restart("a summary was written by another worker")
+            else:
+                raise result
+
+    def _decode(self, msg: WireMsg, seq: int, dead: _Dead) -> Event | None:
+        """The event in a message, or None after recording why it is unusable."""
+        replaying = self.cp.replaying(msg.subject, seq)
+        if len(msg.data) > self.settings.max_body_bytes:
+            if not replaying:
+                limit = self.settings.max_body_bytes
+                dead[(seq, "")] = (msg, None, f"invalid event: larger than {limit} bytes")
+            return None
+        try:
+            event = event_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if not replaying:
+                dead[(seq, "")] = (msg, None, f"invalid event: {exc}")
+            return None
+        tokens = msg.subject.rsplit(".", 2)  # <stream>.events.<partition>.<type>.<subject>
+        if len(tokens) < 3 or (
+            tokens[-2] != encode_token(event.eventType) or tokens[-1] != encode_token(event.subject)
+        ):
+            if not replaying:
+                dead[(seq, "")] = (
+                    msg,
+                    None,
+                    "invalid event: eventType/subject do not match the NATS subject "
+                    f"(publish to {self.layout.stream}.events."
+                    f"{encode_token(event.eventType)}.{encode_token(event.subject)})",
+                )
+            return None
+        return event
+
+    async def _dedup(self, decoded: list[_Row]) -> list[_Row]:
+        """Drop events whose id was first stored at another stream sequence (long dedup).
+
+        The first sequence seen for an id is recorded with a create (compare-and-set), before
+        any reading changes, so a replay finds its own record and is applied again normally.
+        """
+        kv = self.w.dedup
+        assert kv is not None
+        first: dict[str, int] = {}
+        for _, seq, _, event in decoded:
+            first.setdefault(event.id, seq)
+        ids = list(first)
+        results = await asyncio.gather(
+            *(kv.create(encode_token(i), str(first[i]).encode()) for i in ids),
+            return_exceptions=True,
+        )
+        for event_id, result in zip(ids, results, strict=True):
+            if isinstance(result, KeyWrongLastSequenceError):
+                value, _ = await get_with_revision(kv, encode_token(event_id))
+                if value is not None:
+                    first[event_id] = int(value)
+            elif isinstance(result, BaseException):
+                raise result
+        kept = [row for row in decoded if first[row[3].id] == row[1]]
+        self.w.stats.deduplicated += len(decoded) - len(kept)
+        return kept
+
+    def _fold(self, rnd: _Round, rows: list[_Row]) -> None:
+        """Fold events into the round (core.plan.fold_rows); an event a meter cannot use is
+        dead-lettered, unless it was read before and is only replayed for another meter."""
+        failures = fold_rows(rnd.series, rows, self.w.registry.by_type, self.settings.interval)
+        dead = rnd.dead
+        for msg, seq, meter_id, reason in failures:
+            if meter_id in self.cp.replay_meters or not self.cp.replaying(msg.subject, seq):
+                dead[(seq, meter_id)] = (msg, meter_id, reason)
+
+    def _spread(self, rnd: _Round) -> None:
+        """The keys the round changes (core.plan.spread); the parts stay only in them."""
+        rnd.work = spread(rnd.series, rnd.levels, self.settings.interval)
+        rnd.series = {}
+
+    def _exact_items(self, rnd: _Round) -> dict[WKey, list[Item]]:
+        """Every key's events one by one (core.plan.exact_items), decoded again from the
+        round's messages when a key first needs them."""
+        if rnd.items is None:
+            scratch: _Dead = {}
+
+            def decoded() -> Iterator[tuple[int, int, Event]]:
+                for msg, seq, stored_ms in rnd.rows:
+                    if seq in rnd.dropped:
+                        continue
+                    event = self._decode(msg, seq, scratch)
+                    if event is not None:
+                        yield seq, _event_ms(event, stored_ms), event
+
+            rnd.items = exact_items(decoded(), self.w.registry.by_type, rnd.levels)
+        return rnd.items
+
+    @property
+    def _levels(self) -> list[tuple[int, int, int]]:
+        """(store, width, oldest window end still kept) per summary level."""
+        now = int(time.time())
+        return [
+            (store, width, now - self.settings.summary_retention(level))
+            for store, (level, width) in enumerate(self.w.level_widths.items(), start=1)
+        ]
+
+    def _apply(self, rnd: _Round, wkey: WKey, cached: KeyState, dead: _Dead) -> bool:
+        """Fold the round into one key's cached state (core.plan.apply); False when nothing
+        in it is new. Events over a unique reading's limit are dead-lettered."""
+        changed, failures = apply(
+            wkey,
+            rnd.work[wkey],
+            cached,
+            self.settings.unique_limit,
+            lambda: self._exact_items(rnd),
+        )
+        for seq, meter_id, reason in failures:
+            dead[(seq, meter_id)] = (rnd.by_seq()[seq], meter_id, reason)
+        return changed
+
+    async def _write(self, rnd: _Round, dead: _Dead) -> None:
+        """Fold the round into every key it changes and store them: readings now, summaries
+        now or (deferred) with the next flush.
+
+        The keys go in chunks of up to 1,000 of one bucket, each a small pipeline of its
+        own: read the keys that are not cached (one direct multi-get), fold the round into
+        them, encode them and send them as one atomic batch. Chunks run side by side (at most
+        _LOADS_IN_FLIGHT reads and, per bucket, _BATCHES_IN_FLIGHT batches at once), so the
+        worker folds and encodes one chunk while nats-server reads or stores another. Done
+        one step after the other for the whole round, a 50,000-event round of the wide shape
+        (203,000 keys) spent 0.4 s reading, 0.75 s folding and encoding and 0.6 s writing,
+        with one of the two processes idle at every moment.
+
+        A key whose compare-and-set lost is read again from the stream leader and folded
+        again, in a further pass.
+        """
+        todo = list(rnd.work)
+        for attempt in range(20):
+            failed = await _all(
+                self._write_chunk(rnd, chunk, dead, leader=attempt > 0) for chunk in _chunks(todo)
+            )
+            todo = [wkey for keys in failed for wkey in keys]
+            if not todo:
+                return
+            self.log.info("batch.cas_conflict", keys=len(todo), attempt=attempt)
+        raise Restart("compare-and-set kept failing")
+
+    async def _write_chunk(
+        self, rnd: _Round, chunk: list[tuple[int, str]], dead: _Dead, *, leader: bool
+    ) -> list[tuple[int, str]]:
+        """Load, fold and store one chunk of keys (one bucket); the keys whose write lost."""
+        missing = [k for k in chunk if k not in self.keys.cache]
+        if missing:
+            async with self._load_slots:
+                await self.keys.load(missing, leader=leader)
+        work = rnd.work
+        now = datetime.now(UTC)
+        writes: list[tuple[tuple[int, str], bytes, int, KeyState]] = []
+        for wkey in chunk:
+            kw = work[wkey]
+            meter = kw.meter.meter
+            cached = self.keys.cache[wkey]
+            if cached.meter_start_seq != meter.startSeq:
+                # Written for an earlier meter of this id (or new): start from zero.
+                cached = KeyState(Acc(), 0, cached.revision, meter.startSeq)
+                self.keys.replace(wkey, cached)
+            if not self._apply(rnd, wkey, cached, dead):
+                continue
+            if wkey[0]:
+                if self._defer:
+                    # A summary: written by _flush, with the checkpoint.
+                    self._dirty[wkey] = (kw.meter, kw.subject, kw.groups, kw.window)
+                    continue
+                body = encode_window(cached.acc, cached.last_seq, meter.startSeq, cached.replayed)
+            else:
+                body = encoder.encode(
+                    to_reading(
+                        cached.acc,
+                        meter,
+                        kw.subject,
+                        kw.groups,
+                        cached.last_seq,
+                        now,
+                        cached.replayed,
+                        late=cached.late,
+                    )
+                )
+            writes.append((wkey, body, cached.revision, cached))
+        if not writes:
+            return []
+        results = await self.keys.store_many([(wkey, body, rev) for wkey, body, rev, _ in writes])
+        failed = []
+        for (wkey, body, _, cached), result in zip(writes, results, strict=True):
+            if isinstance(result, int):
+                cached.revision = result
+                self.keys.resize(cached, len(body))
+                self.w.stats.writes += 1
+                if wkey[0] == 0:
+                    self.w.stats.applied += work[wkey].events
+            elif isinstance(result, KeyWrongLastSequenceError):
+                # Someone else wrote this key: read it again and fold what is still new.
+                self.w.stats.conflicts += 1
+                self.keys.forget(wkey)
+                failed.append(wkey)
+            else:
+                self.keys.forget(wkey)
+                assert isinstance(result, BaseException)
+                raise result
+        return failed
+
+    async def _dead_letter(self, dead: _Dead, stored_ms: dict[int, int]) -> None:
+        js = self.w.js
+        publishes = []
+        for (seq, meter_key), (msg, meter_id, reason) in sorted(dead.items()):
+            cm = self.w.registry.by_id.get(meter_id) if meter_id else None
+            generation = cm.meter.startSeq if cm else 0
+            headers = {
+                "Nats-Msg-Id": f"{self.layout.stream}:{seq}:{meter_key}:{generation}",
+                "Kloudmeter-Error": _clean_header(reason),
+                "Kloudmeter-Meter": meter_id or "",
+                "Kloudmeter-Stream-Seq": str(seq),
+                "Kloudmeter-Subject": msg.subject,
+                "Kloudmeter-Stored-At": datetime.fromtimestamp(
+                    stored_ms[seq] / 1000, UTC
+                ).isoformat(),
+            }
+            subject = self.layout.error_subject(encode_token(meter_id) if meter_id else "_event")
+            publishes.append(js.publish(subject, msg.data, headers=headers))
+            self.log.info("event.dead_lettered", seq=seq, meter=meter_id, reason=reason)
+        await asyncio.gather(*publishes)

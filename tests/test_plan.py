@@ -1,0 +1,170 @@
+"""Round planning (core.plan) from tables, with no server: which windows an event falls in and
+whether they are kept, which keys a round changes, and what a key's state becomes."""
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from kloudmeter_py.core.aggregate import Acc
+from kloudmeter_py.core.meters import CompiledMeter
+from kloudmeter_py.core.models import Event, Meter
+from kloudmeter_py.core.plan import (
+    KeyState,
+    Series,
+    apply,
+    exact_items,
+    fold_rows,
+    kept_windows,
+    spread,
+)
+from kloudmeter_py.core.windows import window_token
+
+NOW = 1_764_676_800  # 2025-12-02T12:00:00Z
+# minute (store 1), hour (2), day (3): kept for 2 h, 2 days, 400 days after they close
+LEVELS = [(1, 60, NOW - 7200), (2, 3600, NOW - 172800), (3, 86400, NOW - 400 * 86400)]
+
+
+def _meter(aggregation: str, **kw: Any) -> CompiledMeter:
+    return CompiledMeter(
+        Meter(
+            id=kw.pop("id", aggregation),
+            eventType="t",
+            aggregation=aggregation,
+            valueProperty=kw.pop("value", None if aggregation == "count" else "$.v"),
+            groupBy=kw.pop("groupBy", {}),
+            startSeq=kw.pop("startSeq", 0),
+            createdAt=datetime(2025, 1, 1, tzinfo=UTC),
+        )
+    )
+
+
+def _row(seq: int, at: int, subject: str = "s", **data: Any) -> tuple[str, int, int, Event]:
+    return (
+        f"msg{seq}",
+        seq,
+        at * 1000,
+        Event(id=f"e{seq}", eventType="t", subject=subject, data=data),
+    )
+
+
+@pytest.mark.parametrize(
+    ("at", "expected"),
+    [
+        # now: a minute, an hour and a day window
+        (NOW, [(1, NOW, 60), (2, NOW, 3600), (3, NOW - 43200, 86400)]),
+        # 1 h 59 min ago: its minute window still ends inside the 2 h
+        (NOW - 7140, [(1, NOW - 7140, 60), (2, NOW - 7200, 3600), (3, NOW - 43200, 86400)]),
+        # 2 h ago exactly: its minute window ended 1 min before the edge: gone
+        (NOW - 7260, [(2, NOW - 10800, 3600), (3, NOW - 43200, 86400)]),
+        # 3 days ago: a day window only
+        (NOW - 3 * 86400, [(3, NOW - 43200 - 3 * 86400, 86400)]),
+        # 500 days ago: too old for every level
+        (NOW - 500 * 86400, []),
+    ],
+)
+def test_kept_windows(at: int, expected: list[tuple[int, int, int]]) -> None:
+    """Each level's window holding the time, while the level still keeps it."""
+    assert kept_windows(at, LEVELS) == expected
+
+
+def test_fold_rows_folds_per_series_and_finest_window_and_fails_exactly_the_bad_events() -> None:
+    """Events of one subject and minute fold together; an event a sum meter cannot use fails
+    for it alone (the count meter still counts it); events before a meter's start are not its."""
+    count = _meter("count")
+    total = _meter("sum", groupBy={"r": "$.r"})
+    late_meter = _meter("count", id="late", startSeq=2)
+    series: Series = {}
+    rows = [
+        _row(1, NOW, v=2, r="eu"),
+        _row(2, NOW + 1, v="x", r="eu"),
+        _row(3, NOW + 2, v=5, r="us"),
+        _row(4, NOW - 3600, v=7, r="eu"),
+    ]
+    failures = fold_rows(series, rows, {"t": [count, total, late_meter]}, 60)
+    assert failures == [
+        ("msg2", 2, "sum", "valueProperty $.v: expected a number or numeric string, got 'x'")
+    ]
+    got = {
+        (key, bucket): (p.acc.count, p.acc.sum, p.first_seq, p.last_seq)
+        for (key, bucket), p in series.items()
+    }
+    assert got == {
+        ("count.s", NOW // 60): (3, 0, 1, 3),
+        ("count.s", (NOW - 3600) // 60): (1, 0, 4, 4),
+        ("sum.s.eu", NOW // 60): (1, 2, 1, 1),
+        ("sum.s.us", NOW // 60): (1, 5, 3, 3),
+        ("sum.s.eu", (NOW - 3600) // 60): (1, 7, 4, 4),
+        ("late.s", NOW // 60): (1, 0, 3, 3),
+        ("late.s", (NOW - 3600) // 60): (1, 0, 4, 4),
+    }
+
+
+def test_spread_names_the_reading_and_each_kept_window_once() -> None:
+    """Two minutes of one series make one reading key, two minute and one hour and day key;
+    a part too old for every level changes only its reading and is counted late there."""
+    count = _meter("count")
+    series: Series = {}
+    fold_rows(
+        series, [_row(1, NOW), _row(2, NOW + 60), _row(3, NOW - 500 * 86400)], {"t": [count]}, 60
+    )
+    work = spread(series, LEVELS, 60)
+    day = NOW - 43200
+    assert {k: (w.first_seq, w.last_seq, w.events, w.window) for k, w in work.items()} == {
+        (0, "count.s"): (1, 3, 3, None),
+        (1, f"count.s.{window_token(NOW)}"): (1, 1, 1, (NOW, 60)),
+        (1, f"count.s.{window_token(NOW + 60)}"): (2, 2, 1, (NOW + 60, 60)),
+        (2, f"count.s.{window_token(NOW)}"): (1, 2, 2, (NOW, 3600)),
+        (3, f"count.s.{window_token(day)}"): (1, 2, 2, (day, 86400)),
+    }
+    assert [p.late for p in work[(0, "count.s")].parts] == [0, 0, 1]
+
+
+def _state(last_seq: int = 0, count: int = 0, replayed: list[int] | None = None) -> KeyState:
+    acc = Acc()
+    acc.count = count
+    return KeyState(acc, last_seq, 5, 0, replayed)
+
+
+@pytest.mark.parametrize(
+    ("state", "changed", "count", "last_seq"),
+    [
+        (_state(), True, 3, 13),  # new key: the parts merged at once
+        (_state(last_seq=9, count=4), True, 7, 13),  # written before the round: merged
+        (_state(last_seq=13, count=3), False, 3, 13),  # the round is in it already
+        (_state(last_seq=11, count=2), True, 4, 13),  # holds 11: 12 and 13 folded
+        (_state(last_seq=9, count=4, replayed=[12]), True, 6, 13),  # 12 replayed before
+    ],
+)
+def test_apply_folds_only_what_is_new(
+    state: KeyState, changed: bool, count: int, last_seq: int
+) -> None:
+    """Whatever the stored state already holds (by lastSeq or as a replayed dead letter) is
+    not folded again."""
+    series: Series = {}
+    rows = [_row(11, NOW), _row(12, NOW + 1), _row(13, NOW + 2)]
+    fold_rows(series, rows, {"t": [_meter("count")]}, 60)
+    work = spread(series, LEVELS, 60)
+    items = exact_items([(r[1], r[2], r[3]) for r in rows], {"t": [_meter("count")]}, LEVELS)
+    got = apply((0, "count.s"), work[(0, "count.s")], state, 10, lambda: items)
+    assert got == (changed, [])
+    assert (state.acc.count, state.last_seq) == (count, last_seq)
+
+
+def test_apply_fails_the_values_past_a_unique_limit_and_keeps_the_rest() -> None:
+    """A unique reading at its limit takes the events with known values and fails the new
+    value past the limit (to be dead-lettered); windows have no limit of their own."""
+    users = _meter("unique")
+    rows = [_row(1, NOW, v="a"), _row(2, NOW, v="b"), _row(3, NOW, v="a"), _row(4, NOW, v="c")]
+    series: Series = {}
+    fold_rows(series, rows, {"t": [users]}, 60)
+    work = spread(series, LEVELS, 60)
+    items = exact_items([(r[1], r[2], r[3]) for r in rows], {"t": [users]}, LEVELS)
+    state = _state()
+    changed, failures = apply((0, "unique.s"), work[(0, "unique.s")], state, 2, lambda: items)
+    assert changed and [(seq, meter) for seq, meter, _ in failures] == [(4, "unique")]
+    assert state.acc.distinct == {"a", "b"} and state.last_seq == 4
+    window = (1, f"unique.s.{window_token(NOW)}")
+    window_state = _state()
+    assert apply(window, work[window], window_state, 2, lambda: items) == (True, [])
+    assert window_state.acc.distinct == {"a", "b", "c"}
