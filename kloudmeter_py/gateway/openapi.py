@@ -355,6 +355,12 @@ _QUERY_PARAMS = (
 )
 _CLOUD_EVENTS = {"anyOf": [ref("CloudEvent"), _array(ref("CloudEvent"))]}
 _PERF_HOST = ("the host name",)
+_PERF_TENANT = Param(
+    "tenant",
+    {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
+    "whose hosts (admin; a user token: its own only); absent: hosts without a tenant, "
+    "or a user's own",
+)
 _PRICE_ID = ("the price id",)
 
 OPERATIONS: dict[tuple[str, str], Op] = {
@@ -497,7 +503,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         errors=(404,),
     ),
     # Host metrics
-    ("GET", "/api/perf"): Op("Hosts with samples", "perf", response=_array(_STR)),
+    ("GET", "/api/perf"): Op(
+        "Hosts with samples", "perf", response=_array(_STR), query=(_PERF_TENANT,), errors=(400,)
+    ),
     ("POST", "/api/perf/{host}/{epoch}"): Op(
         "Post a host-metrics sample",
         "perf",
@@ -506,6 +514,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         path=(*_PERF_HOST, "seconds since 1970"),
         path_schemas=({}, {"type": "string", "pattern": "^[0-9]{1,12}$"}),
         query=(
+            _PERF_TENANT,
             Param(
                 "Idempotency-Key",
                 {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
@@ -517,7 +526,12 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         errors=(400, 409),
     ),
     ("GET", "/api/perf/{host}"): Op(
-        "A host's summaries", "perf", response=ref("PerfHost"), path=_PERF_HOST, errors=(404,)
+        "A host's summaries",
+        "perf",
+        response=ref("PerfHost"),
+        path=_PERF_HOST,
+        query=(_PERF_TENANT,),
+        errors=(400, 404),
     ),
     ("GET", "/api/perf/{host}/{label}"): Op(
         "A host's summaries whose name contains the label",
@@ -526,7 +540,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         path=(*_PERF_HOST, "part of the summary name (cpu, by-hour, by-minute:mem), any case"),
         # The route's {label:.+} does not match a newline.
         path_schemas=({}, {"type": "string", "minLength": 1, "pattern": "^[^\\n]+$"}),
-        errors=(404,),
+        query=(_PERF_TENANT,),
+        errors=(400, 404),
     ),
     # Users
     ("POST", "/api/users"): Op(

@@ -1,12 +1,18 @@
-"""Host metrics: the liz receiver's API on the normal event pipeline.
+"""Host metrics: the liz receiver's API on the normal event pipeline, per tenant.
 
 ``POST /api/perf/{host}/{epoch}`` takes a sample such as ``{"cpu": 3.5, "mem": 41.2}`` and
-publishes one ``perf`` event per field (``subject`` = host, ``time`` = epoch,
-``data`` = ``{"label": field, "value": number}``). The built-in ``perf`` meter (``avg`` of
-``$.value`` grouped by ``$.label``) is created on first use, so the worker keeps the usual
-window summaries; the ``GET`` routes read them back from the ``summaries_minute`` and
-``summaries_hour`` buckets in the liz shape. Nothing else is stored: data goes when the
-windows' TTLs say so.
+publishes one ``perf-host`` event per field (``subject`` = the tenant, ``time`` = epoch,
+``data`` = ``{"host": host, "label": field, "value": number}``). A host belongs to a tenant
+because the tenant is the event subject, as for every other event: a user's samples are its
+tenant's, and an admin (or anyone when tokens are off) names the tenant with ``?tenant=``, or
+posts into the space of hosts without a tenant (subject :data:`NO_TENANT`). The built-in
+``perf-hosts`` meter (``avg`` of ``$.value`` grouped by ``$.host`` and ``$.label``) is created
+on first use, so the worker keeps the usual window summaries; the ``GET`` routes read one
+tenant's back from the ``summaries_minute`` and ``summaries_hour`` buckets in the liz shape.
+
+Before tenants, samples went to the meter ``perf`` (subject = host, grouped by label). Its
+summaries that hold only events stored before ``perf-hosts`` was created are still read, as
+hosts without a tenant, until they expire (a day at most is read).
 """
 
 import asyncio
@@ -14,6 +20,7 @@ import hashlib
 import math
 import re
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,20 +30,28 @@ from aiohttp import web
 from kloudmeter_py.core.keys import encode_token, event_subject
 from kloudmeter_py.core.models import Meter, MeterIn, Reading, encoder, reading_decoder
 from kloudmeter_py.core.windows import widths
-from kloudmeter_py.errors import Conflict, InvalidInput, NotFound
+from kloudmeter_py.errors import Conflict, Forbidden, InvalidInput, NotFound
 from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, SETTINGS
+from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.store.auth import check_tenant
 from kloudmeter_py.store.kv import scan
 
-PERF_METER_ID = "perf"
-PERF_EVENT_TYPE = "perf"
+PERF_METER_ID = "perf-hosts"
+PERF_EVENT_TYPE = "perf-host"
 PERF_METER = MeterIn(
     id=PERF_METER_ID,
     eventType=PERF_EVENT_TYPE,
     aggregation="avg",
-    description="Host metrics posted to /api/perf (kloudmeter agent, liz monitor)",
+    description="Host metrics posted to /api/perf (kloudmeter agent, liz monitor), per tenant",
     valueProperty="$.value",
-    groupBy={"label": "$.label"},
+    groupBy={"host": "$.host", "label": "$.label"},
 )
+# The subject of samples without a tenant (tokens off, or an admin without ?tenant=): not a
+# tenant name (tenants are made of A-Z a-z 0-9 _ -), so no tenant can ever read or write it.
+NO_TENANT = "~"
+# Before tenants: the meter `perf`, subject = host, grouped by label (read, never written).
+LEGACY_METER_ID = "perf"
+LEGACY_GROUP_BY = {"label": "$.label"}
 
 # (name in the summary key, summary level, how far back it reaches in seconds)
 SUMMARIES = (("by-minute", "minute", 3600), ("by-hour", "hour", 86400))
@@ -53,6 +68,21 @@ def _json(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=encoder.encode(body), status=status, content_type="application/json")
 
 
+def perf_tenant(request: web.Request) -> str:
+    """The tenant whose hosts this request sees and writes: a user's own; for an admin (or
+    anyone when tokens are off) ``?tenant=`` or, without it, the hosts without a tenant."""
+    scope = tenant_scope(request)
+    asked = request.query.get("tenant")
+    if asked is not None:
+        check_tenant(asked)
+        if scope is not None and asked != scope:
+            raise Forbidden(
+                f"this token may only see and write tenant {scope!r}'s hosts", field="tenant"
+            )
+        return asked
+    return scope if scope is not None else NO_TENANT
+
+
 def _check_meter(meter: Meter) -> Meter:
     if (
         meter.eventType != PERF_EVENT_TYPE
@@ -63,14 +93,15 @@ def _check_meter(meter: Meter) -> Meter:
         raise Conflict(
             f"meter {PERF_METER_ID!r} exists with another definition; /api/perf needs "
             f"eventType {PERF_EVENT_TYPE!r}, aggregation 'avg', valueProperty '$.value' and "
-            "groupBy {'label': '$.label'} (delete it and the gateway creates it again)",
+            "groupBy {'host': '$.host', 'label': '$.label'} (delete it and the gateway creates "
+            "it again)",
             field="id",
         )
     return meter
 
 
 async def ensure_meter(app: web.Application) -> Meter:
-    """The built-in ``perf`` meter, created when it does not exist yet (idempotent)."""
+    """The built-in ``perf-hosts`` meter, created when it does not exist yet (idempotent)."""
     meters = app[METERS]
     try:
         return _check_meter(await meters.get(PERF_METER_ID))
@@ -88,6 +119,17 @@ async def _current_meter(app: web.Application) -> Meter | None:
         return _check_meter(await app[METERS].get(PERF_METER_ID))
     except NotFound:
         return None
+
+
+async def _legacy_meter(app: web.Application) -> Meter | None:
+    """The pre-tenant ``perf`` meter, if this installation has one."""
+    try:
+        meter = await app[METERS].get(LEGACY_METER_ID)
+    except NotFound:
+        return None
+    if meter.eventType != "perf" or meter.groupBy != LEGACY_GROUP_BY:
+        return None  # someone's own meter called perf
+    return meter
 
 
 def parse_epoch(text: str) -> int:
@@ -139,14 +181,15 @@ def _json_type(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def sample_event_id(host: str, epoch: int, label: str, key: str | None = None) -> str:
+def sample_event_id(tenant: str, host: str, epoch: int, label: str, key: str | None = None) -> str:
     """Event id (``Nats-Msg-Id``) of one field of one sample; a retried post gets the same.
 
-    Host and label are token-encoded so the id is a safe header value and unambiguous; an
-    ``Idempotency-Key`` (the agent sends one per sample) keeps several samples in one second
-    apart. Ids longer than an event id may be are hashed, still deterministically.
+    Tenant, host and label are token-encoded so the id is a safe header value and
+    unambiguous (two tenants' hosts of one name never share an id); an ``Idempotency-Key``
+    (the agent sends one per sample) keeps several samples in one second apart. Ids longer
+    than an event id may be are hashed, still deterministically.
     """
-    event_id = f"perf:{encode_token(host)}:{epoch}:{encode_token(label)}"
+    event_id = f"perf:{encode_token(tenant)}:{encode_token(host)}:{epoch}:{encode_token(label)}"
     if key:
         event_id += f":{key}"
     if len(event_id) > _MAX_ID:
@@ -159,6 +202,7 @@ async def post_sample(request: web.Request) -> web.Response:
     if len(host) > MAX_NAME:
         raise InvalidInput(f"host is at most {MAX_NAME} characters", field="host")
     epoch = parse_epoch(request.match_info["epoch"])
+    tenant = perf_tenant(request)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
         raise InvalidInput(
@@ -167,18 +211,18 @@ async def post_sample(request: web.Request) -> web.Response:
     sample = parse_sample(await request.read())
     await ensure_meter(request.app)
     js = request.app[JS]
-    subject = event_subject(request.app[LAYOUT].stream, PERF_EVENT_TYPE, host)
+    subject = event_subject(request.app[LAYOUT].stream, PERF_EVENT_TYPE, tenant)
     at = datetime.fromtimestamp(epoch, UTC)
     publishes = []
     for label, value in sample.items():
-        event_id = sample_event_id(host, epoch, label, key)
+        event_id = sample_event_id(tenant, host, epoch, label, key)
         body = encoder.encode(
             {
                 "id": event_id,
                 "eventType": PERF_EVENT_TYPE,
-                "subject": host,
+                "subject": tenant,
                 "time": at,
-                "data": {"label": label, "value": value},
+                "data": {"host": host, "label": label, "value": value},
             }
         )
         publishes.append(js.publish(subject, body, headers={"Nats-Msg-Id": event_id}))
@@ -190,55 +234,94 @@ async def post_sample(request: web.Request) -> web.Response:
     return _json(out, status=202)
 
 
-def _average(s: Reading, width: int) -> dict[str, Any]:
-    assert s.windowStart is not None and s.sum is not None
-    start = int(s.windowStart.timestamp())
-    avg = s.sum / s.count
+@dataclass
+class _Window:
+    """One host's label in one window: sums and counts merge exactly (old and new layout)."""
+
+    total: float = 0.0
+    count: int = 0
+
+
+@dataclass
+class _Found:
+    # host -> summary name -> window start -> window
+    hosts: dict[str, dict[str, dict[int, _Window]]] = field(default_factory=dict)
+
+    def add(self, host: str, name: str, label: str, s: Reading) -> None:
+        assert s.windowStart is not None and s.sum is not None
+        series = self.hosts.setdefault(host, {}).setdefault(f"summary:{name}:{label}", {})
+        window = series.setdefault(int(s.windowStart.timestamp()), _Window())
+        window.total += s.sum
+        window.count += s.count
+
+
+def _average(start: int, window: _Window, width: int) -> dict[str, Any]:
+    avg = window.total / window.count
     return {
         "start-sec": start,
         "end-sec": start + width,
         "interval-size-sec": width,
-        "num-samples": s.count,
+        "num-samples": window.count,
         "avg": int(avg) if avg.is_integer() else avg,
     }
 
 
+def _usable(s: Reading, meter: Meter, oldest: int, now: float) -> bool:
+    return (
+        s.meterStartSeq == meter.startSeq
+        and s.windowStart is not None
+        and s.sum is not None
+        and bool(s.count)
+        and oldest <= s.windowStart.timestamp() <= now
+    )
+
+
 async def summaries(
-    request: web.Request, meter: Meter, host: str | None
+    request: web.Request, tenant: str, host: str | None
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per host, the liz summaries (``summary:by-minute:<label>`` ...) that have data."""
+    """Per host of ``tenant``, the liz summaries (``summary:by-minute:<label>`` ...) with data."""
     app = request.app
     js, layout, settings = app[JS], app[LAYOUT], app[SETTINGS]
+    meter = await _current_meter(app)
+    legacy = await _legacy_meter(app) if tenant == NO_TENANT else None
     now = time.time()
     level_widths = widths(settings.interval)
-    pattern = f"{encode_token(meter.id)}.{encode_token(host) if host else '*'}.*.*"
-    found: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    host_tok = encode_token(host) if host is not None else "*"
+    found = _Found()
     ranges: dict[str, tuple[int, int]] = {}
     for name, level, span in SUMMARIES:
         width = level_widths[level]
         oldest = int(now - span)
         oldest -= oldest % width
         ranges[name] = (oldest, width)
-        for _, value in await scan(js, layout.summary_buckets[level], pattern):
-            s = reading_decoder.decode(value)
-            label = s.groupBy.get("label")
-            if (
-                s.meterStartSeq != meter.startSeq
-                or s.windowStart is None
-                or s.sum is None
-                or not s.count
-                or label is None
-                or not oldest <= s.windowStart.timestamp() <= now
-            ):
-                continue
-            series = found.setdefault(s.subject, {}).setdefault(f"summary:{name}:{label}", [])
-            series.append(_average(s, width))
+        bucket = layout.summary_buckets[level]
+        if meter is not None:
+            pattern = f"{encode_token(meter.id)}.{encode_token(tenant)}.{host_tok}.*.*"
+            for _, value in await scan(js, bucket, pattern):
+                s = reading_decoder.decode(value)
+                h, label = s.groupBy.get("host"), s.groupBy.get("label")
+                if s.subject != tenant or h is None or label is None:
+                    continue
+                if _usable(s, meter, oldest, now):
+                    found.add(h, name, label, s)
+        if legacy is not None:
+            pattern = f"{encode_token(legacy.id)}.{host_tok}.*.*"
+            # Only windows with nothing stored after perf-hosts began: older samples had no
+            # tenant; a `perf` event sent since could come from anyone.
+            before = meter.startSeq if meter is not None else None
+            for _, value in await scan(js, bucket, pattern):
+                s = reading_decoder.decode(value)
+                label = s.groupBy.get("label")
+                if label is None or (before is not None and s.lastSeq > before):
+                    continue
+                if _usable(s, legacy, oldest, now):
+                    found.add(s.subject, name, label, s)
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for subject, by_key in sorted(found.items()):
-        for key, averages in sorted(by_key.items(), key=lambda kv: _key_order(kv[0])):
+    for h, by_key in sorted(found.hosts.items()):
+        for key, windows in sorted(by_key.items(), key=lambda kv: _key_order(kv[0])):
             oldest, width = ranges[key.split(":", 2)[1]]
-            averages.sort(key=lambda a: a["start-sec"])
-            out.setdefault(subject, {})[key] = {
+            averages = [_average(start, w, width) for start, w in sorted(windows.items())]
+            out.setdefault(h, {})[key] = {
                 "averages": averages,
                 "start": oldest,
                 "end": int(now),
@@ -254,16 +337,12 @@ def _key_order(key: str) -> tuple[int, str]:
 
 
 async def list_hosts(request: web.Request) -> web.Response:
-    meter = await _current_meter(request.app)
-    if meter is None:
-        return _json([])
-    return _json(sorted(await summaries(request, meter, None)))
+    return _json(sorted(await summaries(request, perf_tenant(request), None)))
 
 
 async def get_host(request: web.Request) -> web.Response:
     host = request.match_info["host"]
-    meter = await _current_meter(request.app)
-    data = (await summaries(request, meter, host)).get(host) if meter is not None else None
+    data = (await summaries(request, perf_tenant(request), host)).get(host)
     if not data:
         raise NotFound(f"no data for host {host!r} in the last day", field="host")
     requested = request.match_info.get("label")
