@@ -12,10 +12,10 @@ from aiohttp import web
 
 from kloudmeter_py.core.models import encoder
 from kloudmeter_py.errors import Forbidden, Unauthorized
-from kloudmeter_py.gateway.app import AUTH, SETTINGS, Handler, decode_body
+from kloudmeter_py.gateway.helpers import Handler, decode_body
+from kloudmeter_py.gateway.keys import AUTH, PRINCIPAL, SETTINGS
 from kloudmeter_py.store.auth import Principal
 
-PRINCIPAL = web.RequestKey("principal", Principal)
 # The dashboard's page and its files hold no data; the data calls it makes need a token.
 _ANYONE = {("GET", "/healthy"), ("GET", "/"), ("GET", "/static/{name}")}
 # What a `user` token may call; everything else needs `admin`.

@@ -10,8 +10,8 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from kloudmeter_py.core.models import encoder, reading_decoder
-from kloudmeter_py.gateway.app import JS, LAYOUT
 from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.gateway.keys import JS, LAYOUT
 from kloudmeter_py.gateway.kloudmeter import reading_view
 
 STATIC = Path(__file__).with_name("static")

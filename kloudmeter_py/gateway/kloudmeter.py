@@ -16,16 +16,13 @@ from kloudmeter_py.core.models import (
     reading_decoder,
 )
 from kloudmeter_py.errors import Forbidden, InvalidInput, NotFound
-from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, NC, SETTINGS, decode_body
 from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.gateway.helpers import decode_body, json_response
+from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS, NC, SETTINGS
 from kloudmeter_py.store import deadletters
 from kloudmeter_py.store.kv import get_with_revision, scan
 
 _KEY = re.compile(r"[-/_=.a-zA-Z0-9]{1,1024}")
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=encoder.encode(body), status=status, content_type="application/json")
 
 
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -53,17 +50,17 @@ async def register_event(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"status": "ok"}
     if ack.duplicate:
         body["duplicate"] = True
-    return _json(body, status=202)
+    return json_response(body, status=202)
 
 
 async def create_meter(request: web.Request) -> web.Response:
     body = decode_body(await request.read(), meter_in_decoder)
     meter = await request.app[METERS].create(body)
-    return _json(meter, status=201)
+    return json_response(meter, status=201)
 
 
 async def list_meters(request: web.Request) -> web.Response:
-    return _json(await request.app[METERS].list())
+    return json_response(await request.app[METERS].list())
 
 
 def _key_param(request: web.Request) -> str:
@@ -74,7 +71,7 @@ def _key_param(request: web.Request) -> str:
 
 
 async def get_meter(request: web.Request) -> web.Response:
-    return _json(await request.app[METERS].get(_key_param(request)))
+    return json_response(await request.app[METERS].get(_key_param(request)))
 
 
 async def delete_meter(request: web.Request) -> web.Response:
@@ -100,11 +97,11 @@ async def list_readings(request: web.Request) -> web.Response:
     scope = tenant_scope(request)
     if scope is not None:
         if subject is not None and subject != scope:
-            return _json([])
+            return json_response([])
         subject = scope
     meters = {m.id: m for m in await request.app[METERS].list()}
     if meter_id is not None and meter_id not in meters:
-        return _json([])
+        return json_response([])
     m_tok = encode_token(meter_id) if meter_id is not None else "*"
     s_tok = encode_token(subject) if subject is not None else "*"
     if meter_id is not None:
@@ -122,7 +119,7 @@ async def list_readings(request: web.Request) -> web.Response:
             reading = reading_decoder.decode(value)
             if _current(reading, meters):
                 out.append(reading_view(key, reading))
-    return _json(out)
+    return json_response(out)
 
 
 async def get_reading(request: web.Request) -> web.Response:
@@ -144,23 +141,25 @@ async def get_reading(request: web.Request) -> web.Response:
         raise NotFound(f"reading {key!r} not found", field="key") from None
     if meter.startSeq != reading.meterStartSeq:
         raise NotFound(f"reading {key!r} not found", field="key")
-    return _json(reading_view(key, reading))
+    return json_response(reading_view(key, reading))
 
 
 async def healthy(request: web.Request) -> web.Response:
     nc = request.app[NC]
     if not nc.is_connected:
-        return _json({"status": "error", "message": "NATS is not connected"}, status=503)
+        return json_response({"status": "error", "message": "NATS is not connected"}, status=503)
     try:
         await request.app[JS].stream_info(request.app[LAYOUT].stream)
     except Exception as exc:
-        return _json({"status": "error", "message": f"NATS: {type(exc).__name__}"}, status=503)
-    return _json({"status": "ok"})
+        return json_response(
+            {"status": "error", "message": f"NATS: {type(exc).__name__}"}, status=503
+        )
+    return json_response({"status": "ok"})
 
 
 async def dead_letter_counts(request: web.Request) -> web.Response:
     """Dead-letter counts per meter (``_event`` for events no meter could read)."""
-    return _json(await deadletters.counts(request.app[JS], request.app[LAYOUT]))
+    return json_response(await deadletters.counts(request.app[JS], request.app[LAYOUT]))
 
 
 async def dead_letter_list(request: web.Request) -> web.Response:
@@ -173,7 +172,7 @@ async def dead_letter_list(request: web.Request) -> web.Response:
     letters = await deadletters.iterate(
         request.app[JS], request.app[LAYOUT], request.query.get("meter"), limit=limit
     )
-    return _json(letters)
+    return json_response(letters)
 
 
 async def dead_letter_replay(request: web.Request) -> web.Response:
@@ -184,7 +183,7 @@ async def dead_letter_replay(request: web.Request) -> web.Response:
         request.query.get("meter"),
         unique_limit=settings.unique_limit,
     )
-    return _json(report)
+    return json_response(report)
 
 
 def add_routes(app: web.Application) -> None:

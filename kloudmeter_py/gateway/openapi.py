@@ -24,7 +24,7 @@ from aiohttp import web
 
 from kloudmeter_py.core.aggregate import AGGREGATIONS
 from kloudmeter_py.core.models import CloudEvent, Event, Meter, MeterIn, Reading, encoder
-from kloudmeter_py.gateway.app import SETTINGS
+from kloudmeter_py.gateway.keys import SETTINGS
 
 OPENAPI_PATH = "/api/openapi.json"
 Schema = dict[str, Any]

@@ -4,9 +4,7 @@ One set of meters serves both APIs: KloudMeter's ``id`` is OpenMeter's ``slug`` 
 and aggregation names map both ways (``unique`` <-> ``UNIQUE_COUNT``).
 """
 
-import ast
 import asyncio
-import json
 from typing import Any
 
 import msgspec
@@ -23,9 +21,10 @@ from kloudmeter_py.core.models import (
     reading_decoder,
 )
 from kloudmeter_py.errors import Forbidden, InvalidInput
-from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, decode_body
 from kloudmeter_py.gateway.auth import tenant_scope
-from kloudmeter_py.gateway.query import QueryBody, _build, execute
+from kloudmeter_py.gateway.helpers import decode_body, json_response
+from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS
+from kloudmeter_py.gateway.query import QueryBody, _build, body_from_params, execute
 from kloudmeter_py.store.kv import scan
 
 _TO_OPENMETER = {"unique": "UNIQUE_COUNT"}
@@ -79,10 +78,6 @@ def openmeter_meter(meter: Meter) -> dict[str, Any]:
     }
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=encoder.encode(body), status=status, content_type="application/json")
-
-
 async def ingest(request: web.Request) -> web.Response:
     """POST /api/v1/events: one CloudEvent, a batch, or either as application/json -> 204."""
     raw = await request.read()
@@ -122,7 +117,7 @@ async def ingest(request: web.Request) -> web.Response:
 
 
 async def list_meters(request: web.Request) -> web.Response:
-    return _json([openmeter_meter(m) for m in await request.app[METERS].list()])
+    return json_response([openmeter_meter(m) for m in await request.app[METERS].list()])
 
 
 async def create_meter(request: web.Request) -> web.Response:
@@ -143,38 +138,18 @@ async def create_meter(request: web.Request) -> web.Response:
         field = "slug" if "$.slug" in text else None
         raise InvalidInput(f"invalid meter: {text}", field=field) from None
     meter = await request.app[METERS].create(meter_in)
-    return _json(openmeter_meter(meter), status=201)
+    return json_response(openmeter_meter(meter), status=201)
 
 
 async def get_meter(request: web.Request) -> web.Response:
-    return _json(openmeter_meter(await request.app[METERS].get(request.match_info["meter"])))
+    return json_response(
+        openmeter_meter(await request.app[METERS].get(request.match_info["meter"]))
+    )
 
 
 async def delete_meter(request: web.Request) -> web.Response:
     await request.app[METERS].delete(request.match_info["meter"])
     return web.Response(status=204)
-
-
-def _filter_group_by(request: web.Request) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in request.query.items():
-        if name.startswith("filterGroupBy[") and name.endswith("]"):
-            out[name[len("filterGroupBy[") : -1]] = value
-        elif name == "filterGroupBy":
-            # The openmeter SDK sends the dict as one value (JSON, or a Python repr).
-            try:
-                parsed = json.loads(value)
-            except ValueError:
-                try:
-                    parsed = ast.literal_eval(value)
-                except (ValueError, SyntaxError):
-                    raise InvalidInput(
-                        "filterGroupBy: expected an object of group -> value", field="filterGroupBy"
-                    ) from None
-            if not isinstance(parsed, dict):
-                raise InvalidInput("filterGroupBy: expected an object", field="filterGroupBy")
-            out.update({str(k): str(v) for k, v in parsed.items()})
-    return out
 
 
 async def query_meter(request: web.Request) -> web.Response:
@@ -200,16 +175,7 @@ async def query_meter(request: web.Request) -> web.Response:
             filterGroupBy=filters,
         )
     else:
-        q = request.query
-        body = QueryBody(
-            start=q.get("from"),
-            end=q.get("to"),
-            windowSize=q.get("windowSize"),
-            windowTimeZone=q.get("windowTimeZone"),
-            subject=q.getall("subject", []),
-            groupBy=q.getall("groupBy", []),
-            filterGroupBy=_filter_group_by(request),
-        )
+        body = body_from_params(request)
     # OpenMeter lets "subject" be a group: it splits the rows by subject.
     by_subject = "subject" in body.groupBy
     body.groupBy = [g for g in body.groupBy if g != "subject"]
@@ -220,7 +186,7 @@ async def query_meter(request: web.Request) -> web.Response:
             query.subjects = [""]  # no subject has data: no rows
     result = await execute(request, meter, query)
     result.pop("windowTimeZone", None)
-    return _json(result)
+    return json_response(result)
 
 
 async def _subjects(request: web.Request, meter: Meter) -> list[str]:
@@ -240,7 +206,7 @@ async def list_subjects(request: web.Request) -> web.Response:
     scope = tenant_scope(request)
     if scope is not None:
         subjects = [s for s in subjects if s == scope]
-    return _json(subjects)
+    return json_response(subjects)
 
 
 def add_routes(app: web.Application) -> None:

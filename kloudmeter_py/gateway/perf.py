@@ -31,8 +31,9 @@ from kloudmeter_py.core.keys import encode_token, event_subject
 from kloudmeter_py.core.models import Meter, MeterIn, Reading, encoder, reading_decoder
 from kloudmeter_py.core.windows import widths
 from kloudmeter_py.errors import Conflict, Forbidden, InvalidInput, NotFound
-from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, SETTINGS
 from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.gateway.helpers import json_response
+from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS, SETTINGS
 from kloudmeter_py.store.auth import check_tenant
 from kloudmeter_py.store.kv import scan
 
@@ -62,10 +63,6 @@ MAX_NAME = 256
 _EPOCH = re.compile(r"[0-9]{1,12}")
 _IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_ID = 256  # an event id is at most 256 characters (models.Name)
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=encoder.encode(body), status=status, content_type="application/json")
 
 
 def perf_tenant(request: web.Request) -> str:
@@ -231,7 +228,7 @@ async def post_sample(request: web.Request) -> web.Response:
     duplicates = sum(1 for ack in acks if ack.duplicate)
     if duplicates:
         out["duplicates"] = duplicates
-    return _json(out, status=202)
+    return json_response(out, status=202)
 
 
 @dataclass
@@ -337,7 +334,7 @@ def _key_order(key: str) -> tuple[int, str]:
 
 
 async def list_hosts(request: web.Request) -> web.Response:
-    return _json(sorted(await summaries(request, perf_tenant(request), None)))
+    return json_response(sorted(await summaries(request, perf_tenant(request), None)))
 
 
 async def get_host(request: web.Request) -> web.Response:
@@ -349,7 +346,7 @@ async def get_host(request: web.Request) -> web.Response:
     if requested:
         wanted = requested.casefold()
         data = {k: v for k, v in data.items() if wanted in k.casefold()}
-    return _json(data)
+    return json_response(data)
 
 
 def add_routes(app: web.Application) -> None:

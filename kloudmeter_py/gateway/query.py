@@ -1,5 +1,7 @@
 """GET/POST /api/meters/{id}/query: windows over the summaries, in OpenMeter's shape."""
 
+import ast
+import json
 import re
 from typing import Any
 
@@ -10,7 +12,8 @@ from kloudmeter_py.core.models import Meter, encoder
 from kloudmeter_py.core.query import Query, build_query
 from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import InvalidInput
-from kloudmeter_py.gateway.app import JS, METERS, SETTINGS, decode_body
+from kloudmeter_py.gateway.helpers import decode_body
+from kloudmeter_py.gateway.keys import JS, METERS, SETTINGS
 from kloudmeter_py.store.query import run_query, utc_now
 
 _FILTER = re.compile(r"filterGroupBy\[(.+)\]")
@@ -29,23 +32,43 @@ class QueryBody(msgspec.Struct, forbid_unknown_fields=True, rename={"start": "fr
 _body_decoder = msgspec.json.Decoder(QueryBody)
 
 
-def query_from_request_params(request: web.Request, meter: Meter) -> Query:
+def body_from_params(request: web.Request) -> QueryBody:
+    """The query a GET asks for, from its URL parameters (both query APIs read them so):
+    ``from``, ``to``, ``windowSize``, ``windowTimeZone`` (or ``timeZone``), repeated
+    ``subject`` and ``groupBy``, and ``filterGroupBy[group]=value`` or one ``filterGroupBy``
+    object (the openmeter SDK sends the dict as one value, JSON or a Python repr)."""
     q = request.query
-    filters = {}
-    for name, value in q.items():
-        match = _FILTER.fullmatch(name)
-        if match:
-            filters[match.group(1)] = value
-    body = QueryBody(
+    return QueryBody(
         start=q.get("from"),
         end=q.get("to"),
         windowSize=q.get("windowSize"),
         windowTimeZone=q.get("windowTimeZone") or q.get("timeZone"),
         subject=q.getall("subject", []),
         groupBy=q.getall("groupBy", []),
-        filterGroupBy=filters,
+        filterGroupBy=_filter_group_by(request),
     )
-    return _build(request, meter, body)
+
+
+def _filter_group_by(request: web.Request) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in request.query.items():
+        match = _FILTER.fullmatch(name)
+        if match:
+            out[match.group(1)] = value
+        elif name == "filterGroupBy":
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                try:
+                    parsed = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    raise InvalidInput(
+                        "filterGroupBy: expected an object of group -> value", field="filterGroupBy"
+                    ) from None
+            if not isinstance(parsed, dict):
+                raise InvalidInput("filterGroupBy: expected an object", field="filterGroupBy")
+            out.update({str(k): str(v) for k, v in parsed.items()})
+    return out
 
 
 def _build(request: web.Request, meter: Meter, body: QueryBody) -> Query:
@@ -96,7 +119,7 @@ async def query_meter(request: web.Request) -> web.Response:
         body = decode_body(await request.read(), _body_decoder)
         q = _build(request, meter, body)
     else:
-        q = query_from_request_params(request, meter)
+        q = _build(request, meter, body_from_params(request))
     result = await execute(request, meter, q)
     return web.Response(body=encoder.encode(result), content_type="application/json")
 

@@ -4,7 +4,6 @@ estimate. Money is Decimal and travels as strings in JSON."""
 from collections import defaultdict
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -26,16 +25,12 @@ from kloudmeter_py.core.rating import (
 )
 from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import Forbidden, InvalidInput, NotFound
-from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, decode_body
 from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.gateway.helpers import decode_body, json_response
+from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS
 from kloudmeter_py.store.rating import PriceStore, Resource, resources
 
 _price_in = msgspec.json.Decoder(PriceIn)
-_encoder = msgspec.json.Encoder(decimal_format="string")
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_encoder.encode(body), status=status, content_type="application/json")
 
 
 def _prices(request: web.Request) -> PriceStore:
@@ -49,20 +44,22 @@ def _body_price(raw: bytes) -> PriceIn:
 
 
 async def create_price(request: web.Request) -> web.Response:
-    return _json(await _prices(request).create(_body_price(await request.read())), status=201)
+    return json_response(
+        await _prices(request).create(_body_price(await request.read())), status=201
+    )
 
 
 async def list_prices(request: web.Request) -> web.Response:
-    return _json(await _prices(request).list())
+    return json_response(await _prices(request).list())
 
 
 async def get_price(request: web.Request) -> web.Response:
-    return _json(await _prices(request).get(request.match_info["id"]))
+    return json_response(await _prices(request).get(request.match_info["id"]))
 
 
 async def put_price(request: web.Request) -> web.Response:
     body = _body_price(await request.read())
-    return _json(await _prices(request).replace(request.match_info["id"], body))
+    return json_response(await _prices(request).replace(request.match_info["id"], body))
 
 
 async def delete_price(request: web.Request) -> web.Response:
@@ -102,7 +99,7 @@ async def list_resources(request: web.Request) -> web.Response:
     scope = tenant_scope(request)
     tenant = request.query.get("tenant") or scope
     if scope is not None and tenant != scope:
-        return _json([])
+        return json_response([])
     found, prices = await _resources(request, tenant)
     now = datetime.now(UTC)
     out = []
@@ -126,7 +123,7 @@ async def list_resources(request: web.Request) -> web.Response:
                 "currency": next((s.price.currency for s in segs if s.price), None),
             }
         )
-    return _json(out)
+    return json_response(out)
 
 
 async def records(request: web.Request) -> web.Response:
@@ -156,7 +153,7 @@ async def records(request: web.Request) -> web.Response:
                     "consumption": _segment_cost(seg),
                 }
             )
-    return _json(out)
+    return json_response(out)
 
 
 class ChargingIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -236,7 +233,7 @@ async def charging(request: web.Request) -> web.Response:
             )
             if currency:
                 totals[currency] += cost
-    return _json(
+    return json_response(
         {"tenant": tenant, "start": start, "end": end, "totals": dict(totals), "items": items}
     )
 
@@ -334,7 +331,7 @@ async def cost_estimate(request: web.Request) -> web.Response:
                 "max_cost": hi,
             }
         )
-    return _json({"hours": hours, "groups": groups, "totals": totals})
+    return json_response({"hours": hours, "groups": groups, "totals": totals})
 
 
 def add_routes(app: web.Application) -> None:

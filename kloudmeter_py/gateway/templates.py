@@ -9,11 +9,10 @@ from aiohttp import web
 from msgspec import Meta
 
 from kloudmeter_py.errors import InvalidInput, NotFound
-from kloudmeter_py.gateway.app import JS, LAYOUT, decode_body
+from kloudmeter_py.gateway.helpers import decode_body, json_response
+from kloudmeter_py.gateway.keys import JS, LAYOUT
 from kloudmeter_py.rating.sandbox import TemplateError, check_template, run_template
 from kloudmeter_py.store.kv import get_with_revision, scan
-
-_encoder = msgspec.json.Encoder(decimal_format="string")
 
 
 class TemplateIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -30,10 +29,6 @@ class Template(TemplateIn, kw_only=True):
 _template_in = msgspec.json.Decoder(TemplateIn)
 _template = msgspec.json.Decoder(Template)
 _object = msgspec.json.Decoder(dict[str, Any])
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=_encoder.encode(body), status=status, content_type="application/json")
 
 
 async def _get(request: web.Request, template_id: str) -> Template:
@@ -71,7 +66,7 @@ async def create(request: web.Request) -> web.Response:
     )
     kv = await request.app[JS].key_value(request.app[LAYOUT].templates_bucket)
     await kv.create(template.id, msgspec.json.encode(template))
-    return _json(template, status=201)
+    return json_response(template, status=201)
 
 
 async def list_templates(request: web.Request) -> web.Response:
@@ -79,14 +74,14 @@ async def list_templates(request: web.Request) -> web.Response:
     for _, value in await scan(request.app[JS], request.app[LAYOUT].templates_bucket):
         t = _template.decode(value)
         out.append({"id": t.id, "name": t.name, "description": t.description, "created": t.created})
-    return _json(out)
+    return json_response(out)
 
 
 async def get(request: web.Request) -> web.Response:
     template = await _get(request, request.match_info["id"])
     if request.method == "HEAD":
         return web.Response(status=200)
-    return _json(template)
+    return json_response(template)
 
 
 async def delete(request: web.Request) -> web.Response:
@@ -102,8 +97,10 @@ async def rate(request: web.Request) -> web.Response:
     try:
         cost = await run_template(template.source, data)
     except TemplateError as exc:
-        return _json({"status": "error", "kind": exc.kind, "message": exc.message}, status=422)
-    return _json({"cost": cost})
+        return json_response(
+            {"status": "error", "kind": exc.kind, "message": exc.message}, status=422
+        )
+    return json_response({"cost": cost})
 
 
 def add_routes(app: web.Application) -> None:

@@ -18,8 +18,8 @@ from kloudmeter_py.core.query import parse_time
 from kloudmeter_py.core.usage import Lifecycle, usage_hours
 from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import Forbidden, InvalidInput
-from kloudmeter_py.gateway.app import JS, LAYOUT, SETTINGS
 from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.gateway.keys import JS, LAYOUT, SETTINGS
 from kloudmeter_py.store.auth import check_tenant
 from kloudmeter_py.store.kv import read
 
