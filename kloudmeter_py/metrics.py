@@ -221,15 +221,6 @@ class Metrics:
                 self.ingested_duplicates.labels(route).inc(duplicates)
         return response
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_get(METRICS_PATH, self.handler)
-
-    def install(self, app: web.Application) -> None:
-        """Wire into an app that is not started yet: outermost middleware, app key, route."""
-        app.middlewares.insert(0, self.middleware)
-        app[METRICS] = self
-        self.add_routes(app)
-
 
 METRICS = web.AppKey("metrics", Metrics)
 

@@ -26,7 +26,8 @@ from kloudmeter_py.gateway import (
     usage,
 )
 from kloudmeter_py.gateway.helpers import Handler, error_response, problem_response
-from kloudmeter_py.gateway.keys import AUTH, JS, LAYOUT, METERS, NC, SETTINGS
+from kloudmeter_py.gateway.keys import AUTH, JS, LAYOUT, METERS, NC, OPENAPI_CACHE, SETTINGS
+from kloudmeter_py.gateway.routes import check_declared
 from kloudmeter_py.metrics import METRICS, Metrics
 from kloudmeter_py.store.auth import AuthStore
 from kloudmeter_py.store.layout import Layout
@@ -115,15 +116,19 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     app[LAYOUT] = layout
     app[METERS] = MeterStore(js, layout)
     app[AUTH] = AuthStore(js, layout, settings.admin_token)
-    kloudmeter.add_routes(app)
-    query.add_routes(app)
-    openmeter.add_routes(app)
-    perf.add_routes(app)
-    auth.add_routes(app)
-    usage.add_routes(app)
-    rating.add_routes(app)
-    templates.add_routes(app)
-    dashboard.add_routes(app)
-    metrics.add_routes(app)
-    openapi.add_routes(app)  # last
+    app[OPENAPI_CACHE] = []
+    for module in (
+        kloudmeter,
+        query,
+        openmeter,
+        perf,
+        auth,
+        usage,
+        rating,
+        templates,
+        dashboard,
+        openapi,  # /api/openapi.json and /metrics
+    ):
+        app.router.add_routes(module.routes.table)
+    check_declared(app)
     return app

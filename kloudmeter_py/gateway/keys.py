@@ -20,5 +20,7 @@ JS = web.AppKey("js", JetStreamContext)
 LAYOUT = web.AppKey("layout", Layout)
 METERS = web.AppKey("meters", MeterStore)
 AUTH = web.AppKey("auth", AuthStore)
+# The OpenAPI document, built at its first request.
+OPENAPI_CACHE = web.AppKey("openapi_cache", list[bytes])
 # The caller, set by the auth middleware when tokens are on.
 PRINCIPAL = web.RequestKey("principal", Principal)

@@ -15,14 +15,28 @@ from kloudmeter_py.core.models import (
     meter_in_decoder,
     reading_decoder,
 )
-from kloudmeter_py.errors import Forbidden, InvalidInput, NotFound
-from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.errors import InvalidInput, NotFound
 from kloudmeter_py.gateway.helpers import decode_body, json_response
 from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS, NC, SETTINGS
+from kloudmeter_py.gateway.routes import (
+    ADMIN,
+    CALLER,
+    NO_TENANT_DATA,
+    OPEN,
+    USER,
+    Op,
+    Param,
+    Routes,
+    own_tenant,
+    tenant_of,
+)
+from kloudmeter_py.gateway.schemas import array, ref
 from kloudmeter_py.store import deadletters
 from kloudmeter_py.store.kv import get_with_revision, scan
 
-_KEY = re.compile(r"[-/_=.a-zA-Z0-9]{1,1024}")
+routes = Routes()
+_KEY_RE = re.compile(r"[-/_=.a-zA-Z0-9]{1,1024}")
+_KEY = Param("key", description="the meter id / reading key", required=True)
 
 
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -30,17 +44,30 @@ _object_decoder = msgspec.json.Decoder(dict[str, Any])
 
 def stamp_tenant(request: web.Request, raw: bytes) -> bytes:
     """A user's events are its tenant's: the subject is set to the tenant (or must be it)."""
-    scope = tenant_scope(request)
-    if scope is None:
+    if tenant_of(request) is None:
         return raw
     body = decode_body(raw, _object_decoder)
     subject = body.get("subject")
-    if subject is not None and subject != scope:
-        raise Forbidden(f"this token may only record usage for tenant {scope!r}", field="subject")
-    body["subject"] = scope
+    body["subject"] = own_tenant(request, None if subject is None else str(subject), "subject")
     return encoder.encode(body)
 
 
+@routes.post(
+    "/api/register-event",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Record a usage event",
+        "events",
+        status=202,
+        response=ref("Accepted"),
+        body=ref("Event"),
+        errors=(400,),
+        description="Answers after JetStream stored it; duplicate: true for an id already "
+        "stored within METER_DEDUP_WINDOW. A body with specversion is read as a CloudEvent. "
+        "A user's events are its tenant's: a missing subject becomes the tenant.",
+    ),
+)
 async def register_event(request: web.Request) -> web.Response:
     raw = stamp_tenant(request, await request.read())
     event = decode_body(raw, event_decoder)
@@ -53,12 +80,31 @@ async def register_event(request: web.Request) -> web.Response:
     return json_response(body, status=202)
 
 
+@routes.post(
+    "/api/create-meter",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Create a meter",
+        "meters",
+        status=201,
+        response=ref("Meter"),
+        body=ref("MeterIn"),
+        errors=(400, 409),
+    ),
+)
 async def create_meter(request: web.Request) -> web.Response:
     body = decode_body(await request.read(), meter_in_decoder)
     meter = await request.app[METERS].create(body)
     return json_response(meter, status=201)
 
 
+@routes.get(
+    "/api/meters",
+    access=USER,
+    tenant=NO_TENANT_DATA,
+    op=Op("List meters", "meters", response=array(ref("Meter"))),
+)
 async def list_meters(request: web.Request) -> web.Response:
     return json_response(await request.app[METERS].list())
 
@@ -70,10 +116,26 @@ def _key_param(request: web.Request) -> str:
     return key
 
 
+@routes.get(
+    "/api/meter",
+    "/api/meter/",
+    access=USER,
+    tenant=NO_TENANT_DATA,
+    op=Op("Get a meter", "meters", response=ref("Meter"), query=(_KEY,), errors=(400, 404)),
+)
 async def get_meter(request: web.Request) -> web.Response:
     return json_response(await request.app[METERS].get(_key_param(request)))
 
 
+@routes.delete(
+    "/api/meter",
+    "/api/meter/",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Delete a meter and its readings", "meters", status=204, query=(_KEY,), errors=(400, 404)
+    ),
+)
 async def delete_meter(request: web.Request) -> web.Response:
     await request.app[METERS].delete(_key_param(request))
     return web.Response(status=204)
@@ -91,10 +153,21 @@ def _current(reading: Reading, meters: dict[str, Meter]) -> bool:
     return meter is not None and meter.startSeq == reading.meterStartSeq
 
 
+@routes.get(
+    "/api/readings",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "List readings",
+        "readings",
+        response=array(ref("ReadingView")),
+        query=(Param("meter", description="meter id"), Param("subject")),
+    ),
+)
 async def list_readings(request: web.Request) -> web.Response:
     meter_id = request.query.get("meter")
     subject = request.query.get("subject")
-    scope = tenant_scope(request)
+    scope = tenant_of(request)
     if scope is not None:
         if subject is not None and subject != scope:
             return json_response([])
@@ -122,16 +195,29 @@ async def list_readings(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+@routes.get(
+    "/api/reading",
+    "/api/reading/",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Get a reading by its key",
+        "readings",
+        response=ref("ReadingView"),
+        query=(_KEY,),
+        errors=(400, 404),
+    ),
+)
 async def get_reading(request: web.Request) -> web.Response:
     key = _key_param(request)
-    if not _KEY.fullmatch(key) or ".." in key or key.startswith(".") or key.endswith("."):
+    if not _KEY_RE.fullmatch(key) or ".." in key or key.startswith(".") or key.endswith("."):
         raise InvalidInput(f"not a reading key: {key!r}", field="key")
     kv = await request.app[JS].key_value(request.app[LAYOUT].readings_bucket)
     value, _ = await get_with_revision(kv, key)
     if value is None:
         raise NotFound(f"reading {key!r} not found", field="key")
     reading = reading_decoder.decode(value)
-    scope = tenant_scope(request)
+    scope = tenant_of(request)
     if scope is not None and reading.subject != scope:
         raise NotFound(f"reading {key!r} not found", field="key")
     meters = request.app[METERS]
@@ -144,6 +230,17 @@ async def get_reading(request: web.Request) -> web.Response:
     return json_response(reading_view(key, reading))
 
 
+@routes.get(
+    "/healthy",
+    access=OPEN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Health: NATS answers",
+        "health",
+        response=ref("Health"),
+        description="503 with the error envelope when NATS does not answer.",
+    ),
+)
 async def healthy(request: web.Request) -> web.Response:
     nc = request.app[NC]
     if not nc.is_connected:
@@ -157,11 +254,32 @@ async def healthy(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+@routes.get(
+    "/api/dead-letters",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op("Dead-letter counts per meter", "dead letters", response=ref("DeadLetterCounts")),
+)
 async def dead_letter_counts(request: web.Request) -> web.Response:
     """Dead-letter counts per meter (``_event`` for events no meter could read)."""
     return json_response(await deadletters.counts(request.app[JS], request.app[LAYOUT]))
 
 
+@routes.get(
+    "/api/dead-letters/list",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "List dead letters, oldest first",
+        "dead letters",
+        response=array(ref("DeadLetter")),
+        query=(
+            Param("meter"),
+            Param("limit", {"type": "integer", "minimum": 1, "maximum": 10000, "default": 100}),
+        ),
+        errors=(400,),
+    ),
+)
 async def dead_letter_list(request: web.Request) -> web.Response:
     try:
         limit = int(request.query.get("limit", "100"))
@@ -175,6 +293,17 @@ async def dead_letter_list(request: web.Request) -> web.Response:
     return json_response(letters)
 
 
+@routes.post(
+    "/api/dead-letters/replay",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Replay dead letters into readings",
+        "dead letters",
+        response=ref("ReplayReport"),
+        query=(Param("meter"),),
+    ),
+)
 async def dead_letter_replay(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     report = await deadletters.replay(
@@ -184,20 +313,3 @@ async def dead_letter_replay(request: web.Request) -> web.Response:
         unique_limit=settings.unique_limit,
     )
     return json_response(report)
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_post("/api/register-event", register_event)
-    r.add_post("/api/create-meter", create_meter)
-    r.add_get("/api/meters", list_meters)
-    for path in ("/api/meter", "/api/meter/"):
-        r.add_get(path, get_meter)
-        r.add_delete(path, delete_meter)
-    r.add_get("/api/readings", list_readings)
-    r.add_get("/api/reading", get_reading)
-    r.add_get("/api/reading/", get_reading)
-    r.add_get("/api/dead-letters", dead_letter_counts)
-    r.add_get("/api/dead-letters/list", dead_letter_list)
-    r.add_post("/api/dead-letters/replay", dead_letter_replay)
-    r.add_get("/healthy", healthy)

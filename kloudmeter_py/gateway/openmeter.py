@@ -20,13 +20,31 @@ from kloudmeter_py.core.models import (
     encoder,
     reading_decoder,
 )
-from kloudmeter_py.errors import Forbidden, InvalidInput
-from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.errors import InvalidInput
 from kloudmeter_py.gateway.helpers import decode_body, json_response
 from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS
-from kloudmeter_py.gateway.query import QueryBody, _build, body_from_params, execute
+from kloudmeter_py.gateway.query import (
+    METER_PATH,
+    QUERY_PARAMS,
+    QueryBody,
+    _build,
+    body_from_params,
+    execute,
+)
+from kloudmeter_py.gateway.routes import (
+    ADMIN,
+    CALLER,
+    NO_TENANT_DATA,
+    USER,
+    Op,
+    Routes,
+    own_tenant,
+    tenant_of,
+)
+from kloudmeter_py.gateway.schemas import STR, array, ref
 from kloudmeter_py.store.kv import scan
 
+routes = Routes()
 _TO_OPENMETER = {"unique": "UNIQUE_COUNT"}
 _batch_decoder = msgspec.json.Decoder(list[CloudEvent])
 _any_decoder = msgspec.json.Decoder(CloudEvent | list[CloudEvent])
@@ -78,6 +96,23 @@ def openmeter_meter(meter: Meter) -> dict[str, Any]:
     }
 
 
+@routes.post(
+    "/api/v1/events",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Ingest CloudEvents (OpenMeter)",
+        "openmeter",
+        status=204,
+        body={"anyOf": [ref("CloudEvent"), array(ref("CloudEvent"))]},
+        body_media=(
+            "application/cloudevents+json",
+            "application/cloudevents-batch+json",
+            "application/json",
+        ),
+        errors=(400,),
+    ),
+)
 async def ingest(request: web.Request) -> web.Response:
     """POST /api/v1/events: one CloudEvent, a batch, or either as application/json -> 204."""
     raw = await request.read()
@@ -98,9 +133,8 @@ async def ingest(request: web.Request) -> web.Response:
         )
     if not events:
         raise InvalidInput("the batch holds no events", field="body")
-    scope = tenant_scope(request)
-    if scope is not None and any(e.subject != scope for e in events):
-        raise Forbidden(f"this token may only record usage for tenant {scope!r}", field="subject")
+    for e in events:
+        own_tenant(request, e.subject, "subject")
     js = request.app[JS]
     stream = request.app[LAYOUT].stream
     await asyncio.gather(
@@ -116,10 +150,29 @@ async def ingest(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+@routes.get(
+    "/api/v1/meters",
+    access=USER,
+    tenant=NO_TENANT_DATA,
+    op=Op("List meters (OpenMeter)", "openmeter", response=array(ref("OpenMeterMeter"))),
+)
 async def list_meters(request: web.Request) -> web.Response:
     return json_response([openmeter_meter(m) for m in await request.app[METERS].list()])
 
 
+@routes.post(
+    "/api/v1/meters",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Create a meter (OpenMeter)",
+        "openmeter",
+        status=201,
+        response=ref("OpenMeterMeter"),
+        body=ref("OpenMeterMeterIn"),
+        errors=(400, 409),
+    ),
+)
 async def create_meter(request: web.Request) -> web.Response:
     body = decode_body(await request.read(), _meter_decoder)
     meter_in = MeterIn(
@@ -141,17 +194,62 @@ async def create_meter(request: web.Request) -> web.Response:
     return json_response(openmeter_meter(meter), status=201)
 
 
+@routes.get(
+    "/api/v1/meters/{meter}",
+    access=USER,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Get a meter (OpenMeter)",
+        "openmeter",
+        response=ref("OpenMeterMeter"),
+        path=METER_PATH,
+        errors=(404,),
+    ),
+)
 async def get_meter(request: web.Request) -> web.Response:
     return json_response(
         openmeter_meter(await request.app[METERS].get(request.match_info["meter"]))
     )
 
 
+@routes.delete(
+    "/api/v1/meters/{meter}",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op("Delete a meter (OpenMeter)", "openmeter", status=204, path=METER_PATH, errors=(404,)),
+)
 async def delete_meter(request: web.Request) -> web.Response:
     await request.app[METERS].delete(request.match_info["meter"])
     return web.Response(status=204)
 
 
+@routes.get(
+    "/api/v1/meters/{meter}/query",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Query a meter (OpenMeter)",
+        "openmeter",
+        response=ref("QueryResult"),
+        path=METER_PATH,
+        query=QUERY_PARAMS,
+        errors=(400, 404),
+    ),
+)
+@routes.post(
+    "/api/v1/meters/{meter}/query",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Query a meter (OpenMeter)",
+        "openmeter",
+        response=ref("QueryResult"),
+        path=METER_PATH,
+        body=ref("OpenMeterQueryBody"),
+        body_required=False,
+        errors=(400, 404),
+    ),
+)
 async def query_meter(request: web.Request) -> web.Response:
     meter = await request.app[METERS].get(request.match_info["meter"])
     if request.method == "POST":
@@ -200,22 +298,22 @@ async def _subjects(request: web.Request, meter: Meter) -> list[str]:
     return sorted(subjects)
 
 
+@routes.get(
+    "/api/v1/meters/{meter}/subjects",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Subjects with readings (OpenMeter)",
+        "openmeter",
+        response=array(STR),
+        path=METER_PATH,
+        errors=(404,),
+    ),
+)
 async def list_subjects(request: web.Request) -> web.Response:
     meter = await request.app[METERS].get(request.match_info["meter"])
     subjects = await _subjects(request, meter)
-    scope = tenant_scope(request)
+    scope = tenant_of(request)
     if scope is not None:
         subjects = [s for s in subjects if s == scope]
     return json_response(subjects)
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_post("/api/v1/events", ingest)
-    r.add_get("/api/v1/meters", list_meters)
-    r.add_post("/api/v1/meters", create_meter)
-    r.add_get("/api/v1/meters/{meter}", get_meter)
-    r.add_delete("/api/v1/meters/{meter}", delete_meter)
-    r.add_get("/api/v1/meters/{meter}/query", query_meter)
-    r.add_post("/api/v1/meters/{meter}/query", query_meter)
-    r.add_get("/api/v1/meters/{meter}/subjects", list_subjects)

@@ -30,11 +30,11 @@ from aiohttp import web
 from kloudmeter_py.core.keys import encode_token, event_subject
 from kloudmeter_py.core.models import Meter, MeterIn, Reading, encoder, reading_decoder
 from kloudmeter_py.core.windows import widths
-from kloudmeter_py.errors import Conflict, Forbidden, InvalidInput, NotFound
-from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.errors import Conflict, InvalidInput, NotFound
 from kloudmeter_py.gateway.helpers import json_response
 from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS, SETTINGS
-from kloudmeter_py.store.auth import check_tenant
+from kloudmeter_py.gateway.routes import USER, Op, Param, Routes, TenantScope, tenant_of
+from kloudmeter_py.gateway.schemas import NUM, STR, array, ref
 from kloudmeter_py.store.kv import scan
 
 PERF_METER_ID = "perf-hosts"
@@ -50,6 +50,10 @@ PERF_METER = MeterIn(
 # The subject of samples without a tenant (tokens off, or an admin without ?tenant=): not a
 # tenant name (tenants are made of A-Z a-z 0-9 _ -), so no tenant can ever read or write it.
 NO_TENANT = "~"
+# A user's own tenant; an admin's ?tenant=, else the hosts without a tenant.
+_HOSTS = TenantScope(param="tenant", admin_default=NO_TENANT)
+_PERF_HOST = ("the host name",)
+routes = Routes()
 # Before tenants: the meter `perf`, subject = host, grouped by label (read, never written).
 LEGACY_METER_ID = "perf"
 LEGACY_GROUP_BY = {"label": "$.label"}
@@ -66,18 +70,9 @@ _MAX_ID = 256  # an event id is at most 256 characters (models.Name)
 
 
 def perf_tenant(request: web.Request) -> str:
-    """The tenant whose hosts this request sees and writes: a user's own; for an admin (or
-    anyone when tokens are off) ``?tenant=`` or, without it, the hosts without a tenant."""
-    scope = tenant_scope(request)
-    asked = request.query.get("tenant")
-    if asked is not None:
-        check_tenant(asked)
-        if scope is not None and asked != scope:
-            raise Forbidden(
-                f"this token may only see and write tenant {scope!r}'s hosts", field="tenant"
-            )
-        return asked
-    return scope if scope is not None else NO_TENANT
+    """The tenant whose hosts this request sees and writes, as the routes declare it: a user's
+    own; for an admin (or anyone when tokens are off) ``?tenant=``, else :data:`NO_TENANT`."""
+    return tenant_of(request) or NO_TENANT
 
 
 def _check_meter(meter: Meter) -> Meter:
@@ -194,6 +189,29 @@ def sample_event_id(tenant: str, host: str, epoch: int, label: str, key: str | N
     return event_id
 
 
+@routes.post(
+    "/api/perf/{host}/{epoch}",
+    access=USER,
+    tenant=_HOSTS,
+    op=Op(
+        "Post a host-metrics sample",
+        "perf",
+        status=202,
+        response=ref("PerfAccepted"),
+        path=(*_PERF_HOST, "seconds since 1970"),
+        path_schemas=({}, {"type": "string", "pattern": "^[0-9]{1,12}$"}),
+        query=(
+            Param(
+                "Idempotency-Key",
+                {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "a retried post with the same key counts once",
+                where="header",
+            ),
+        ),
+        body={"type": "object", "additionalProperties": NUM, "minProperties": 1},
+        errors=(400, 409),
+    ),
+)
 async def post_sample(request: web.Request) -> web.Response:
     host = request.match_info["host"]
     if len(host) > MAX_NAME:
@@ -333,10 +351,36 @@ def _key_order(key: str) -> tuple[int, str]:
     return [n for n, _, _ in SUMMARIES].index(name), label
 
 
+@routes.get(
+    "/api/perf",
+    "/api/perf/",
+    access=USER,
+    tenant=_HOSTS,
+    op=Op("Hosts with samples", "perf", response=array(STR)),
+)
 async def list_hosts(request: web.Request) -> web.Response:
     return json_response(sorted(await summaries(request, perf_tenant(request), None)))
 
 
+@routes.get(
+    "/api/perf/{host}",
+    access=USER,
+    tenant=_HOSTS,
+    op=Op("A host's summaries", "perf", response=ref("PerfHost"), path=_PERF_HOST, errors=(404,)),
+)
+@routes.get(
+    r"/api/perf/{host}/{label:[\s\S]+}",  # newlines too
+    access=USER,
+    tenant=_HOSTS,
+    op=Op(
+        "A host's summaries whose name contains the label",
+        "perf",
+        response=ref("PerfHost"),
+        path=(*_PERF_HOST, "part of the summary name (cpu, by-hour, by-minute:mem), any case"),
+        path_schemas=({}, {"type": "string", "minLength": 1, "pattern": "^[^\\n]+$"}),
+        errors=(404,),
+    ),
+)
 async def get_host(request: web.Request) -> web.Response:
     host = request.match_info["host"]
     data = (await summaries(request, perf_tenant(request), host)).get(host)
@@ -347,12 +391,3 @@ async def get_host(request: web.Request) -> web.Response:
         wanted = requested.casefold()
         data = {k: v for k, v in data.items() if wanted in k.casefold()}
     return json_response(data)
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/api/perf", list_hosts)
-    r.add_get("/api/perf/", list_hosts)
-    r.add_post("/api/perf/{host}/{epoch}", post_sample)
-    r.add_get("/api/perf/{host}", get_host)
-    r.add_get(r"/api/perf/{host}/{label:[\s\S]+}", get_host)  # newlines too

@@ -8,15 +8,33 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from kloudmeter_py.core.models import Meter, encoder
+from kloudmeter_py.core.models import Meter
 from kloudmeter_py.core.query import Query, build_query
 from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import InvalidInput
-from kloudmeter_py.gateway.helpers import decode_body
+from kloudmeter_py.gateway.helpers import decode_body, json_response
 from kloudmeter_py.gateway.keys import JS, METERS, SETTINGS
+from kloudmeter_py.gateway.routes import CALLER, USER, Op, Param, Routes, tenant_of
+from kloudmeter_py.gateway.schemas import STR, TIME, array, ref
 from kloudmeter_py.store.query import run_query, utc_now
 
+routes = Routes()
 _FILTER = re.compile(r"filterGroupBy\[(.+)\]")
+METER_PATH = ("the meter id (OpenMeter: id or slug)",)
+QUERY_PARAMS = (
+    Param("from", TIME, "start, RFC 3339, on a METER_INTERVAL boundary (inclusive)"),
+    Param("to", TIME, "end, RFC 3339, on a METER_INTERVAL boundary (exclusive)"),
+    Param("windowSize", {"enum": ["MINUTE", "HOUR", "DAY"]}, "window size; absent: one total"),
+    Param("windowTimeZone", description="IANA time zone of the windows (default UTC)"),
+    Param("subject", array(STR), "subjects to filter on and split by (repeatable)"),
+    Param("groupBy", array(STR), "groups to split by (repeatable)"),
+    Param(
+        "filterGroupBy",
+        {"type": "object", "additionalProperties": STR},
+        "filterGroupBy[group]=value: only that group value",
+        style="deepObject",
+    ),
+)
 
 
 class QueryBody(msgspec.Struct, forbid_unknown_fields=True, rename={"start": "from", "end": "to"}):
@@ -92,9 +110,7 @@ def _build(request: web.Request, meter: Meter, body: QueryBody) -> Query:
 
 
 async def execute(request: web.Request, meter: Meter, q: Query) -> dict[str, Any]:
-    from kloudmeter_py.gateway.auth import tenant_scope
-
-    scope = tenant_scope(request)
+    scope = tenant_of(request)
     if scope is not None:
         # A user sees its own tenant's subject and nothing else, asked for or not.
         wanted = set(q.subjects)
@@ -113,6 +129,32 @@ async def execute(request: web.Request, meter: Meter, q: Query) -> dict[str, Any
         raise InvalidInput(str(exc), field=exc.field) from None
 
 
+@routes.get(
+    "/api/meters/{meter}/query",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Query a meter's windows",
+        "query",
+        response=ref("QueryResult"),
+        path=METER_PATH,
+        query=(*QUERY_PARAMS, Param("timeZone", description="alias of windowTimeZone")),
+        errors=(400, 404),
+    ),
+)
+@routes.post(
+    "/api/meters/{meter}/query",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Query a meter's windows",
+        "query",
+        response=ref("QueryResult"),
+        path=METER_PATH,
+        body=ref("QueryBody"),
+        errors=(400, 404),
+    ),
+)
 async def query_meter(request: web.Request) -> web.Response:
     meter = await request.app[METERS].get(request.match_info["meter"])
     if request.method == "POST":
@@ -120,10 +162,4 @@ async def query_meter(request: web.Request) -> web.Response:
         q = _build(request, meter, body)
     else:
         q = _build(request, meter, body_from_params(request))
-    result = await execute(request, meter, q)
-    return web.Response(body=encoder.encode(result), content_type="application/json")
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/meters/{meter}/query", query_meter)
-    app.router.add_post("/api/meters/{meter}/query", query_meter)
+    return json_response(await execute(request, meter, q))

@@ -24,11 +24,25 @@ from kloudmeter_py.core.rating import (
     validate_price,
 )
 from kloudmeter_py.core.windows import QueryError
-from kloudmeter_py.errors import Forbidden, InvalidInput, NotFound
-from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.errors import InvalidInput, NotFound
 from kloudmeter_py.gateway.helpers import decode_body, json_response
 from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS
+from kloudmeter_py.gateway.routes import (
+    ADMIN,
+    CALLER,
+    NO_TENANT_DATA,
+    USER,
+    Op,
+    Routes,
+    TenantScope,
+    own_tenant,
+    tenant_of,
+)
+from kloudmeter_py.gateway.schemas import array, ref
 from kloudmeter_py.store.rating import PriceStore, Resource, resources
+
+routes = Routes()
+_PRICE_ID = ("the price id",)
 
 _price_in = msgspec.json.Decoder(PriceIn)
 
@@ -43,25 +57,69 @@ def _body_price(raw: bytes) -> PriceIn:
     return body
 
 
+@routes.post(
+    "/v1/prices",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Create a price",
+        "rating",
+        status=201,
+        response=ref("Price"),
+        body=ref("PriceIn"),
+        errors=(400,),
+    ),
+)
 async def create_price(request: web.Request) -> web.Response:
     return json_response(
         await _prices(request).create(_body_price(await request.read())), status=201
     )
 
 
+@routes.get(
+    "/v1/prices",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op("List prices", "rating", response=array(ref("Price"))),
+)
 async def list_prices(request: web.Request) -> web.Response:
     return json_response(await _prices(request).list())
 
 
+@routes.get(
+    "/v1/prices/{id}",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op("Get a price", "rating", response=ref("Price"), path=_PRICE_ID, errors=(404,)),
+)
 async def get_price(request: web.Request) -> web.Response:
     return json_response(await _prices(request).get(request.match_info["id"]))
 
 
+@routes.put(
+    "/v1/prices/{id}",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Replace a price",
+        "rating",
+        response=ref("Price"),
+        path=_PRICE_ID,
+        body=ref("PriceIn"),
+        errors=(400, 404),
+    ),
+)
 async def put_price(request: web.Request) -> web.Response:
     body = _body_price(await request.read())
     return json_response(await _prices(request).replace(request.match_info["id"], body))
 
 
+@routes.delete(
+    "/v1/prices/{id}",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op("Delete a price", "rating", status=204, path=_PRICE_ID, errors=(404,)),
+)
 async def delete_price(request: web.Request) -> web.Response:
     await _prices(request).delete(request.match_info["id"])
     return web.Response(status=204)
@@ -95,12 +153,14 @@ def _segment_cost(seg: Segment) -> Decimal:
     return seg.quantity() * seg.price.unit_price if seg.price else Decimal(0)
 
 
+@routes.get(
+    "/v1/resources",
+    access=USER,
+    tenant=TenantScope(param="tenant"),
+    op=Op("Resources with their cost so far", "rating", response=array(ref("Resource"))),
+)
 async def list_resources(request: web.Request) -> web.Response:
-    scope = tenant_scope(request)
-    tenant = request.query.get("tenant") or scope
-    if scope is not None and tenant != scope:
-        return json_response([])
-    found, prices = await _resources(request, tenant)
+    found, prices = await _resources(request, tenant_of(request))
     now = datetime.now(UTC)
     out = []
     for res in found:
@@ -126,10 +186,21 @@ async def list_resources(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+@routes.get(
+    "/v1/records/{resource_id}",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Billing segments of a resource",
+        "rating",
+        response=array(ref("Record")),
+        path=("the resource id",),
+        errors=(404,),
+    ),
+)
 async def records(request: web.Request) -> web.Response:
     rid = request.match_info["resource_id"]
-    scope = tenant_scope(request)
-    found, prices = await _resources(request, scope)
+    found, prices = await _resources(request, tenant_of(request))
     matching = [r for r in found if r.resource_id == rid]
     if not matching:
         raise NotFound(f"resource {rid!r} not found", field="resource_id")
@@ -179,15 +250,22 @@ def _period(start: str, end: str) -> tuple[datetime, datetime]:
     return a, b
 
 
+@routes.post(
+    "/charging",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Cost per meter and resource of a tenant over a period",
+        "rating",
+        response=ref("Charging"),
+        body=ref("ChargingIn"),
+        errors=(400, 404),
+    ),
+)
 async def charging(request: web.Request) -> web.Response:
     """POST /charging: cost per meter and resource of a tenant over a period, filtered."""
     body = decode_body(await request.read(), _charging_in)
-    tenant = body.tenant or body.project
-    scope = tenant_scope(request)
-    if scope is not None:
-        if tenant is not None and tenant != scope:
-            raise Forbidden("this token may only see its own tenant's charges", field="tenant")
-        tenant = scope
+    tenant = own_tenant(request, body.tenant or body.project, "tenant")
     start, end = _period(body.start, body.end)
     try:
         filters = check_filters(body.filters)
@@ -285,6 +363,18 @@ class EstimateIn(msgspec.Struct, forbid_unknown_fields=True):
 _estimate_in = msgspec.json.Decoder(EstimateIn)
 
 
+@routes.post(
+    "/cost",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Estimate the cost of groups of resources",
+        "rating",
+        response=ref("CostEstimate"),
+        body=ref("EstimateIn"),
+        errors=(400,),
+    ),
+)
 async def cost_estimate(request: web.Request) -> web.Response:
     """POST /cost: min and max cost of groups of resources over a period, from the price book."""
     body = decode_body(await request.read(), _estimate_in)
@@ -332,16 +422,3 @@ async def cost_estimate(request: web.Request) -> web.Response:
             }
         )
     return json_response({"hours": hours, "groups": groups, "totals": totals})
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/v1/prices", list_prices)
-    r.add_post("/v1/prices", create_price)
-    r.add_get("/v1/prices/{id}", get_price)
-    r.add_put("/v1/prices/{id}", put_price)
-    r.add_delete("/v1/prices/{id}", delete_price)
-    r.add_get("/v1/resources", list_resources)
-    r.add_get("/v1/records/{resource_id}", records)
-    r.add_post("/charging", charging)
-    r.add_post("/cost", cost_estimate)

@@ -11,8 +11,12 @@ from msgspec import Meta
 from kloudmeter_py.errors import InvalidInput, NotFound
 from kloudmeter_py.gateway.helpers import decode_body, json_response
 from kloudmeter_py.gateway.keys import JS, LAYOUT
+from kloudmeter_py.gateway.routes import ADMIN, NO_TENANT_DATA, Op, Routes
+from kloudmeter_py.gateway.schemas import OBJ, STR, TIME, array, obj, ref
 from kloudmeter_py.rating.sandbox import TemplateError, check_template, run_template
 from kloudmeter_py.store.kv import get_with_revision, scan
+
+routes = Routes()
 
 
 class TemplateIn(msgspec.Struct, forbid_unknown_fields=True):
@@ -49,6 +53,19 @@ async def load_source(request: web.Request, template_id: str) -> str:
         raise InvalidInput(f"template {template_id!r} not found", field="template") from None
 
 
+@routes.post(
+    "/template",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Create a rating template (checked: it must compile)",
+        "rating",
+        status=201,
+        response=ref("Template"),
+        body=ref("TemplateIn"),
+        errors=(400,),
+    ),
+)
 async def create(request: web.Request) -> web.Response:
     body = decode_body(await request.read(), _template_in)
     try:
@@ -69,6 +86,16 @@ async def create(request: web.Request) -> web.Response:
     return json_response(template, status=201)
 
 
+@routes.get(
+    "/template",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "List rating templates",
+        "rating",
+        response=array(obj({"id": STR, "name": STR, "description": STR, "created": TIME})),
+    ),
+)
 async def list_templates(request: web.Request) -> web.Response:
     out = []
     for _, value in await scan(request.app[JS], request.app[LAYOUT].templates_bucket):
@@ -77,6 +104,19 @@ async def list_templates(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+@routes.get(
+    "/template/{id}",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Get a rating template",
+        "rating",
+        response=ref("Template"),
+        path=("the template id",),
+        errors=(404,),
+    ),
+    allow_head=True,
+)
 async def get(request: web.Request) -> web.Response:
     template = await _get(request, request.match_info["id"])
     if request.method == "HEAD":
@@ -84,6 +124,18 @@ async def get(request: web.Request) -> web.Response:
     return json_response(template)
 
 
+@routes.delete(
+    "/template/{id}",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Delete a rating template",
+        "rating",
+        status=204,
+        path=("the template id",),
+        errors=(404,),
+    ),
+)
 async def delete(request: web.Request) -> web.Response:
     template = await _get(request, request.match_info["id"])
     kv = await request.app[JS].key_value(request.app[LAYOUT].templates_bucket)
@@ -91,6 +143,20 @@ async def delete(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+@routes.post(
+    "/template/{id}/rate",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Dry-run a rating template on a JSON object",
+        "rating",
+        response=obj({"cost": {}}),
+        path=("the template id",),
+        body=OBJ,
+        errors=(400, 404, 422),
+        description="422 with {status, kind, message} when the template fails on this input.",
+    ),
+)
 async def rate(request: web.Request) -> web.Response:
     template = await _get(request, request.match_info["id"])
     data = decode_body(await request.read(), _object)
@@ -101,12 +167,3 @@ async def rate(request: web.Request) -> web.Response:
             {"status": "error", "kind": exc.kind, "message": exc.message}, status=422
         )
     return json_response({"cost": cost})
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/template", list_templates)
-    r.add_post("/template", create)
-    r.add_get("/template/{id}", get, allow_head=True)
-    r.add_delete("/template/{id}", delete)
-    r.add_post("/template/{id}/rate", rate)

@@ -17,22 +17,40 @@ from kloudmeter_py.core.paths import MISSING, compile_path
 from kloudmeter_py.core.query import parse_time
 from kloudmeter_py.core.usage import Lifecycle, usage_hours
 from kloudmeter_py.core.windows import QueryError
-from kloudmeter_py.errors import Forbidden, InvalidInput
-from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.errors import InvalidInput
 from kloudmeter_py.gateway.keys import JS, LAYOUT, SETTINGS
-from kloudmeter_py.store.auth import check_tenant
+from kloudmeter_py.gateway.routes import USER, Op, Param, Routes, TenantScope, tenant_of
+from kloudmeter_py.gateway.schemas import TIME, ref
 from kloudmeter_py.store.kv import read
 
+routes = Routes()
 
+
+@routes.get(
+    "/api/usage",
+    access=USER,
+    tenant=TenantScope(param="tenant"),
+    op=Op(
+        "Hours of use per location of a tenant",
+        "usage",
+        response=ref("Usage"),
+        query=(
+            Param(
+                "tenant",
+                {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
+                "the tenant (a user token: its own, the default)",
+            ),
+            Param("start", TIME, "RFC 3339", required=True),
+            Param("end", TIME, "RFC 3339 (default: now)"),
+        ),
+        errors=(400,),
+    ),
+)
 async def usage(request: web.Request) -> web.Response:
     q = request.query
-    tenant = q.get("tenant") or tenant_scope(request)
-    if not tenant:
+    tenant = tenant_of(request)
+    if tenant is None:
         raise InvalidInput("query parameter 'tenant' is required", field="tenant")
-    check_tenant(tenant)
-    scope = tenant_scope(request)
-    if scope is not None and tenant != scope:
-        raise Forbidden("this token may only see its own tenant's usage", field="tenant")
     try:
         start = parse_time("start", q.get("start", ""))
         end = parse_time("end", q["end"]) if "end" in q else datetime.now(UTC)
@@ -82,7 +100,3 @@ async def _lifecycle_events(
             )
         )
     return out
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/usage", usage)
