@@ -5,10 +5,11 @@ the tenant is the event subject, so the gateway stamps it on events they send an
 every read to it. A reading of another tenant answers 404, exactly as a missing one.
 """
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
+from msgspec import Meta
 
 from kloudmeter_py.core.models import encoder
 from kloudmeter_py.errors import Forbidden, Unauthorized
@@ -23,7 +24,7 @@ from kloudmeter_py.gateway.routes import (
     Routes,
     spec_of,
 )
-from kloudmeter_py.gateway.schemas import array, ref
+from kloudmeter_py.gateway.schemas import TENANT_PATTERN, array, ref
 
 routes = Routes()
 
@@ -53,8 +54,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 
 class UserIn(msgspec.Struct, forbid_unknown_fields=True):
-    tenant: str
-    role: str = "user"
+    tenant: Annotated[str, Meta(pattern=TENANT_PATTERN)]
+    role: Literal["admin", "user"] = "user"
     name: str = ""
 
 

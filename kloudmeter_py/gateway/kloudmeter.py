@@ -1,18 +1,22 @@
 """KloudMeter's REST API: events, meters, readings, health, dead letters."""
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
+from msgspec import Meta
 
+from kloudmeter_py.core.aggregate import AGGREGATIONS
 from kloudmeter_py.core.keys import encode_token, event_subject
 from kloudmeter_py.core.models import (
+    InvalidField,
     Meter,
+    MeterIn,
     Reading,
     encoder,
     event_decoder,
-    meter_in_decoder,
+    normalize_aggregation,
     reading_decoder,
 )
 from kloudmeter_py.errors import InvalidInput, NotFound
@@ -30,13 +34,64 @@ from kloudmeter_py.gateway.routes import (
     own_tenant,
     tenant_of,
 )
-from kloudmeter_py.gateway.schemas import array, ref
+from kloudmeter_py.gateway.schemas import PLAIN_PATH, any_case, array, ref
 from kloudmeter_py.store import deadletters
 from kloudmeter_py.store.kv import get_with_revision, scan
 
 routes = Routes()
+
+
+def _aggregation_names() -> list[str]:
+    """Every aggregation name validate_meter takes (OpenMeter's too), as it says."""
+    names = []
+    for name in (*sorted(AGGREGATIONS), "average", "unique_count", "uniquecount"):
+        try:
+            normalize_aggregation(name)
+        except InvalidField:
+            continue
+        names.append(name)
+    return names
+
+
+# Every aggregation name the server takes, in any case.
+AGGREGATION_PATTERN = any_case(*_aggregation_names())
+# Documented, not enforced here: validate_meter compiles each path and names it when it fails.
+JsonPath = Annotated[str, Meta(extra_json_schema={"pattern": PLAIN_PATH})]
+Aggregation = Annotated[str, Meta(extra_json_schema={"pattern": AGGREGATION_PATTERN})]
+
+
+class MeterBody(MeterIn, forbid_unknown_fields=True):
+    """Body of POST /api/create-meter: a MeterIn whose schema says what validate_meter
+    checks of each field (it still does the checking, so errors name the field as before).
+    Paths are documented as plain key chains; other JSONPath that jsonpath-ng compiles is
+    accepted too."""
+
+    aggregation: Aggregation
+    valueProperty: JsonPath | None = None
+    groupBy: dict[Annotated[str, Meta(min_length=1, max_length=64)], JsonPath] = msgspec.field(
+        default_factory=dict
+    )
+    resourceProperty: JsonPath | None = None
+    actionProperty: JsonPath | None = None
+    actions: (
+        dict[
+            str,
+            Annotated[str, Meta(extra_json_schema={"enum": ["start", "change", "stop", "end"]})],
+        ]
+        | None
+    ) = None
+
+
+_meter_body = msgspec.json.Decoder(MeterBody)
 _KEY_RE = re.compile(r"[-/_=.a-zA-Z0-9]{1,1024}")
-_KEY = Param("key", description="the meter id / reading key", required=True)
+_KEY = Param("key", {"type": "string", "minLength": 1}, "the meter id", required=True)
+_READING_KEY = Param(
+    "key",
+    # What get_reading accepts: KV key characters, no empty token.
+    {"type": "string", "pattern": r"^(?!\.)(?!.*\.\.)(?!.*\.$)[-/_=.a-zA-Z0-9]{1,1024}$"},
+    "the reading's KV key",
+    required=True,
+)
 
 
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -89,12 +144,12 @@ async def register_event(request: web.Request) -> web.Response:
         "meters",
         status=201,
         response=ref("Meter"),
-        body=ref("MeterIn"),
+        body=ref("MeterBody"),
         errors=(400, 409),
     ),
 )
 async def create_meter(request: web.Request) -> web.Response:
-    body = decode_body(await request.read(), meter_in_decoder)
+    body = decode_body(await request.read(), _meter_body)
     meter = await request.app[METERS].create(body)
     return json_response(meter, status=201)
 
@@ -204,7 +259,7 @@ async def list_readings(request: web.Request) -> web.Response:
         "Get a reading by its key",
         "readings",
         response=ref("ReadingView"),
-        query=(_KEY,),
+        query=(_READING_KEY,),
         errors=(400, 404),
     ),
 )

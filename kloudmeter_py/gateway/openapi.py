@@ -27,9 +27,10 @@ from kloudmeter_py.core.models import CloudEvent, Event, Meter, MeterIn, Reading
 from kloudmeter_py.core.rating import Price, PriceIn
 from kloudmeter_py.gateway.auth import UserIn
 from kloudmeter_py.gateway.keys import OPENAPI_CACHE, SETTINGS
+from kloudmeter_py.gateway.kloudmeter import MeterBody
 from kloudmeter_py.gateway.openmeter import OpenMeterMeterIn
 from kloudmeter_py.gateway.query import QueryBody
-from kloudmeter_py.gateway.rating import ChargingIn, EstimateIn
+from kloudmeter_py.gateway.rating import PRICE_RULES, ChargingIn, EstimateIn, PriceBody
 from kloudmeter_py.gateway.routes import (
     ADMIN,
     NO_TENANT_DATA,
@@ -40,7 +41,15 @@ from kloudmeter_py.gateway.routes import (
     RouteSpec,
     declared_routes,
 )
-from kloudmeter_py.gateway.schemas import OBJ, STR, Schema, hand_schemas, ref
+from kloudmeter_py.gateway.schemas import (
+    OBJ,
+    STR,
+    TENANT,
+    Schema,
+    hand_schemas,
+    meter_rules,
+    ref,
+)
 from kloudmeter_py.gateway.templates import Template, TemplateIn
 from kloudmeter_py.metrics import METRICS, METRICS_PATH
 from kloudmeter_py.store.deadletters import DeadLetter, ReplayReport
@@ -49,7 +58,7 @@ OPENAPI_PATH = "/api/openapi.json"
 _PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 routes = Routes()
 
-_TENANT_PARAM_SCHEMA: Schema = {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"}
+_TENANT_PARAM_SCHEMA = TENANT
 
 # -- schemas -------------------------------------------------------------------------------
 
@@ -60,6 +69,7 @@ def _model_schemas() -> dict[str, Schema]:
             Event,
             CloudEvent,
             MeterIn,
+            MeterBody,
             Meter,
             Reading,
             QueryBody,
@@ -68,6 +78,7 @@ def _model_schemas() -> dict[str, Schema]:
             DeadLetter,
             ReplayReport,
             PriceIn,
+            PriceBody,
             Price,
             ChargingIn,
             EstimateIn,
@@ -78,7 +89,10 @@ def _model_schemas() -> dict[str, Schema]:
     )
     out: dict[str, Schema] = components
     names = ", ".join(sorted(AGGREGATIONS))
-    for name in ("MeterIn", "OpenMeterMeterIn"):
+    out["MeterBody"].update(meter_rules(lifecycle_fields=True))
+    out["PriceBody"].update(PRICE_RULES)
+    out["OpenMeterMeterIn"].update(meter_rules(lifecycle_fields=False))
+    for name in ("MeterIn", "MeterBody", "OpenMeterMeterIn"):
         out[name]["properties"]["aggregation"]["description"] = (
             f"one of {names}, in any case; OpenMeter's names too (UNIQUE_COUNT, ...)"
         )
@@ -173,7 +187,12 @@ def _operation(
         out["description"] = op.description
     if parameters:
         out["parameters"] = parameters
-    if op.body is not None:
+    if op.bodies:
+        out["requestBody"] = {
+            "required": op.body_required,
+            "content": {media: {"schema": schema} for media, schema in op.bodies},
+        }
+    elif op.body is not None:
         out["requestBody"] = {
             "required": op.body_required,
             "content": {media: {"schema": op.body} for media in op.body_media},
@@ -183,7 +202,7 @@ def _operation(
         ok["content"] = {m: {"schema": op.response} for m in (op.media, *op.alt_media)}
     responses: dict[str, Any] = {str(op.status): ok}
     errors = set(op.errors)
-    if op.body is not None:
+    if op.body is not None or op.bodies:
         errors |= {400, 413}
     if spec.tenant.param is not None:
         errors.add(400)
@@ -194,15 +213,18 @@ def _operation(
         out["security"] = [{"bearer": []}]
     elif auth:
         out["security"] = []
+    if parameters:
+        errors.add(400)  # a request line too long for aiohttp's parser, at least
     for status in sorted(errors):
-        responses[str(status)] = {
-            "description": _REASONS.get(status, "Error"),
-            "content": (
-                {"application/json": {"schema": ref(_ERROR_SCHEMAS[status])}}
-                if status in _ERROR_SCHEMAS
-                else _error_content(doc_path)
-            ),
-        }
+        content = (
+            {"application/json": {"schema": ref(_ERROR_SCHEMAS[status])}}
+            if status in _ERROR_SCHEMAS
+            else _error_content(doc_path)
+        )
+        if status == 400:
+            # aiohttp answers a request it cannot parse (a line over 8190 bytes) itself.
+            content = {**content, "text/plain": {"schema": STR}}
+        responses[str(status)] = {"description": _REASONS.get(status, "Error"), "content": content}
     out["responses"] = responses
     return out
 

@@ -5,16 +5,19 @@ and aggregation names map both ways (``unique`` <-> ``UNIQUE_COUNT``).
 """
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
+from msgspec import Meta
 
 from kloudmeter_py.core.keys import encode_token, event_subject
 from kloudmeter_py.core.models import (
     CloudEvent,
     Meter,
+    MeterId,
     MeterIn,
+    Name,
     cloud_event_decoder,
     cloud_event_id,
     encoder,
@@ -23,6 +26,7 @@ from kloudmeter_py.core.models import (
 from kloudmeter_py.errors import InvalidInput
 from kloudmeter_py.gateway.helpers import decode_body, json_response
 from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS
+from kloudmeter_py.gateway.kloudmeter import Aggregation, JsonPath
 from kloudmeter_py.gateway.query import (
     METER_PATH,
     QUERY_PARAMS,
@@ -51,13 +55,16 @@ _any_decoder = msgspec.json.Decoder(CloudEvent | list[CloudEvent])
 
 
 class OpenMeterMeterIn(msgspec.Struct):
-    slug: str
-    aggregation: str
-    eventType: str
+    """Body of POST /api/v1/meters: checked as POST /api/create-meter's (unknown fields are
+    ignored, as OpenMeter's clients send more)."""
+
+    slug: MeterId
+    aggregation: Aggregation
+    eventType: Name
     name: str | None = None
     description: str | None = None
-    valueProperty: str | None = None
-    groupBy: dict[str, str] = {}
+    valueProperty: JsonPath | None = None
+    groupBy: dict[Annotated[str, Meta(min_length=1, max_length=64)], JsonPath] = {}
     metadata: dict[str, str] | None = None
     eventFrom: str | None = None
 
@@ -104,11 +111,13 @@ def openmeter_meter(meter: Meter) -> dict[str, Any]:
         "Ingest CloudEvents (OpenMeter)",
         "openmeter",
         status=204,
-        body={"anyOf": [ref("CloudEvent"), array(ref("CloudEvent"))]},
-        body_media=(
-            "application/cloudevents+json",
-            "application/cloudevents-batch+json",
-            "application/json",
+        bodies=(
+            ("application/cloudevents+json", ref("CloudEvent")),
+            ("application/cloudevents-batch+json", {**array(ref("CloudEvent")), "minItems": 1}),
+            (
+                "application/json",
+                {"anyOf": [ref("CloudEvent"), {**array(ref("CloudEvent")), "minItems": 1}]},
+            ),
         ),
         errors=(400,),
     ),

@@ -53,6 +53,7 @@ NO_TENANT = "~"
 # A user's own tenant; an admin's ?tenant=, else the hosts without a tenant.
 _HOSTS = TenantScope(param="tenant", admin_default=NO_TENANT)
 _PERF_HOST = ("the host name",)
+_HOST_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 256}  # MAX_NAME
 routes = Routes()
 # Before tenants: the meter `perf`, subject = host, grouped by label (read, never written).
 LEGACY_METER_ID = "perf"
@@ -199,7 +200,8 @@ def sample_event_id(tenant: str, host: str, epoch: int, label: str, key: str | N
         status=202,
         response=ref("PerfAccepted"),
         path=(*_PERF_HOST, "seconds since 1970"),
-        path_schemas=({}, {"type": "string", "pattern": "^[0-9]{1,12}$"}),
+        # An epoch up to 99999999999 (year 5138), below MAX_EPOCH.
+        path_schemas=(_HOST_SCHEMA, {"type": "string", "pattern": "^[0-9]{1,11}$"}),
         query=(
             Param(
                 "Idempotency-Key",
@@ -208,7 +210,13 @@ def sample_event_id(tenant: str, host: str, epoch: int, label: str, key: str | N
                 where="header",
             ),
         ),
-        body={"type": "object", "additionalProperties": NUM, "minProperties": 1},
+        body={
+            "type": "object",
+            "additionalProperties": NUM,
+            "minProperties": 1,
+            "maxProperties": MAX_FIELDS,
+            "propertyNames": {"minLength": 1, "maxLength": MAX_NAME},
+        },
         errors=(400, 409),
     ),
 )
@@ -366,7 +374,14 @@ async def list_hosts(request: web.Request) -> web.Response:
     "/api/perf/{host}",
     access=USER,
     tenant=_HOSTS,
-    op=Op("A host's summaries", "perf", response=ref("PerfHost"), path=_PERF_HOST, errors=(404,)),
+    op=Op(
+        "A host's summaries",
+        "perf",
+        response=ref("PerfHost"),
+        path=_PERF_HOST,
+        path_schemas=(_HOST_SCHEMA,),
+        errors=(404,),
+    ),
 )
 @routes.get(
     r"/api/perf/{host}/{label:[\s\S]+}",  # newlines too
@@ -377,7 +392,7 @@ async def list_hosts(request: web.Request) -> web.Response:
         "perf",
         response=ref("PerfHost"),
         path=(*_PERF_HOST, "part of the summary name (cpu, by-hour, by-minute:mem), any case"),
-        path_schemas=({}, {"type": "string", "minLength": 1, "pattern": "^[^\\n]+$"}),
+        path_schemas=(_HOST_SCHEMA, {"type": "string", "minLength": 1, "pattern": "^[^\\n]+$"}),
         errors=(404,),
     ),
 )

@@ -4,16 +4,20 @@ estimate. Money is Decimal and travels as strings in JSON."""
 from collections import defaultdict
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Annotated
 
 import msgspec
 from aiohttp import web
+from msgspec import Meta
 
+from kloudmeter_py.core.models import AwareTime
 from kloudmeter_py.core.query import parse_time
 from kloudmeter_py.core.rating import (
     Filter,
     Price,
     PriceIn,
     Segment,
+    Tier,
     check_filters,
     clip,
     matches,
@@ -44,7 +48,43 @@ from kloudmeter_py.store.rating import PriceStore, Resource, resources
 routes = Routes()
 _PRICE_ID = ("the price id",)
 
-_price_in = msgspec.json.Decoder(PriceIn)
+# A non-negative decimal, as a string or a JSON number (validate_price refuses negatives).
+_DECIMAL = Meta(
+    extra_json_schema={
+        "anyOf": [
+            {"type": "string", "pattern": r"^[0-9]{1,18}(\.[0-9]{1,18})?$"},
+            {"type": "integer", "minimum": 0, "maximum": 10**18},
+        ]
+    }
+)
+NonNegative = Annotated[Decimal, _DECIMAL]
+
+
+class TierBody(Tier, forbid_unknown_fields=True):
+    unit_price: NonNegative
+    up_to: NonNegative | None = None
+
+
+class PriceBody(PriceIn, forbid_unknown_fields=True):
+    """Body of POST /v1/prices and PUT /v1/prices/{id}: a PriceIn with what validate_price
+    checks of each field in the schema (a meter or a resource_type is required; tiers must
+    increase, and effective_to follow effective_from, which a schema cannot say)."""
+
+    unit_price: NonNegative
+    tiers: list[TierBody] = msgspec.field(default_factory=list)  # type: ignore[assignment]
+    tier_mode: Annotated[str, Meta(pattern="^(graduated|volume)$")] = "graduated"
+    unit_seconds: Annotated[int, Meta(ge=1)] = 3600
+    effective_from: AwareTime | None = None
+    effective_to: AwareTime | None = None
+
+
+_price_in = msgspec.json.Decoder(PriceBody)
+PRICE_RULES = {
+    "anyOf": [
+        {"required": ["meter"], "properties": {"meter": {"type": "string"}}},
+        {"required": ["resource_type"], "properties": {"resource_type": {"type": "string"}}},
+    ]
+}
 
 
 def _prices(request: web.Request) -> PriceStore:
@@ -66,7 +106,7 @@ def _body_price(raw: bytes) -> PriceIn:
         "rating",
         status=201,
         response=ref("Price"),
-        body=ref("PriceIn"),
+        body=ref("PriceBody"),
         errors=(400,),
     ),
 )
@@ -105,7 +145,7 @@ async def get_price(request: web.Request) -> web.Response:
         "rating",
         response=ref("Price"),
         path=_PRICE_ID,
-        body=ref("PriceIn"),
+        body=ref("PriceBody"),
         errors=(400, 404),
     ),
 )
@@ -228,8 +268,8 @@ async def records(request: web.Request) -> web.Response:
 
 
 class ChargingIn(msgspec.Struct, forbid_unknown_fields=True):
-    start: str
-    end: str
+    start: AwareTime
+    end: AwareTime
     tenant: str | None = None
     project: str | None = None  # eBill's name for the tenant
     meters: list[str] | None = None
@@ -240,9 +280,10 @@ class ChargingIn(msgspec.Struct, forbid_unknown_fields=True):
 _charging_in = msgspec.json.Decoder(ChargingIn)
 
 
-def _period(start: str, end: str) -> tuple[datetime, datetime]:
+def _period(start: str | datetime, end: str | datetime) -> tuple[datetime, datetime]:
     try:
-        a, b = parse_time("start", start), parse_time("end", end)
+        a = start.astimezone(UTC) if isinstance(start, datetime) else parse_time("start", start)
+        b = end.astimezone(UTC) if isinstance(end, datetime) else parse_time("end", end)
     except QueryError as exc:
         raise InvalidInput(str(exc), field=exc.field) from None
     if b <= a:

@@ -93,6 +93,7 @@ class Op:
     query: tuple[Param, ...] = ()
     body: Schema | None = None
     body_media: tuple[str, ...] = ("application/json",)
+    bodies: tuple[tuple[str, Schema], ...] = ()  # (media, schema) when they differ by media
     body_required: bool = True
     errors: tuple[int, ...] = ()  # besides 413 with a body, 503 with NATS, 401/403 with tokens
     nats: bool = True

@@ -1,10 +1,43 @@
 """JSON Schema pieces for the OpenAPI operations declared next to the handlers, and the
 response schemas that are not msgspec models yet."""
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 Schema = dict[str, Any]
+
+# A JSONPath the server always accepts: a plain key chain (core.paths' fast path). Other
+# jsonpath-ng expressions are accepted too, when they compile.
+PLAIN_PATH = r"^\$(\.[A-Za-z_][A-Za-z0-9_]*)+$"
+
+
+def any_case(*words: str) -> str:
+    """A pattern matching any of ``words`` in any case (JSON Schema has no flags)."""
+    alternatives = (
+        "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in word)
+        for word in words
+    )
+    return "^(" + "|".join(alternatives) + ")$"
+
+
+def meter_rules(*, lifecycle_fields: bool) -> Schema:
+    """What validate_meter checks across fields: a value path unless counting (or
+    following lifecycles), and the lifecycle fields only for ``duration``."""
+    no_value = {"properties": {"aggregation": {"pattern": any_case("count", "duration")}}}
+    value = {"required": ["valueProperty"], "properties": {"valueProperty": {"type": "string"}}}
+    rules: list[Schema] = [{"anyOf": [no_value, value]}]
+    if lifecycle_fields:
+        duration = {"properties": {"aggregation": {"pattern": any_case("duration")}}}
+        fields = ("resourceProperty", "actionProperty", "actions")
+        none = {"not": {"anyOf": [{"required": [f]} for f in fields]}}
+        rules.append({"anyOf": [duration, none]})
+    return {"allOf": rules}
+
+
+# What store.auth.check_tenant accepts.
+TENANT_PATTERN = "^[A-Za-z0-9_-]{1,128}$"
+TENANT: Schema = {"type": "string", "pattern": TENANT_PATTERN}
 
 
 def ref(name: str) -> Schema:

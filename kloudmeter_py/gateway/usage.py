@@ -20,7 +20,7 @@ from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import InvalidInput
 from kloudmeter_py.gateway.keys import JS, LAYOUT, SETTINGS
 from kloudmeter_py.gateway.routes import USER, Op, Param, Routes, TenantScope, tenant_of
-from kloudmeter_py.gateway.schemas import TIME, ref
+from kloudmeter_py.gateway.schemas import TENANT, TIME, ref
 from kloudmeter_py.store.kv import read
 
 routes = Routes()
@@ -37,8 +37,9 @@ routes = Routes()
         query=(
             Param(
                 "tenant",
-                {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,128}$"},
-                "the tenant (a user token: its own, the default)",
+                TENANT,
+                "the tenant (required but for a user token: its own, the default)",
+                required=True,
             ),
             Param("start", TIME, "RFC 3339", required=True),
             Param("end", TIME, "RFC 3339 (default: now)"),
