@@ -147,6 +147,12 @@ async def test_statuses_and_schemas(gateway: Http) -> None:
         "$ref": "#/components/schemas/CloudEvent"
     }
     assert ingest["application/cloudevents-batch+json"]["schema"]["type"] == "array"
+    # Every schema is a model's: each reference resolves, and no object is written by hand
+    # outside the components.
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', msgspec.json.encode(doc).decode()))
+    assert refs and refs <= set(schemas)
+    for name in ("Accepted", "QueryResult", "PerfSummary", "UserView", "Charging", "Error"):
+        assert schemas[name]["type"] == "object" and schemas[name]["required"], name
     key = paths["/api/meter"]["get"]["parameters"][0]
     assert (key["name"], key["schema"]["minLength"]) == ("key", 1)
 

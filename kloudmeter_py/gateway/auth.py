@@ -5,15 +5,15 @@ the tenant is the event subject, so the gateway stamps it on events they send an
 every read to it. A reading of another tenant answers 404, exactly as a missing one.
 """
 
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
 from msgspec import Meta
 
-from kloudmeter_py.core.models import encoder
 from kloudmeter_py.errors import Forbidden, Unauthorized
-from kloudmeter_py.gateway.helpers import Handler, decode_body
+from kloudmeter_py.gateway.helpers import Handler, decode_body, json_response
 from kloudmeter_py.gateway.keys import AUTH, PRINCIPAL, SETTINGS
 from kloudmeter_py.gateway.routes import (
     ADMIN,
@@ -25,6 +25,7 @@ from kloudmeter_py.gateway.routes import (
     spec_of,
 )
 from kloudmeter_py.gateway.schemas import TENANT_PATTERN, array, ref
+from kloudmeter_py.store.auth import User
 
 routes = Routes()
 
@@ -62,9 +63,25 @@ class UserIn(msgspec.Struct, forbid_unknown_fields=True):
 _user_in = msgspec.json.Decoder(UserIn)
 
 
-def _view(user: Any) -> dict[str, Any]:
-    out: dict[str, Any] = msgspec.to_builtins(user)
-    out.pop("tokenHash", None)
+class UserView(msgspec.Struct, kw_only=True):
+    """A user as the API shows it: never its token or the token's hash."""
+
+    id: str
+    name: str
+    tenant: str
+    role: Literal["admin", "user"]
+    createdAt: datetime
+
+
+class UserCreated(UserView, kw_only=True):
+    """The new user and its token, shown this once."""
+
+    token: str
+
+
+def _view(user: User) -> dict[str, Any]:
+    out: dict[str, Any] = msgspec.structs.asdict(user)
+    out.pop("tokenHash")
     return out
 
 
@@ -85,11 +102,7 @@ async def create_user(request: web.Request) -> web.Response:
     body = decode_body(await request.read(), _user_in)
     user, token = await request.app[AUTH].create_user(body.name, body.tenant, body.role)
     # The token is shown here, once; only its hash is stored.
-    return web.Response(
-        body=encoder.encode({**_view(user), "token": token}),
-        status=201,
-        content_type="application/json",
-    )
+    return json_response(msgspec.convert({**_view(user), "token": token}, UserCreated), 201)
 
 
 @routes.get(
@@ -99,8 +112,8 @@ async def create_user(request: web.Request) -> web.Response:
     op=Op("List users", "users", response=array(ref("UserView"))),
 )
 async def list_users(request: web.Request) -> web.Response:
-    users = [_view(u) for u in await request.app[AUTH].list_users()]
-    return web.Response(body=encoder.encode(users), content_type="application/json")
+    users = [msgspec.convert(_view(u), UserView) for u in await request.app[AUTH].list_users()]
+    return json_response(users)
 
 
 @routes.delete(

@@ -3,7 +3,7 @@
 import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -24,24 +24,39 @@ def json_response(body: Any, status: int = 200) -> web.Response:
     return web.Response(body=encoder.encode(body), status=status, content_type="application/json")
 
 
+class Error(msgspec.Struct, omit_defaults=True):
+    """KloudMeter's error envelope; field names the offending input."""
+
+    status: Literal["error"]
+    message: str
+    field: str | None = None
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details (OpenMeter's errors)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    field: str | None = None
+
+
 def error_response(status: int, message: str, field: str | None = None) -> web.Response:
-    body: dict[str, Any] = {"status": "error", "message": message}
-    if field:
-        body["field"] = field
-    return json_response(body, status)
+    return json_response(Error(status="error", message=message, field=field or None), status)
 
 
 def problem_response(status: int, message: str, field: str | None, instance: str) -> web.Response:
     """RFC 9457 problem details, as OpenMeter's API answers errors."""
-    body: dict[str, Any] = {
-        "type": "about:blank",
-        "title": HTTPStatus(status).phrase,
-        "status": status,
-        "detail": message,
-        "instance": instance,
-    }
-    if field:
-        body["field"] = field
+    body = Problem(
+        type="about:blank",
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=message,
+        instance=instance,
+        field=field or None,
+    )
     return web.Response(
         body=encoder.encode(body), status=status, content_type="application/problem+json"
     )

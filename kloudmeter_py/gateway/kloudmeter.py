@@ -1,7 +1,7 @@
 """KloudMeter's REST API: events, meters, readings, health, dead letters."""
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -20,7 +20,7 @@ from kloudmeter_py.core.models import (
     reading_decoder,
 )
 from kloudmeter_py.errors import InvalidInput, NotFound
-from kloudmeter_py.gateway.helpers import decode_body, json_response
+from kloudmeter_py.gateway.helpers import decode_body, error_response, json_response
 from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS, NC, SETTINGS
 from kloudmeter_py.gateway.routes import (
     ADMIN,
@@ -83,6 +83,24 @@ class MeterBody(MeterIn, forbid_unknown_fields=True):
 
 
 _meter_body = msgspec.json.Decoder(MeterBody)
+
+
+class Accepted(msgspec.Struct, omit_defaults=True):
+    """An event stored by JetStream; duplicate when its id was stored already."""
+
+    status: Literal["ok"]
+    duplicate: bool = False
+
+
+class Health(msgspec.Struct):
+    status: Literal["ok"]
+
+
+class DeadLetterCounts(msgspec.Struct):
+    total: int
+    byMeter: dict[str, int]
+
+
 _KEY_RE = re.compile(r"[-/_=.a-zA-Z0-9]{1,1024}")
 _KEY = Param("key", {"type": "string", "minLength": 1}, "the meter id", required=True)
 _READING_KEY = Param(
@@ -129,10 +147,7 @@ async def register_event(request: web.Request) -> web.Response:
     layout = request.app[LAYOUT]
     subject = event_subject(layout.stream, event.eventType, event.subject)
     ack = await request.app[JS].publish(subject, raw, headers={"Nats-Msg-Id": event.id})
-    body: dict[str, Any] = {"status": "ok"}
-    if ack.duplicate:
-        body["duplicate"] = True
-    return json_response(body, status=202)
+    return json_response(Accepted(status="ok", duplicate=bool(ack.duplicate)), status=202)
 
 
 @routes.post(
@@ -299,14 +314,12 @@ async def get_reading(request: web.Request) -> web.Response:
 async def healthy(request: web.Request) -> web.Response:
     nc = request.app[NC]
     if not nc.is_connected:
-        return json_response({"status": "error", "message": "NATS is not connected"}, status=503)
+        return error_response(503, "NATS is not connected")
     try:
         await request.app[JS].stream_info(request.app[LAYOUT].stream)
     except Exception as exc:
-        return json_response(
-            {"status": "error", "message": f"NATS: {type(exc).__name__}"}, status=503
-        )
-    return json_response({"status": "ok"})
+        return error_response(503, f"NATS: {type(exc).__name__}")
+    return json_response(Health(status="ok"))
 
 
 @routes.get(
@@ -317,7 +330,8 @@ async def healthy(request: web.Request) -> web.Response:
 )
 async def dead_letter_counts(request: web.Request) -> web.Response:
     """Dead-letter counts per meter (``_event`` for events no meter could read)."""
-    return json_response(await deadletters.counts(request.app[JS], request.app[LAYOUT]))
+    counts = await deadletters.counts(request.app[JS], request.app[LAYOUT])
+    return json_response(msgspec.convert(counts, DeadLetterCounts))
 
 
 @routes.get(

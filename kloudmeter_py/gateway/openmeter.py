@@ -5,6 +5,7 @@ and aggregation names map both ways (``unique`` <-> ``UNIQUE_COUNT``).
 """
 
 import asyncio
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -81,26 +82,43 @@ class OpenMeterQueryIn(msgspec.Struct, rename={"start": "from", "end": "to"}):
     windowTimeZone: str | None = None
     subject: list[str] | None = None
     groupBy: list[str] | None = None
-    filterGroupBy: dict[str, str | list[str]] | None = None
+    filterGroupBy: (
+        dict[str, str | Annotated[list[str], Meta(min_length=1, max_length=1)]] | None
+    ) = None
 
 
 _query_decoder = msgspec.json.Decoder(OpenMeterQueryIn)
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
-def openmeter_meter(meter: Meter) -> dict[str, Any]:
-    return {
-        "id": meter.id,
-        "slug": meter.id,
-        "name": meter.name or meter.id,
-        "description": meter.description or None,
-        "aggregation": _TO_OPENMETER.get(meter.aggregation, meter.aggregation.upper()),
-        "eventType": meter.eventType,
-        "valueProperty": meter.valueProperty,
-        "groupBy": meter.groupBy,
-        "createdAt": meter.createdAt,
-        "updatedAt": meter.createdAt,
-    }
+class OpenMeterMeter(msgspec.Struct):
+    """A meter in OpenMeter's shape (slug = id; aggregation in OpenMeter's names)."""
+
+    id: str
+    slug: str
+    name: str
+    description: str | None
+    aggregation: str
+    eventType: str
+    valueProperty: str | None
+    groupBy: dict[str, str]
+    createdAt: datetime
+    updatedAt: datetime
+
+
+def openmeter_meter(meter: Meter) -> OpenMeterMeter:
+    return OpenMeterMeter(
+        id=meter.id,
+        slug=meter.id,
+        name=meter.name or meter.id,
+        description=meter.description or None,
+        aggregation=_TO_OPENMETER.get(meter.aggregation, meter.aggregation.upper()),
+        eventType=meter.eventType,
+        valueProperty=meter.valueProperty,
+        groupBy=meter.groupBy,
+        createdAt=meter.createdAt,
+        updatedAt=meter.createdAt,
+    )
 
 
 @routes.post(
@@ -254,7 +272,7 @@ async def delete_meter(request: web.Request) -> web.Response:
         "openmeter",
         response=ref("QueryResult"),
         path=METER_PATH,
-        body=ref("OpenMeterQueryBody"),
+        body=ref("OpenMeterQueryIn"),
         body_required=False,
         errors=(400, 404),
     ),
@@ -292,8 +310,7 @@ async def query_meter(request: web.Request) -> web.Response:
         if not query.subjects:
             query.subjects = [""]  # no subject has data: no rows
     result = await execute(request, meter, query)
-    result.pop("windowTimeZone", None)
-    return json_response(result)
+    return json_response(msgspec.structs.replace(result, windowTimeZone=None))  # not OpenMeter's
 
 
 async def _subjects(request: web.Request, meter: Meter) -> list[str]:

@@ -22,7 +22,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -53,6 +53,7 @@ NO_TENANT = "~"
 # A user's own tenant; an admin's ?tenant=, else the hosts without a tenant.
 _HOSTS = TenantScope(param="tenant", admin_default=NO_TENANT)
 _PERF_HOST = ("the host name",)
+_PERF_HOST_SCHEMA = {"type": "object", "additionalProperties": ref("PerfSummary")}
 _HOST_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 256}  # MAX_NAME
 routes = Routes()
 # Before tenants: the meter `perf`, subject = host, grouped by label (read, never written).
@@ -250,11 +251,41 @@ async def post_sample(request: web.Request) -> web.Response:
         )
         publishes.append(js.publish(subject, body, headers={"Nats-Msg-Id": event_id}))
     acks = await asyncio.gather(*publishes)
-    out: dict[str, Any] = {"status": "ok", "events": len(acks)}
     duplicates = sum(1 for ack in acks if ack.duplicate)
-    if duplicates:
-        out["duplicates"] = duplicates
-    return json_response(out, status=202)
+    return json_response(
+        PerfAccepted(status="ok", events=len(acks), duplicates=duplicates), status=202
+    )
+
+
+class PerfAccepted(msgspec.Struct, omit_defaults=True):
+    """A sample's fields, one event each; duplicates: those stored already (a retry)."""
+
+    status: Literal["ok"]
+    events: int
+    duplicates: int = 0
+
+
+class PerfAverage(msgspec.Struct, rename="kebab"):
+    """One window of one summary, as liz shows it."""
+
+    start_sec: int
+    end_sec: int
+    interval_size_sec: int
+    num_samples: int
+    avg: int | float
+
+
+class PerfSummary(msgspec.Struct, rename="kebab"):
+    """``summary:<by-minute|by-hour>:<label>``: the windows with data in its range."""
+
+    averages: list[PerfAverage]
+    start: int
+    end: int
+    timeslice_size_sec: int
+    average_count: int
+
+
+PerfHost = dict[str, PerfSummary]
 
 
 @dataclass
@@ -278,15 +309,15 @@ class _Found:
         window.count += s.count
 
 
-def _average(start: int, window: _Window, width: int) -> dict[str, Any]:
+def _average(start: int, window: _Window, width: int) -> PerfAverage:
     avg = window.total / window.count
-    return {
-        "start-sec": start,
-        "end-sec": start + width,
-        "interval-size-sec": width,
-        "num-samples": window.count,
-        "avg": int(avg) if avg.is_integer() else avg,
-    }
+    return PerfAverage(
+        start_sec=start,
+        end_sec=start + width,
+        interval_size_sec=width,
+        num_samples=window.count,
+        avg=int(avg) if avg.is_integer() else avg,
+    )
 
 
 def _usable(s: Reading, meter: Meter, oldest: int, now: float) -> bool:
@@ -299,9 +330,7 @@ def _usable(s: Reading, meter: Meter, oldest: int, now: float) -> bool:
     )
 
 
-async def summaries(
-    request: web.Request, tenant: str, host: str | None
-) -> dict[str, dict[str, dict[str, Any]]]:
+async def summaries(request: web.Request, tenant: str, host: str | None) -> dict[str, PerfHost]:
     """Per host of ``tenant``, the liz summaries (``summary:by-minute:<label>`` ...) with data."""
     app = request.app
     js, layout, settings = app[JS], app[LAYOUT], app[SETTINGS]
@@ -339,18 +368,18 @@ async def summaries(
                     continue
                 if _usable(s, legacy, oldest, now):
                     found.add(s.subject, name, label, s)
-    out: dict[str, dict[str, dict[str, Any]]] = {}
+    out: dict[str, PerfHost] = {}
     for h, by_key in sorted(found.hosts.items()):
         for key, windows in sorted(by_key.items(), key=lambda kv: _key_order(kv[0])):
             oldest, width = ranges[key.split(":", 2)[1]]
             averages = [_average(start, w, width) for start, w in sorted(windows.items())]
-            out.setdefault(h, {})[key] = {
-                "averages": averages,
-                "start": oldest,
-                "end": int(now),
-                "timeslice-size-sec": width,
-                "average-count": len(averages),
-            }
+            out.setdefault(h, {})[key] = PerfSummary(
+                averages=averages,
+                start=oldest,
+                end=int(now),
+                timeslice_size_sec=width,
+                average_count=len(averages),
+            )
     return out
 
 
@@ -377,7 +406,7 @@ async def list_hosts(request: web.Request) -> web.Response:
     op=Op(
         "A host's summaries",
         "perf",
-        response=ref("PerfHost"),
+        response=_PERF_HOST_SCHEMA,
         path=_PERF_HOST,
         path_schemas=(_HOST_SCHEMA,),
         errors=(404,),
@@ -390,7 +419,7 @@ async def list_hosts(request: web.Request) -> web.Response:
     op=Op(
         "A host's summaries whose name contains the label",
         "perf",
-        response=ref("PerfHost"),
+        response=_PERF_HOST_SCHEMA,
         path=(*_PERF_HOST, "part of the summary name (cpu, by-hour, by-minute:mem), any case"),
         path_schemas=(_HOST_SCHEMA, {"type": "string", "minLength": 1, "pattern": "^[^\\n]+$"}),
         errors=(404,),

@@ -3,7 +3,8 @@
 import ast
 import json
 import re
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -48,6 +49,26 @@ class QueryBody(msgspec.Struct, forbid_unknown_fields=True, rename={"start": "fr
 
 
 _body_decoder = msgspec.json.Decoder(QueryBody)
+
+
+class QueryRow(msgspec.Struct):
+    """One window (or the total) of one subject and group combination."""
+
+    value: int | float | None
+    windowStart: datetime
+    windowEnd: datetime
+    subject: str | None
+    groupBy: dict[str, str | None]
+
+
+class QueryResult(msgspec.Struct, omit_defaults=True, rename={"start": "from", "end": "to"}):
+    """The windows with data; windowTimeZone is KloudMeter's (OpenMeter's answer has none)."""
+
+    start: datetime
+    end: datetime
+    windowSize: Literal["MINUTE", "HOUR", "DAY"] | None
+    data: list[QueryRow]
+    windowTimeZone: str | None = None
 
 
 def body_from_params(request: web.Request) -> QueryBody:
@@ -109,24 +130,21 @@ def _build(request: web.Request, meter: Meter, body: QueryBody) -> Query:
         raise InvalidInput(str(exc), field=exc.field) from None
 
 
-async def execute(request: web.Request, meter: Meter, q: Query) -> dict[str, Any]:
+async def execute(request: web.Request, meter: Meter, q: Query) -> QueryResult:
     scope = tenant_of(request)
     if scope is not None:
         # A user sees its own tenant's subject and nothing else, asked for or not.
         wanted = set(q.subjects)
         q.subjects = [scope] if not wanted or scope in wanted else []
         if not q.subjects:
-            return {
-                "from": q.start,
-                "to": q.end,
-                "windowSize": q.window_size.upper() if q.window_size else None,
-                "windowTimeZone": q.tz.key,
-                "data": [],
-            }
+            size = q.window_size.upper() if q.window_size else None
+            empty: dict[str, Any] = {"from": q.start, "to": q.end, "windowSize": size, "data": []}
+            return msgspec.convert({**empty, "windowTimeZone": q.tz.key}, QueryResult)
     try:
-        return await run_query(request.app[JS], request.app[SETTINGS], meter, q)
+        result = await run_query(request.app[JS], request.app[SETTINGS], meter, q)
     except QueryError as exc:
         raise InvalidInput(str(exc), field=exc.field) from None
+    return msgspec.convert(result, QueryResult)
 
 
 @routes.get(

@@ -4,7 +4,7 @@ estimate. Money is Decimal and travels as strings in JSON."""
 from collections import defaultdict
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -79,6 +79,87 @@ class PriceBody(PriceIn, forbid_unknown_fields=True):
 
 
 _price_in = msgspec.json.Decoder(PriceBody)
+
+
+class ResourceCost(msgspec.Struct):
+    """A resource of a duration meter, with what it has cost so far."""
+
+    meter: str
+    resource_id: str
+    resource_name: str | None
+    resource_type: str | None
+    region: str | None
+    tenant_id: str
+    status: Literal["running", "stopped", "deleted"]
+    created_at: datetime | None
+    deleted_at: datetime | None
+    quantity: Decimal
+    consumption: Decimal
+    currency: str | None
+
+
+class Record(msgspec.Struct):
+    """A billing segment of a resource: one price and one state."""
+
+    meter: str
+    resource_id: str
+    start_at: datetime
+    end_at: datetime
+    status: Literal["running", "stopped"]
+    weight: Decimal
+    seconds: Decimal
+    unit_price: Decimal | None
+    price_id: str | None
+    currency: str | None
+    quantity: Decimal
+    consumption: Decimal
+
+
+class ChargingItem(msgspec.Struct):
+    meter: str
+    resource_id: str
+    tenant: str
+    quantity: Decimal
+    unit_price: Decimal | None
+    price_id: str | None
+    currency: str | None
+    cost: Decimal
+    metadata: dict[str, Any]
+
+
+class Charging(msgspec.Struct):
+    """Cost per meter and resource over [start, end), and totals per currency."""
+
+    tenant: str | None
+    start: datetime
+    end: datetime
+    totals: dict[str, Decimal]
+    items: list[ChargingItem]
+
+
+class GroupCost(msgspec.Struct):
+    name: str
+    price_id: str
+    currency: str
+    min_quantity: Decimal
+    max_quantity: Decimal
+    min_cost: Decimal
+    max_cost: Decimal
+
+
+class CostRange(msgspec.Struct):
+    min_cost: Decimal
+    max_cost: Decimal
+
+
+class CostEstimate(msgspec.Struct):
+    """Min and max cost of groups of resources over a period, per group and currency."""
+
+    hours: Decimal
+    groups: list[GroupCost]
+    totals: dict[str, CostRange]
+
+
 PRICE_RULES = {
     "anyOf": [
         {"required": ["meter"], "properties": {"meter": {"type": "string"}}},
@@ -184,9 +265,17 @@ def _segments(res: Resource, prices: list[Price], until: datetime) -> list[Segme
     )
 
 
-def _status(res: Resource) -> str:
-    last = max(res.points, key=lambda p: (p.at, p.seq)).kind
-    return {"start": "running", "change": "running", "stop": "stopped", "end": "deleted"}[last]
+ResourceStatus = Literal["running", "stopped", "deleted"]
+_STATUS: dict[str, ResourceStatus] = {
+    "start": "running",
+    "change": "running",
+    "stop": "stopped",
+    "end": "deleted",
+}
+
+
+def _status(res: Resource) -> ResourceStatus:
+    return _STATUS[max(res.points, key=lambda p: (p.at, p.seq)).kind]
 
 
 def _segment_cost(seg: Segment) -> Decimal:
@@ -197,7 +286,7 @@ def _segment_cost(seg: Segment) -> Decimal:
     "/v1/resources",
     access=USER,
     tenant=TenantScope(param="tenant"),
-    op=Op("Resources with their cost so far", "rating", response=array(ref("Resource"))),
+    op=Op("Resources with their cost so far", "rating", response=array(ref("ResourceCost"))),
 )
 async def list_resources(request: web.Request) -> web.Response:
     found, prices = await _resources(request, tenant_of(request))
@@ -208,20 +297,20 @@ async def list_resources(request: web.Request) -> web.Response:
         created = min((p.at for p in res.points if p.kind == "start"), default=None)
         deleted = max((p.at for p in res.points if p.kind == "end"), default=None)
         out.append(
-            {
-                "meter": res.meter,
-                "resource_id": res.resource_id,
-                "resource_name": res.name,
-                "resource_type": res.resource_type,
-                "region": res.region,
-                "tenant_id": res.tenant,
-                "status": _status(res),
-                "created_at": created,
-                "deleted_at": deleted,
-                "quantity": sum((s.quantity() for s in segs), Decimal(0)),
-                "consumption": sum((_segment_cost(s) for s in segs), Decimal(0)),
-                "currency": next((s.price.currency for s in segs if s.price), None),
-            }
+            ResourceCost(
+                meter=res.meter,
+                resource_id=res.resource_id,
+                resource_name=res.name,
+                resource_type=res.resource_type,
+                region=res.region,
+                tenant_id=res.tenant,
+                status=_status(res),
+                created_at=created,
+                deleted_at=deleted,
+                quantity=sum((s.quantity() for s in segs), Decimal(0)),
+                consumption=sum((_segment_cost(s) for s in segs), Decimal(0)),
+                currency=next((s.price.currency for s in segs if s.price), None),
+            )
         )
     return json_response(out)
 
@@ -249,20 +338,20 @@ async def records(request: web.Request) -> web.Response:
     for res in matching:
         for seg in _segments(res, prices, now):
             out.append(
-                {
-                    "meter": res.meter,
-                    "resource_id": rid,
-                    "start_at": seg.start,
-                    "end_at": seg.end,
-                    "status": "running" if seg.running else "stopped",
-                    "weight": seg.weight,
-                    "seconds": seg.seconds,
-                    "unit_price": seg.price.unit_price if seg.price else None,
-                    "price_id": seg.price.id if seg.price else None,
-                    "currency": seg.price.currency if seg.price else None,
-                    "quantity": seg.quantity(),
-                    "consumption": _segment_cost(seg),
-                }
+                Record(
+                    meter=res.meter,
+                    resource_id=rid,
+                    start_at=seg.start,
+                    end_at=seg.end,
+                    status="running" if seg.running else "stopped",
+                    weight=seg.weight,
+                    seconds=seg.seconds,
+                    unit_price=seg.price.unit_price if seg.price else None,
+                    price_id=seg.price.id if seg.price else None,
+                    currency=seg.price.currency if seg.price else None,
+                    quantity=seg.quantity(),
+                    consumption=_segment_cost(seg),
+                )
             )
     return json_response(out)
 
@@ -338,22 +427,22 @@ async def charging(request: web.Request) -> web.Response:
                 cost = await _rate(template_source, res, qty, price, cost)
             currency = price.currency if price else None
             items.append(
-                {
-                    "meter": res.meter,
-                    "resource_id": res.resource_id,
-                    "tenant": res.tenant,
-                    "quantity": qty,
-                    "unit_price": price.unit_price if price else None,
-                    "price_id": price.id if price else None,
-                    "currency": currency,
-                    "cost": cost,
-                    "metadata": res.metadata,
-                }
+                ChargingItem(
+                    meter=res.meter,
+                    resource_id=res.resource_id,
+                    tenant=res.tenant,
+                    quantity=qty,
+                    unit_price=price.unit_price if price else None,
+                    price_id=price.id if price else None,
+                    currency=currency,
+                    cost=cost,
+                    metadata=res.metadata,
+                )
             )
             if currency:
                 totals[currency] += cost
     return json_response(
-        {"tenant": tenant, "start": start, "end": end, "totals": dict(totals), "items": items}
+        Charging(tenant=tenant, start=start, end=end, totals=dict(totals), items=items)
     )
 
 
@@ -431,7 +520,7 @@ async def cost_estimate(request: web.Request) -> web.Response:
         raise InvalidInput("the period must be positive", field="hours")
     prices = await _prices(request).list()
     groups = []
-    totals: dict[str, dict[str, Decimal]] = {}
+    totals: dict[str, CostRange] = {}
     for i, g in enumerate(body.groups):
         if g.min_instances < 0 or g.max_instances < g.min_instances:
             raise InvalidInput("0 <= min_instances <= max_instances", field=f"groups[{i}]")
@@ -448,18 +537,18 @@ async def cost_estimate(request: web.Request) -> web.Response:
         lo_q = g.min_instances * g.usage_per_hour * hours * per_unit
         hi_q = g.max_instances * g.usage_per_hour * hours * per_unit
         lo, hi = tiered_cost(price, lo_q), tiered_cost(price, hi_q)
-        t = totals.setdefault(price.currency, {"min_cost": Decimal(0), "max_cost": Decimal(0)})
-        t["min_cost"] += lo
-        t["max_cost"] += hi
+        t = totals.setdefault(price.currency, CostRange(Decimal(0), Decimal(0)))
+        t.min_cost += lo
+        t.max_cost += hi
         groups.append(
-            {
-                "name": g.name,
-                "price_id": price.id,
-                "currency": price.currency,
-                "min_quantity": lo_q,
-                "max_quantity": hi_q,
-                "min_cost": lo,
-                "max_cost": hi,
-            }
+            GroupCost(
+                name=g.name,
+                price_id=price.id,
+                currency=price.currency,
+                min_quantity=lo_q,
+                max_quantity=hi_q,
+                min_cost=lo,
+                max_cost=hi,
+            )
         )
-    return json_response({"hours": hours, "groups": groups, "totals": totals})
+    return json_response(CostEstimate(hours=hours, groups=groups, totals=totals))

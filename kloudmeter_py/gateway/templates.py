@@ -2,7 +2,8 @@
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from decimal import Decimal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -12,7 +13,7 @@ from kloudmeter_py.errors import InvalidInput, NotFound
 from kloudmeter_py.gateway.helpers import decode_body, json_response
 from kloudmeter_py.gateway.keys import JS, LAYOUT
 from kloudmeter_py.gateway.routes import ADMIN, NO_TENANT_DATA, Op, Routes
-from kloudmeter_py.gateway.schemas import OBJ, STR, TIME, array, obj, ref
+from kloudmeter_py.gateway.schemas import OBJ, array, ref
 from kloudmeter_py.rating.sandbox import TemplateError, check_template, run_template
 from kloudmeter_py.store.kv import get_with_revision, scan
 
@@ -28,6 +29,27 @@ class TemplateIn(msgspec.Struct, forbid_unknown_fields=True):
 class Template(TemplateIn, kw_only=True):
     id: str
     created: datetime
+
+
+class TemplateSummary(msgspec.Struct):
+    """A template in the list, without its source."""
+
+    id: str
+    name: str
+    description: str
+    created: datetime
+
+
+class Rated(msgspec.Struct):
+    cost: Decimal
+
+
+class TemplateFailure(msgspec.Struct):
+    """422: the template failed on this input (kind: what went wrong)."""
+
+    status: Literal["error"]
+    kind: str
+    message: str
 
 
 _template_in = msgspec.json.Decoder(TemplateIn)
@@ -93,14 +115,16 @@ async def create(request: web.Request) -> web.Response:
     op=Op(
         "List rating templates",
         "rating",
-        response=array(obj({"id": STR, "name": STR, "description": STR, "created": TIME})),
+        response=array(ref("TemplateSummary")),
     ),
 )
 async def list_templates(request: web.Request) -> web.Response:
     out = []
     for _, value in await scan(request.app[JS], request.app[LAYOUT].templates_bucket):
         t = _template.decode(value)
-        out.append({"id": t.id, "name": t.name, "description": t.description, "created": t.created})
+        out.append(
+            TemplateSummary(id=t.id, name=t.name, description=t.description, created=t.created)
+        )
     return json_response(out)
 
 
@@ -150,7 +174,7 @@ async def delete(request: web.Request) -> web.Response:
     op=Op(
         "Dry-run a rating template on a JSON object",
         "rating",
-        response=obj({"cost": {}}),
+        response=ref("Rated"),
         path=("the template id",),
         body=OBJ,
         errors=(400, 404, 422),
@@ -164,6 +188,6 @@ async def rate(request: web.Request) -> web.Response:
         cost = await run_template(template.source, data)
     except TemplateError as exc:
         return json_response(
-            {"status": "error", "kind": exc.kind, "message": exc.message}, status=422
+            TemplateFailure(status="error", kind=exc.kind, message=exc.message), status=422
         )
-    return json_response({"cost": cost})
+    return json_response(Rated(cost=cost))

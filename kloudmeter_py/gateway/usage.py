@@ -7,23 +7,38 @@ default ``$.location``).
 """
 
 from datetime import UTC, datetime
-from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from kloudmeter_py.core.keys import encode_token
-from kloudmeter_py.core.models import encoder, event_decoder
+from kloudmeter_py.core.models import event_decoder
 from kloudmeter_py.core.paths import MISSING, compile_path
 from kloudmeter_py.core.query import parse_time
 from kloudmeter_py.core.usage import Lifecycle, usage_hours
 from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import InvalidInput
+from kloudmeter_py.gateway.helpers import json_response
 from kloudmeter_py.gateway.keys import JS, LAYOUT, SETTINGS
 from kloudmeter_py.gateway.routes import USER, Op, Param, Routes, TenantScope, tenant_of
 from kloudmeter_py.gateway.schemas import TENANT, TIME, ref
 from kloudmeter_py.store.kv import read
 
 routes = Routes()
+
+
+class LocationHours(msgspec.Struct):
+    location: str
+    hours: float
+
+
+class Usage(msgspec.Struct):
+    """Hours of use per location of a tenant between start and end."""
+
+    tenant: str
+    start: datetime
+    end: datetime
+    usage: list[LocationHours]
 
 
 @routes.get(
@@ -64,13 +79,8 @@ async def usage(request: web.Request) -> web.Response:
         request, tenant, settings.usage_event_type, settings.usage_location
     )
     hours = usage_hours(events, start, end)
-    body: dict[str, Any] = {
-        "tenant": tenant,
-        "start": start,
-        "end": end,
-        "usage": [{"location": k, "hours": round(v, 6)} for k, v in sorted(hours.items())],
-    }
-    return web.Response(body=encoder.encode(body), content_type="application/json")
+    rows = [LocationHours(location=k, hours=round(v, 6)) for k, v in sorted(hours.items())]
+    return json_response(Usage(tenant=tenant, start=start, end=end, usage=rows))
 
 
 async def _lifecycle_events(
