@@ -12,7 +12,8 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,19 +21,30 @@ from typing import Any
 import aiohttp
 import msgspec
 import nats
+from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.keys import event_subject
-from kloudmeter_py.core.models import encoder, meter_in_decoder, reading_decoder, validate_meter
+from kloudmeter_py.core.models import (
+    encoder,
+    meter_in_decoder,
+    reading_decoder,
+    validate_meter,
+)
+from kloudmeter_py.core.summaries import summary_reading
+from kloudmeter_py.core.windows import widths, window_start
 from kloudmeter_py.store.kv import scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.provision import provision
+from kloudmeter_py.store.pull import RawPuller
 from kloudmeter_py.store.server import NatsServer, die_with_parent, stop_process
+from kloudmeter_py.store.wire import Wire
 
 REGIONS = ("eu", "us", "ap")
+LAG_METER = {"id": "lag", "eventType": "lag", "aggregation": "latest", "valueProperty": "$.sent"}
 METERS = (
     {"id": "calls", "eventType": "req", "aggregation": "count"},
     {
@@ -43,8 +55,33 @@ METERS = (
         "groupBy": {"region": "$.region"},
     },
     {"id": "users", "eventType": "req", "aggregation": "unique", "valueProperty": "$.user"},
-    {"id": "lag", "eventType": "lag", "aggregation": "latest", "valueProperty": "$.sent"},
+    LAG_METER,
 )
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A workload: how many subjects, how spread the event times, how many distinct values.
+
+    ``live``: every event in the current minute (each lands in a reading and in one minute,
+    hour and day window per series), 1,000 subjects. ``wide``: 10,000 subjects and event times
+    uniform over the last 30 days, so mostly day windows (the last two hours also minute and
+    hour windows): the number of distinct keys grows with subjects x days, as a user with many
+    customers, or one backfilling a month, has it.
+    """
+
+    name: str
+    events: int
+    subjects: int
+    spread_ms: int
+    regions: tuple[str, ...]
+    users: int
+
+
+SHAPES = {
+    "live": Shape("live", 200_000, 1000, 60_000, REGIONS, 200),
+    "wide": Shape("wide", 1_000_000, 10_000, 30 * 86_400_000, ("eu", "us", "ap", "sa", "af"), 1000),
+}
 
 
 class Progress:
@@ -67,18 +104,21 @@ class Progress:
             print(f"\r\033[K{text}", file=sys.stderr, flush=True)
 
 
-def make_events(n: int, subjects: int, seed: int = 1) -> list[tuple[str, bytes, str]]:
-    """(subject, body, id) for n events of about 200 bytes, timed within the last minute, so
-    that each lands in a reading and in a minute, an hour and a day summary, as live usage
-    does."""
+def make_events(
+    n: int, subjects: int, seed: int = 1, shape: Shape = SHAPES["live"], now_ms: int | None = None
+) -> list[tuple[str, bytes, str]]:
+    """(subject, body, id) for n events of about 200 bytes, their times spread over the
+    shape's span before ``now_ms``."""
     rng = random.Random(seed)
     out = []
     run = uuid.uuid4().hex[:8]
-    now_ms = int(time.time() * 1000)
+    if now_ms is None:
+        now_ms = int(time.time() * 1000)
+    regions = shape.regions
     for i in range(n):
         event_id = f"{run}-{i}"
         subject = f"customer-{rng.randrange(subjects)}"
-        at = datetime.fromtimestamp((now_ms - rng.randrange(60_000)) / 1000, UTC)
+        at = datetime.fromtimestamp((now_ms - rng.randrange(shape.spread_ms)) / 1000, UTC)
         body = {
             "id": event_id,
             "time": at.isoformat().replace("+00:00", "Z"),
@@ -86,8 +126,8 @@ def make_events(n: int, subjects: int, seed: int = 1) -> list[tuple[str, bytes, 
             "subject": subject,
             "data": {
                 "bytes": rng.randint(1, 10_000),
-                "region": REGIONS[i % 3],
-                "user": f"user-{rng.randrange(200)}",
+                "region": regions[i % len(regions)],
+                "user": f"user-{rng.randrange(shape.users)}",
                 "path": "/api/v1/things/" + "x" * 20,
             },
         }
@@ -95,22 +135,86 @@ def make_events(n: int, subjects: int, seed: int = 1) -> list[tuple[str, bytes, 
     return out
 
 
-def expected_readings(events: list[tuple[str, bytes, str]]) -> dict[tuple[str, str, str], Any]:
-    counts: dict[str, int] = {}
-    sums: dict[tuple[str, str], int] = {}
-    users: dict[str, set[str]] = {}
-    for subject, body, _ in events:
-        data = msgspec.json.decode(body)["data"]
-        counts[subject] = counts.get(subject, 0) + 1
-        sums[(subject, data["region"])] = sums.get((subject, data["region"]), 0) + data["bytes"]
-        users.setdefault(subject, set()).add(data["user"])
-    out: dict[tuple[str, str, str], Any] = {}
-    for s, c in counts.items():
-        out[("calls", s, "")] = c
-        out[("users", s, "")] = len(users[s])
-    for (s, r), v in sums.items():
-        out[("bytes", s, r)] = v
-    return out
+# (meter, subject, group value or "") of a reading; with a level and window start, a summary's
+_RKey = tuple[str, str, str]
+_WKey = tuple[str, str, str, str, int]
+
+
+class Expected:
+    """Totals computed by the bench from the events it published, independently of the
+    worker: every reading's value, and every summary window's that is surely kept.
+
+    A window whose retention ends while the bench runs may or may not have been written, so
+    windows within a minute of that edge (between generating the events and checking) are
+    left out of the comparison on both sides.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.readings: dict[_RKey, Any] = {}
+        self.windows: dict[_WKey, Any] = {}
+        self.levels = [
+            (level, width, settings.summary_retention(level))
+            for level, width in widths(settings.interval).items()
+        ]
+        self.made_at = time.time()
+
+    def add(self, events: list[tuple[str, bytes, str]]) -> None:
+        readings = self.readings
+        windows = self.windows
+        edges = [(level, width, self.made_at - kept - 60) for level, width, kept in self.levels]
+        for subject, body, _ in events:
+            event = msgspec.json.decode(body)
+            data = event["data"]
+            at_ms = int(datetime.fromisoformat(event["time"]).timestamp() * 1000)
+            for meter, group, value in (
+                ("calls", "", 1),
+                ("bytes", data["region"], data["bytes"]),
+                ("users", "", data["user"]),
+            ):
+                key = (meter, subject, group)
+                targets: list[tuple[dict[Any, Any], Any]] = [(readings, key)]
+                for level, width, edge in edges:
+                    start = window_start(at_ms, width)
+                    if start + width > edge:
+                        targets.append((windows, (level, meter, subject, group, start)))
+                for store, target in targets:
+                    if meter == "users":
+                        store.setdefault(target, set()).add(value)
+                    else:
+                        store[target] = store.get(target, 0) + value
+
+    def _settled(self, wkey: _WKey, checked_at: float) -> bool:
+        """Surely kept: its window ends more than a minute inside retention all run long."""
+        for level, width, kept in self.levels:
+            if level == wkey[0]:
+                return wkey[4] + width > checked_at - kept + 60
+        return False
+
+    @property
+    def distinct_keys(self) -> int:
+        return len(self.readings) + len(self.windows)
+
+    def compare(
+        self, readings: dict[_RKey, Any], windows: dict[_WKey, Any]
+    ) -> tuple[bool, list[str]]:
+        """Whether the stored values equal these totals, and the first few differences."""
+        wrong: list[str] = []
+
+        def value(v: Any) -> Any:
+            return len(v) if isinstance(v, set) else v
+
+        for key in readings.keys() | self.readings.keys():
+            want = self.readings.get(key)
+            if readings.get(key) != (None if want is None else value(want)):
+                wrong.append(f"reading {key}: {readings.get(key)} != {want}")
+        now = time.time()
+        for wkey in windows.keys() | self.windows.keys():
+            if not self._settled(wkey, now):
+                continue
+            want = self.windows.get(wkey)
+            if windows.get(wkey) != (None if want is None else value(want)):
+                wrong.append(f"window {wkey}: {windows.get(wkey)} != {want}")
+        return not wrong, wrong[:5]
 
 
 class Publisher:
@@ -235,32 +339,139 @@ async def _unapplied(nc: Client, stream: str) -> int:
     return (ours[0].num_pending or 0) + (ours[0].num_ack_pending or 0)
 
 
-async def _readings(nc: Client, layout: Layout) -> dict[tuple[str, str, str], Any]:
-    out: dict[tuple[str, str, str], Any] = {}
-    for _, value in await scan(nc.jetstream(timeout=30), layout.readings_bucket, ">"):
-        r = reading_decoder.decode(value)
-        if r.meterId == "lag":
-            continue
-        group = next(iter(r.groupBy.values()), None) or ""
-        out[(r.meterId, r.subject, group)] = r.value
-    return out
+async def latest_values(nc: Client, bucket: str, on_value: Callable[[str, bytes], None]) -> int:
+    """Feed the latest value of every key of a bucket to ``on_value``; the number of values.
+
+    Pulled on a lean connection in batches of 1,000 (a push consumer without flow control
+    loses messages to a slow client at a million keys; nats-py's fetch is 3x slower)."""
+    js = nc.jetstream(timeout=30)
+    name = f"benchread{uuid.uuid4().hex[:8]}"
+    info = await js.add_consumer(
+        f"KV_{bucket}",
+        ConsumerConfig(
+            name=name,
+            filter_subject=f"$KV.{bucket}.>",
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=30.0,
+            mem_storage=True,
+            num_replicas=1,
+        ),
+    )
+    left = info.num_pending or 0
+    seen = 0
+    prefix = f"$KV.{bucket}."
+    wire = await Wire.connect(nc.connected_url.geturl() if nc.connected_url else "", name="bench")
+    try:
+        puller = RawPuller(wire, f"KV_{bucket}", name, 1000)
+        await puller.start()
+        while left > 0:
+            msgs = await puller.take(left, timeout=30)
+            if not msgs:
+                raise TimeoutError(f"{bucket}: {left} values not delivered")
+            for msg in msgs:
+                if msg.data:  # (a delete marker has none)
+                    on_value(msg.subject[len(prefix) :], msg.data)
+                    seen += 1
+            left -= len(msgs)
+        await puller.stop()
+    finally:
+        await wire.close()
+        with contextlib.suppress(Exception):
+            await js.delete_consumer(f"KV_{bucket}", name)
+    return seen
+
+
+async def stored(
+    nc: Client, layout: Layout, layout_interval: int = 60
+) -> tuple[dict[_RKey, Any], dict[_WKey, Any]]:
+    """Every reading's and every summary window's value (the bench's meters only)."""
+    readings: dict[_RKey, Any] = {}
+    windows: dict[_WKey, Any] = {}
+
+    meters = {
+        m.id: m
+        for m in (validate_meter(meter_in_decoder.decode(msgspec.json.encode(b))) for b in METERS)
+    }
+
+    def reading(key: str, data: bytes) -> None:
+        r = reading_decoder.decode(data)
+        if r.meterId != "lag":
+            readings[(r.meterId, r.subject, next(iter(r.groupBy.values()), None) or "")] = r.value
+
+    await latest_values(nc, layout.readings_bucket, reading)
+    level_widths = widths(layout_interval)
+    for level, bucket in layout.summary_buckets.items():
+
+        def window(key: str, data: bytes, level: str = level) -> None:
+            meter = meters[key.split(".", 1)[0]]
+            if meter.id == "lag":
+                return
+            r = summary_reading(key, data, meter, level_widths[level])
+            assert r.windowStart is not None
+            group = next(iter(r.groupBy.values()), None) or ""
+            start = int(r.windowStart.timestamp())
+            windows[(level, r.meterId, r.subject, group, start)] = r.value
+
+        await latest_values(nc, bucket, window)
+    return readings, windows
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU of a process so far (Linux /proc), 0 when unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dir_bytes(path: Path | None) -> int:
+    """Bytes on disk under a directory (what ``du`` counts), 0 when unknown."""
+    if path is None:
+        return 0
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+async def kv_writes(nc: Client, layout: Layout) -> int:
+    """Messages ever stored in the readings and summary buckets: one per KV write."""
+    js = nc.jetstream()
+    total = 0
+    for bucket in (layout.readings_bucket, *layout.summary_buckets.values()):
+        total += (await js.stream_info(f"KV_{bucket}")).state.last_seq
+    return total
 
 
 async def run(
     *,
     nats_url: str | None,
-    events_n: int,
-    subjects: int,
+    events_n: int | None = None,
+    subjects: int | None = None,
     http_seconds: float,
     lag_rate: int,
     lag_seconds: float,
     quiet: bool,
+    shape: str = "live",
 ) -> dict[str, Any]:
+    """One bench run of a shape (``SHAPES``); ``events_n`` and ``subjects`` shrink it."""
     p = Progress(quiet)
+    form = SHAPES[shape]
+    events_n = events_n or form.events
+    subjects = subjects or form.subjects
     async with contextlib.AsyncExitStack() as stack:
+        server: NatsServer | None = None
+        data_dir: Path | None = None
         if nats_url is None:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kloudmeter-bench-"))
-            server = await stack.enter_async_context(NatsServer(Path(tmp) / "nats"))
+            data_dir = Path(tmp) / "nats"
+            server = await stack.enter_async_context(NatsServer(data_dir))
             nats_url = server.url
         nc = await nats.connect(nats_url)
         stack.push_async_callback(nc.close)
@@ -272,8 +483,11 @@ async def run(
             meter = validate_meter(meter_in_decoder.decode(msgspec.json.encode(body)))
             await kv.put(meter.id, encoder.encode(meter))
         p.phase("generating events")
-        events = make_events(events_n, subjects)
-        results: dict[str, Any] = {"events": events_n, "subjects": subjects}
+        expected = Expected(settings)
+        events = make_events(events_n, subjects, shape=form)
+        expected.add(events)
+        results: dict[str, Any] = {"shape": shape, "events": events_n, "subjects": subjects}
+        results["load_avg_1m"] = round(os.getloadavg()[0], 2)
         results["baseline_events_per_s"] = round(await baseline(nc, events, p))
         p.done(f"baseline: {results['baseline_events_per_s']:,} events/s")
 
@@ -286,6 +500,8 @@ async def run(
             if len(owned) == settings.partitions:
                 break
             await asyncio.sleep(0.1)
+        server_pid = server.pid if server is not None else None
+        cpu_before = cpu_seconds(worker.pid), cpu_seconds(server_pid)
         publisher = Publisher(nc)
         await publisher.start()
         items = [(event_subject(stream, "req", s), body, i) for s, body, i in events]
@@ -296,7 +512,7 @@ async def run(
         while not publishing.done():
             p.phase(f"end to end: published {publisher.acked:,}/{events_n:,}")
             await asyncio.wait({publishing}, timeout=0.25)
-        while time.perf_counter() - start < 600:
+        while time.perf_counter() - start < 3600:
             left = await _unapplied(nc, stream)
             p.phase(f"end to end: published {events_n:,}, {left:,} to apply")
             if left == 0:
@@ -304,16 +520,34 @@ async def run(
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - start
         await publishing
-        readings = await _readings(nc, layout)
+        results["worker_cpu_s"] = round(cpu_seconds(worker.pid) - cpu_before[0], 2)
+        results["nats_server_cpu_s"] = (
+            round(cpu_seconds(server_pid) - cpu_before[1], 2) if server_pid else None
+        )
         results["e2e_events_per_s"] = round(events_n / elapsed)
         results["e2e_ratio"] = round(
             results["e2e_events_per_s"] / results["baseline_events_per_s"], 3
         )
-        results["correct"] = readings == expected_readings(events) and publisher.errors == 0
+        writes = await kv_writes(nc, layout)
+        results["distinct_keys"] = expected.distinct_keys
+        results["kv_writes_per_event"] = round(writes / events_n, 3)
+        raw = (await nc.jetstream().stream_info(stream)).state.bytes
+        disk = dir_bytes(data_dir)
+        results["disk_bytes_per_event"] = round(disk / events_n, 1) if disk else None
+        results["raw_stream_bytes_per_event"] = round(raw / events_n, 1)
+        results["disk_over_raw"] = round(disk / raw, 2) if disk and raw else None
+        p.phase("end to end: checking every reading and summary window")
+        readings, windows = await stored(nc, layout, settings.interval)
+        correct, wrong = expected.compare(readings, windows)
+        results["correct"] = correct and publisher.errors == 0
+        if wrong:
+            results["wrong"] = wrong
         p.done(
             f"end to end: {results['e2e_events_per_s']:,} events/s "
-            f"(ratio {results['e2e_ratio']}), readings correct: {results['correct']}"
+            f"(ratio {results['e2e_ratio']}), {expected.distinct_keys:,} keys, "
+            f"readings and windows correct: {results['correct']}"
         )
+        del events, items, expected, readings, windows
 
         lags = await measure_lag(nc, layout, stream, lag_rate, lag_seconds, p)
         results["lag_p50_ms"], results["lag_p99_ms"] = lags
@@ -324,12 +558,67 @@ async def run(
         gateway_env = {**env, "HTTP_SERVER_PORT": str(port)}
         async with _process(["gateway"], gateway_env):
             single, batch = await measure_http(port, http_seconds, p)
+        null_port = _free_port()
+        async with _null_http(null_port):
+            null_single, null_batch = await measure_http(null_port, http_seconds, p)
         results["http_single_events_per_s"] = single
         results["http_batch_events_per_s"] = batch
-        p.done(f"HTTP ingest: single {single:,} events/s, batch {batch:,} events/s")
+        results["http_null_single_per_s"] = null_single
+        results["http_null_batch_per_s"] = null_batch
+        results["http_single_ratio"] = round(single / null_single, 3) if null_single else None
+        results["http_batch_ratio"] = round(batch / null_batch, 3) if null_batch else None
+        p.done(
+            f"HTTP ingest: single {single:,} events/s ({results['http_single_ratio']} of a "
+            f"handler that only decodes), batch {batch:,} ({results['http_batch_ratio']})"
+        )
         with contextlib.suppress(Exception):
             await nc.jetstream().delete_stream(stream)
     return results
+
+
+async def null_http(port: int) -> None:
+    """An aiohttp server whose ingest routes only decode the body and answer: the HTTP
+    baseline the gateway's ingest is compared with."""
+    decode = msgspec.json.decode
+
+    async def single(request: web.Request) -> web.Response:
+        decode(await request.read())
+        return web.json_response({"duplicate": False}, status=202)
+
+    async def batch(request: web.Request) -> web.Response:
+        decode(await request.read())
+        return web.Response(status=204)
+
+    async def healthy(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application(client_max_size=8 << 20)
+    app.router.add_post("/api/register-event", single)
+    app.router.add_post("/api/v1/events", batch)
+    app.router.add_get("/healthy", healthy)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
+@contextlib.asynccontextmanager
+async def _null_http(port: int) -> AsyncIterator[Any]:
+    code = "import asyncio, sys; from kloudmeter_py.bench import null_http; "
+    code += "asyncio.run(null_http(int(sys.argv[1])))"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        code,
+        str(port),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        preexec_fn=die_with_parent,
+    )
+    try:
+        yield proc
+    finally:
+        await stop_process(proc)
 
 
 async def measure_lag(
@@ -465,13 +754,32 @@ async def measure_http(port: int, seconds: float, p: Progress) -> tuple[int, int
 
 
 def table(r: dict[str, Any]) -> str:
+    def ratio(key: str) -> str:
+        return f" ({r[key]} of the baseline)" if r.get(key) is not None else ""
+
     rows = [
+        ("shape", f"{r['shape']}: {r['events']:,} events, {r['subjects']:,} subjects"),
         ("baseline (raw JetStream publish + consume)", f"{r['baseline_events_per_s']:,} events/s"),
         ("end to end (publish -> readings final)", f"{r['e2e_events_per_s']:,} events/s"),
         ("end to end / baseline", f"{r['e2e_ratio']}"),
-        ("readings correct", str(r["correct"])),
-        ("HTTP single-event requests", f"{r['http_single_events_per_s']:,} events/s"),
-        ("HTTP batch requests (500 per request)", f"{r['http_batch_events_per_s']:,} events/s"),
+        ("readings and summary windows correct", str(r["correct"])),
+        (
+            "distinct keys / KV writes per event",
+            f"{r['distinct_keys']:,} / {r['kv_writes_per_event']}",
+        ),
+        ("CPU: worker / nats-server", f"{r['worker_cpu_s']} s / {r['nats_server_cpu_s']} s"),
+        (
+            "data dir per event (raw stream)",
+            f"{r['disk_bytes_per_event']} B ({r['raw_stream_bytes_per_event']} B)",
+        ),
+        (
+            "HTTP single-event requests",
+            f"{r['http_single_events_per_s']:,} events/s" + ratio("http_single_ratio"),
+        ),
+        (
+            "HTTP batch requests (500 per request)",
+            f"{r['http_batch_events_per_s']:,} events/s" + ratio("http_batch_ratio"),
+        ),
         ("lag p50 / p99", f"{r['lag_p50_ms']} ms / {r['lag_p99_ms']} ms"),
         ("worker peak RSS", f"{r['worker_peak_rss_mb']} MB"),
     ]

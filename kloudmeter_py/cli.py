@@ -33,9 +33,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-json", action="store_true", help="JSON logs even on a terminal")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def secured(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--nats-creds", help="overrides NATS_CREDS: a user .creds file")
+        sp.add_argument("--nats-nkey-seed", help="overrides NATS_NKEY_SEED: an NKEY seed file")
+        sp.add_argument("--nats-tls-cert", help="overrides NATS_TLS_CERT: client certificate")
+        sp.add_argument("--nats-tls-key", help="overrides NATS_TLS_KEY: its private key")
+        sp.add_argument("--nats-tls-ca", help="overrides NATS_TLS_CA: CA of the server")
+
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--nats-url", help="overrides NATS_URL")
         sp.add_argument("--stream", help="overrides METER_NATS_STREAM")
+        secured(sp)
 
     up = sub.add_parser("up", help="embedded nats-server + setup + worker + gateway")
     common(up)
@@ -76,8 +84,15 @@ def _parser() -> argparse.ArgumentParser:
         help="measure end to end against raw JetStream (embedded NATS unless NATS_URL is set)",
     )
     bench.add_argument("--nats-url", help="use this NATS instead of an embedded one")
-    bench.add_argument("--events", type=int, default=200_000, help="events end to end")
-    bench.add_argument("--subjects", type=int, default=1000)
+    bench.add_argument(
+        "--shape",
+        choices=["live", "wide"],
+        default="live",
+        help="live: 1,000 subjects, events in the current minute (200,000); wide: 10,000 "
+        "subjects, times over the last 30 days (1,000,000)",
+    )
+    bench.add_argument("--events", type=int, help="events end to end (default: the shape's)")
+    bench.add_argument("--subjects", type=int, help="subjects (default: the shape's)")
     bench.add_argument("--http-seconds", type=float, default=5.0)
     bench.add_argument("--lag-rate", type=int, default=5000, help="offered events/s")
     bench.add_argument("--lag-seconds", type=float, default=5.0)
@@ -116,7 +131,17 @@ def main(argv: list[str] | None = None) -> int:
             http_port=getattr(args, "port", None),
             http_host=getattr(args, "host", None),
             data_dir=getattr(args, "data_dir", None),
+            nats_creds=getattr(args, "nats_creds", None),
+            nats_nkey_seed=getattr(args, "nats_nkey_seed", None),
+            nats_tls_cert=getattr(args, "nats_tls_cert", None),
+            nats_tls_key=getattr(args, "nats_tls_key", None),
+            nats_tls_ca=getattr(args, "nats_tls_ca", None),
         )
+        if args.command != "agent":
+            from kloudmeter_py.store import credentials
+
+            # Every file a secured NATS needs is read and checked before anything starts.
+            credentials.load(settings)
     except ConfigError as exc:
         print(f"kloudmeter: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -170,7 +195,9 @@ async def _connected(settings: Settings, name: str) -> AsyncIterator[object]:
     from kloudmeter_py.store.kv import connect
 
     try:
-        nc = await connect(settings.nats_url, name=name)
+        nc = await connect(settings.nats_url, name=name, settings=settings)
+    except ConfigError:
+        raise  # refused credentials or certificate: the message names the setting
     except Exception as exc:
         raise KloudmeterError(f"cannot reach NATS at {settings.nats_url}: {exc}") from exc
     try:
@@ -247,6 +274,7 @@ async def _gateway(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _up(settings: Settings, args: argparse.Namespace) -> int:
     from kloudmeter_py.metrics import Metrics
+    from kloudmeter_py.store import credentials
     from kloudmeter_py.store.provision import provision
     from kloudmeter_py.store.server import NatsServer
     from kloudmeter_py.worker import Worker, tune_gc
@@ -256,6 +284,12 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
     async with contextlib.AsyncExitStack() as stack:
         if await _nats_answers(settings.nats_host, settings.nats_port):
             log.info("nats.using_existing", url=settings.nats_url)
+        elif secured := credentials.secured_setting(settings):
+            # Credentials mean a secured NATS elsewhere: never an open embedded one instead.
+            raise ConfigError(
+                f"{secured}: no NATS server answers at {settings.nats_url}, and kloudmeter up "
+                "starts an embedded one only without NATS credentials or certificates"
+            )
         else:
             store = Path(settings.data_dir) / "nats"
             server = NatsServer(store, host=settings.nats_host, port=settings.nats_port)
@@ -363,9 +397,19 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     from kloudmeter_py import bench
 
     url = args.nats_url or os.environ.get("NATS_URL") or None
-    if args.events < 1 or args.subjects < 1:
+    from kloudmeter_py.store import credentials
+
+    secured = credentials.secured_setting(settings)
+    if url and secured:
+        # bench.run connects with nats-py on its own, without the credentials: refuse rather
+        # than retry a refused connection.
+        raise ConfigError(f"{secured}: kloudmeter bench does not support secured NATS yet")
+    if (args.events is not None and args.events < 1) or (
+        args.subjects is not None and args.subjects < 1
+    ):
         raise ConfigError("--events and --subjects must be positive")
     results = await bench.run(
+        shape=args.shape,
         nats_url=url,
         events_n=args.events,
         subjects=args.subjects,

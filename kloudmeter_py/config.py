@@ -57,6 +57,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     usage_location: str = "$.location"
     # Replicas for streams and buckets (3 on a cluster).
     replicas: int = 1
+    # Secured NATS, for every connection (nats-py and the worker's lean one): a JWT
+    # credentials file or an NKEY seed file (not both), and client TLS: certificate and key
+    # (mutual TLS, together) and the CA that signed the server's certificate. Paths; the files
+    # are read and checked at start by store.credentials.
+    nats_creds: str | None = None
+    nats_nkey_seed: str | None = None
+    nats_tls_cert: str | None = None
+    nats_tls_key: str | None = None
+    nats_tls_ca: str | None = None
 
     def __post_init__(self) -> None:
         if not _STREAM_NAME.fullmatch(self.stream):
@@ -99,6 +108,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             compile_path(self.usage_location)
         except PathError as exc:
             raise ConfigError(f"KLOUDMETER_USAGE_LOCATION: {exc}") from None
+        if self.nats_creds and self.nats_nkey_seed:
+            raise ConfigError(
+                "NATS_NKEY_SEED: set either NATS_CREDS (a user JWT and its seed) or "
+                "NATS_NKEY_SEED (an NKEY user's seed), not both"
+            )
+        if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
+            missing = "NATS_TLS_KEY" if self.nats_tls_cert else "NATS_TLS_CERT"
+            raise ConfigError(
+                f"{missing}: a client certificate needs both NATS_TLS_CERT and NATS_TLS_KEY"
+            )
         parsed = urlparse(self.nats_url.split(",")[0])
         if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
             raise ConfigError(f"NATS_URL: {self.nats_url!r} is not a nats:// URL")
@@ -184,4 +203,9 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("KLOUDMETER_USAGE_LOCATION", "usage_location", str),
     ("KLOUDMETER_ADMIN_TOKEN", "admin_token", str),
     ("KLOUDMETER_ALLOW_NO_AUTH", "allow_no_auth", bool),
+    ("NATS_CREDS", "nats_creds", str),
+    ("NATS_NKEY_SEED", "nats_nkey_seed", str),
+    ("NATS_TLS_CERT", "nats_tls_cert", str),
+    ("NATS_TLS_KEY", "nats_tls_key", str),
+    ("NATS_TLS_CA", "nats_tls_ca", str),
 )

@@ -40,6 +40,7 @@ from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold, fold_ma
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.meters import CompiledMeter, from_reading, to_reading
 from kloudmeter_py.core.models import Event, encoder, event_decoder, reading_decoder
+from kloudmeter_py.core.summaries import decode_window, encode_window
 from kloudmeter_py.core.windows import widths, window_start, window_token
 from kloudmeter_py.store.kv import get_with_revision, scan
 from kloudmeter_py.store.layout import Layout
@@ -115,6 +116,12 @@ _FOLD_AT = 64
 # Events left waiting after a round that make a backlog: once it is cleared, summaries are
 # written at once (a blip of a few events at a steady rate is not one).
 _BACKLOG = 1000
+# Atomic batches a runner keeps open at once per bucket. nats-server allows 50 in flight per
+# stream (1,000 per server) and answers any batch beyond that with 10176 "atomic publish batch
+# is incomplete": a flush of 2,000 summary batches started all at once drew 31 of those at
+# 10,000 subjects, each a restart from the checkpoint. Eight per runner leave room for six
+# workers on one bucket and still keep the server busy (a batch is a round trip of ~1,000 writes).
+_BATCHES_IN_FLIGHT = 8
 
 
 @dataclass(slots=True)
@@ -236,10 +243,14 @@ class Worker:
 
     async def wire(self) -> Wire:
         """The hot-path connection (pulls and KV write batches), opened again after a failure."""
+        from kloudmeter_py.store.credentials import load as load_credentials
+
         async with self._wire_lock:
             if self._wire is None or self._wire.error is not None:
                 self._wire = await Wire.connect(
-                    self.settings.nats_url, name=f"kloudmeter-worker-{self.worker_id}"
+                    self.settings.nats_url,
+                    name=f"kloudmeter-worker-{self.worker_id}",
+                    credentials=load_credentials(self.settings),
                 )
             return self._wire
 
@@ -428,6 +439,8 @@ class Runner:
         self._replay_meters: set[str] = set()
         self._pull_batch = min(self.settings.batch_size, 1000)
         self._batch_counter = 0
+        # Atomic batches open at once, per bucket (see _BATCHES_IN_FLIGHT).
+        self._batch_slots: dict[int, asyncio.Semaphore] = {}
         self.log = log.bind(partitions=partitions, worker=worker.worker_id)
 
     def meter_added(self, cm: CompiledMeter) -> None:
@@ -781,22 +794,13 @@ class Runner:
         """Write the summaries changed since the last flush, then the checkpoint, then ack."""
         if self._dirty:
             self.log.debug("summaries.flush", keys=len(self._dirty))
-            now = datetime.now(UTC)
             writes = []
-            for wkey, (cm, subject, groups, window) in self._dirty.items():
+            for wkey, (cm, _, _, _) in self._dirty.items():
                 cached = self.cache[wkey]
-                reading = to_reading(
-                    cached.acc,
-                    cm.meter,
-                    subject,
-                    groups,
-                    cached.last_seq,
-                    now,
-                    cached.replayed,
-                    window=window,
-                    late=cached.late,
+                body = encode_window(
+                    cached.acc, cached.last_seq, cm.meter.startSeq, cached.replayed
                 )
-                writes.append((wkey, encoder.encode(reading), cached.revision))
+                writes.append((wkey, body, cached.revision))
             results = await self._store_many(writes)
             for (wkey, _, _), result in zip(writes, results, strict=True):
                 if isinstance(result, int):
@@ -1055,6 +1059,11 @@ class Runner:
             value, revision = results[wkey]
             if value is None:
                 self.cache[wkey] = _Cached(Acc(), 0, revision, -1)
+            elif wkey[0]:
+                w = decode_window(value)
+                self.cache[wkey] = _Cached(
+                    w.acc, w.last_seq, revision, w.meter_start_seq, w.replayed
+                )
             else:
                 r = reading_decoder.decode(value)
                 self.cache[wkey] = _Cached(
@@ -1127,22 +1136,28 @@ class Runner:
                     self.cache[wkey] = cached
                 if not self._apply(rnd, wkey, cached, dead):
                     continue
-                if wkey[0] and self._defer:
-                    # A summary: written by _flush, with the checkpoint.
-                    self._dirty[wkey] = (kw.meter, kw.subject, kw.groups, kw.window)
-                    continue
-                reading = to_reading(
-                    cached.acc,
-                    meter,
-                    kw.subject,
-                    kw.groups,
-                    cached.last_seq,
-                    now,
-                    cached.replayed,
-                    window=kw.window,
-                    late=cached.late,
-                )
-                writes.append((wkey, encoder.encode(reading), cached.revision, cached))
+                if wkey[0]:
+                    if self._defer:
+                        # A summary: written by _flush, with the checkpoint.
+                        self._dirty[wkey] = (kw.meter, kw.subject, kw.groups, kw.window)
+                        continue
+                    body = encode_window(
+                        cached.acc, cached.last_seq, meter.startSeq, cached.replayed
+                    )
+                else:
+                    body = encoder.encode(
+                        to_reading(
+                            cached.acc,
+                            meter,
+                            kw.subject,
+                            kw.groups,
+                            cached.last_seq,
+                            now,
+                            cached.replayed,
+                            late=cached.late,
+                        )
+                    )
+                writes.append((wkey, body, cached.revision, cached))
             if not writes:
                 return
             results = await self._store_many([(wkey, body, rev) for wkey, body, rev, _ in writes])
@@ -1214,9 +1229,23 @@ class Runner:
         chunk: list[int],
         results: list[int | BaseException],
     ) -> None:
+        store = writes[chunk[0]][0][0]
+        slots = self._batch_slots.get(store)
+        if slots is None:
+            slots = self._batch_slots[store] = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
+        async with slots:
+            await self._atomic_one(writes, chunk, results, store)
+
+    async def _atomic_one(
+        self,
+        writes: list[tuple[tuple[int, str], bytes, int]],
+        chunk: list[int],
+        results: list[int | BaseException],
+        store: int,
+    ) -> None:
         self._batch_counter += 1
         batch_id = f"{self.consumer}-{self._batch_counter}"[-64:]
-        bucket = self.w.store_buckets[writes[chunk[0]][0][0]]
+        bucket = self.w.store_buckets[store]
         last = len(chunk) - 1
         head = b"NATS/1.0\r\nNats-Batch-Id: %s\r\nNats-Batch-Sequence: " % batch_id.encode()
         try:

@@ -15,6 +15,7 @@ from nats.aio.client import Client
 
 from kloudmeter_py.core.keys import event_subject
 from kloudmeter_py.core.models import Meter, reading_decoder
+from kloudmeter_py.core.summaries import summary_reading
 from kloudmeter_py.store.kv import scan
 from kloudmeter_py.store.server import die_with_parent
 
@@ -130,8 +131,15 @@ async def day_totals(
     js = nc.jetstream(timeout=10)
     out: dict[tuple[str, str, tuple[Any, ...]], Any] = {}
     users: dict[tuple[str, str, tuple[Any, ...]], set[str]] = defaultdict(set)
-    for _, value in await scan(js, bucket):
-        r = reading_decoder.decode(value)
+    meters_bucket = bucket.replace("summaries_day", "meters")
+    meters = {
+        key: msgspec.json.decode(value, type=Meter) for key, value in await scan(js, meters_bucket)
+    }
+    for key, value in await scan(js, bucket):
+        meter = meters.get(key.split(".", 1)[0])
+        if meter is None:
+            continue
+        r = summary_reading(key, value, meter, 86400)
         key = (r.meterId, r.subject, tuple(r.groupBy.values()))
         if r.aggregation == "unique":
             users[key].update(r.distinct or ())

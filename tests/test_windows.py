@@ -6,12 +6,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from nats.aio.client import Client
 
 from kloudmeter_py.config import Settings
+from kloudmeter_py.core.summaries import decode_window
 from kloudmeter_py.core.windows import QueryError, cover, output_windows, widths
 from kloudmeter_py.gateway import create_app
 from kloudmeter_py.store.kv import scan
@@ -298,7 +298,7 @@ async def test_an_event_too_old_for_every_summary_is_late_but_counted(
     rs = await eventually(lambda: readings(http, meter="m"), lambda rs: total_count(rs) == 2)
     assert rs[0]["late"] == 1
     days = await scan(nc.jetstream(), "summaries_day")
-    assert [msgspec.json.decode(v)["count"] for _, v in days] == [1]
+    assert [decode_window(v).acc.count for _, v in days] == [1]
 
 
 async def test_summaries_expire_by_themselves(nats_server: Any) -> None:

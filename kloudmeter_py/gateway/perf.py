@@ -28,7 +28,8 @@ import msgspec
 from aiohttp import web
 
 from kloudmeter_py.core.keys import encode_token, event_subject
-from kloudmeter_py.core.models import Meter, MeterIn, Reading, encoder, reading_decoder
+from kloudmeter_py.core.models import Meter, MeterIn, Reading, encoder
+from kloudmeter_py.core.summaries import summary_reading
 from kloudmeter_py.core.windows import widths
 from kloudmeter_py.errors import Conflict, InvalidInput, NotFound
 from kloudmeter_py.gateway.helpers import json_response
@@ -349,8 +350,8 @@ async def summaries(request: web.Request, tenant: str, host: str | None) -> dict
         bucket = layout.summary_buckets[level]
         if meter is not None:
             pattern = f"{encode_token(meter.id)}.{encode_token(tenant)}.{host_tok}.*.*"
-            for _, value in await scan(js, bucket, pattern):
-                s = reading_decoder.decode(value)
+            for key, value in await scan(js, bucket, pattern):
+                s = summary_reading(key, value, meter, width)
                 h, label = s.groupBy.get("host"), s.groupBy.get("label")
                 if s.subject != tenant or h is None or label is None:
                     continue
@@ -361,8 +362,8 @@ async def summaries(request: web.Request, tenant: str, host: str | None) -> dict
             # Only windows with nothing stored after perf-hosts began: older samples had no
             # tenant; a `perf` event sent since could come from anyone.
             before = meter.startSeq if meter is not None else None
-            for _, value in await scan(js, bucket, pattern):
-                s = reading_decoder.decode(value)
+            for key, value in await scan(js, bucket, pattern):
+                s = summary_reading(key, value, legacy, width)
                 label = s.groupBy.get("label")
                 if label is None or (before is not None and s.lastSeq > before):
                     continue

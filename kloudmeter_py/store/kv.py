@@ -2,6 +2,7 @@
 
 import asyncio
 import uuid
+from typing import TYPE_CHECKING
 
 import nats.errors
 from nats.aio.client import Client
@@ -10,6 +11,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
+
+if TYPE_CHECKING:
+    from kloudmeter_py.config import Settings
 
 _DELETE_OPS = ("DEL", "PURGE")
 
@@ -99,14 +103,19 @@ async def get_with_revision(kv: KeyValue, key: str) -> tuple[bytes | None, int]:
     return entry.value, entry.revision or 0
 
 
-async def connect(url: str, *, name: str, **kw: object) -> Client:
-    import nats
+async def connect(
+    url: str, *, name: str, settings: "Settings | None" = None, **kw: object
+) -> Client:
+    """A nats-py connection that reconnects forever once up. With ``settings``, it presents the
+    configured NATS credentials and client certificate, and a server that refuses them stops
+    it with ``NatsRefused`` naming the setting (store.credentials), instead of retrying."""
+    from kloudmeter_py.store.credentials import connect_nats
 
-    nc: Client = await nats.connect(
-        servers=[u.strip() for u in url.split(",") if u.strip()],
+    return await connect_nats(
+        [u.strip() for u in url.split(",") if u.strip()],
         name=name,
+        settings=settings,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         **kw,
     )
-    return nc

@@ -8,8 +8,9 @@ from nats.js import JetStreamContext
 
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.keys import encode_token
-from kloudmeter_py.core.models import Meter, Reading, reading_decoder
+from kloudmeter_py.core.models import Meter, Reading
 from kloudmeter_py.core.query import Query, merge_rows, plan
+from kloudmeter_py.core.summaries import summary_reading
 from kloudmeter_py.core.windows import LEVELS, widths
 from kloudmeter_py.store.kv import scan
 from kloudmeter_py.store.layout import Layout
@@ -39,8 +40,8 @@ async def run_query(
         starts = {start for lv, start in feeds if lv == level}
         lo, hi = min(starts), max(starts) + level_widths[level]
         for pattern in patterns:
-            for _, value in await scan(js, layout.summary_buckets[level], pattern):
-                s = reading_decoder.decode(value)
+            for key, value in await scan(js, layout.summary_buckets[level], pattern):
+                s = summary_reading(key, value, meter, level_widths[level])
                 if s.windowStart is not None and lo <= s.windowStart.timestamp() < hi:
                     summaries.append((level, s))
     data = merge_rows(q, meter, windows, feeds, summaries)

@@ -6,8 +6,9 @@ costs most of the worker's time: per received message it parses the headers, bui
 queues it and runs a coroutine; per published message it validates and encodes a header dict.
 This connection parses the protocol in ``data_received`` and hands each message to a plain
 function, and it builds each published message's bytes in one step. It speaks only what the
-worker needs: CONNECT (user and password or token from the URL, TLS for ``tls://`` or when
-the server asks), SUB, UNSUB, PUB, HPUB, MSG, HMSG, PING and PONG. Any trouble closes it, and
+worker needs: CONNECT (user and password or token from the URL; a JWT or NKEY user's signed
+nonce and a client certificate from ``store.credentials``; TLS for ``tls://`` or when the
+server asks), SUB, UNSUB, PUB, HPUB, MSG, HMSG, PING and PONG. Any trouble closes it, and
 the worker's partitions start again from their checkpoints on a new one.
 """
 
@@ -20,6 +21,7 @@ from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from kloudmeter_py import __version__
+from kloudmeter_py.store.credentials import NatsCredentials, NatsRefused
 
 
 class WireError(Exception):
@@ -67,19 +69,31 @@ class Wire(asyncio.Protocol):
     # --- connecting ---------------------------------------------------------------------
 
     @classmethod
-    async def connect(cls, url: str, *, name: str, timeout: float = 5.0) -> "Wire":
-        """Connect to the first server of a comma-separated NATS URL list that answers."""
+    async def connect(
+        cls,
+        url: str,
+        *,
+        name: str,
+        timeout: float = 5.0,
+        credentials: NatsCredentials | None = None,
+    ) -> "Wire":
+        """Connect to the first server of a comma-separated NATS URL list that answers.
+        A server that refuses ``credentials`` raises NatsRefused naming the setting."""
+        creds = credentials or NatsCredentials()
         errors = []
         for server in [u.strip() for u in url.split(",") if u.strip()]:
             try:
                 async with asyncio.timeout(timeout):
-                    return await cls._connect_one(server, name)
+                    return await cls._connect_one(server, name, creds)
             except (OSError, TimeoutError, WireError, ssl.SSLError) as exc:
+                refused = creds.refusal(exc)
+                if refused is not None:
+                    raise NatsRefused(refused) from exc
                 errors.append(f"{server}: {exc!r}")
         raise WireError("could not connect: " + "; ".join(errors))
 
     @classmethod
-    async def _connect_one(cls, server: str, name: str) -> "Wire":
+    async def _connect_one(cls, server: str, name: str, creds: NatsCredentials) -> "Wire":
         if "://" not in server:
             server = "nats://" + server
         parts = urlsplit(server)
@@ -92,7 +106,7 @@ class Wire(asyncio.Protocol):
         try:
             info = await wire._info
             if parts.scheme == "tls" or info.get("tls_required"):
-                context = ssl.create_default_context()
+                context = creds.tls or ssl.create_default_context()
                 upgraded = await loop.start_tls(transport, wire, context, server_hostname=host)
                 if upgraded is None:
                     raise WireError("TLS upgrade failed")
@@ -112,6 +126,7 @@ class Wire(asyncio.Protocol):
                 options["pass"] = unquote(parts.password)
             elif parts.username:
                 options["auth_token"] = unquote(parts.username)
+            options.update(creds.connect_fields(info))
             wire._write(b"CONNECT " + json.dumps(options).encode() + b"\r\n")
             await wire.flush()
             wire._inbox_prefix = f"_INBOX.km{id(wire):x}{next(wire._reply_ids)}"
