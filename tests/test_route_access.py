@@ -23,6 +23,7 @@ from kloudmeter_py.gateway.routes import (
     declared_routes,
     permissions,
 )
+from kloudmeter_py.metrics import METRICS
 from kloudmeter_py.store.server import NatsServer
 from kloudmeter_py.worker import Worker
 from tests.conftest import eventually
@@ -191,6 +192,12 @@ async def test_every_route_declares_access_tenant_and_operation(http: Http) -> N
     assert {(m, p) for m, p, _ in routes} == set(table)
     assert table[("GET", "/healthy")] is OPEN and table[("POST", "/api/users")] is ADMIN
     assert table[("GET", "/api/perf/{host}")] is USER
+    # What the metrics count as ingest routes comes from the declarations too.
+    assert http.server.app[METRICS].ingest_routes == {
+        ("POST", "/api/register-event"),
+        ("POST", "/api/v1/events"),
+        ("POST", "/api/perf/{host}/{epoch}"),
+    }
     for method, canonical, spec in routes:
         assert isinstance(spec.access, Access) and spec.op.summary, (method, canonical)
         if spec.access is USER and not spec.tenant.data:

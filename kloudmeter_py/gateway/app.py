@@ -27,7 +27,7 @@ from kloudmeter_py.gateway import (
 )
 from kloudmeter_py.gateway.helpers import Handler, error_response, problem_response
 from kloudmeter_py.gateway.keys import AUTH, JS, LAYOUT, METERS, NC, OPENAPI_CACHE, SETTINGS
-from kloudmeter_py.gateway.routes import check_declared
+from kloudmeter_py.gateway.routes import check_declared, ingest_routes
 from kloudmeter_py.metrics import METRICS, Metrics
 from kloudmeter_py.store.auth import AuthStore
 from kloudmeter_py.store.layout import Layout
@@ -131,4 +131,5 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     ):
         app.router.add_routes(module.routes.table)
     check_declared(app)
+    metrics.ingest_routes = ingest_routes(app)
     return app

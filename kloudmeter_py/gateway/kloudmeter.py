@@ -129,6 +129,7 @@ def stamp_tenant(request: web.Request, raw: bytes) -> bytes:
     "/api/register-event",
     access=USER,
     tenant=CALLER,
+    ingests=True,
     op=Op(
         "Record a usage event",
         "events",

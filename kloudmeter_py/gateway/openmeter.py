@@ -125,6 +125,7 @@ def openmeter_meter(meter: Meter) -> OpenMeterMeter:
     "/api/v1/events",
     access=USER,
     tenant=CALLER,
+    ingests=True,
     op=Op(
         "Ingest CloudEvents (OpenMeter)",
         "openmeter",

@@ -196,6 +196,7 @@ def sample_event_id(tenant: str, host: str, epoch: int, label: str, key: str | N
     "/api/perf/{host}/{epoch}",
     access=USER,
     tenant=_HOSTS,
+    ingests=True,
     op=Op(
         "Post a host-metrics sample",
         "perf",

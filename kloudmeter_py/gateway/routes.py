@@ -108,6 +108,7 @@ class RouteSpec:
     access: Access
     tenant: TenantScope
     op: Op
+    ingests: bool = False  # stores events: counted in kloudmeter_http_events_ingested_total
 
 
 _TENANT = web.RequestKey("tenant", str)
@@ -191,10 +192,11 @@ class Routes:
         access: Access,
         tenant: TenantScope,
         op: Op,
+        ingests: bool = False,
         **kwargs: Any,
     ) -> Callable[[H], H]:
         """Declare ``handler`` under each of ``paths`` (aliases share the declaration)."""
-        spec = RouteSpec(access=access, tenant=tenant, op=op)
+        spec = RouteSpec(access=access, tenant=tenant, op=op, ingests=ingests)
         if not paths:
             raise ValueError("a route needs a path")
 
@@ -243,6 +245,11 @@ def check_declared(app: web.Application) -> None:
     missing = [f"{m} {p}" for m, p, spec in declared_routes(app) if spec is None]
     if missing:
         raise RuntimeError(f"routes without a declaration (access, tenant, op): {missing}")
+
+
+def ingest_routes(app: web.Application) -> frozenset[tuple[str, str]]:
+    """The routes declared with ``ingests=True``: (method, canonical path)."""
+    return frozenset((m, p) for m, p, spec in declared_routes(app) if spec and spec.ingests)
 
 
 def permissions(app: web.Application) -> dict[tuple[str, str], Access]:
