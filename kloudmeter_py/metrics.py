@@ -166,6 +166,9 @@ class Metrics:
             buckets=ROUND_SECONDS_BUCKETS,
             registry=self.registry,
         )
+        # (method, canonical path) of the routes that ingest events: the gateway sets them
+        # from its route declarations (gateway/routes.py, ingests=True).
+        self.ingest_routes: frozenset[tuple[str, str]] = frozenset()
         self.workers: list[WatchedWorker] = []
         self.lag: dict[str, int] = {}
         self.registry.register(_WorkerCollector(self))
@@ -209,7 +212,7 @@ class Metrics:
             self.http_latency.labels(request.method, route, str(status)).observe(
                 time.perf_counter() - started
             )
-        if 200 <= status < 300 and (request.method, route) in _INGEST_ROUTES:
+        if 200 <= status < 300 and (request.method, route) in self.ingest_routes:
             try:
                 count, duplicates = await _ingested(request, response)
             except Exception:  # counting must never fail a request that succeeded
@@ -221,15 +224,6 @@ class Metrics:
                 self.ingested_duplicates.labels(route).inc(duplicates)
         return response
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_get(METRICS_PATH, self.handler)
-
-    def install(self, app: web.Application) -> None:
-        """Wire into an app that is not started yet: outermost middleware, app key, route."""
-        app.middlewares.insert(0, self.middleware)
-        app[METRICS] = self
-        self.add_routes(app)
-
 
 METRICS = web.AppKey("metrics", Metrics)
 
@@ -238,14 +232,6 @@ def route_label(request: web.Request) -> str:
     """The route's canonical path (``/api/perf/{host}/{label}``), never the raw path."""
     resource = request.match_info.route.resource
     return resource.canonical if resource is not None else UNMATCHED
-
-
-# Routes that ingest events, and how many each successful request stored.
-_INGEST_ROUTES = {
-    ("POST", "/api/register-event"),
-    ("POST", "/api/v1/events"),
-    ("POST", "/api/perf/{host}/{epoch}"),
-}
 
 
 class _IngestAnswer(msgspec.Struct):

@@ -194,7 +194,10 @@ async def test_hosts_list_unknown_hosts_and_duplicates(http: Http, worker: Worke
         return body
 
     await eventually(hosts, lambda hs: hs == ["rack 1.b", "web-2"])
-    await eventually(lambda: readings(http, meter="perf", subject="old"), lambda rs: len(rs) == 1)
+    await eventually(
+        lambda: readings(http, meter="perf-hosts"),
+        lambda rs: any(r["groupBy"]["host"] == "old" for r in rs),
+    )
     assert await hosts() == ["rack 1.b", "web-2"]
     for unknown in ("old", "nobody", "nobody/cpu"):
         resp = await http.get(f"/api/perf/{unknown}")
@@ -219,7 +222,7 @@ async def test_hosts_list_unknown_hosts_and_duplicates(http: Http, worker: Worke
         lambda b: _num_samples(b, "summary:by-minute:cpu") == 2,
     )
     assert body["summary:by-minute:cpu"]["averages"][0]["avg"] == 3
-    assert [m["id"] for m in await (await http.get("/api/meters")).json()] == ["perf"]
+    assert [m["id"] for m in await (await http.get("/api/meters")).json()] == ["perf-hosts"]
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,6 @@
-"""aiohttp app factory, shared app keys and the one place errors become HTTP statuses."""
+"""aiohttp app factory and the one place errors become HTTP statuses."""
 
-import re
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
 
 import msgspec
 import structlog
@@ -11,12 +8,26 @@ from aiohttp import web
 from nats.aio.client import Client
 from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from kloudmeter_py.config import Settings
-from kloudmeter_py.core.models import InvalidField, encoder
-from kloudmeter_py.errors import InvalidInput, KloudmeterError, PayloadTooLarge, Unavailable
+from kloudmeter_py.core.models import InvalidField
+from kloudmeter_py.errors import KloudmeterError, PayloadTooLarge, Unavailable
+from kloudmeter_py.gateway import (
+    auth,
+    dashboard,
+    kloudmeter,
+    openapi,
+    openmeter,
+    perf,
+    query,
+    rating,
+    templates,
+    usage,
+)
+from kloudmeter_py.gateway.helpers import Handler, error_response, problem_response
+from kloudmeter_py.gateway.keys import AUTH, JS, LAYOUT, METERS, NC, OPENAPI_CACHE, SETTINGS
+from kloudmeter_py.gateway.routes import check_declared, ingest_routes
 from kloudmeter_py.metrics import METRICS, Metrics
 from kloudmeter_py.store.auth import AuthStore
 from kloudmeter_py.store.layout import Layout
@@ -24,14 +35,6 @@ from kloudmeter_py.store.meters import MeterStore
 
 log = structlog.get_logger(__name__)
 
-SETTINGS = web.AppKey("settings", Settings)
-NC = web.AppKey("nc", Client)
-JS = web.AppKey("js", JetStreamContext)
-LAYOUT = web.AppKey("layout", Layout)
-METERS = web.AppKey("meters", MeterStore)
-AUTH = web.AppKey("auth", AuthStore)
-
-_AT_FIELD = re.compile(r"at `\$\.?([^`]*)`")
 _NATS_DOWN = (
     ConnectionClosedError,
     NoRespondersError,
@@ -41,55 +44,6 @@ _NATS_DOWN = (
     OutboundBufferLimitError,
     ServiceUnavailableError,
 )
-
-T = TypeVar("T")
-T_co = TypeVar("T_co", covariant=True)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(status: int, message: str, field: str | None = None) -> web.Response:
-    body: dict[str, Any] = {"status": "error", "message": message}
-    if field:
-        body["field"] = field
-    return web.Response(body=encoder.encode(body), status=status, content_type="application/json")
-
-
-class Decodes(Protocol[T_co]):
-    def decode(self, data: bytes, /) -> T_co: ...
-
-
-def decode_body(raw: bytes, decoder: Decodes[T]) -> T:
-    """Decode a request body strictly; errors say which field and why."""
-    if not raw.strip():
-        raise InvalidInput("request body is empty; expected a JSON object")
-    try:
-        return decoder.decode(raw)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        match = _AT_FIELD.search(text)
-        missing = re.search(r"(?:missing required|unknown) field `([^`]+)`", text)
-        field = missing.group(1) if missing else (match.group(1) if match else None)
-        raise InvalidInput(f"invalid request body: {text}", field=field) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidInput(f"invalid JSON: {exc}") from None
-
-
-def problem_response(status: int, message: str, field: str | None, instance: str) -> web.Response:
-    """RFC 9457 problem details, as OpenMeter's API answers errors."""
-    from http import HTTPStatus
-
-    body: dict[str, Any] = {
-        "type": "about:blank",
-        "title": HTTPStatus(status).phrase,
-        "status": status,
-        "detail": message,
-        "instance": instance,
-    }
-    if field:
-        body["field"] = field
-    return web.Response(
-        body=encoder.encode(body), status=status, content_type="application/problem+json"
-    )
 
 
 @web.middleware
@@ -146,19 +100,6 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -> web.Application:
     """Wire the gateway by hand: app keys, middleware, routes."""
-    from kloudmeter_py.gateway import (
-        auth,
-        dashboard,
-        kloudmeter,
-        openapi,
-        openmeter,
-        perf,
-        query,
-        rating,
-        templates,
-        usage,
-    )
-
     if metrics is None:
         metrics = Metrics()
     app = web.Application(
@@ -175,15 +116,20 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     app[LAYOUT] = layout
     app[METERS] = MeterStore(js, layout)
     app[AUTH] = AuthStore(js, layout, settings.admin_token)
-    kloudmeter.add_routes(app)
-    query.add_routes(app)
-    openmeter.add_routes(app)
-    perf.add_routes(app)
-    auth.add_routes(app)
-    usage.add_routes(app)
-    rating.add_routes(app)
-    templates.add_routes(app)
-    dashboard.add_routes(app)
-    metrics.add_routes(app)
-    openapi.add_routes(app)  # last
+    app[OPENAPI_CACHE] = []
+    for module in (
+        kloudmeter,
+        query,
+        openmeter,
+        perf,
+        auth,
+        usage,
+        rating,
+        templates,
+        dashboard,
+        openapi,  # /api/openapi.json and /metrics
+    ):
+        app.router.add_routes(module.routes.table)
+    check_declared(app)
+    metrics.ingest_routes = ingest_routes(app)
     return app

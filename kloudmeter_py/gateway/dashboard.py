@@ -10,18 +10,41 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from kloudmeter_py.core.models import encoder, reading_decoder
-from kloudmeter_py.gateway.app import JS, LAYOUT
-from kloudmeter_py.gateway.auth import tenant_scope
+from kloudmeter_py.gateway.keys import JS, LAYOUT
 from kloudmeter_py.gateway.kloudmeter import reading_view
+from kloudmeter_py.gateway.routes import CALLER, NO_TENANT_DATA, OPEN, USER, Op, Routes, tenant_of
+from kloudmeter_py.gateway.schemas import STR
 
+routes = Routes()
 STATIC = Path(__file__).with_name("static")
 _TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 
+@routes.get(
+    "/",
+    access=OPEN,
+    tenant=NO_TENANT_DATA,
+    op=Op("The dashboard page", "dashboard", response=STR, media="text/html", nats=False),
+)
 async def index(request: web.Request) -> web.Response:
     return _static("index.html")
 
 
+@routes.get(
+    "/static/{name}",
+    access=OPEN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "A dashboard asset (app.js, style.css)",
+        "dashboard",
+        response=STR,
+        media="text/javascript",
+        alt_media=("text/css",),
+        path=("the asset's file name",),
+        errors=(404,),
+        nats=False,
+    ),
+)
 async def asset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in ("app.js", "style.css"):
@@ -38,11 +61,22 @@ def _static(name: str) -> web.Response:
     )
 
 
+@routes.get(
+    "/api/stream/readings",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Reading changes as server-sent events (one `reading` event per write)",
+        "dashboard",
+        response=STR,
+        media="text/event-stream",
+    ),
+)
 async def stream_readings(request: web.Request) -> web.StreamResponse:
     """text/event-stream: one `reading` event per reading write, as it happens."""
     js = request.app[JS]
     bucket = request.app[LAYOUT].readings_bucket
-    scope = tenant_scope(request)
+    scope = tenant_of(request)
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
 
     async def on_msg(msg: Msg) -> None:
@@ -85,9 +119,3 @@ async def stream_readings(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
     return response
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/", index)
-    app.router.add_get("/static/{name}", asset)
-    app.router.add_get("/api/stream/readings", stream_readings)

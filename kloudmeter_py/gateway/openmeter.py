@@ -4,43 +4,68 @@ One set of meters serves both APIs: KloudMeter's ``id`` is OpenMeter's ``slug`` 
 and aggregation names map both ways (``unique`` <-> ``UNIQUE_COUNT``).
 """
 
-import ast
 import asyncio
-import json
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
+from msgspec import Meta
 
 from kloudmeter_py.core.keys import encode_token, event_subject
 from kloudmeter_py.core.models import (
     CloudEvent,
     Meter,
+    MeterId,
     MeterIn,
+    Name,
     cloud_event_decoder,
     cloud_event_id,
     encoder,
     reading_decoder,
 )
-from kloudmeter_py.errors import Forbidden, InvalidInput
-from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, decode_body
-from kloudmeter_py.gateway.auth import tenant_scope
-from kloudmeter_py.gateway.query import QueryBody, _build, execute
+from kloudmeter_py.errors import InvalidInput
+from kloudmeter_py.gateway.helpers import decode_body, json_response
+from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS
+from kloudmeter_py.gateway.kloudmeter import Aggregation, JsonPath
+from kloudmeter_py.gateway.query import (
+    METER_PATH,
+    QUERY_PARAMS,
+    QueryBody,
+    _build,
+    body_from_params,
+    execute,
+)
+from kloudmeter_py.gateway.routes import (
+    ADMIN,
+    CALLER,
+    NO_TENANT_DATA,
+    USER,
+    Op,
+    Routes,
+    own_tenant,
+    tenant_of,
+)
+from kloudmeter_py.gateway.schemas import STR, array, ref
 from kloudmeter_py.store.kv import scan
 
+routes = Routes()
 _TO_OPENMETER = {"unique": "UNIQUE_COUNT"}
 _batch_decoder = msgspec.json.Decoder(list[CloudEvent])
 _any_decoder = msgspec.json.Decoder(CloudEvent | list[CloudEvent])
 
 
 class OpenMeterMeterIn(msgspec.Struct):
-    slug: str
-    aggregation: str
-    eventType: str
+    """Body of POST /api/v1/meters: checked as POST /api/create-meter's (unknown fields are
+    ignored, as OpenMeter's clients send more)."""
+
+    slug: MeterId
+    aggregation: Aggregation
+    eventType: Name
     name: str | None = None
     description: str | None = None
-    valueProperty: str | None = None
-    groupBy: dict[str, str] = {}
+    valueProperty: JsonPath | None = None
+    groupBy: dict[Annotated[str, Meta(min_length=1, max_length=64)], JsonPath] = {}
     metadata: dict[str, str] | None = None
     eventFrom: str | None = None
 
@@ -57,32 +82,65 @@ class OpenMeterQueryIn(msgspec.Struct, rename={"start": "from", "end": "to"}):
     windowTimeZone: str | None = None
     subject: list[str] | None = None
     groupBy: list[str] | None = None
-    filterGroupBy: dict[str, str | list[str]] | None = None
+    filterGroupBy: (
+        dict[str, str | Annotated[list[str], Meta(min_length=1, max_length=1)]] | None
+    ) = None
 
 
 _query_decoder = msgspec.json.Decoder(OpenMeterQueryIn)
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
-def openmeter_meter(meter: Meter) -> dict[str, Any]:
-    return {
-        "id": meter.id,
-        "slug": meter.id,
-        "name": meter.name or meter.id,
-        "description": meter.description or None,
-        "aggregation": _TO_OPENMETER.get(meter.aggregation, meter.aggregation.upper()),
-        "eventType": meter.eventType,
-        "valueProperty": meter.valueProperty,
-        "groupBy": meter.groupBy,
-        "createdAt": meter.createdAt,
-        "updatedAt": meter.createdAt,
-    }
+class OpenMeterMeter(msgspec.Struct):
+    """A meter in OpenMeter's shape (slug = id; aggregation in OpenMeter's names)."""
+
+    id: str
+    slug: str
+    name: str
+    description: str | None
+    aggregation: str
+    eventType: str
+    valueProperty: str | None
+    groupBy: dict[str, str]
+    createdAt: datetime
+    updatedAt: datetime
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=encoder.encode(body), status=status, content_type="application/json")
+def openmeter_meter(meter: Meter) -> OpenMeterMeter:
+    return OpenMeterMeter(
+        id=meter.id,
+        slug=meter.id,
+        name=meter.name or meter.id,
+        description=meter.description or None,
+        aggregation=_TO_OPENMETER.get(meter.aggregation, meter.aggregation.upper()),
+        eventType=meter.eventType,
+        valueProperty=meter.valueProperty,
+        groupBy=meter.groupBy,
+        createdAt=meter.createdAt,
+        updatedAt=meter.createdAt,
+    )
 
 
+@routes.post(
+    "/api/v1/events",
+    access=USER,
+    tenant=CALLER,
+    ingests=True,
+    op=Op(
+        "Ingest CloudEvents (OpenMeter)",
+        "openmeter",
+        status=204,
+        bodies=(
+            ("application/cloudevents+json", ref("CloudEvent")),
+            ("application/cloudevents-batch+json", {**array(ref("CloudEvent")), "minItems": 1}),
+            (
+                "application/json",
+                {"anyOf": [ref("CloudEvent"), {**array(ref("CloudEvent")), "minItems": 1}]},
+            ),
+        ),
+        errors=(400,),
+    ),
+)
 async def ingest(request: web.Request) -> web.Response:
     """POST /api/v1/events: one CloudEvent, a batch, or either as application/json -> 204."""
     raw = await request.read()
@@ -103,9 +161,8 @@ async def ingest(request: web.Request) -> web.Response:
         )
     if not events:
         raise InvalidInput("the batch holds no events", field="body")
-    scope = tenant_scope(request)
-    if scope is not None and any(e.subject != scope for e in events):
-        raise Forbidden(f"this token may only record usage for tenant {scope!r}", field="subject")
+    for e in events:
+        own_tenant(request, e.subject, "subject")
     js = request.app[JS]
     stream = request.app[LAYOUT].stream
     await asyncio.gather(
@@ -121,10 +178,29 @@ async def ingest(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+@routes.get(
+    "/api/v1/meters",
+    access=USER,
+    tenant=NO_TENANT_DATA,
+    op=Op("List meters (OpenMeter)", "openmeter", response=array(ref("OpenMeterMeter"))),
+)
 async def list_meters(request: web.Request) -> web.Response:
-    return _json([openmeter_meter(m) for m in await request.app[METERS].list()])
+    return json_response([openmeter_meter(m) for m in await request.app[METERS].list()])
 
 
+@routes.post(
+    "/api/v1/meters",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Create a meter (OpenMeter)",
+        "openmeter",
+        status=201,
+        response=ref("OpenMeterMeter"),
+        body=ref("OpenMeterMeterIn"),
+        errors=(400, 409),
+    ),
+)
 async def create_meter(request: web.Request) -> web.Response:
     body = decode_body(await request.read(), _meter_decoder)
     meter_in = MeterIn(
@@ -143,40 +219,65 @@ async def create_meter(request: web.Request) -> web.Response:
         field = "slug" if "$.slug" in text else None
         raise InvalidInput(f"invalid meter: {text}", field=field) from None
     meter = await request.app[METERS].create(meter_in)
-    return _json(openmeter_meter(meter), status=201)
+    return json_response(openmeter_meter(meter), status=201)
 
 
+@routes.get(
+    "/api/v1/meters/{meter}",
+    access=USER,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Get a meter (OpenMeter)",
+        "openmeter",
+        response=ref("OpenMeterMeter"),
+        path=METER_PATH,
+        errors=(404,),
+    ),
+)
 async def get_meter(request: web.Request) -> web.Response:
-    return _json(openmeter_meter(await request.app[METERS].get(request.match_info["meter"])))
+    return json_response(
+        openmeter_meter(await request.app[METERS].get(request.match_info["meter"]))
+    )
 
 
+@routes.delete(
+    "/api/v1/meters/{meter}",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op("Delete a meter (OpenMeter)", "openmeter", status=204, path=METER_PATH, errors=(404,)),
+)
 async def delete_meter(request: web.Request) -> web.Response:
     await request.app[METERS].delete(request.match_info["meter"])
     return web.Response(status=204)
 
 
-def _filter_group_by(request: web.Request) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, value in request.query.items():
-        if name.startswith("filterGroupBy[") and name.endswith("]"):
-            out[name[len("filterGroupBy[") : -1]] = value
-        elif name == "filterGroupBy":
-            # The openmeter SDK sends the dict as one value (JSON, or a Python repr).
-            try:
-                parsed = json.loads(value)
-            except ValueError:
-                try:
-                    parsed = ast.literal_eval(value)
-                except (ValueError, SyntaxError):
-                    raise InvalidInput(
-                        "filterGroupBy: expected an object of group -> value", field="filterGroupBy"
-                    ) from None
-            if not isinstance(parsed, dict):
-                raise InvalidInput("filterGroupBy: expected an object", field="filterGroupBy")
-            out.update({str(k): str(v) for k, v in parsed.items()})
-    return out
-
-
+@routes.get(
+    "/api/v1/meters/{meter}/query",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Query a meter (OpenMeter)",
+        "openmeter",
+        response=ref("QueryResult"),
+        path=METER_PATH,
+        query=QUERY_PARAMS,
+        errors=(400, 404),
+    ),
+)
+@routes.post(
+    "/api/v1/meters/{meter}/query",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Query a meter (OpenMeter)",
+        "openmeter",
+        response=ref("QueryResult"),
+        path=METER_PATH,
+        body=ref("OpenMeterQueryIn"),
+        body_required=False,
+        errors=(400, 404),
+    ),
+)
 async def query_meter(request: web.Request) -> web.Response:
     meter = await request.app[METERS].get(request.match_info["meter"])
     if request.method == "POST":
@@ -200,16 +301,7 @@ async def query_meter(request: web.Request) -> web.Response:
             filterGroupBy=filters,
         )
     else:
-        q = request.query
-        body = QueryBody(
-            start=q.get("from"),
-            end=q.get("to"),
-            windowSize=q.get("windowSize"),
-            windowTimeZone=q.get("windowTimeZone"),
-            subject=q.getall("subject", []),
-            groupBy=q.getall("groupBy", []),
-            filterGroupBy=_filter_group_by(request),
-        )
+        body = body_from_params(request)
     # OpenMeter lets "subject" be a group: it splits the rows by subject.
     by_subject = "subject" in body.groupBy
     body.groupBy = [g for g in body.groupBy if g != "subject"]
@@ -219,8 +311,7 @@ async def query_meter(request: web.Request) -> web.Response:
         if not query.subjects:
             query.subjects = [""]  # no subject has data: no rows
     result = await execute(request, meter, query)
-    result.pop("windowTimeZone", None)
-    return _json(result)
+    return json_response(msgspec.structs.replace(result, windowTimeZone=None))  # not OpenMeter's
 
 
 async def _subjects(request: web.Request, meter: Meter) -> list[str]:
@@ -234,22 +325,22 @@ async def _subjects(request: web.Request, meter: Meter) -> list[str]:
     return sorted(subjects)
 
 
+@routes.get(
+    "/api/v1/meters/{meter}/subjects",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Subjects with readings (OpenMeter)",
+        "openmeter",
+        response=array(STR),
+        path=METER_PATH,
+        errors=(404,),
+    ),
+)
 async def list_subjects(request: web.Request) -> web.Response:
     meter = await request.app[METERS].get(request.match_info["meter"])
     subjects = await _subjects(request, meter)
-    scope = tenant_scope(request)
+    scope = tenant_of(request)
     if scope is not None:
         subjects = [s for s in subjects if s == scope]
-    return _json(subjects)
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_post("/api/v1/events", ingest)
-    r.add_get("/api/v1/meters", list_meters)
-    r.add_post("/api/v1/meters", create_meter)
-    r.add_get("/api/v1/meters/{meter}", get_meter)
-    r.add_delete("/api/v1/meters/{meter}", delete_meter)
-    r.add_get("/api/v1/meters/{meter}/query", query_meter)
-    r.add_post("/api/v1/meters/{meter}/query", query_meter)
-    r.add_get("/api/v1/meters/{meter}/subjects", list_subjects)
+    return json_response(subjects)

@@ -1,12 +1,18 @@
-"""Host metrics: the liz receiver's API on the normal event pipeline.
+"""Host metrics: the liz receiver's API on the normal event pipeline, per tenant.
 
 ``POST /api/perf/{host}/{epoch}`` takes a sample such as ``{"cpu": 3.5, "mem": 41.2}`` and
-publishes one ``perf`` event per field (``subject`` = host, ``time`` = epoch,
-``data`` = ``{"label": field, "value": number}``). The built-in ``perf`` meter (``avg`` of
-``$.value`` grouped by ``$.label``) is created on first use, so the worker keeps the usual
-window summaries; the ``GET`` routes read them back from the ``summaries_minute`` and
-``summaries_hour`` buckets in the liz shape. Nothing else is stored: data goes when the
-windows' TTLs say so.
+publishes one ``perf-host`` event per field (``subject`` = the tenant, ``time`` = epoch,
+``data`` = ``{"host": host, "label": field, "value": number}``). A host belongs to a tenant
+because the tenant is the event subject, as for every other event: a user's samples are its
+tenant's, and an admin (or anyone when tokens are off) names the tenant with ``?tenant=``, or
+posts into the space of hosts without a tenant (subject :data:`NO_TENANT`). The built-in
+``perf-hosts`` meter (``avg`` of ``$.value`` grouped by ``$.host`` and ``$.label``) is created
+on first use, so the worker keeps the usual window summaries; the ``GET`` routes read one
+tenant's back from the ``summaries_minute`` and ``summaries_hour`` buckets in the liz shape.
+
+Before tenants, samples went to the meter ``perf`` (subject = host, grouped by label). Its
+summaries that hold only events stored before ``perf-hosts`` was created are still read, as
+hosts without a tenant, until they expire (a day at most is read).
 """
 
 import asyncio
@@ -14,8 +20,9 @@ import hashlib
 import math
 import re
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -25,19 +32,34 @@ from kloudmeter_py.core.models import Meter, MeterIn, Reading, encoder
 from kloudmeter_py.core.summaries import summary_reading
 from kloudmeter_py.core.windows import widths
 from kloudmeter_py.errors import Conflict, InvalidInput, NotFound
-from kloudmeter_py.gateway.app import JS, LAYOUT, METERS, SETTINGS
+from kloudmeter_py.gateway.helpers import json_response
+from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS, SETTINGS
+from kloudmeter_py.gateway.routes import USER, Op, Param, Routes, TenantScope, tenant_of
+from kloudmeter_py.gateway.schemas import NUM, STR, array, ref
 from kloudmeter_py.store.kv import scan
 
-PERF_METER_ID = "perf"
-PERF_EVENT_TYPE = "perf"
+PERF_METER_ID = "perf-hosts"
+PERF_EVENT_TYPE = "perf-host"
 PERF_METER = MeterIn(
     id=PERF_METER_ID,
     eventType=PERF_EVENT_TYPE,
     aggregation="avg",
-    description="Host metrics posted to /api/perf (kloudmeter agent, liz monitor)",
+    description="Host metrics posted to /api/perf (kloudmeter agent, liz monitor), per tenant",
     valueProperty="$.value",
-    groupBy={"label": "$.label"},
+    groupBy={"host": "$.host", "label": "$.label"},
 )
+# The subject of samples without a tenant (tokens off, or an admin without ?tenant=): not a
+# tenant name (tenants are made of A-Z a-z 0-9 _ -), so no tenant can ever read or write it.
+NO_TENANT = "~"
+# A user's own tenant; an admin's ?tenant=, else the hosts without a tenant.
+_HOSTS = TenantScope(param="tenant", admin_default=NO_TENANT)
+_PERF_HOST = ("the host name",)
+_PERF_HOST_SCHEMA = {"type": "object", "additionalProperties": ref("PerfSummary")}
+_HOST_SCHEMA = {"type": "string", "minLength": 1, "maxLength": 256}  # MAX_NAME
+routes = Routes()
+# Before tenants: the meter `perf`, subject = host, grouped by label (read, never written).
+LEGACY_METER_ID = "perf"
+LEGACY_GROUP_BY = {"label": "$.label"}
 
 # (name in the summary key, summary level, how far back it reaches in seconds)
 SUMMARIES = (("by-minute", "minute", 3600), ("by-hour", "hour", 86400))
@@ -50,8 +72,10 @@ _IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_ID = 256  # an event id is at most 256 characters (models.Name)
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=encoder.encode(body), status=status, content_type="application/json")
+def perf_tenant(request: web.Request) -> str:
+    """The tenant whose hosts this request sees and writes, as the routes declare it: a user's
+    own; for an admin (or anyone when tokens are off) ``?tenant=``, else :data:`NO_TENANT`."""
+    return tenant_of(request) or NO_TENANT
 
 
 def _check_meter(meter: Meter) -> Meter:
@@ -64,14 +88,15 @@ def _check_meter(meter: Meter) -> Meter:
         raise Conflict(
             f"meter {PERF_METER_ID!r} exists with another definition; /api/perf needs "
             f"eventType {PERF_EVENT_TYPE!r}, aggregation 'avg', valueProperty '$.value' and "
-            "groupBy {'label': '$.label'} (delete it and the gateway creates it again)",
+            "groupBy {'host': '$.host', 'label': '$.label'} (delete it and the gateway creates "
+            "it again)",
             field="id",
         )
     return meter
 
 
 async def ensure_meter(app: web.Application) -> Meter:
-    """The built-in ``perf`` meter, created when it does not exist yet (idempotent)."""
+    """The built-in ``perf-hosts`` meter, created when it does not exist yet (idempotent)."""
     meters = app[METERS]
     try:
         return _check_meter(await meters.get(PERF_METER_ID))
@@ -89,6 +114,17 @@ async def _current_meter(app: web.Application) -> Meter | None:
         return _check_meter(await app[METERS].get(PERF_METER_ID))
     except NotFound:
         return None
+
+
+async def _legacy_meter(app: web.Application) -> Meter | None:
+    """The pre-tenant ``perf`` meter, if this installation has one."""
+    try:
+        meter = await app[METERS].get(LEGACY_METER_ID)
+    except NotFound:
+        return None
+    if meter.eventType != "perf" or meter.groupBy != LEGACY_GROUP_BY:
+        return None  # someone's own meter called perf
+    return meter
 
 
 def parse_epoch(text: str) -> int:
@@ -140,14 +176,15 @@ def _json_type(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def sample_event_id(host: str, epoch: int, label: str, key: str | None = None) -> str:
+def sample_event_id(tenant: str, host: str, epoch: int, label: str, key: str | None = None) -> str:
     """Event id (``Nats-Msg-Id``) of one field of one sample; a retried post gets the same.
 
-    Host and label are token-encoded so the id is a safe header value and unambiguous; an
-    ``Idempotency-Key`` (the agent sends one per sample) keeps several samples in one second
-    apart. Ids longer than an event id may be are hashed, still deterministically.
+    Tenant, host and label are token-encoded so the id is a safe header value and
+    unambiguous (two tenants' hosts of one name never share an id); an ``Idempotency-Key``
+    (the agent sends one per sample) keeps several samples in one second apart. Ids longer
+    than an event id may be are hashed, still deterministically.
     """
-    event_id = f"perf:{encode_token(host)}:{epoch}:{encode_token(label)}"
+    event_id = f"perf:{encode_token(tenant)}:{encode_token(host)}:{epoch}:{encode_token(label)}"
     if key:
         event_id += f":{key}"
     if len(event_id) > _MAX_ID:
@@ -155,11 +192,43 @@ def sample_event_id(host: str, epoch: int, label: str, key: str | None = None) -
     return event_id
 
 
+@routes.post(
+    "/api/perf/{host}/{epoch}",
+    access=USER,
+    tenant=_HOSTS,
+    ingests=True,
+    op=Op(
+        "Post a host-metrics sample",
+        "perf",
+        status=202,
+        response=ref("PerfAccepted"),
+        path=(*_PERF_HOST, "seconds since 1970"),
+        # An epoch up to 99999999999 (year 5138), below MAX_EPOCH.
+        path_schemas=(_HOST_SCHEMA, {"type": "string", "pattern": "^[0-9]{1,11}$"}),
+        query=(
+            Param(
+                "Idempotency-Key",
+                {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "a retried post with the same key counts once",
+                where="header",
+            ),
+        ),
+        body={
+            "type": "object",
+            "additionalProperties": NUM,
+            "minProperties": 1,
+            "maxProperties": MAX_FIELDS,
+            "propertyNames": {"minLength": 1, "maxLength": MAX_NAME},
+        },
+        errors=(400, 409),
+    ),
+)
 async def post_sample(request: web.Request) -> web.Response:
     host = request.match_info["host"]
     if len(host) > MAX_NAME:
         raise InvalidInput(f"host is at most {MAX_NAME} characters", field="host")
     epoch = parse_epoch(request.match_info["epoch"])
+    tenant = perf_tenant(request)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
         raise InvalidInput(
@@ -168,84 +237,151 @@ async def post_sample(request: web.Request) -> web.Response:
     sample = parse_sample(await request.read())
     await ensure_meter(request.app)
     js = request.app[JS]
-    subject = event_subject(request.app[LAYOUT].stream, PERF_EVENT_TYPE, host)
+    subject = event_subject(request.app[LAYOUT].stream, PERF_EVENT_TYPE, tenant)
     at = datetime.fromtimestamp(epoch, UTC)
     publishes = []
     for label, value in sample.items():
-        event_id = sample_event_id(host, epoch, label, key)
+        event_id = sample_event_id(tenant, host, epoch, label, key)
         body = encoder.encode(
             {
                 "id": event_id,
                 "eventType": PERF_EVENT_TYPE,
-                "subject": host,
+                "subject": tenant,
                 "time": at,
-                "data": {"label": label, "value": value},
+                "data": {"host": host, "label": label, "value": value},
             }
         )
         publishes.append(js.publish(subject, body, headers={"Nats-Msg-Id": event_id}))
     acks = await asyncio.gather(*publishes)
-    out: dict[str, Any] = {"status": "ok", "events": len(acks)}
     duplicates = sum(1 for ack in acks if ack.duplicate)
-    if duplicates:
-        out["duplicates"] = duplicates
-    return _json(out, status=202)
+    return json_response(
+        PerfAccepted(status="ok", events=len(acks), duplicates=duplicates), status=202
+    )
 
 
-def _average(s: Reading, width: int) -> dict[str, Any]:
-    assert s.windowStart is not None and s.sum is not None
-    start = int(s.windowStart.timestamp())
-    avg = s.sum / s.count
-    return {
-        "start-sec": start,
-        "end-sec": start + width,
-        "interval-size-sec": width,
-        "num-samples": s.count,
-        "avg": int(avg) if avg.is_integer() else avg,
-    }
+class PerfAccepted(msgspec.Struct, omit_defaults=True):
+    """A sample's fields, one event each; duplicates: those stored already (a retry)."""
+
+    status: Literal["ok"]
+    events: int
+    duplicates: int = 0
 
 
-async def summaries(
-    request: web.Request, meter: Meter, host: str | None
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per host, the liz summaries (``summary:by-minute:<label>`` ...) that have data."""
+class PerfAverage(msgspec.Struct, rename="kebab"):
+    """One window of one summary, as liz shows it."""
+
+    start_sec: int
+    end_sec: int
+    interval_size_sec: int
+    num_samples: int
+    avg: int | float
+
+
+class PerfSummary(msgspec.Struct, rename="kebab"):
+    """``summary:<by-minute|by-hour>:<label>``: the windows with data in its range."""
+
+    averages: list[PerfAverage]
+    start: int
+    end: int
+    timeslice_size_sec: int
+    average_count: int
+
+
+PerfHost = dict[str, PerfSummary]
+
+
+@dataclass
+class _Window:
+    """One host's label in one window: sums and counts merge exactly (old and new layout)."""
+
+    total: float = 0.0
+    count: int = 0
+
+
+@dataclass
+class _Found:
+    # host -> summary name -> window start -> window
+    hosts: dict[str, dict[str, dict[int, _Window]]] = field(default_factory=dict)
+
+    def add(self, host: str, name: str, label: str, s: Reading) -> None:
+        assert s.windowStart is not None and s.sum is not None
+        series = self.hosts.setdefault(host, {}).setdefault(f"summary:{name}:{label}", {})
+        window = series.setdefault(int(s.windowStart.timestamp()), _Window())
+        window.total += s.sum
+        window.count += s.count
+
+
+def _average(start: int, window: _Window, width: int) -> PerfAverage:
+    avg = window.total / window.count
+    return PerfAverage(
+        start_sec=start,
+        end_sec=start + width,
+        interval_size_sec=width,
+        num_samples=window.count,
+        avg=int(avg) if avg.is_integer() else avg,
+    )
+
+
+def _usable(s: Reading, meter: Meter, oldest: int, now: float) -> bool:
+    return (
+        s.meterStartSeq == meter.startSeq
+        and s.windowStart is not None
+        and s.sum is not None
+        and bool(s.count)
+        and oldest <= s.windowStart.timestamp() <= now
+    )
+
+
+async def summaries(request: web.Request, tenant: str, host: str | None) -> dict[str, PerfHost]:
+    """Per host of ``tenant``, the liz summaries (``summary:by-minute:<label>`` ...) with data."""
     app = request.app
     js, layout, settings = app[JS], app[LAYOUT], app[SETTINGS]
+    meter = await _current_meter(app)
+    legacy = await _legacy_meter(app) if tenant == NO_TENANT else None
     now = time.time()
     level_widths = widths(settings.interval)
-    pattern = f"{encode_token(meter.id)}.{encode_token(host) if host else '*'}.*.*"
-    found: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    host_tok = encode_token(host) if host is not None else "*"
+    found = _Found()
     ranges: dict[str, tuple[int, int]] = {}
     for name, level, span in SUMMARIES:
         width = level_widths[level]
         oldest = int(now - span)
         oldest -= oldest % width
         ranges[name] = (oldest, width)
-        for key, value in await scan(js, layout.summary_buckets[level], pattern):
-            s = summary_reading(key, value, meter, width)
-            label = s.groupBy.get("label")
-            if (
-                s.meterStartSeq != meter.startSeq
-                or s.windowStart is None
-                or s.sum is None
-                or not s.count
-                or label is None
-                or not oldest <= s.windowStart.timestamp() <= now
-            ):
-                continue
-            series = found.setdefault(s.subject, {}).setdefault(f"summary:{name}:{label}", [])
-            series.append(_average(s, width))
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for subject, by_key in sorted(found.items()):
-        for key, averages in sorted(by_key.items(), key=lambda kv: _key_order(kv[0])):
+        bucket = layout.summary_buckets[level]
+        if meter is not None:
+            pattern = f"{encode_token(meter.id)}.{encode_token(tenant)}.{host_tok}.*.*"
+            for key, value in await scan(js, bucket, pattern):
+                s = summary_reading(key, value, meter, width)
+                h, label = s.groupBy.get("host"), s.groupBy.get("label")
+                if s.subject != tenant or h is None or label is None:
+                    continue
+                if _usable(s, meter, oldest, now):
+                    found.add(h, name, label, s)
+        if legacy is not None:
+            pattern = f"{encode_token(legacy.id)}.{host_tok}.*.*"
+            # Only windows with nothing stored after perf-hosts began: older samples had no
+            # tenant; a `perf` event sent since could come from anyone.
+            before = meter.startSeq if meter is not None else None
+            for key, value in await scan(js, bucket, pattern):
+                s = summary_reading(key, value, legacy, width)
+                label = s.groupBy.get("label")
+                if label is None or (before is not None and s.lastSeq > before):
+                    continue
+                if _usable(s, legacy, oldest, now):
+                    found.add(s.subject, name, label, s)
+    out: dict[str, PerfHost] = {}
+    for h, by_key in sorted(found.hosts.items()):
+        for key, windows in sorted(by_key.items(), key=lambda kv: _key_order(kv[0])):
             oldest, width = ranges[key.split(":", 2)[1]]
-            averages.sort(key=lambda a: a["start-sec"])
-            out.setdefault(subject, {})[key] = {
-                "averages": averages,
-                "start": oldest,
-                "end": int(now),
-                "timeslice-size-sec": width,
-                "average-count": len(averages),
-            }
+            averages = [_average(start, w, width) for start, w in sorted(windows.items())]
+            out.setdefault(h, {})[key] = PerfSummary(
+                averages=averages,
+                start=oldest,
+                end=int(now),
+                timeslice_size_sec=width,
+                average_count=len(averages),
+            )
     return out
 
 
@@ -254,30 +390,50 @@ def _key_order(key: str) -> tuple[int, str]:
     return [n for n, _, _ in SUMMARIES].index(name), label
 
 
+@routes.get(
+    "/api/perf",
+    "/api/perf/",
+    access=USER,
+    tenant=_HOSTS,
+    op=Op("Hosts with samples", "perf", response=array(STR)),
+)
 async def list_hosts(request: web.Request) -> web.Response:
-    meter = await _current_meter(request.app)
-    if meter is None:
-        return _json([])
-    return _json(sorted(await summaries(request, meter, None)))
+    return json_response(sorted(await summaries(request, perf_tenant(request), None)))
 
 
+@routes.get(
+    "/api/perf/{host}",
+    access=USER,
+    tenant=_HOSTS,
+    op=Op(
+        "A host's summaries",
+        "perf",
+        response=_PERF_HOST_SCHEMA,
+        path=_PERF_HOST,
+        path_schemas=(_HOST_SCHEMA,),
+        errors=(404,),
+    ),
+)
+@routes.get(
+    r"/api/perf/{host}/{label:[\s\S]+}",  # newlines too
+    access=USER,
+    tenant=_HOSTS,
+    op=Op(
+        "A host's summaries whose name contains the label",
+        "perf",
+        response=_PERF_HOST_SCHEMA,
+        path=(*_PERF_HOST, "part of the summary name (cpu, by-hour, by-minute:mem), any case"),
+        path_schemas=(_HOST_SCHEMA, {"type": "string", "minLength": 1, "pattern": "^[^\\n]+$"}),
+        errors=(404,),
+    ),
+)
 async def get_host(request: web.Request) -> web.Response:
     host = request.match_info["host"]
-    meter = await _current_meter(request.app)
-    data = (await summaries(request, meter, host)).get(host) if meter is not None else None
+    data = (await summaries(request, perf_tenant(request), host)).get(host)
     if not data:
         raise NotFound(f"no data for host {host!r} in the last day", field="host")
     requested = request.match_info.get("label")
     if requested:
         wanted = requested.casefold()
         data = {k: v for k, v in data.items() if wanted in k.casefold()}
-    return _json(data)
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/api/perf", list_hosts)
-    r.add_get("/api/perf/", list_hosts)
-    r.add_post("/api/perf/{host}/{epoch}", post_sample)
-    r.add_get("/api/perf/{host}", get_host)
-    r.add_get(r"/api/perf/{host}/{label:[\s\S]+}", get_host)  # newlines too
+    return json_response(data)

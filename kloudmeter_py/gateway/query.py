@@ -1,19 +1,41 @@
 """GET/POST /api/meters/{id}/query: windows over the summaries, in OpenMeter's shape."""
 
+import ast
+import json
 import re
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
 
-from kloudmeter_py.core.models import Meter, encoder
+from kloudmeter_py.core.models import Meter
 from kloudmeter_py.core.query import Query, build_query
 from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import InvalidInput
-from kloudmeter_py.gateway.app import JS, METERS, SETTINGS, decode_body
+from kloudmeter_py.gateway.helpers import decode_body, json_response
+from kloudmeter_py.gateway.keys import JS, METERS, SETTINGS
+from kloudmeter_py.gateway.routes import CALLER, USER, Op, Param, Routes, tenant_of
+from kloudmeter_py.gateway.schemas import STR, TIME, array, ref
 from kloudmeter_py.store.query import run_query, utc_now
 
+routes = Routes()
 _FILTER = re.compile(r"filterGroupBy\[(.+)\]")
+METER_PATH = ("the meter id (OpenMeter: id or slug)",)
+QUERY_PARAMS = (
+    Param("from", TIME, "start, RFC 3339, on a METER_INTERVAL boundary (inclusive)"),
+    Param("to", TIME, "end, RFC 3339, on a METER_INTERVAL boundary (exclusive)"),
+    Param("windowSize", {"enum": ["MINUTE", "HOUR", "DAY"]}, "window size; absent: one total"),
+    Param("windowTimeZone", description="IANA time zone of the windows (default UTC)"),
+    Param("subject", array(STR), "subjects to filter on and split by (repeatable)"),
+    Param("groupBy", array(STR), "groups to split by (repeatable)"),
+    Param(
+        "filterGroupBy",
+        {"type": "object", "additionalProperties": STR},
+        "filterGroupBy[group]=value: only that group value",
+        style="deepObject",
+    ),
+)
 
 
 class QueryBody(msgspec.Struct, forbid_unknown_fields=True, rename={"start": "from", "end": "to"}):
@@ -29,23 +51,63 @@ class QueryBody(msgspec.Struct, forbid_unknown_fields=True, rename={"start": "fr
 _body_decoder = msgspec.json.Decoder(QueryBody)
 
 
-def query_from_request_params(request: web.Request, meter: Meter) -> Query:
+class QueryRow(msgspec.Struct):
+    """One window (or the total) of one subject and group combination."""
+
+    value: int | float | None
+    windowStart: datetime
+    windowEnd: datetime
+    subject: str | None
+    groupBy: dict[str, str | None]
+
+
+class QueryResult(msgspec.Struct, omit_defaults=True, rename={"start": "from", "end": "to"}):
+    """The windows with data; windowTimeZone is KloudMeter's (OpenMeter's answer has none)."""
+
+    start: datetime
+    end: datetime
+    windowSize: Literal["MINUTE", "HOUR", "DAY"] | None
+    data: list[QueryRow]
+    windowTimeZone: str | None = None
+
+
+def body_from_params(request: web.Request) -> QueryBody:
+    """The query a GET asks for, from its URL parameters (both query APIs read them so):
+    ``from``, ``to``, ``windowSize``, ``windowTimeZone`` (or ``timeZone``), repeated
+    ``subject`` and ``groupBy``, and ``filterGroupBy[group]=value`` or one ``filterGroupBy``
+    object (the openmeter SDK sends the dict as one value, JSON or a Python repr)."""
     q = request.query
-    filters = {}
-    for name, value in q.items():
-        match = _FILTER.fullmatch(name)
-        if match:
-            filters[match.group(1)] = value
-    body = QueryBody(
+    return QueryBody(
         start=q.get("from"),
         end=q.get("to"),
         windowSize=q.get("windowSize"),
         windowTimeZone=q.get("windowTimeZone") or q.get("timeZone"),
         subject=q.getall("subject", []),
         groupBy=q.getall("groupBy", []),
-        filterGroupBy=filters,
+        filterGroupBy=_filter_group_by(request),
     )
-    return _build(request, meter, body)
+
+
+def _filter_group_by(request: web.Request) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in request.query.items():
+        match = _FILTER.fullmatch(name)
+        if match:
+            out[match.group(1)] = value
+        elif name == "filterGroupBy":
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                try:
+                    parsed = ast.literal_eval(value)
+                except (ValueError, SyntaxError):
+                    raise InvalidInput(
+                        "filterGroupBy: expected an object of group -> value", field="filterGroupBy"
+                    ) from None
+            if not isinstance(parsed, dict):
+                raise InvalidInput("filterGroupBy: expected an object", field="filterGroupBy")
+            out.update({str(k): str(v) for k, v in parsed.items()})
+    return out
 
 
 def _build(request: web.Request, meter: Meter, body: QueryBody) -> Query:
@@ -68,39 +130,54 @@ def _build(request: web.Request, meter: Meter, body: QueryBody) -> Query:
         raise InvalidInput(str(exc), field=exc.field) from None
 
 
-async def execute(request: web.Request, meter: Meter, q: Query) -> dict[str, Any]:
-    from kloudmeter_py.gateway.auth import tenant_scope
-
-    scope = tenant_scope(request)
+async def execute(request: web.Request, meter: Meter, q: Query) -> QueryResult:
+    scope = tenant_of(request)
     if scope is not None:
         # A user sees its own tenant's subject and nothing else, asked for or not.
         wanted = set(q.subjects)
         q.subjects = [scope] if not wanted or scope in wanted else []
         if not q.subjects:
-            return {
-                "from": q.start,
-                "to": q.end,
-                "windowSize": q.window_size.upper() if q.window_size else None,
-                "windowTimeZone": q.tz.key,
-                "data": [],
-            }
+            size = q.window_size.upper() if q.window_size else None
+            empty: dict[str, Any] = {"from": q.start, "to": q.end, "windowSize": size, "data": []}
+            return msgspec.convert({**empty, "windowTimeZone": q.tz.key}, QueryResult)
     try:
-        return await run_query(request.app[JS], request.app[SETTINGS], meter, q)
+        result = await run_query(request.app[JS], request.app[SETTINGS], meter, q)
     except QueryError as exc:
         raise InvalidInput(str(exc), field=exc.field) from None
+    return msgspec.convert(result, QueryResult)
 
 
+@routes.get(
+    "/api/meters/{meter}/query",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Query a meter's windows",
+        "query",
+        response=ref("QueryResult"),
+        path=METER_PATH,
+        query=(*QUERY_PARAMS, Param("timeZone", description="alias of windowTimeZone")),
+        errors=(400, 404),
+    ),
+)
+@routes.post(
+    "/api/meters/{meter}/query",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Query a meter's windows",
+        "query",
+        response=ref("QueryResult"),
+        path=METER_PATH,
+        body=ref("QueryBody"),
+        errors=(400, 404),
+    ),
+)
 async def query_meter(request: web.Request) -> web.Response:
     meter = await request.app[METERS].get(request.match_info["meter"])
     if request.method == "POST":
         body = decode_body(await request.read(), _body_decoder)
         q = _build(request, meter, body)
     else:
-        q = query_from_request_params(request, meter)
-    result = await execute(request, meter, q)
-    return web.Response(body=encoder.encode(result), content_type="application/json")
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/meters/{meter}/query", query_meter)
-    app.router.add_post("/api/meters/{meter}/query", query_meter)
+        q = _build(request, meter, body_from_params(request))
+    return json_response(await execute(request, meter, q))

@@ -7,32 +7,66 @@ default ``$.location``).
 """
 
 from datetime import UTC, datetime
-from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from kloudmeter_py.core.keys import encode_token
-from kloudmeter_py.core.models import encoder, event_decoder
+from kloudmeter_py.core.models import event_decoder
 from kloudmeter_py.core.paths import MISSING, compile_path
 from kloudmeter_py.core.query import parse_time
 from kloudmeter_py.core.usage import Lifecycle, usage_hours
 from kloudmeter_py.core.windows import QueryError
-from kloudmeter_py.errors import Forbidden, InvalidInput
-from kloudmeter_py.gateway.app import JS, LAYOUT, SETTINGS
-from kloudmeter_py.gateway.auth import tenant_scope
-from kloudmeter_py.store.auth import check_tenant
+from kloudmeter_py.errors import InvalidInput
+from kloudmeter_py.gateway.helpers import json_response
+from kloudmeter_py.gateway.keys import JS, LAYOUT, SETTINGS
+from kloudmeter_py.gateway.routes import USER, Op, Param, Routes, TenantScope, tenant_of
+from kloudmeter_py.gateway.schemas import TENANT, TIME, ref
 from kloudmeter_py.store.kv import read
 
+routes = Routes()
 
+
+class LocationHours(msgspec.Struct):
+    location: str
+    hours: float
+
+
+class Usage(msgspec.Struct):
+    """Hours of use per location of a tenant between start and end."""
+
+    tenant: str
+    start: datetime
+    end: datetime
+    usage: list[LocationHours]
+
+
+@routes.get(
+    "/api/usage",
+    access=USER,
+    tenant=TenantScope(param="tenant"),
+    op=Op(
+        "Hours of use per location of a tenant",
+        "usage",
+        response=ref("Usage"),
+        query=(
+            Param(
+                "tenant",
+                TENANT,
+                "the tenant (required but for a user token: its own, the default)",
+                required=True,
+            ),
+            Param("start", TIME, "RFC 3339", required=True),
+            Param("end", TIME, "RFC 3339 (default: now)"),
+        ),
+        errors=(400,),
+    ),
+)
 async def usage(request: web.Request) -> web.Response:
     q = request.query
-    tenant = q.get("tenant") or tenant_scope(request)
-    if not tenant:
+    tenant = tenant_of(request)
+    if tenant is None:
         raise InvalidInput("query parameter 'tenant' is required", field="tenant")
-    check_tenant(tenant)
-    scope = tenant_scope(request)
-    if scope is not None and tenant != scope:
-        raise Forbidden("this token may only see its own tenant's usage", field="tenant")
     try:
         start = parse_time("start", q.get("start", ""))
         end = parse_time("end", q["end"]) if "end" in q else datetime.now(UTC)
@@ -45,13 +79,8 @@ async def usage(request: web.Request) -> web.Response:
         request, tenant, settings.usage_event_type, settings.usage_location
     )
     hours = usage_hours(events, start, end)
-    body: dict[str, Any] = {
-        "tenant": tenant,
-        "start": start,
-        "end": end,
-        "usage": [{"location": k, "hours": round(v, 6)} for k, v in sorted(hours.items())],
-    }
-    return web.Response(body=encoder.encode(body), content_type="application/json")
+    rows = [LocationHours(location=k, hours=round(v, 6)) for k, v in sorted(hours.items())]
+    return json_response(Usage(tenant=tenant, start=start, end=end, usage=rows))
 
 
 async def _lifecycle_events(
@@ -82,7 +111,3 @@ async def _lifecycle_events(
             )
         )
     return out
-
-
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/api/usage", usage)

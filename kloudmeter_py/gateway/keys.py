@@ -1,0 +1,26 @@
+"""Typed keys of what the app factory wires in, in a module of their own.
+
+Route modules and middleware read the app's settings, NATS handles and stores through these;
+``app.py`` (the factory) sets them. Keeping them here means no route module imports the
+factory, and the factory imports the route modules: imports go one way.
+"""
+
+from aiohttp import web
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from kloudmeter_py.config import Settings
+from kloudmeter_py.store.auth import AuthStore, Principal
+from kloudmeter_py.store.layout import Layout
+from kloudmeter_py.store.meters import MeterStore
+
+SETTINGS = web.AppKey("settings", Settings)
+NC = web.AppKey("nc", Client)
+JS = web.AppKey("js", JetStreamContext)
+LAYOUT = web.AppKey("layout", Layout)
+METERS = web.AppKey("meters", MeterStore)
+AUTH = web.AppKey("auth", AuthStore)
+# The OpenAPI document, built at its first request.
+OPENAPI_CACHE = web.AppKey("openapi_cache", list[bytes])
+# The caller, set by the auth middleware when tokens are on.
+PRINCIPAL = web.RequestKey("principal", Principal)
