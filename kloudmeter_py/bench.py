@@ -20,7 +20,6 @@ from typing import Any
 
 import aiohttp
 import msgspec
-import nats
 from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -36,6 +35,8 @@ from kloudmeter_py.core.models import (
 )
 from kloudmeter_py.core.summaries import summary_reading
 from kloudmeter_py.core.windows import widths, window_start
+from kloudmeter_py.store.credentials import load as load_credentials
+from kloudmeter_py.store.kv import connect as kv_connect
 from kloudmeter_py.store.kv import scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.provision import provision
@@ -339,7 +340,12 @@ async def _unapplied(nc: Client, stream: str) -> int:
     return (ours[0].num_pending or 0) + (ours[0].num_ack_pending or 0)
 
 
-async def latest_values(nc: Client, bucket: str, on_value: Callable[[str, bytes], None]) -> int:
+async def latest_values(
+    nc: Client,
+    bucket: str,
+    on_value: Callable[[str, bytes], None],
+    settings: Settings | None = None,
+) -> int:
     """Feed the latest value of every key of a bucket to ``on_value``; the number of values.
 
     Pulled on a lean connection in batches of 1,000 (a push consumer without flow control
@@ -361,7 +367,9 @@ async def latest_values(nc: Client, bucket: str, on_value: Callable[[str, bytes]
     left = info.num_pending or 0
     seen = 0
     prefix = f"$KV.{bucket}."
-    wire = await Wire.connect(nc.connected_url.geturl() if nc.connected_url else "", name="bench")
+    url = nc.connected_url.geturl() if nc.connected_url else ""
+    creds = load_credentials(settings) if settings is not None else None
+    wire = await Wire.connect(url, name="kloudmeter-bench", credentials=creds)
     try:
         puller = RawPuller(wire, f"KV_{bucket}", name, 1000)
         await puller.start()
@@ -383,7 +391,7 @@ async def latest_values(nc: Client, bucket: str, on_value: Callable[[str, bytes]
 
 
 async def stored(
-    nc: Client, layout: Layout, layout_interval: int = 60
+    nc: Client, layout: Layout, layout_interval: int = 60, settings: Settings | None = None
 ) -> tuple[dict[_RKey, Any], dict[_WKey, Any]]:
     """Every reading's and every summary window's value (the bench's meters only)."""
     readings: dict[_RKey, Any] = {}
@@ -399,7 +407,7 @@ async def stored(
         if r.meterId != "lag":
             readings[(r.meterId, r.subject, next(iter(r.groupBy.values()), None) or "")] = r.value
 
-    await latest_values(nc, layout.readings_bucket, reading)
+    await latest_values(nc, layout.readings_bucket, reading, settings)
     level_widths = widths(layout_interval)
     for level, bucket in layout.summary_buckets.items():
 
@@ -413,8 +421,25 @@ async def stored(
             start = int(r.windowStart.timestamp())
             windows[(level, r.meterId, r.subject, group, start)] = r.value
 
-        await latest_values(nc, bucket, window)
+        await latest_values(nc, bucket, window, settings)
     return readings, windows
+
+
+_AUTH = {
+    "NATS_CREDS": "nats_creds",
+    "NATS_NKEY_SEED": "nats_nkey_seed",
+    "NATS_TLS_CERT": "nats_tls_cert",
+    "NATS_TLS_KEY": "nats_tls_key",
+    "NATS_TLS_CA": "nats_tls_ca",
+}
+
+
+def _auth_settings(settings: Settings) -> dict[str, Any]:
+    return {field: getattr(settings, field) for field in _AUTH.values()}
+
+
+def _auth_env(settings: Settings) -> dict[str, str | None]:
+    return {var: getattr(settings, field) for var, field in _AUTH.items()}
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -459,8 +484,12 @@ async def run(
     lag_seconds: float,
     quiet: bool,
     shape: str = "live",
+    secured: Settings | None = None,
 ) -> dict[str, Any]:
-    """One bench run of a shape (``SHAPES``); ``events_n`` and ``subjects`` shrink it."""
+    """One bench run of a shape (``SHAPES``); ``events_n`` and ``subjects`` shrink it.
+
+    ``secured``: the NATS credentials and client certificate (``NATS_CREDS`` ...) to use with
+    ``nats_url``; the worker and gateway it starts get the same settings."""
     p = Progress(quiet)
     form = SHAPES[shape]
     events_n = events_n or form.events
@@ -473,10 +502,11 @@ async def run(
             data_dir = Path(tmp) / "nats"
             server = await stack.enter_async_context(NatsServer(data_dir))
             nats_url = server.url
-        nc = await nats.connect(nats_url)
+        auth = _auth_settings(secured) if server is None and secured else {}
+        settings = Settings(nats_url=nats_url, stream=f"bench{uuid.uuid4().hex[:6]}", **auth)
+        stream = settings.stream
+        nc = await kv_connect(nats_url, name="kloudmeter-bench", settings=settings)
         stack.push_async_callback(nc.close)
-        stream = f"bench{uuid.uuid4().hex[:6]}"
-        settings = Settings(nats_url=nats_url, stream=stream)
         layout = await provision(nc.jetstream(), settings)
         kv = await nc.jetstream().key_value(layout.meters_bucket)
         for body in METERS:
@@ -492,6 +522,7 @@ async def run(
         p.done(f"baseline: {results['baseline_events_per_s']:,} events/s")
 
         env = {"NATS_URL": nats_url, "METER_NATS_STREAM": stream}
+        env.update({var: value for var, value in _auth_env(settings).items() if value})
         worker = await stack.enter_async_context(_process(["worker"], env))
         p.phase("end to end: waiting for the worker to own every partition")
         ready_by = time.monotonic() + 60
@@ -537,7 +568,7 @@ async def run(
         results["raw_stream_bytes_per_event"] = round(raw / events_n, 1)
         results["disk_over_raw"] = round(disk / raw, 2) if disk and raw else None
         p.phase("end to end: checking every reading and summary window")
-        readings, windows = await stored(nc, layout, settings.interval)
+        readings, windows = await stored(nc, layout, settings.interval, settings)
         correct, wrong = expected.compare(readings, windows)
         results["correct"] = correct and publisher.errors == 0
         if wrong:

@@ -397,19 +397,13 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     from kloudmeter_py import bench
 
     url = args.nats_url or os.environ.get("NATS_URL") or None
-    from kloudmeter_py.store import credentials
-
-    secured = credentials.secured_setting(settings)
-    if url and secured:
-        # bench.run connects with nats-py on its own, without the credentials: refuse rather
-        # than retry a refused connection.
-        raise ConfigError(f"{secured}: kloudmeter bench does not support secured NATS yet")
     if (args.events is not None and args.events < 1) or (
         args.subjects is not None and args.subjects < 1
     ):
         raise ConfigError("--events and --subjects must be positive")
     results = await bench.run(
         shape=args.shape,
+        secured=settings,
         nats_url=url,
         events_n=args.events,
         subjects=args.subjects,

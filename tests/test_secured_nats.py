@@ -242,14 +242,25 @@ async def _streams(nc: Client) -> AsyncIterator[Any]:
         yield info
 
 
-def test_bench_refuses_a_secured_nats_it_cannot_use(tmp_path: Path) -> None:
-    """`kloudmeter bench --nats-url` with secured settings stops at once naming the setting."""
-    seed = secured.write_secret(tmp_path / "u.nk", secured.user_key().seed.decode())
-    proc = _kloudmeter(
-        "bench", "--nats-url", "nats://127.0.0.1:1", env={"NATS_NKEY_SEED": seed}, timeout=30
+@pytest.mark.parametrize("secured_nats", KINDS, indirect=True)
+async def test_bench_runs_exactly_on_a_secured_server(secured_nats: SecuredNats) -> None:
+    """`kloudmeter bench` against a secured server: its own connections (nats-py and the lean
+    one that checks every window) and the worker and gateway it starts all authenticate, and
+    every reading and window is exact."""
+    from kloudmeter_py import bench
+
+    results = await bench.run(
+        nats_url=secured_nats.settings.nats_url,
+        secured=secured_nats.settings,
+        events_n=500,
+        subjects=20,
+        http_seconds=0.2,
+        lag_rate=100,
+        lag_seconds=0.2,
+        quiet=True,
     )
-    assert proc.returncode == 2
-    assert "NATS_NKEY_SEED: kloudmeter bench does not support secured NATS yet" in proc.stderr
+    assert results["correct"] is True, results.get("wrong")
+    assert results["http_batch_events_per_s"] > 0
 
 
 @pytest.mark.parametrize("secured_nats", ["operator_nats", "mtls_nats"], indirect=True)
