@@ -168,3 +168,20 @@ def test_apply_fails_the_values_past_a_unique_limit_and_keeps_the_rest() -> None
     window_state = _state()
     assert apply(window, work[window], window_state, 2, lambda: items) == (True, [])
     assert window_state.acc.distinct == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize(
+    ("events", "parts", "limit"),
+    [
+        (50_000, 5_000, 50_000),  # live: many events per part, rounds stay METER_BATCH_SIZE
+        (50_000, 150_000, 25_000),  # wide: three parts an event, rounds of 25,000
+        (25_000, 75_000, 25_000),  # and they stay there (no flip-flop back to 50,000)
+        (10_000, 3_000_000, 1_000),  # never below 1,000
+        (0, 0, 50_000),
+    ],
+)
+def test_round_limit_follows_the_parts_events_make(events: int, parts: int, limit: int) -> None:
+    """A round's memory is bounded by its parts, not its events."""
+    from kloudmeter_py.worker.runner import _round_limit
+
+    assert _round_limit(50_000, events, parts) == limit
