@@ -300,3 +300,40 @@ async def test_cost_estimate_gives_min_and_max(http: Http) -> None:
         },
     )
     assert resp.status == 400 and (await resp.json())["field"] == "groups[0]"
+
+
+def _at(day: int) -> datetime:
+    return datetime(2026, 11, day, tzinfo=UTC)
+
+
+def test_a_later_price_ends_the_earlier_one_whatever_their_order_and_ids() -> None:
+    """A price change made as a second price of the same meter, region and type with a later
+    effective_from (and no effective_to on the first) takes over at that instant, for every
+    order of the price list and every pair of ids: the same request gives the same bill."""
+    from itertools import permutations
+
+    from kloudmeter_py.core.rating import pick_price
+
+    for old_id, new_id in (("a", "b"), ("b", "a")):
+        old = _price(id=old_id, unit_price=Decimal("0.52"), region="eu", effective_from=_at(1))
+        new = _price(id=new_id, unit_price=Decimal("0.32"), region="eu", effective_from=_at(15))
+        wildcard = _price(id="c", unit_price=Decimal("9"), region=None, effective_from=_at(20))
+        for order in permutations([old, new, wildcard]):
+
+            def at(day: int, order: tuple[Price, ...] = order) -> Decimal | None:
+                p = pick_price(order, meter="m", resource_type=None, region="eu", at=_at(day))
+                return p.unit_price if p else None
+
+            # before the change, from it on; the more specific price beats a newer wildcard
+            assert (at(10), at(15), at(25)) == (Decimal("0.52"), Decimal("0.32"), Decimal("0.32"))
+
+
+def test_equally_specific_prices_from_the_same_instant_are_ordered_by_id() -> None:
+    """Two prices that are equal in specificity and start: the lowest id, in any order."""
+    from kloudmeter_py.core.rating import pick_price
+
+    a = _price(id="p1", unit_price=Decimal("1"))
+    b = _price(id="p2", unit_price=Decimal("2"))
+    for order in ([a, b], [b, a]):
+        p = pick_price(order, meter="m", resource_type=None, region="eu", at=_at(5))
+        assert p is not None and p.id == "p1"

@@ -1,6 +1,7 @@
 """Rating: prices with tiers and effective dates, lifecycle timelines turned into billing
 segments, filters over metadata, and cost estimates. Money is Decimal, never float."""
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -107,16 +108,23 @@ def pick_price(
     region: str | None,
     at: datetime,
 ) -> Price | None:
-    """The most specific price in force at ``at`` (region and type beat wildcards)."""
-    best: tuple[int, Price] | None = None
+    """The price in force at ``at``: the most specific (region and type beat wildcards); of
+    equally specific ones, the one in force since the latest ``effective_from`` (a price
+    change is a new price from a later instant: it ends the earlier one then, with no
+    ``effective_to`` needed); of those, the lowest id. The same prices always give the same
+    answer, whatever order they are listed in."""
+    best = (-1, -math.inf)
+    chosen: Price | None = None
     for p in prices:
         if price_applies(p, meter=meter, resource_type=resource_type, region=region, at=at):
             score = (
                 (p.region is not None) * 2 + (p.meter is not None) + (p.resource_type is not None)
             )
-            if best is None or score > best[0]:
-                best = (score, p)
-    return best[1] if best else None
+            since = p.effective_from.timestamp() if p.effective_from is not None else -math.inf
+            rank = (score, since)
+            if chosen is None or rank > best or (rank == best and p.id < chosen.id):
+                best, chosen = rank, p
+    return chosen
 
 
 def tiered_cost(price: Price, quantity: Decimal) -> Decimal:
