@@ -4,8 +4,9 @@ KV batches.
 nats-py does everything else here (setup, KV reads, leases, the gateway). On the hot path it
 costs most of the worker's time: per received message it parses the headers, builds a ``Msg``,
 queues it and runs a coroutine; per published message it validates and encodes a header dict.
-This connection parses the protocol in ``data_received`` and hands each message to a plain
-function, and it builds each published message's bytes in one step. It speaks only what the
+This connection parses the protocol as it arrives (``store.protocol.Parser``, pure, no I/O)
+and hands each message to a plain function, and it builds each published message's bytes in
+one step (``store.protocol``'s encoders); what is here is the I/O. It speaks only what the
 worker needs: CONNECT (user and password or token from the URL; a JWT or NKEY user's signed
 nonce and a client certificate from ``store.credentials``; TLS for ``tls://`` or when the
 server asks), SUB, UNSUB, PUB, HPUB, MSG, HMSG, PING and PONG. Any trouble closes it, and
@@ -22,6 +23,15 @@ from urllib.parse import unquote, urlsplit
 
 from kloudmeter_py import __version__
 from kloudmeter_py.store.credentials import NatsCredentials, NatsRefused
+from kloudmeter_py.store.protocol import (
+    Parser,
+    encode_connect,
+    encode_hpub,
+    encode_pub,
+    encode_sub,
+    encode_unsub,
+    status_of,
+)
 
 
 class WireError(Exception):
@@ -41,10 +51,7 @@ class WireMsg:
 
     def status(self) -> str | None:
         """The status code of a server status message (``NATS/1.0 408 ...``), else None."""
-        if self.data or not self.headers.startswith(b"NATS/1.0 "):
-            return None
-        line = self.headers.split(b"\r\n", 1)[0]
-        return line[9:].decode("ascii", "replace").strip()
+        return status_of(self.headers, self.data)
 
 
 Handler = Callable[[WireMsg], None]
@@ -52,7 +59,8 @@ Handler = Callable[[WireMsg], None]
 
 class Wire(asyncio.Protocol):
     def __init__(self) -> None:
-        self._buf = b""
+        self._parser = Parser(self._on_msg, self._on_line)
+        self.data_received = self._parser.feed  # type: ignore[method-assign]
         self._subs: dict[bytes, Handler] = {}
         self._sids = itertools.count(1)
         self._pongs: list[asyncio.Future[None]] = []
@@ -127,7 +135,7 @@ class Wire(asyncio.Protocol):
             elif parts.username:
                 options["auth_token"] = unquote(parts.username)
             options.update(creds.connect_fields(info))
-            wire._write(b"CONNECT " + json.dumps(options).encode() + b"\r\n")
+            wire._write(encode_connect(options))
             await wire.flush()
             wire._inbox_prefix = f"_INBOX.km{id(wire):x}{next(wire._reply_ids)}"
             wire.subscribe(wire._inbox_prefix + ".*", wire._on_reply)
@@ -152,66 +160,30 @@ class Wire(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writable.set()
 
-    def data_received(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
-        pos = 0
-        size = len(buf)
-        subs = self._subs
-        while True:
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                break
-            op = buf[pos : pos + 4]
-            if op == b"HMSG":
-                args = buf[pos + 5 : eol].split(b" ")
-                if len(args) == 5:
-                    subject, sid, reply, hlen_b, tlen_b = args
-                else:
-                    subject, sid, hlen_b, tlen_b = args
-                    reply = b""
-                hlen = int(hlen_b)
-                end = eol + 2 + int(tlen_b)
-                if end + 2 > size:
-                    break
-                handler = subs.get(sid)
-                if handler is not None:
-                    head = buf[eol + 2 : eol + 2 + hlen]
-                    handler(
-                        WireMsg(subject.decode(), reply.decode(), head, buf[eol + 2 + hlen : end])
-                    )
-                pos = end + 2
-            elif op == b"MSG ":
-                args = buf[pos + 4 : eol].split(b" ")
-                if len(args) == 4:
-                    subject, sid, reply, tlen_b = args
-                else:
-                    subject, sid, tlen_b = args
-                    reply = b""
-                end = eol + 2 + int(tlen_b)
-                if end + 2 > size:
-                    break
-                handler = subs.get(sid)
-                if handler is not None:
-                    handler(WireMsg(subject.decode(), reply.decode(), b"", buf[eol + 2 : end]))
-                pos = end + 2
-            else:
-                line = buf[pos:eol]
-                pos = eol + 2
-                if line == b"PING":
-                    self._write(b"PONG\r\n")
-                elif line == b"PONG":
-                    if self._pongs:
-                        fut = self._pongs.pop(0)
-                        if not fut.done():
-                            fut.set_result(None)
-                elif line.startswith(b"INFO "):
-                    if not self._info.done():
-                        self._info.set_result(json.loads(line[5:]))
-                elif line.startswith(b"-ERR"):
-                    self._fail(WireError(line[5:].decode("utf-8", "replace").strip(" '")))
-                    return
-                # +OK and anything unknown: nothing to do
-        self._buf = buf[pos:]
+    def data_received(self, data: bytes) -> None:  # replaced by the parser's feed
+        self._parser.feed(data)
+
+    def _on_msg(self, sid: bytes, subject: str, reply: str, headers: bytes, data: bytes) -> None:
+        handler = self._subs.get(sid)
+        if handler is not None:
+            handler(WireMsg(subject, reply, headers, data))
+
+    def _on_line(self, line: bytes) -> bool:
+        if line == b"PING":
+            self._write(b"PONG\r\n")
+        elif line == b"PONG":
+            if self._pongs:
+                fut = self._pongs.pop(0)
+                if not fut.done():
+                    fut.set_result(None)
+        elif line.startswith(b"INFO "):
+            if not self._info.done():
+                self._info.set_result(json.loads(line[5:]))
+        elif line.startswith(b"-ERR"):
+            self._fail(WireError(line[5:].decode("utf-8", "replace").strip(" '")))
+            return False
+        # +OK and anything unknown: nothing to do
+        return True
 
     # --- using it -----------------------------------------------------------------------
 
@@ -263,32 +235,20 @@ class Wire(asyncio.Protocol):
     def subscribe(self, subject: str, handler: Handler) -> bytes:
         sid = str(next(self._sids)).encode()
         self._subs[sid] = handler
-        self._write(b"SUB %s %s\r\n" % (subject.encode(), sid))
+        self._write(encode_sub(subject, sid))
         return sid
 
     def unsubscribe(self, sid: bytes) -> None:
         self._subs.pop(sid, None)
         if self.error is None:
-            self._write(b"UNSUB %s\r\n" % sid)
+            self._write(encode_unsub(sid))
 
     def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
-        if reply:
-            self._write(
-                b"PUB %s %s %d\r\n%s\r\n"
-                % (subject.encode(), reply.encode(), len(payload), payload)
-            )
-        else:
-            self._write(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
+        self._write(encode_pub(subject, payload, reply))
 
     def hpublish(self, subject: str, headers: bytes, payload: bytes, reply: str = "") -> None:
         """Publish with a complete header block (``NATS/1.0\r\n`` ... ``\r\n\r\n``)."""
-        hlen = len(headers)
-        total = hlen + len(payload)
-        if reply:
-            line = b"HPUB %s %s %d %d\r\n" % (subject.encode(), reply.encode(), hlen, total)
-        else:
-            line = b"HPUB %s %d %d\r\n" % (subject.encode(), hlen, total)
-        self._write(line + headers + payload + b"\r\n")
+        self._write(encode_hpub(subject, headers, payload, reply))
 
     def new_inbox(self) -> str:
         return f"{self._inbox_prefix}x.{next(self._reply_ids)}"
