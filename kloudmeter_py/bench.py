@@ -273,15 +273,12 @@ def peak_rss_mb(pid: int) -> float:
 
 
 @contextlib.asynccontextmanager
-async def _process(args: list[str], env: dict[str, str]) -> AsyncIterator[Any]:
+async def _child(argv: list[str], env: dict[str, str] | None = None) -> AsyncIterator[Any]:
+    """A Python child process (this interpreter), stopped when the block ends."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "kloudmeter_py",
-        "--log-level",
-        "warning",
-        *args,
-        env={**os.environ, **env},
+        *argv,
+        env=None if env is None else {**os.environ, **env},
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
         preexec_fn=die_with_parent,
@@ -290,6 +287,11 @@ async def _process(args: list[str], env: dict[str, str]) -> AsyncIterator[Any]:
         yield proc
     finally:
         await stop_process(proc)
+
+
+def _process(args: list[str], env: dict[str, str]) -> contextlib.AbstractAsyncContextManager[Any]:
+    """``kloudmeter <args>`` as a child process."""
+    return _child(["-m", "kloudmeter_py", "--log-level", "warning", *args], env)
 
 
 async def baseline(nc: Client, events: list[tuple[str, bytes, str]], p: Progress) -> float:
@@ -633,23 +635,10 @@ async def null_http(port: int) -> None:
     await asyncio.Event().wait()
 
 
-@contextlib.asynccontextmanager
-async def _null_http(port: int) -> AsyncIterator[Any]:
+def _null_http(port: int) -> contextlib.AbstractAsyncContextManager[Any]:
     code = "import asyncio, sys; from kloudmeter_py.bench import null_http; "
     code += "asyncio.run(null_http(int(sys.argv[1])))"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        code,
-        str(port),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        preexec_fn=die_with_parent,
-    )
-    try:
-        yield proc
-    finally:
-        await stop_process(proc)
+    return _child(["-c", code, str(port)])
 
 
 async def measure_lag(

@@ -65,7 +65,9 @@ async def test_small_wide_bench_checks_every_reading_and_window() -> None:
     # 2,000 events over 30 days of 300 subjects: nearly every event has day windows of its
     # own (3 meters), besides 300 x 7 readings.
     assert results["distinct_keys"] > 5000
-    assert results["kv_writes_per_event"] >= results["distinct_keys"] / 2000
+    # every key written at least once (but a window at its retention edge, counted in
+    # distinct_keys and maybe no longer written)
+    assert results["kv_writes_per_event"] * 2000 >= results["distinct_keys"] * 0.95
     assert results["disk_bytes_per_event"] > 0 and results["nats_server_cpu_s"] > 0
 
 

@@ -11,6 +11,7 @@ the worker an acknowledgement per write).
 """
 
 import asyncio
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -58,9 +59,11 @@ def state_size(state: KeyState) -> int:
 class KeyStore:
     """The cache of key states of one runner, and how they are read and written."""
 
-    def __init__(self, worker: "Worker", batch_prefix: str, log: Any) -> None:
+    def __init__(self, worker: "Worker", log: Any) -> None:
         self.w = worker
-        self.batch_prefix = batch_prefix  # batch ids: <prefix>-<n>, unique per runner
+        # Batch ids: a random prefix and a counter, unique per runner. nats-server stores the
+        # batch headers with every message of a batch: a short id keeps them small.
+        self.batch_prefix = uuid.uuid4().hex[:8]
         self.log = log
         self.cache: dict[WKey, KeyState] = {}
         self.cache_bytes = 0  # estimated (see state_size)
@@ -225,7 +228,7 @@ class KeyStore:
         store: int,
     ) -> None:
         self._batch_counter += 1
-        batch_id = f"{self.batch_prefix}-{self._batch_counter}"[-64:]
+        batch_id = f"{self.batch_prefix}{self._batch_counter:x}"
         bucket = self.w.store_buckets[store]
         last = len(chunk) - 1
         head = b"NATS/1.0\r\nNats-Batch-Id: %s\r\nNats-Batch-Sequence: " % batch_id.encode()

@@ -161,7 +161,7 @@ class Runner:
         self.settings = worker.settings
         self.consumer = f"{self.layout.stream}-w{worker.worker_id}-{run}"
         self.log = log.bind(partitions=partitions, worker=worker.worker_id)
-        self.keys = KeyStore(worker, self.consumer, self.log)
+        self.keys = KeyStore(worker, self.log)
         self.cp = Checkpoint(worker.offsets, partitions, worker.worker_id)
         # Summaries changed in memory but not yet written, the last message not yet acked,
         # and since when: all are flushed together with the checkpoint.
