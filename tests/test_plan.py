@@ -181,7 +181,8 @@ def test_apply_fails_the_values_past_a_unique_limit_and_keeps_the_rest() -> None
     ],
 )
 def test_round_limit_follows_the_parts_events_make(events: int, parts: int, limit: int) -> None:
-    """A round's memory is bounded by its parts, not its events."""
+    """A round's memory is bounded by its parts, not its events; never above the batch size."""
     from kloudmeter_py.worker.runner import _round_limit
 
     assert _round_limit(50_000, events, parts) == limit
+    assert _round_limit(300, events, parts) == min(300, limit)

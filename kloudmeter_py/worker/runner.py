@@ -99,7 +99,7 @@ def _round_limit(batch_size: int, events: int, parts: int) -> int:
     _ROUND_PARTS."""
     if not parts or not events:
         return batch_size
-    return max(1000, min(batch_size, events * _ROUND_PARTS // parts))
+    return min(batch_size, max(1000, events * _ROUND_PARTS // parts))
 
 
 def _chunks(keys: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
