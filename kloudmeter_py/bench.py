@@ -25,7 +25,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
-from kloudmeter_py.config import Settings
+from kloudmeter_py.config import NATS_AUTH, Settings
 from kloudmeter_py.core.keys import event_subject
 from kloudmeter_py.core.models import (
     encoder,
@@ -427,21 +427,12 @@ async def stored(
     return readings, windows
 
 
-_AUTH = {
-    "NATS_CREDS": "nats_creds",
-    "NATS_NKEY_SEED": "nats_nkey_seed",
-    "NATS_TLS_CERT": "nats_tls_cert",
-    "NATS_TLS_KEY": "nats_tls_key",
-    "NATS_TLS_CA": "nats_tls_ca",
-}
-
-
 def _auth_settings(settings: Settings) -> dict[str, Any]:
-    return {field: getattr(settings, field) for field in _AUTH.values()}
+    return {field: getattr(settings, field) for _, field in NATS_AUTH}
 
 
 def _auth_env(settings: Settings) -> dict[str, str | None]:
-    return {var: getattr(settings, field) for var, field in _AUTH.items()}
+    return {var: getattr(settings, field) for var, field in NATS_AUTH}
 
 
 def cpu_seconds(pid: int | None) -> float:

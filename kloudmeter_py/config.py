@@ -180,6 +180,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return cls(**values)
 
 
+# The secured-NATS settings: environment variable and Settings field (all paths to files).
+NATS_AUTH: tuple[tuple[str, str], ...] = (
+    ("NATS_CREDS", "nats_creds"),
+    ("NATS_NKEY_SEED", "nats_nkey_seed"),
+    ("NATS_TLS_CERT", "nats_tls_cert"),
+    ("NATS_TLS_KEY", "nats_tls_key"),
+    ("NATS_TLS_CA", "nats_tls_ca"),
+)
+
 _ENV: tuple[tuple[str, str, type], ...] = (
     ("NATS_URL", "nats_url", str),
     ("METER_NATS_STREAM", "stream", str),
@@ -207,9 +216,5 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("KLOUDMETER_USAGE_LOCATION", "usage_location", str),
     ("KLOUDMETER_ADMIN_TOKEN", "admin_token", str),
     ("KLOUDMETER_ALLOW_NO_AUTH", "allow_no_auth", bool),
-    ("NATS_CREDS", "nats_creds", str),
-    ("NATS_NKEY_SEED", "nats_nkey_seed", str),
-    ("NATS_TLS_CERT", "nats_tls_cert", str),
-    ("NATS_TLS_KEY", "nats_tls_key", str),
-    ("NATS_TLS_CA", "nats_tls_ca", str),
+    *((var, field, str) for var, field in NATS_AUTH),
 )

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import json
 import re
 import ssl
@@ -254,14 +255,7 @@ def load(settings: Settings) -> NatsCredentials:
         base = _load_seed(settings.nats_nkey_seed)
     else:
         base = NatsCredentials()
-    return NatsCredentials(
-        jwt=base.jwt,
-        seed=base.seed,
-        seed_setting=base.seed_setting,
-        public_key=base.public_key,
-        tls=_tls_context(settings),
-        settings=settings,
-    )
+    return dataclasses.replace(base, tls=_tls_context(settings), settings=settings)
 
 
 def refusal(exc: BaseException, settings: Settings) -> str | None:
