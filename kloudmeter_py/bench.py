@@ -33,7 +33,7 @@ from kloudmeter_py.core.models import (
     reading_decoder,
     validate_meter,
 )
-from kloudmeter_py.core.summaries import summary_reading
+from kloudmeter_py.core.summaries import page_start, summary_readings
 from kloudmeter_py.core.windows import widths, window_start
 from kloudmeter_py.store.credentials import load as load_credentials
 from kloudmeter_py.store.kv import connect as kv_connect
@@ -193,6 +193,16 @@ class Expected:
 
     @property
     def distinct_keys(self) -> int:
+        """KV keys the events make: readings, and the pages holding their windows."""
+        level_widths = {level: width for level, width, _ in self.levels}
+        pages = {
+            (level, meter, subject, group, page_start(level_widths[level], start))
+            for level, meter, subject, group, start in self.windows
+        }
+        return len(self.readings) + len(pages)
+
+    @property
+    def distinct_windows(self) -> int:
         return len(self.readings) + len(self.windows)
 
     def compare(
@@ -417,11 +427,11 @@ async def stored(
             meter = meters[key.split(".", 1)[0]]
             if meter.id == "lag":
                 return
-            r = summary_reading(key, data, meter, level_widths[level])
-            assert r.windowStart is not None
-            group = next(iter(r.groupBy.values()), None) or ""
-            start = int(r.windowStart.timestamp())
-            windows[(level, r.meterId, r.subject, group, start)] = r.value
+            for r in summary_readings(key, data, meter, level_widths[level]):
+                assert r.windowStart is not None
+                group = next(iter(r.groupBy.values()), None) or ""
+                start = int(r.windowStart.timestamp())
+                windows[(level, r.meterId, r.subject, group, start)] = r.value
 
         await latest_values(nc, bucket, window, settings)
     return readings, windows
@@ -554,6 +564,7 @@ async def run(
         )
         writes = await kv_writes(nc, layout)
         results["distinct_keys"] = expected.distinct_keys
+        results["distinct_windows"] = expected.distinct_windows
         results["kv_writes_per_event"] = round(writes / events_n, 3)
         raw = (await nc.jetstream().stream_info(stream)).state.bytes
         disk = dir_bytes(data_dir)

@@ -16,7 +16,7 @@ from nats.aio.client import Client
 
 from kloudmeter_py.core.keys import event_subject
 from kloudmeter_py.core.models import Meter, reading_decoder
-from kloudmeter_py.core.summaries import summary_reading
+from kloudmeter_py.core.summaries import summary_readings
 from kloudmeter_py.store.kv import scan
 from kloudmeter_py.store.server import die_with_parent
 
@@ -158,12 +158,12 @@ async def day_totals(
         meter = meters.get(key.split(".", 1)[0])
         if meter is None:
             continue
-        r = summary_reading(key, value, meter, 86400)
-        key = (r.meterId, r.subject, tuple(r.groupBy.values()))
-        if r.aggregation == "unique":
-            users[key].update(r.distinct or ())
-        else:
-            out[key] = out.get(key, 0) + (r.value or 0)
+        for r in summary_readings(key, value, meter, 86400):
+            rkey = (r.meterId, r.subject, tuple(r.groupBy.values()))
+            if r.aggregation == "unique":
+                users[rkey].update(r.distinct or ())
+            else:
+                out[rkey] = out.get(rkey, 0) + (r.value or 0)
     out.update({key: len(values) for key, values in users.items()})
     return out
 

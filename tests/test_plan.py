@@ -18,7 +18,7 @@ from kloudmeter_py.core.plan import (
     kept_windows,
     spread,
 )
-from kloudmeter_py.core.windows import window_token
+from kloudmeter_py.core.summaries import page_token
 
 NOW = 1_764_676_800  # 2025-12-02T12:00:00Z
 # minute (store 1), hour (2), day (3): kept for 2 h, 2 days, 400 days after they close
@@ -100,24 +100,57 @@ def test_fold_rows_folds_per_series_and_finest_window_and_fails_exactly_the_bad_
     }
 
 
-def test_spread_names_the_reading_and_each_kept_window_once() -> None:
-    """Two minutes of one series make one reading key, two minute and one hour and day key;
-    a part too old for every level changes only its reading and is counted late there."""
+def test_spread_names_the_reading_and_each_kept_page_once() -> None:
+    """Two minutes of one hour and a day before make one reading key, a minute page (the hour;
+    a day ago is past the minutes kept), two hour pages (days) and one day page (the month);
+    a part too old for every level
+    changes only its reading and is counted late there."""
     count = _meter("count")
     series: Series = {}
-    fold_rows(
-        series, [_row(1, NOW), _row(2, NOW + 60), _row(3, NOW - 500 * 86400)], {"t": [count]}, 60
-    )
+    rows = [_row(1, NOW), _row(2, NOW + 60), _row(4, NOW - 86400), _row(3, NOW - 500 * 86400)]
+    fold_rows(series, rows, {"t": [count]}, 60)
     work = spread(series, LEVELS, 60)
-    day = NOW - 43200
-    assert {k: (w.first_seq, w.last_seq, w.events, w.window) for k, w in work.items()} == {
-        (0, "count.s"): (1, 3, 3, None),
-        (1, f"count.s.{window_token(NOW)}"): (1, 1, 1, (NOW, 60)),
-        (1, f"count.s.{window_token(NOW + 60)}"): (2, 2, 1, (NOW + 60, 60)),
-        (2, f"count.s.{window_token(NOW)}"): (1, 2, 2, (NOW, 3600)),
-        (3, f"count.s.{window_token(day)}"): (1, 2, 2, (day, 86400)),
+    got = {k: (w.first_seq, w.last_seq, w.events, w.width) for k, w in work.items()}
+    assert got == {
+        (0, "count.s"): (1, 4, 4, 0),
+        (1, "count.s.2025-12-02T12"): (1, 2, 2, 60),
+        (2, "count.s.2025-12-02"): (1, 2, 2, 3600),
+        (2, "count.s.2025-12-01"): (4, 4, 1, 3600),
+        (3, "count.s.2025-12"): (1, 4, 3, 86400),
     }
-    assert [p.late for p in work[(0, "count.s")].parts] == [0, 0, 1]
+    assert [p.late for p in work[(0, "count.s")].parts] == [0, 0, 0, 1]
+    assert page_token(86400, NOW) == "2025-12"
+
+
+def test_apply_folds_each_part_into_its_window_of_the_page() -> None:
+    """A page keeps one state per window; windows the level no longer keeps are dropped
+    from it when it is written."""
+    from kloudmeter_py.core.plan import empty_state
+
+    count = _meter("count")
+    series: Series = {}
+    rows = [_row(1, NOW), _row(2, NOW + 60), _row(3, NOW + 61), _row(4, NOW - 86400)]
+    fold_rows(series, rows, {"t": [count]}, 60)
+    work = spread(series, LEVELS, 60)
+    items = exact_items([(r[1], r[2], r[3]) for r in rows], {"t": [count]}, LEVELS)
+    page = (1, "count.s.2025-12-02T12")
+    state = empty_state(1, 0, 0)
+    assert state.windows is not None
+    state.windows[NOW - 8000] = Acc()  # expired (ends more than 2 h ago)
+    assert apply(page, work[page], state, 10, lambda: items) == (True, [])
+    assert {s: a.count for s, a in state.windows.items()} == {NOW: 1, NOW + 60: 2}
+    month = (3, "count.s.2025-12")
+    state = empty_state(3, 0, 0)
+    state.last_seq = 2  # holds 1 and 2 already: 3 and 4 are folded one by one
+    assert state.windows is not None
+    state.windows[NOW - 43200] = Acc()
+    state.windows[NOW - 43200].count = 2
+    assert apply(month, work[month], state, 10, lambda: items) == (True, [])
+    assert {s: a.count for s, a in state.windows.items()} == {
+        NOW - 43200: 3,
+        NOW - 43200 - 86400: 1,
+    }
+    assert state.last_seq == 4
 
 
 def _state(last_seq: int = 0, count: int = 0, replayed: list[int] | None = None) -> KeyState:
@@ -164,10 +197,11 @@ def test_apply_fails_the_values_past_a_unique_limit_and_keeps_the_rest() -> None
     changed, failures = apply((0, "unique.s"), work[(0, "unique.s")], state, 2, lambda: items)
     assert changed and [(seq, meter) for seq, meter, _ in failures] == [(4, "unique")]
     assert state.acc.distinct == {"a", "b"} and state.last_seq == 4
-    window = (1, f"unique.s.{window_token(NOW)}")
+    window = (1, f"unique.s.{page_token(60, NOW)}")
     window_state = _state()
+    window_state.windows = {}
     assert apply(window, work[window], window_state, 2, lambda: items) == (True, [])
-    assert window_state.acc.distinct == {"a", "b", "c"}
+    assert window_state.windows[NOW].distinct == {"a", "b", "c"}
 
 
 @pytest.mark.parametrize(

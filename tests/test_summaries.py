@@ -10,10 +10,18 @@ from kloudmeter_py.core.keys import reading_key
 from kloudmeter_py.core.meters import to_reading
 from kloudmeter_py.core.models import Meter, encoder
 from kloudmeter_py.core.summaries import (
+    decode_page,
     decode_window,
+    encode_page,
     encode_window,
+    is_page_token,
+    page_end,
+    page_start,
+    page_token,
+    parse_page_token,
     parse_summary_key,
     summary_reading,
+    summary_readings,
 )
 from kloudmeter_py.core.windows import window_token
 
@@ -98,3 +106,46 @@ def test_an_unknown_format_is_refused() -> None:
     """A value of a format this version does not know is an error, not a wrong number."""
     with pytest.raises(msgspec.ValidationError):
         decode_window(b"[2,7,123,1]")
+
+
+@pytest.mark.parametrize(("aggregation", "values"), CASES)
+def test_a_page_holds_each_window_as_its_own_state(aggregation: str, values: list[object]) -> None:
+    """A page of two day windows comes back window by window, and reads back as one reading
+    per window equal to the window-per-key form of layout 1."""
+    meter = _meter(aggregation)
+    first = _acc(values)  # type: ignore[arg-type]
+    second = _acc(values[:1])  # type: ignore[arg-type]
+    data = encode_page({START + 86400: second, START: first}, 123, 7, [99])
+    assert data.startswith(b"[2,7,123,[99],[[" + str(START).encode())
+    page = decode_page(data)
+    assert page.windows == {START: first, START + 86400: second}
+    assert (page.last_seq, page.meter_start_seq, page.replayed) == (123, 7, [99])
+    key = reading_key("m", "s", ()) + "." + page_token(86400, START)
+    assert key.endswith(".2025-12")
+    got = summary_readings(key, data, meter, 86400)
+    one = summary_reading("m.s." + window_token(START), encode_window(first, 123, 7), meter, 86400)
+    assert [(r.value, r.count, r.windowStart, r.windowEnd) for r in got[:1]] == [
+        (one.value, one.count, one.windowStart, one.windowEnd)
+    ]
+    assert got[1].windowStart == datetime.fromtimestamp(START + 86400, UTC)
+
+
+@pytest.mark.parametrize(
+    ("width", "at", "token", "start", "end"),
+    [
+        (60, START + 3 * 3600 + 120, "2025-12-02T03", START + 3 * 3600, START + 4 * 3600),
+        (3600, START + 7200, "2025-12-02", START, START + 86400),
+        (86400, START, "2025-12", START - 86400, START + 30 * 86400),
+        # December's page ends with the year; February of a leap year has 29 days
+        (86400, 1_767_139_200, "2025-12", START - 86400, 1_767_225_600),
+        (86400, 1_709_164_800, "2024-02", 1_706_745_600, 1_709_251_200),
+    ],
+)
+def test_a_window_falls_in_one_page(width: int, at: int, token: str, start: int, end: int) -> None:
+    """Minute windows in hour pages, hours in day pages, days in calendar months (UTC)."""
+    assert page_token(width, at) == token
+    assert page_start(width, at) == start == parse_page_token(token)
+    assert page_end(width, start) == end
+    assert is_page_token(token) and not is_page_token(window_token(at))
+    key = reading_key("m", "s", ("eu",)) + "." + token
+    assert parse_summary_key(key, 1) == ("s", ("eu",), start)

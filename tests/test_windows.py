@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from nats.aio.client import Client
 
 from kloudmeter_py.config import Settings
-from kloudmeter_py.core.summaries import decode_window
+from kloudmeter_py.core.summaries import decode_page
 from kloudmeter_py.core.windows import QueryError, cover, output_windows, widths
 from kloudmeter_py.gateway import create_app
 from kloudmeter_py.store.kv import scan
@@ -298,7 +298,7 @@ async def test_an_event_too_old_for_every_summary_is_late_but_counted(
     rs = await eventually(lambda: readings(http, meter="m"), lambda rs: total_count(rs) == 2)
     assert rs[0]["late"] == 1
     days = await scan(nc.jetstream(), "summaries_day")
-    assert [decode_window(v).acc.count for _, v in days] == [1]
+    assert [[a.count for a in decode_page(v).windows.values()] for _, v in days] == [[1]]
 
 
 async def test_summaries_expire_by_themselves(nats_server: Any) -> None:

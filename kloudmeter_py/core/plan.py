@@ -4,9 +4,11 @@ The worker's runner calls these in this order for every round:
 
 1. ``fold_rows``: the round's events folded per series (meter x subject x group values) and
    finest window, all of one type, subject and window together (``Part``).
-2. ``spread``: the parts spread over the keys they change: the reading, and the window of
-   each summary level that still keeps it (``kept_windows``, the one place that decides
-   which windows an event falls in and whether they are kept). One ``KeyWork`` per key.
+2. ``spread``: the parts spread over the keys they change: the reading, and at each summary
+   level that still keeps the part's window (``kept_windows``, the one place that decides
+   which windows an event falls in and whether they are kept) the page holding that window
+   (core.summaries: minute windows in hour pages, hours in day pages, days in month pages).
+   One ``KeyWork`` per key.
 3. ``apply``: a key's stored state (``KeyState``) and its ``KeyWork`` give the new state, or
    "nothing new". Where the stored state already holds part of the round (a replay after a
    crash, a lost compare-and-set, a replayed dead letter), the key is folded event by event
@@ -24,7 +26,7 @@ from typing import Any
 from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold, fold_many, merge_into
 from kloudmeter_py.core.meters import CompiledMeter
 from kloudmeter_py.core.models import Event
-from kloudmeter_py.core.windows import window_token
+from kloudmeter_py.core.summaries import page_token
 
 # (store, width in seconds, oldest window end still kept) per summary level
 Levels = Sequence[tuple[int, int, int]]
@@ -57,6 +59,7 @@ class Part:
     groups: tuple[str | None, ...]
     acc: Acc
     first_seq: int
+    at: int = 0  # start (epoch seconds) of its finest window
     last_seq: int = 0
     events: int = 0
     late: int = 0  # events too old for every summary level
@@ -65,13 +68,14 @@ class Part:
 class KeyWork:
     """What one round changes in one key: the parts that fall in it."""
 
-    __slots__ = ("first_seq", "groups", "last_seq", "meter", "parts", "subject", "window")
+    __slots__ = ("first_seq", "groups", "last_seq", "meter", "oldest", "parts", "subject", "width")
 
-    def __init__(self, part: Part, window: tuple[int, int] | None) -> None:
+    def __init__(self, part: Part, width: int = 0, oldest: int = 0) -> None:
         self.meter = part.meter
         self.subject = part.subject
         self.groups = part.groups
-        self.window = window  # (start epoch seconds, width) for summaries
+        self.width = width  # a page's window width in seconds (0: a reading)
+        self.oldest = oldest  # a page's oldest window end still kept
         self.parts = [part]
         self.first_seq = part.first_seq
         self.last_seq = part.last_seq
@@ -88,7 +92,8 @@ class KeyWork:
 
 @dataclass(slots=True)
 class KeyState:
-    """A key's stored state as the worker holds it: what it folds the round into."""
+    """A key's stored state as the worker holds it: what it folds the round into. A
+    reading's state is ``acc``; a page's is ``windows`` (window start -> state)."""
 
     acc: Acc
     last_seq: int  # highest stream sequence folded in
@@ -97,6 +102,12 @@ class KeyState:
     replayed: list[int] | None = None  # dead letters replayed into it
     late: int = 0  # readings: events too old for every summary level
     size: int = 0  # estimated bytes in memory
+    windows: dict[int, Acc] | None = None  # pages only
+
+
+def empty_state(store: int, revision: int, meter_start_seq: int) -> KeyState:
+    """The state of a key that holds nothing (yet) for this meter generation."""
+    return KeyState(Acc(), 0, revision, meter_start_seq, windows={} if store else None)
 
 
 Series = dict[tuple[str, int], Part]  # (reading key, finest window) -> part
@@ -132,7 +143,7 @@ def fold_rows(
         for cm in meters:
             found = cm.extract_many(subject, datas) if seqs[0] > cm.meter.startSeq else None
             if found is None:
-                failures.extend(fold_each(series, cm, group, bucket))
+                failures.extend(fold_each(series, cm, group, bucket, interval))
                 continue
             for key, groups, indexes, numbers, dkeys in found:
                 if indexes is None:
@@ -142,14 +153,18 @@ def fold_rows(
                     seq_list = [seqs[i] for i in indexes]
                 part = series.get((key, bucket))
                 if part is None:
-                    part = series[(key, bucket)] = Part(cm, subject, groups, Acc(), seq_list[0])
+                    part = series[(key, bucket)] = Part(
+                        cm, subject, groups, Acc(), seq_list[0], bucket * interval
+                    )
                 fold_many(part.acc, numbers, dkeys, at_list, seq_list)
                 part.last_seq = seq_list[-1]
                 part.events += len(seq_list)
     return failures
 
 
-def fold_each(series: Series, cm: CompiledMeter, rows: list[Row], bucket: int) -> list[Failure]:
+def fold_each(
+    series: Series, cm: CompiledMeter, rows: list[Row], bucket: int, interval: int
+) -> list[Failure]:
     """Fold one meter event by event (events at or before its start are not its)."""
     failures: list[Failure] = []
     for tag, seq, at_ms, event in rows:
@@ -162,7 +177,9 @@ def fold_each(series: Series, cm: CompiledMeter, rows: list[Row], bucket: int) -
             continue
         part = series.get((key, bucket))
         if part is None:
-            part = series[(key, bucket)] = Part(cm, event.subject, groups, Acc(), seq)
+            part = series[(key, bucket)] = Part(
+                cm, event.subject, groups, Acc(), seq, bucket * interval
+            )
         fold(part.acc, number, dkey, at_ms, seq, NO_LIMIT)
         part.last_seq = seq
         part.events += 1
@@ -170,30 +187,32 @@ def fold_each(series: Series, cm: CompiledMeter, rows: list[Row], bucket: int) -
 
 
 def spread(series: Series, levels: Levels, interval: int) -> dict[WKey, KeyWork]:
-    """The keys the parts change: each part's reading, and its window at each level that
-    still keeps it (a part kept by no level is counted as late in its reading)."""
+    """The keys the parts change: each part's reading, and at each level that still keeps
+    its window the page holding it (a part kept by no level is counted as late in its
+    reading)."""
     work: dict[WKey, KeyWork] = {}
-    # per finest window: (store, key suffix, window) of each level that keeps it
-    targets: dict[int, list[tuple[int, str, tuple[int, int]]]] = {}
+    oldest = {store: end for store, _, end in levels}
+    # per finest window: (store, key suffix, width) of each level that keeps it
+    targets: dict[int, list[tuple[int, str, int]]] = {}
     for (key, bucket), part in series.items():
-        windows = targets.get(bucket)
-        if windows is None:
-            windows = targets[bucket] = [
-                (store, "." + window_token(start), (start, width))
+        pages = targets.get(bucket)
+        if pages is None:
+            pages = targets[bucket] = [
+                (store, "." + page_token(width, start), width)
                 for store, start, width in kept_windows(bucket * interval, levels)
             ]
-        if not windows:
+        if not pages:
             part.late = part.events
         kw = work.get((0, key))
         if kw is None:
-            work[(0, key)] = KeyWork(part, None)
+            work[(0, key)] = KeyWork(part)
         else:
             kw.add(part)
-        for store, suffix, window in windows:
+        for store, suffix, width in pages:
             wkey = (store, key + suffix)
             kw = work.get(wkey)
             if kw is None:
-                work[wkey] = KeyWork(part, window)
+                work[wkey] = KeyWork(part, width, oldest[store])
             else:
                 kw.add(part)
     return work
@@ -219,8 +238,8 @@ def exact_items(
                 continue  # failed when the round was folded
             item = (seq, at_ms, number, dkey, late)
             items.setdefault((0, key), []).append(item)
-            for store, start, _ in windows:
-                items.setdefault((store, f"{key}.{window_token(start)}"), []).append(item)
+            for store, start, width in windows:
+                items.setdefault((store, f"{key}.{page_token(width, start)}"), []).append(item)
     return items
 
 
@@ -252,11 +271,21 @@ def apply(
             if part.acc.distinct:
                 new |= part.acc.distinct - have
         exact = len(have) + len(new) > unique_limit
+    windows = state.windows
+    width = kw.width
     if not exact:
-        for part in kw.parts:
-            merge_into(state.acc, part.acc)
-            if is_reading:
+        if windows is None:
+            for part in kw.parts:
+                merge_into(state.acc, part.acc)
                 state.late += part.late
+        else:
+            for part in kw.parts:
+                start = part.at - part.at % width
+                acc = windows.get(start)
+                if acc is None:
+                    acc = windows[start] = Acc()
+                merge_into(acc, part.acc)
+            _prune(windows, width, kw.oldest)
         state.last_seq = kw.last_seq
         return True, []
     meter_id = kw.meter.meter.id
@@ -270,7 +299,15 @@ def apply(
         try:
             # The unique limit is the reading's: a window never holds more distinct values
             # than the reading of the same series.
-            fold(state.acc, number, dkey, at_ms, seq, unique_limit if is_reading else NO_LIMIT)
+            if windows is None:
+                fold(state.acc, number, dkey, at_ms, seq, unique_limit)
+            else:
+                seconds = at_ms // 1000
+                start = seconds - seconds % width
+                acc = windows.get(start)
+                if acc is None:
+                    acc = windows[start] = Acc()
+                fold(acc, number, dkey, at_ms, seq, NO_LIMIT)
             changed = True
             if late and is_reading:
                 state.late += 1
@@ -279,5 +316,14 @@ def apply(
         last_seq = seq
     if not changed and last_seq == state.last_seq:
         return False, failures
+    if windows is not None:
+        _prune(windows, width, kw.oldest)
     state.last_seq = last_seq
     return True, failures
+
+
+def _prune(windows: dict[int, Acc], width: int, oldest: int) -> None:
+    """Drop a page's windows that are no longer kept (they end at or before ``oldest``)."""
+    if windows and min(windows) + width <= oldest:
+        for start in [s for s in windows if s + width <= oldest]:
+            del windows[start]

@@ -29,7 +29,7 @@ from aiohttp import web
 
 from kloudmeter_py.core.keys import encode_token, event_subject
 from kloudmeter_py.core.models import Meter, MeterIn, Reading, encoder
-from kloudmeter_py.core.summaries import summary_reading
+from kloudmeter_py.core.summaries import summary_readings
 from kloudmeter_py.core.windows import widths
 from kloudmeter_py.errors import Conflict, InvalidInput, NotFound
 from kloudmeter_py.gateway.helpers import json_response
@@ -352,24 +352,24 @@ async def summaries(request: web.Request, tenant: str, host: str | None) -> dict
         if meter is not None:
             pattern = f"{encode_token(meter.id)}.{encode_token(tenant)}.{host_tok}.*.*"
             for key, value in await scan(js, bucket, pattern):
-                s = summary_reading(key, value, meter, width)
-                h, label = s.groupBy.get("host"), s.groupBy.get("label")
-                if s.subject != tenant or h is None or label is None:
-                    continue
-                if _usable(s, meter, oldest, now):
-                    found.add(h, name, label, s)
+                for s in summary_readings(key, value, meter, width):
+                    h, label = s.groupBy.get("host"), s.groupBy.get("label")
+                    if s.subject != tenant or h is None or label is None:
+                        continue
+                    if _usable(s, meter, oldest, now):
+                        found.add(h, name, label, s)
         if legacy is not None:
             pattern = f"{encode_token(legacy.id)}.{host_tok}.*.*"
             # Only windows with nothing stored after perf-hosts began: older samples had no
             # tenant; a `perf` event sent since could come from anyone.
             before = meter.startSeq if meter is not None else None
             for key, value in await scan(js, bucket, pattern):
-                s = summary_reading(key, value, legacy, width)
-                label = s.groupBy.get("label")
-                if label is None or (before is not None and s.lastSeq > before):
-                    continue
-                if _usable(s, legacy, oldest, now):
-                    found.add(s.subject, name, label, s)
+                for s in summary_readings(key, value, legacy, width):
+                    label = s.groupBy.get("label")
+                    if label is None or (before is not None and s.lastSeq > before):
+                        continue
+                    if _usable(s, legacy, oldest, now):
+                        found.add(s.subject, name, label, s)
     out: dict[str, PerfHost] = {}
     for h, by_key in sorted(found.hosts.items()):
         for key, windows in sorted(by_key.items(), key=lambda kv: _key_order(kv[0])):

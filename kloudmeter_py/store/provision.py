@@ -17,6 +17,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from kloudmeter_py.config import Settings
 from kloudmeter_py.errors import ConfigError
 from kloudmeter_py.store.layout import Layout
+from kloudmeter_py.store.migrate import migrate_summaries
 
 log = structlog.get_logger(__name__)
 
@@ -108,6 +109,8 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
     # acknowledgement, each still conditional on its key's revision.
     for bucket in (layout.readings_bucket, *layout.summary_buckets.values()):
         await _allow_atomic_and_direct(js, f"KV_{bucket}")
+    # Summaries of an earlier layout (a key per window) are folded into pages.
+    await migrate_summaries(js, layout, settings.interval)
     log.info("setup.done", stream=layout.stream, partitions=layout.partitions)
     return layout
 

@@ -10,7 +10,7 @@ from kloudmeter_py.config import Settings
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.models import Meter, Reading
 from kloudmeter_py.core.query import Query, merge_rows, plan
-from kloudmeter_py.core.summaries import summary_reading
+from kloudmeter_py.core.summaries import summary_readings
 from kloudmeter_py.core.windows import LEVELS, widths
 from kloudmeter_py.store.kv import scan
 from kloudmeter_py.store.layout import Layout
@@ -41,9 +41,9 @@ async def run_query(
         lo, hi = min(starts), max(starts) + level_widths[level]
         for pattern in patterns:
             for key, value in await scan(js, layout.summary_buckets[level], pattern):
-                s = summary_reading(key, value, meter, level_widths[level])
-                if s.windowStart is not None and lo <= s.windowStart.timestamp() < hi:
-                    summaries.append((level, s))
+                for s in summary_readings(key, value, meter, level_widths[level]):
+                    if s.windowStart is not None and lo <= s.windowStart.timestamp() < hi:
+                        summaries.append((level, s))
     data = merge_rows(q, meter, windows, feeds, summaries)
     return {
         "from": q.start,

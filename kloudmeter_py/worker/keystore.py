@@ -21,8 +21,8 @@ from nats.js.kv import KeyValue
 from kloudmeter_py.core.aggregate import Acc
 from kloudmeter_py.core.meters import from_reading
 from kloudmeter_py.core.models import reading_decoder
-from kloudmeter_py.core.plan import KeyState, WKey
-from kloudmeter_py.core.summaries import decode_window
+from kloudmeter_py.core.plan import KeyState, WKey, empty_state
+from kloudmeter_py.core.summaries import decode_page
 from kloudmeter_py.store.kv import get_with_revision
 from kloudmeter_py.store.wire import WireError
 
@@ -50,10 +50,19 @@ def state_size(state: KeyState) -> int:
     """Estimated bytes a cached key state takes, key and cache entry included.
 
     From tracemalloc on the wide bench shape: a state with its Acc and key is ~450 bytes;
-    a unique meter's distinct value adds ~85 (the string and its set slot).
+    a unique meter's distinct value adds ~85 (the string and its set slot); a page's window
+    ~250 (its Acc and dict slot).
     """
-    distinct = state.acc.distinct
-    return 450 + (85 * len(distinct) if distinct else 0) + 8 * len(state.replayed or ())
+    size = 450 + 8 * len(state.replayed or ())
+    windows = state.windows
+    if windows is None:
+        distinct = state.acc.distinct
+        return size + (85 * len(distinct) if distinct else 0)
+    size += 250 * len(windows)
+    for acc in windows.values():
+        if acc.distinct:
+            size += 85 * len(acc.distinct)
+    return size
 
 
 class KeyStore:
@@ -129,10 +138,17 @@ class KeyStore:
         for wkey in keys:
             value, revision = results[wkey]
             if value is None:
-                cached = KeyState(Acc(), 0, revision, -1)
+                cached = empty_state(wkey[0], revision, -1)
             elif wkey[0]:
-                w = decode_window(value)
-                cached = KeyState(w.acc, w.last_seq, revision, w.meter_start_seq, w.replayed)
+                page = decode_page(value)
+                cached = KeyState(
+                    Acc(),
+                    page.last_seq,
+                    revision,
+                    page.meter_start_seq,
+                    page.replayed,
+                    windows=page.windows,
+                )
             else:
                 r = reading_decoder.decode(value)
                 cached = KeyState(

@@ -29,7 +29,6 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
-from kloudmeter_py.core.aggregate import Acc
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.meters import CompiledMeter, to_reading
 from kloudmeter_py.core.models import Event, encoder, event_decoder
@@ -40,11 +39,12 @@ from kloudmeter_py.core.plan import (
     Series,
     WKey,
     apply,
+    empty_state,
     exact_items,
     fold_rows,
     spread,
 )
-from kloudmeter_py.core.summaries import encode_window
+from kloudmeter_py.core.summaries import encode_page
 from kloudmeter_py.store.kv import get_with_revision
 from kloudmeter_py.store.pull import RawPuller, ack_fields
 from kloudmeter_py.store.wire import WireMsg
@@ -68,8 +68,6 @@ class Restart(Exception):
     """Start the worker's consumer again from its partitions' checkpoints."""
 
 
-# (meter, subject, group values, window) of a deferred summary
-_Series = tuple[CompiledMeter, str, tuple[str | None, ...], tuple[int, int] | None]
 # (message, stream seq, event time ms, event)
 _Row = tuple[WireMsg, int, int, Event]
 # Events of one subject gathered in a round before they are folded together.
@@ -166,7 +164,7 @@ class Runner:
         # Summaries changed in memory but not yet written, the last message not yet acked,
         # and since when: all are flushed together with the checkpoint.
         self._defer = self.settings.summary_flush_ms > 0
-        self._dirty: dict[WKey, _Series] = {}
+        self._dirty: dict[WKey, CompiledMeter] = {}
         self._unacked: WireMsg | None = None
         self._behind = False  # the last round left a backlog (_BACKLOG events or more) waiting
         self._unflushed_at = 0.0
@@ -476,8 +474,10 @@ class Runner:
         dirty = self._dirty
         for wkey in chunk:
             cached = self.keys.cache[wkey]
-            cm = dirty[wkey][0]
-            body = encode_window(cached.acc, cached.last_seq, cm.meter.startSeq, cached.replayed)
+            assert cached.windows is not None
+            body = encode_page(
+                cached.windows, cached.last_seq, dirty[wkey].meter.startSeq, cached.replayed
+            )
             writes.append((wkey, body, cached.revision))
         results = await self.keys.store_many(writes)
         for (wkey, _body, _), result in zip(writes, results, strict=True):
@@ -648,16 +648,17 @@ class Runner:
             cached = self.keys.cache[wkey]
             if cached.meter_start_seq != meter.startSeq:
                 # Written for an earlier meter of this id (or new): start from zero.
-                cached = KeyState(Acc(), 0, cached.revision, meter.startSeq)
+                cached = empty_state(wkey[0], cached.revision, meter.startSeq)
                 self.keys.replace(wkey, cached)
             if not self._apply(rnd, wkey, cached, dead):
                 continue
             if wkey[0]:
                 if self._defer:
                     # A summary: written by _flush, with the checkpoint.
-                    self._dirty[wkey] = (kw.meter, kw.subject, kw.groups, kw.window)
+                    self._dirty[wkey] = kw.meter
                     continue
-                body = encode_window(cached.acc, cached.last_seq, meter.startSeq, cached.replayed)
+                assert cached.windows is not None
+                body = encode_page(cached.windows, cached.last_seq, meter.startSeq, cached.replayed)
             else:
                 body = encoder.encode(
                     to_reading(
