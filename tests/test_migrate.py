@@ -9,7 +9,7 @@ from kloudmeter_py.core.aggregate import Acc, fold
 from kloudmeter_py.core.meters import to_reading
 from kloudmeter_py.core.models import Meter, encoder
 from kloudmeter_py.core.query import build_query
-from kloudmeter_py.core.summaries import decode_page, encode_window, page_token
+from kloudmeter_py.core.summaries import as_acc, decode_page, encode_window, page_token
 from kloudmeter_py.core.windows import window_token
 from kloudmeter_py.store.kv import scan
 from kloudmeter_py.store.provision import provision
@@ -63,7 +63,7 @@ async def test_setup_moves_each_window_into_its_page_once(nc: Client, settings: 
     page_key = f"m.s.{page_token(DAY, first)}"
     assert [k for k, _ in days] == [page_key]
     page = decode_page(days[0][1])
-    assert {s: a.sum for s, a in page.windows.items()} == {first: 7, first + DAY: 5}
+    assert {s: as_acc(a).sum for s, a in page.windows.items()} == {first: 7, first + DAY: 5}
     assert (page.last_seq, page.meter_start_seq) == (150, 7)
     hours = await scan(js, "summaries_hour")
     assert [k for k, _ in hours] == [f"m.s.{page_token(3600, hour)}"]

@@ -10,6 +10,7 @@ from kloudmeter_py.core.keys import reading_key
 from kloudmeter_py.core.meters import to_reading
 from kloudmeter_py.core.models import Meter, encoder
 from kloudmeter_py.core.summaries import (
+    as_acc,
     decode_page,
     decode_window,
     encode_page,
@@ -118,7 +119,7 @@ def test_a_page_holds_each_window_as_its_own_state(aggregation: str, values: lis
     data = encode_page({START + 86400: second, START: first}, 123, 7, [99])
     assert data.startswith(b"[2,7,123,[99],[[" + str(START).encode())
     page = decode_page(data)
-    assert page.windows == {START: first, START + 86400: second}
+    assert {s: as_acc(w) for s, w in page.windows.items()} == {START: first, START + 86400: second}
     assert (page.last_seq, page.meter_start_seq, page.replayed) == (123, 7, [99])
     key = reading_key("m", "s", ()) + "." + page_token(86400, START)
     assert key.endswith(".2025-12")

@@ -298,7 +298,7 @@ async def test_an_event_too_old_for_every_summary_is_late_but_counted(
     rs = await eventually(lambda: readings(http, meter="m"), lambda rs: total_count(rs) == 2)
     assert rs[0]["late"] == 1
     days = await scan(nc.jetstream(), "summaries_day")
-    assert [[a.count for a in decode_page(v).windows.values()] for _, v in days] == [[1]]
+    assert [[w.count for w in decode_page(v).windows.values()] for _, v in days] == [[1]]
 
 
 async def test_summaries_expire_by_themselves(nats_server: Any) -> None:

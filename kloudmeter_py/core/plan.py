@@ -26,7 +26,7 @@ from typing import Any
 from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold, fold_many, merge_into
 from kloudmeter_py.core.meters import CompiledMeter
 from kloudmeter_py.core.models import Event
-from kloudmeter_py.core.summaries import page_token
+from kloudmeter_py.core.summaries import Window, cell_acc, page_token
 
 # (store, width in seconds, oldest window end still kept) per summary level
 Levels = Sequence[tuple[int, int, int]]
@@ -102,7 +102,7 @@ class KeyState:
     replayed: list[int] | None = None  # dead letters replayed into it
     late: int = 0  # readings: events too old for every summary level
     size: int = 0  # estimated bytes in memory
-    windows: dict[int, Acc] | None = None  # pages only
+    windows: dict[int, Window] | None = None  # pages only
 
 
 def empty_state(store: int, revision: int, meter_start_seq: int) -> KeyState:
@@ -280,10 +280,7 @@ def apply(
                 state.late += part.late
         else:
             for part in kw.parts:
-                start = part.at - part.at % width
-                acc = windows.get(start)
-                if acc is None:
-                    acc = windows[start] = Acc()
+                acc = _window(windows, part.at - part.at % width)
                 merge_into(acc, part.acc)
             _prune(windows, width, kw.oldest)
         state.last_seq = kw.last_seq
@@ -303,11 +300,9 @@ def apply(
                 fold(state.acc, number, dkey, at_ms, seq, unique_limit)
             else:
                 seconds = at_ms // 1000
-                start = seconds - seconds % width
-                acc = windows.get(start)
-                if acc is None:
-                    acc = windows[start] = Acc()
-                fold(acc, number, dkey, at_ms, seq, NO_LIMIT)
+                fold(
+                    _window(windows, seconds - seconds % width), number, dkey, at_ms, seq, NO_LIMIT
+                )
             changed = True
             if late and is_reading:
                 state.late += 1
@@ -322,7 +317,19 @@ def apply(
     return True, failures
 
 
-def _prune(windows: dict[int, Acc], width: int, oldest: int) -> None:
+def _window(windows: dict[int, Window], start: int) -> Acc:
+    """A page's window at ``start`` to fold into (new, or decoded only now)."""
+    window = windows.get(start)
+    if window is None:
+        acc = windows[start] = Acc()
+        return acc
+    if isinstance(window, Acc):
+        return window
+    acc = windows[start] = cell_acc(window)
+    return acc
+
+
+def _prune(windows: dict[int, Window], width: int, oldest: int) -> None:
     """Drop a page's windows that are no longer kept (they end at or before ``oldest``)."""
     if windows and min(windows) + width <= oldest:
         for start in [s for s in windows if s + width <= oldest]:

@@ -189,11 +189,18 @@ class PageValue(msgspec.Struct, array_like=True):
     windows: list[Cell]
 
 
+# A window of a page in memory: as decoded (a Cell), or an Acc once something is folded into it.
+# Only the windows a round touches become Accs: a page is read and written whole, and turning
+# every window into an Acc (its distinct values into a set) and back made the worker's CPU per
+# event grow with the page (wide bench shape, 1M events: 150 s against 115 s before pages).
+Window = Acc | Cell
+
+
 @dataclass(slots=True)
 class PageState:
     """A page as the worker folds into it: window start -> state."""
 
-    windows: dict[int, Acc]
+    windows: dict[int, Window]
     last_seq: int
     meter_start_seq: int
     replayed: list[int] | None = None
@@ -252,8 +259,29 @@ def parse_page_token(token: str) -> int:
     return int(datetime.strptime(token, fmt).replace(tzinfo=UTC).timestamp())
 
 
+def cell_acc(cell: Cell) -> Acc:
+    """A decoded window as a state to fold into."""
+    acc = Acc()
+    acc.count = cell.count
+    acc.sum = cell.sum
+    acc.min = cell.min
+    acc.max = cell.max
+    acc.latest = cell.latest
+    acc.latest_at = cell.latestAt
+    acc.latest_seq = cell.latestSeq
+    acc.first_at = cell.firstAt
+    acc.last_at = cell.lastAt
+    if cell.distinct is not None:
+        acc.distinct = set(cell.distinct)
+    return acc
+
+
+def as_acc(window: Window) -> Acc:
+    return window if isinstance(window, Acc) else cell_acc(window)
+
+
 def encode_page(
-    windows: dict[int, Acc],
+    windows: dict[int, Window],
     last_seq: int,
     meter_start_seq: int,
     replayed: list[int] | None = None,
@@ -261,6 +289,9 @@ def encode_page(
     cells = []
     for start in sorted(windows):
         acc = windows[start]
+        if not isinstance(acc, Acc):
+            cells.append(acc)
+            continue
         cells.append(
             Cell(
                 start,
@@ -285,21 +316,7 @@ def decode_page(data: bytes) -> PageState:
     v = _page_decoder.decode(data)
     if v.format != PAGE_FORMAT:
         raise msgspec.ValidationError(f"unknown page format {v.format}")
-    windows: dict[int, Acc] = {}
-    for c in v.windows:
-        acc = Acc()
-        acc.count = c.count
-        acc.sum = c.sum
-        acc.min = c.min
-        acc.max = c.max
-        acc.latest = c.latest
-        acc.latest_at = c.latestAt
-        acc.latest_seq = c.latestSeq
-        acc.first_at = c.firstAt
-        acc.last_at = c.lastAt
-        if c.distinct is not None:
-            acc.distinct = set(c.distinct)
-        windows[c.start] = acc
+    windows: dict[int, Window] = {c.start: c for c in v.windows}
     return PageState(windows, v.lastSeq, v.meterStartSeq, v.replayed)
 
 
@@ -312,7 +329,8 @@ def summary_readings(key: str, data: bytes, meter: Meter, width: int) -> list[Re
     page = decode_page(data)
     as_written = _with_start(meter, page)
     out = []
-    for start, acc in page.windows.items():
+    for start, window in page.windows.items():
+        acc = as_acc(window)
         at = datetime.fromtimestamp((acc.last_at or start * 1000) / 1000, UTC)
         out.append(
             to_reading(

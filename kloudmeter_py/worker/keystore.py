@@ -51,17 +51,19 @@ def state_size(state: KeyState) -> int:
 
     From tracemalloc on the wide bench shape: a state with its Acc and key is ~450 bytes;
     a unique meter's distinct value adds ~85 (the string and its set slot); a page's window
-    ~250 (its Acc and dict slot).
+    ~250 (its Acc and dict slot), or ~150 while it is only decoded (a Cell; a distinct value
+    in its list ~60).
     """
     size = 450 + 8 * len(state.replayed or ())
     windows = state.windows
     if windows is None:
         distinct = state.acc.distinct
         return size + (85 * len(distinct) if distinct else 0)
-    size += 250 * len(windows)
-    for acc in windows.values():
-        if acc.distinct:
-            size += 85 * len(acc.distinct)
+    for w in windows.values():
+        if isinstance(w, Acc):
+            size += 250 + (85 * len(w.distinct) if w.distinct else 0)
+        else:
+            size += 150 + (60 * len(w.distinct) if w.distinct else 0)
     return size
 
 
@@ -165,7 +167,9 @@ class KeyStore:
 
     def trim(self) -> None:
         """Keep the cache within METER_CACHE_MB (estimated): drop the oldest summaries first,
-        then the oldest readings, down to three quarters of it.
+        then the oldest readings, down to half of it (the runner flushes once the cache,
+        what waits to be written included, reaches the budget: the other half is room for
+        what the next rounds change).
 
         Called after a flush, when nothing in the cache waits to be written. Memory then
         grows with the budget, not with the number of keys: on the wide bench shape a round
@@ -174,7 +178,7 @@ class KeyStore:
         """
         if self.cache_bytes <= self.cache_budget:
             return
-        goal = self.cache_budget * 3 // 4
+        goal = self.cache_budget // 2
         cache = self.cache
         for summaries in (True, False):
             for wkey in [k for k in cache if bool(k[0]) == summaries]:

@@ -75,11 +75,6 @@ _FOLD_AT = 64
 # Events left waiting after a round that make a backlog: once it is cleared, summaries are
 # written at once (a blip of a few events at a steady rate is not one).
 _BACKLOG = 1000
-# Deferred summaries written at once, however recent the last flush: deferring coalesces the
-# writes of a window that several rounds touch (the live shape: 1,000 subjects, the current
-# minute), but where windows are many and each is seldom touched again it only holds memory
-# (the wide shape: deferring for 5 s saved 0.06 KV writes per event and cost 130 MB).
-_DIRTY_LIMIT = 50_000
 # Multi-get requests (up to 1,000 keys each) a runner keeps open at once.
 _LOADS_IN_FLIGHT = 4
 _T = TypeVar("_T")
@@ -164,7 +159,8 @@ class Runner:
         # Summaries changed in memory but not yet written, the last message not yet acked,
         # and since when: all are flushed together with the checkpoint.
         self._defer = self.settings.summary_flush_ms > 0
-        self._dirty: dict[WKey, CompiledMeter] = {}
+        # (meter, subject, group values) of each key to write at the next flush
+        self._dirty: dict[WKey, tuple[CompiledMeter, str, tuple[str | None, ...]]] = {}
         self._unacked: WireMsg | None = None
         self._behind = False  # the last round left a backlog (_BACKLOG events or more) waiting
         self._unflushed_at = 0.0
@@ -410,7 +406,11 @@ class Runner:
         pending = ack_fields(last_msg.reply)[3]
         keepalive = asyncio.create_task(self._keep_alive(puller, last_msg))
         try:
-            await self._write(rnd, dead)
+            # Under a backlog readings wait for the flush too: a series that several rounds
+            # touch is then written once (the wide shape's sum meter has 50,000 series, a
+            # round of 20,000 events touches ~16,000 of them). Caught up, they are written
+            # with their round, so a reading trails its events by one round only.
+            await self._write(rnd, dead, defer_readings=pending >= _BACKLOG)
             if dead:
                 seqs = {seq for seq, _ in dead}
                 stored = {seq: at for _, seq, at in rnd.rows if seq in seqs}
@@ -429,7 +429,7 @@ class Runner:
                 not self._dirty
                 or waited >= self.settings.summary_flush_ms / 1000
                 or (caught_up and (self._behind or waited >= self.settings.flush_ms / 1000))
-                or len(self._dirty) >= _DIRTY_LIMIT
+                or self.keys.cache_bytes >= self.keys.cache_budget
             ):
                 await self._flush(puller)
             self._behind = pending >= _BACKLOG
@@ -459,7 +459,9 @@ class Runner:
     async def _flush(self, puller: RawPuller) -> None:
         """Write the summaries changed since the last flush, then the checkpoint, then ack."""
         if self._dirty:
-            self.log.debug("summaries.flush", keys=len(self._dirty))
+            self.log.debug(
+                "summaries.flush", keys=len(self._dirty), cache_mb=self.keys.cache_bytes >> 20
+            )
             await _all(self._flush_chunk(chunk) for chunk in _chunks(list(self._dirty)))
             self._dirty.clear()
         await self.cp.commit()
@@ -472,12 +474,26 @@ class Runner:
         """Encode and store one chunk of deferred summaries (one bucket)."""
         writes = []
         dirty = self._dirty
+        now = datetime.now(UTC)
         for wkey in chunk:
             cached = self.keys.cache[wkey]
-            assert cached.windows is not None
-            body = encode_page(
-                cached.windows, cached.last_seq, dirty[wkey].meter.startSeq, cached.replayed
-            )
+            cm, subject, groups = dirty[wkey]
+            meter = cm.meter
+            if cached.windows is not None:
+                body = encode_page(cached.windows, cached.last_seq, meter.startSeq, cached.replayed)
+            else:
+                body = encoder.encode(
+                    to_reading(
+                        cached.acc,
+                        meter,
+                        subject,
+                        groups,
+                        cached.last_seq,
+                        now,
+                        cached.replayed,
+                        late=cached.late,
+                    )
+                )
             writes.append((wkey, body, cached.revision))
         results = await self.keys.store_many(writes)
         for (wkey, _body, _), result in zip(writes, results, strict=True):
@@ -604,7 +620,7 @@ class Runner:
             dead[(seq, meter_id)] = (rnd.by_seq()[seq], meter_id, reason)
         return changed
 
-    async def _write(self, rnd: _Round, dead: _Dead) -> None:
+    async def _write(self, rnd: _Round, dead: _Dead, *, defer_readings: bool = False) -> None:
         """Fold the round into every key it changes and store them: readings now, summaries
         now or (deferred) with the next flush.
 
@@ -623,7 +639,8 @@ class Runner:
         todo = list(rnd.work)
         for attempt in range(20):
             failed = await _all(
-                self._write_chunk(rnd, chunk, dead, leader=attempt > 0) for chunk in _chunks(todo)
+                self._write_chunk(rnd, c, dead, leader=attempt > 0, defer_readings=defer_readings)
+                for c in _chunks(todo)
             )
             todo = [wkey for keys in failed for wkey in keys]
             if not todo:
@@ -632,7 +649,13 @@ class Runner:
         raise Restart("compare-and-set kept failing")
 
     async def _write_chunk(
-        self, rnd: _Round, chunk: list[tuple[int, str]], dead: _Dead, *, leader: bool
+        self,
+        rnd: _Round,
+        chunk: list[tuple[int, str]],
+        dead: _Dead,
+        *,
+        leader: bool,
+        defer_readings: bool = False,
     ) -> list[tuple[int, str]]:
         """Load, fold and store one chunk of keys (one bucket); the keys whose write lost."""
         missing = [k for k in chunk if k not in self.keys.cache]
@@ -652,11 +675,13 @@ class Runner:
                 self.keys.replace(wkey, cached)
             if not self._apply(rnd, wkey, cached, dead):
                 continue
+            if self._defer and (wkey[0] or defer_readings):
+                # Written by _flush, with the checkpoint.
+                self._dirty[wkey] = (kw.meter, kw.subject, kw.groups)
+                if not wkey[0]:
+                    self.w.stats.applied += kw.events
+                continue
             if wkey[0]:
-                if self._defer:
-                    # A summary: written by _flush, with the checkpoint.
-                    self._dirty[wkey] = kw.meter
-                    continue
                 assert cached.windows is not None
                 body = encode_page(cached.windows, cached.last_seq, meter.startSeq, cached.replayed)
             else:
