@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from kloudmeter_py.metrics import Metrics
 
 log = structlog.get_logger("kloudmeter")
+# Seconds the gateway's requests in progress get to finish when it stops (reads stop at once).
+SHUTDOWN_GRACE = 3.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -219,7 +221,10 @@ async def _serving(
     from kloudmeter_py.gateway import create_app
 
     app = create_app(settings, nc, metrics)  # type: ignore[arg-type]
-    runner = web.AppRunner(app, access_log=None)
+    # Stopping: reads in progress stop at their next tick (app.on_shutdown) and answer 503;
+    # aiohttp waits SHUTDOWN_GRACE for the other requests, then as long again after asking them
+    # to stop, then cancels them (its default is 60 s, twice).
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE)
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)
     try:

@@ -38,6 +38,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cache_mb: int = 64
     # Largest HTTP request body accepted.
     max_body_bytes: int = 1024 * 1024
+    # Longest a read (a query, a listing, a rebuild) may work before it answers 503.
+    read_timeout_ms: int = 30_000
     # Stream duplicate window (seconds) for event ids.
     dedup_window: int = 120
     # Worker-side dedup of event ids for this many seconds (0 = only the stream's window).
@@ -87,6 +89,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("METER_SUMMARY_FLUSH_MS", self.summary_flush_ms, 0, 30_000),
             ("METER_CACHE_MB", self.cache_mb, 1, 1_000_000),
             ("METER_MAX_BODY_BYTES", self.max_body_bytes, 1024, 64 * 1024 * 1024),
+            ("METER_READ_TIMEOUT_MS", self.read_timeout_ms, 1, 3_600_000),
             ("METER_DEDUP_WINDOW", self.dedup_window, 1, 10 * 365 * 86400),
             ("METER_RETENTION", self.retention, 0, 100 * 365 * 86400),
             ("METER_DEDUP_HORIZON", self.dedup_horizon, 0, 100 * 365 * 86400),
@@ -204,6 +207,7 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("METER_SUMMARY_FLUSH_MS", "summary_flush_ms", int),
     ("METER_CACHE_MB", "cache_mb", int),
     ("METER_MAX_BODY_BYTES", "max_body_bytes", int),
+    ("METER_READ_TIMEOUT_MS", "read_timeout_ms", int),
     ("METER_DEDUP_WINDOW", "dedup_window", int),
     ("METER_RETENTION", "retention", int),
     ("METER_DEDUP_HORIZON", "dedup_horizon", int),

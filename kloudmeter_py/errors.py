@@ -7,6 +7,7 @@ KloudmeterError
  +-- NotFound          HTTP 404
  +-- Conflict          HTTP 409 (or a retry for a lost compare-and-set)
  +-- Unavailable       HTTP 503, or retry later in the worker
+      +-- ReadTimeout   HTTP 503: a read passed its deadline (METER_READ_TIMEOUT_MS)
 ConfigError            bad settings at start; the CLI prints it and exits 2
 """
 
@@ -46,6 +47,10 @@ class Conflict(KloudmeterError):
 
 class Unavailable(KloudmeterError):
     status = 503
+
+
+class ReadTimeout(Unavailable):
+    """A read (a query, a listing, a rebuild) passed its deadline and was stopped."""
 
 
 class ConfigError(Exception):

@@ -56,6 +56,7 @@ def test_settings_come_from_kloudmeters_variables() -> None:
         # ack wait, or the server would redeliver and the worker start over forever
         ({"METER_SUMMARY_FLUSH_MS": "60000"}, "METER_SUMMARY_FLUSH_MS"),
         ({"METER_FLUSH_MS": "30000"}, "METER_FLUSH_MS"),
+        ({"METER_READ_TIMEOUT_MS": "0"}, "METER_READ_TIMEOUT_MS"),
     ],
 )
 def test_invalid_settings_name_the_variable(env: dict[str, str], var: str) -> None:

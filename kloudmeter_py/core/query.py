@@ -7,6 +7,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from kloudmeter_py.core.aggregate import AGGREGATIONS, Acc, merge
+from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.core.meters import from_reading
 from kloudmeter_py.core.models import Meter, Reading
 from kloudmeter_py.core.windows import (
@@ -128,18 +129,24 @@ def plan(
     return windows, feeds
 
 
-def merge_rows(
+async def merge_rows(
     q: Query,
     meter: Meter,
     windows: list[tuple[datetime, datetime]],
     feeds: dict[tuple[str, int], int],
     summaries: Iterable[tuple[str, Reading]],
+    budget: ReadBudget | None = None,
 ) -> list[dict[str, Any]]:
-    """Merge the summaries into one row per output window x (subject) x requested groups."""
+    """Merge the summaries into one row per output window x (subject) x requested groups.
+
+    Each summary and each row is a tick of ``budget`` (a turn for the event loop every slice)."""
+    if budget is None:
+        budget = ReadBudget(None)
     agg = AGGREGATIONS[meter.aggregation]
     subjects = set(q.subjects)
     rows: dict[tuple[int, str | None, tuple[str | None, ...]], Acc] = {}
     for level, s in summaries:
+        await budget.tick()
         if s.windowStart is None or s.meterStartSeq != meter.startSeq:
             continue
         index = feeds.get((level, int(s.windowStart.timestamp())))
@@ -160,6 +167,7 @@ def merge_rows(
     for (index, subject, groups), acc in sorted(
         rows.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", [g or "" for g in kv[0][2]])
     ):
+        await budget.tick()
         ws, we = windows[index]
         out.append(
             {

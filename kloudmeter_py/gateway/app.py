@@ -1,6 +1,7 @@
 """aiohttp app factory and the one place errors become HTTP statuses."""
 
 import uuid
+import weakref
 
 import msgspec
 import structlog
@@ -25,8 +26,8 @@ from kloudmeter_py.gateway import (
     templates,
     usage,
 )
-from kloudmeter_py.gateway.helpers import Handler, error_response, problem_response
-from kloudmeter_py.gateway.keys import AUTH, JS, LAYOUT, METERS, NC, OPENAPI_CACHE, SETTINGS
+from kloudmeter_py.gateway.helpers import Handler, error_response, problem_response, stop_reads
+from kloudmeter_py.gateway.keys import AUTH, JS, LAYOUT, METERS, NC, OPENAPI_CACHE, READS, SETTINGS
 from kloudmeter_py.gateway.routes import check_declared, ingest_routes
 from kloudmeter_py.metrics import METRICS, Metrics
 from kloudmeter_py.store.auth import AuthStore
@@ -98,6 +99,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
+async def _stop_reads(app: web.Application) -> None:
+    """At shutdown, before aiohttp waits for the handlers: reads in progress stop at their
+    next tick (within a slice) and answer 503, so that shutting down is not held up by them."""
+    stop_reads(app, "the gateway is shutting down; retry")
+
+
 def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -> web.Application:
     """Wire the gateway by hand: app keys, middleware, routes."""
     if metrics is None:
@@ -117,6 +124,8 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     app[METERS] = MeterStore(js, layout)
     app[AUTH] = AuthStore(js, layout, settings.admin_token)
     app[OPENAPI_CACHE] = []
+    app[READS] = weakref.WeakSet()
+    app.on_shutdown.append(_stop_reads)
     for module in (
         kloudmeter,
         query,

@@ -8,8 +8,11 @@ from typing import Any, Literal, Protocol, TypeVar
 import msgspec
 from aiohttp import web
 
+from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.core.models import encoder
 from kloudmeter_py.errors import InvalidInput
+from kloudmeter_py.gateway.keys import READS, SETTINGS
+from kloudmeter_py.store.kv import new_budget
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -60,6 +63,23 @@ def problem_response(status: int, message: str, field: str | None, instance: str
     return web.Response(
         body=encoder.encode(body), status=status, content_type="application/problem+json"
     )
+
+
+def read_budget(request: web.Request) -> ReadBudget:
+    """The budget of a read this request makes: METER_READ_TIMEOUT_MS from now, yielding to
+    the event loop every slice of work, and stopped when the gateway shuts down."""
+    budget = new_budget(
+        request.app[SETTINGS].read_timeout_ms / 1000, what=f"{request.method} {request.path}"
+    )
+    request.app[READS].add(budget)
+    return budget
+
+
+def stop_reads(app: web.Application, reason: str) -> None:
+    """Stop every read in progress: each answers 503 with ``reason`` at its next tick."""
+    reads = app[READS]
+    for budget in list(reads):
+        budget.stop(reason)
 
 
 class Decodes(Protocol[T_co]):

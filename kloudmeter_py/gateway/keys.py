@@ -5,11 +5,14 @@ Route modules and middleware read the app's settings, NATS handles and stores th
 factory, and the factory imports the route modules: imports go one way.
 """
 
+import weakref
+
 from aiohttp import web
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from kloudmeter_py.config import Settings
+from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.store.auth import AuthStore, Principal
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
@@ -22,5 +25,7 @@ METERS = web.AppKey("meters", MeterStore)
 AUTH = web.AppKey("auth", AuthStore)
 # The OpenAPI document, built at its first request.
 OPENAPI_CACHE = web.AppKey("openapi_cache", list[bytes])
+# The reads in progress (helpers.read_budget), stopped when the app shuts down.
+READS = web.AppKey("reads", weakref.WeakSet[ReadBudget])
 # The caller, set by the auth middleware when tokens are on.
 PRINCIPAL = web.RequestKey("principal", Principal)

@@ -20,7 +20,12 @@ from kloudmeter_py.core.models import (
     reading_decoder,
 )
 from kloudmeter_py.errors import InvalidInput, NotFound
-from kloudmeter_py.gateway.helpers import decode_body, error_response, json_response
+from kloudmeter_py.gateway.helpers import (
+    decode_body,
+    error_response,
+    json_response,
+    read_budget,
+)
 from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS, NC, SETTINGS
 from kloudmeter_py.gateway.routes import (
     ADMIN,
@@ -258,8 +263,10 @@ async def list_readings(request: web.Request) -> web.Response:
     out = []
     js = request.app[JS]
     bucket = request.app[LAYOUT].readings_bucket
+    budget = read_budget(request)
     for pattern in patterns:
-        for key, value in await scan(js, bucket, pattern):
+        for key, value in await scan(js, bucket, pattern, budget=budget):
+            await budget.tick()
             reading = reading_decoder.decode(value)
             if _current(reading, meters):
                 out.append(reading_view(key, reading))

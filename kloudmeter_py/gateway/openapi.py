@@ -140,7 +140,7 @@ _REASONS = {
     409: "Conflict: it exists already",
     422: "The rating template failed on this input",
     413: "Request body larger than METER_MAX_BODY_BYTES",
-    503: "NATS is unavailable",
+    503: "NATS is unavailable, a read passed METER_READ_TIMEOUT_MS, or the gateway is stopping",
 }
 
 

@@ -12,6 +12,7 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 
+from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.core.keys import encode_token, event_subject
 from kloudmeter_py.core.models import (
     CloudEvent,
@@ -25,7 +26,7 @@ from kloudmeter_py.core.models import (
     reading_decoder,
 )
 from kloudmeter_py.errors import InvalidInput
-from kloudmeter_py.gateway.helpers import decode_body, json_response
+from kloudmeter_py.gateway.helpers import decode_body, json_response, read_budget
 from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS
 from kloudmeter_py.gateway.kloudmeter import Aggregation, JsonPath
 from kloudmeter_py.gateway.query import (
@@ -306,19 +307,24 @@ async def query_meter(request: web.Request) -> web.Response:
     by_subject = "subject" in body.groupBy
     body.groupBy = [g for g in body.groupBy if g != "subject"]
     query = _build(request, meter, body)
+    budget = read_budget(request)  # one for listing the subjects and the query
     if by_subject and not query.subjects:
-        query.subjects = await _subjects(request, meter)
+        query.subjects = await _subjects(request, meter, budget)
         if not query.subjects:
             query.subjects = [""]  # no subject has data: no rows
-    result = await execute(request, meter, query)
+    result = await execute(request, meter, query, budget)
     return json_response(msgspec.structs.replace(result, windowTimeZone=None))  # not OpenMeter's
 
 
-async def _subjects(request: web.Request, meter: Meter) -> list[str]:
+async def _subjects(request: web.Request, meter: Meter, budget: ReadBudget) -> list[str]:
     subjects = set()
     for _, value in await scan(
-        request.app[JS], request.app[LAYOUT].readings_bucket, f"{encode_token(meter.id)}.>"
+        request.app[JS],
+        request.app[LAYOUT].readings_bucket,
+        f"{encode_token(meter.id)}.>",
+        budget=budget,
     ):
+        await budget.tick()
         reading = reading_decoder.decode(value)
         if reading.meterStartSeq == meter.startSeq:
             subjects.add(reading.subject)
@@ -339,7 +345,7 @@ async def _subjects(request: web.Request, meter: Meter) -> list[str]:
 )
 async def list_subjects(request: web.Request) -> web.Response:
     meter = await request.app[METERS].get(request.match_info["meter"])
-    subjects = await _subjects(request, meter)
+    subjects = await _subjects(request, meter, read_budget(request))
     scope = tenant_of(request)
     if scope is not None:
         subjects = [s for s in subjects if s == scope]

@@ -32,7 +32,7 @@ from kloudmeter_py.core.models import Meter, MeterIn, Reading, encoder
 from kloudmeter_py.core.summaries import summary_readings
 from kloudmeter_py.core.windows import widths
 from kloudmeter_py.errors import Conflict, InvalidInput, NotFound
-from kloudmeter_py.gateway.helpers import json_response
+from kloudmeter_py.gateway.helpers import json_response, read_budget
 from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS, SETTINGS
 from kloudmeter_py.gateway.routes import USER, Op, Param, Routes, TenantScope, tenant_of
 from kloudmeter_py.gateway.schemas import NUM, STR, array, ref
@@ -336,6 +336,7 @@ async def summaries(request: web.Request, tenant: str, host: str | None) -> dict
     """Per host of ``tenant``, the liz summaries (``summary:by-minute:<label>`` ...) with data."""
     app = request.app
     js, layout, settings = app[JS], app[LAYOUT], app[SETTINGS]
+    budget = read_budget(request)
     meter = await _current_meter(app)
     legacy = await _legacy_meter(app) if tenant == NO_TENANT else None
     now = time.time()
@@ -351,7 +352,8 @@ async def summaries(request: web.Request, tenant: str, host: str | None) -> dict
         bucket = layout.summary_buckets[level]
         if meter is not None:
             pattern = f"{encode_token(meter.id)}.{encode_token(tenant)}.{host_tok}.*.*"
-            for key, value in await scan(js, bucket, pattern):
+            for key, value in await scan(js, bucket, pattern, budget=budget):
+                await budget.tick()
                 for s in summary_readings(key, value, meter, width):
                     h, label = s.groupBy.get("host"), s.groupBy.get("label")
                     if s.subject != tenant or h is None or label is None:
@@ -363,7 +365,8 @@ async def summaries(request: web.Request, tenant: str, host: str | None) -> dict
             # Only windows with nothing stored after perf-hosts began: older samples had no
             # tenant; a `perf` event sent since could come from anyone.
             before = meter.startSeq if meter is not None else None
-            for key, value in await scan(js, bucket, pattern):
+            for key, value in await scan(js, bucket, pattern, budget=budget):
+                await budget.tick()
                 for s in summary_readings(key, value, legacy, width):
                     label = s.groupBy.get("label")
                     if label is None or (before is not None and s.lastSeq > before):
@@ -373,6 +376,7 @@ async def summaries(request: web.Request, tenant: str, host: str | None) -> dict
     out: dict[str, PerfHost] = {}
     for h, by_key in sorted(found.hosts.items()):
         for key, windows in sorted(by_key.items(), key=lambda kv: _key_order(kv[0])):
+            await budget.tick()
             oldest, width = ranges[key.split(":", 2)[1]]
             averages = [_average(start, w, width) for start, w in sorted(windows.items())]
             out.setdefault(h, {})[key] = PerfSummary(

@@ -9,11 +9,12 @@ from typing import Any, Literal
 import msgspec
 from aiohttp import web
 
+from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.core.models import Meter
 from kloudmeter_py.core.query import Query, build_query
 from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import InvalidInput
-from kloudmeter_py.gateway.helpers import decode_body, json_response
+from kloudmeter_py.gateway.helpers import decode_body, json_response, read_budget
 from kloudmeter_py.gateway.keys import JS, METERS, SETTINGS
 from kloudmeter_py.gateway.routes import CALLER, USER, Op, Param, Routes, tenant_of
 from kloudmeter_py.gateway.schemas import STR, TIME, array, ref
@@ -130,7 +131,10 @@ def _build(request: web.Request, meter: Meter, body: QueryBody) -> Query:
         raise InvalidInput(str(exc), field=exc.field) from None
 
 
-async def execute(request: web.Request, meter: Meter, q: Query) -> QueryResult:
+async def execute(
+    request: web.Request, meter: Meter, q: Query, budget: ReadBudget | None = None
+) -> QueryResult:
+    """Run ``q`` for this request's tenant, within ``budget`` (default: a new read's)."""
     scope = tenant_of(request)
     if scope is not None:
         # A user sees its own tenant's subject and nothing else, asked for or not.
@@ -141,7 +145,9 @@ async def execute(request: web.Request, meter: Meter, q: Query) -> QueryResult:
             empty: dict[str, Any] = {"from": q.start, "to": q.end, "windowSize": size, "data": []}
             return msgspec.convert({**empty, "windowTimeZone": q.tz.key}, QueryResult)
     try:
-        result = await run_query(request.app[JS], request.app[SETTINGS], meter, q)
+        result = await run_query(
+            request.app[JS], request.app[SETTINGS], meter, q, budget or read_budget(request)
+        )
     except QueryError as exc:
         raise InvalidInput(str(exc), field=exc.field) from None
     return msgspec.convert(result, QueryResult)

@@ -10,6 +10,7 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 
+from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.core.models import AwareTime
 from kloudmeter_py.core.query import parse_time
 from kloudmeter_py.core.rating import (
@@ -29,7 +30,7 @@ from kloudmeter_py.core.rating import (
 )
 from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import InvalidInput, NotFound
-from kloudmeter_py.gateway.helpers import decode_body, json_response
+from kloudmeter_py.gateway.helpers import decode_body, json_response, read_budget
 from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS
 from kloudmeter_py.gateway.routes import (
     ADMIN,
@@ -247,10 +248,10 @@ async def delete_price(request: web.Request) -> web.Response:
 
 
 async def _resources(
-    request: web.Request, tenant: str | None
+    request: web.Request, tenant: str | None, budget: ReadBudget
 ) -> tuple[list[Resource], list[Price]]:
     meters = await request.app[METERS].list()
-    found = await resources(request.app[JS], request.app[LAYOUT], meters, tenant)
+    found = await resources(request.app[JS], request.app[LAYOUT], meters, tenant, budget)
     return found, await _prices(request).list()
 
 
@@ -289,10 +290,12 @@ def _segment_cost(seg: Segment) -> Decimal:
     op=Op("Resources with their cost so far", "rating", response=array(ref("ResourceCost"))),
 )
 async def list_resources(request: web.Request) -> web.Response:
-    found, prices = await _resources(request, tenant_of(request))
+    budget = read_budget(request)
+    found, prices = await _resources(request, tenant_of(request), budget)
     now = datetime.now(UTC)
     out = []
     for res in found:
+        await budget.tick()
         segs = _segments(res, prices, now)
         created = min((p.at for p in res.points if p.kind == "start"), default=None)
         deleted = max((p.at for p in res.points if p.kind == "end"), default=None)
@@ -329,7 +332,7 @@ async def list_resources(request: web.Request) -> web.Response:
 )
 async def records(request: web.Request) -> web.Response:
     rid = request.match_info["resource_id"]
-    found, prices = await _resources(request, tenant_of(request))
+    found, prices = await _resources(request, tenant_of(request), read_budget(request))
     matching = [r for r in found if r.resource_id == rid]
     if not matching:
         raise NotFound(f"resource {rid!r} not found", field="resource_id")
@@ -404,11 +407,13 @@ async def charging(request: web.Request) -> web.Response:
     template_source = None
     if body.template is not None:
         template_source = await _template_source(request, body.template)
-    found, prices = await _resources(request, tenant)
+    budget = read_budget(request)
+    found, prices = await _resources(request, tenant, budget)
     wanted = set(body.meters) if body.meters else None
     items = []
     totals: dict[str, Decimal] = defaultdict(Decimal)
     for res in found:
+        await budget.tick()
         if wanted is not None and res.meter not in wanted:
             continue
         if not matches(res.metadata, filters):

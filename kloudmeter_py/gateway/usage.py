@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import msgspec
 from aiohttp import web
 
+from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.models import event_decoder
 from kloudmeter_py.core.paths import MISSING, compile_path
@@ -18,7 +19,7 @@ from kloudmeter_py.core.query import parse_time
 from kloudmeter_py.core.usage import Lifecycle, usage_hours
 from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import InvalidInput
-from kloudmeter_py.gateway.helpers import json_response
+from kloudmeter_py.gateway.helpers import json_response, read_budget
 from kloudmeter_py.gateway.keys import JS, LAYOUT, SETTINGS
 from kloudmeter_py.gateway.routes import USER, Op, Param, Routes, TenantScope, tenant_of
 from kloudmeter_py.gateway.schemas import TENANT, TIME, ref
@@ -76,7 +77,7 @@ async def usage(request: web.Request) -> web.Response:
         raise InvalidInput("start must be before end", field="start")
     settings = request.app[SETTINGS]
     events = await _lifecycle_events(
-        request, tenant, settings.usage_event_type, settings.usage_location
+        request, tenant, settings.usage_event_type, settings.usage_location, read_budget(request)
     )
     hours = usage_hours(events, start, end)
     rows = [LocationHours(location=k, hours=round(v, 6)) for k, v in sorted(hours.items())]
@@ -84,14 +85,15 @@ async def usage(request: web.Request) -> web.Response:
 
 
 async def _lifecycle_events(
-    request: web.Request, tenant: str, event_type: str, location_path: str
+    request: web.Request, tenant: str, event_type: str, location_path: str, budget: ReadBudget
 ) -> list[Lifecycle]:
     layout = request.app[LAYOUT]
     stream = layout.stream
     subject = layout.stored_subject(encode_token(event_type), encode_token(tenant))
     find_location = compile_path(location_path)
     out: list[Lifecycle] = []
-    for msg in await read(request.app[JS], stream, subject):
+    for msg in await read(request.app[JS], stream, subject, budget=budget):
+        await budget.tick()
         try:
             event = event_decoder.decode(msg.data)
         except ValueError:

@@ -12,10 +12,18 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from kloudmeter_py.core.budget import ReadBudget
+
 if TYPE_CHECKING:
     from kloudmeter_py.config import Settings
 
 _DELETE_OPS = ("DEL", "PURGE")
+
+
+def new_budget(timeout: float | None, what: str = "the read") -> ReadBudget:
+    """A read's budget (``timeout`` seconds, None: no limit) whose turns are real pauses of
+    the event loop, in which other tasks' round trips to NATS complete."""
+    return ReadBudget(timeout, what=what, pause=asyncio.sleep)
 
 
 async def read(
@@ -26,9 +34,11 @@ async def read(
     last_per_subject: bool = False,
     after_seq: int = 0,
     limit: int | None = None,
+    budget: ReadBudget | None = None,
 ) -> list[Msg]:
     """Every stored message matching ``filter_subject`` (or the last one per subject), oldest
-    first, through an ephemeral consumer filtered on the server. [] if the stream is missing."""
+    first, through an ephemeral consumer filtered on the server. [] if the stream is missing.
+    With ``budget``, each batch fetched is a tick of it (a deadline stops the read)."""
     name = f"read-{uuid.uuid4().hex[:12]}"
     config = ConsumerConfig(
         name=name,
@@ -66,6 +76,8 @@ async def read(
                     for msg in msgs:
                         out.append(msg)
                         pending = msg.metadata.num_pending
+                    if budget is not None:
+                        await budget.tick()  # fetch yields per message: here for the deadline
             finally:
                 await sub.unsubscribe()
     finally:
@@ -76,15 +88,21 @@ async def read(
     return out if limit is None else out[:limit]
 
 
-async def scan(js: JetStreamContext, bucket: str, pattern: str = ">") -> list[tuple[str, bytes]]:
+async def scan(
+    js: JetStreamContext, bucket: str, pattern: str = ">", *, budget: ReadBudget | None = None
+) -> list[tuple[str, bytes]]:
     """Latest value of every live key matching ``pattern`` (NATS wildcards), in key order.
 
     The filter runs on the server, so the cost is the number of keys that match, not the size
-    of the bucket (nats-py's ``keys(filters=)`` filters client-side).
+    of the bucket (nats-py's ``keys(filters=)`` filters client-side). With ``budget``, each key
+    is a tick of it.
     """
     prefix = f"$KV.{bucket}."
     out: dict[str, bytes] = {}
-    for msg in await read(js, f"KV_{bucket}", prefix + pattern, last_per_subject=True):
+    msgs = await read(js, f"KV_{bucket}", prefix + pattern, last_per_subject=True, budget=budget)
+    for msg in msgs:
+        if budget is not None:
+            await budget.tick()
         key = msg.subject[len(prefix) :]
         if (msg.headers or {}).get("KV-Operation") in _DELETE_OPS:
             out.pop(key, None)

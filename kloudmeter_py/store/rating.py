@@ -10,12 +10,13 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.models import InvalidField, Meter, event_decoder
 from kloudmeter_py.core.paths import MISSING, compile_path
 from kloudmeter_py.core.rating import DEFAULT_ACTIONS, Point, Price, PriceIn, to_decimal
 from kloudmeter_py.errors import NotFound
-from kloudmeter_py.store.kv import get_with_revision, read, scan
+from kloudmeter_py.store.kv import get_with_revision, new_budget, read, scan
 from kloudmeter_py.store.layout import Layout
 
 _price_decoder = msgspec.json.Decoder(Price)
@@ -71,9 +72,16 @@ class Resource:
 
 
 async def resources(
-    js: JetStreamContext, layout: Layout, meters: list[Meter], tenant: str | None = None
+    js: JetStreamContext,
+    layout: Layout,
+    meters: list[Meter],
+    tenant: str | None = None,
+    budget: ReadBudget | None = None,
 ) -> list[Resource]:
-    """Resource timelines of the duration meters, from their lifecycle events in the stream."""
+    """Resource timelines of the duration meters, from their lifecycle events in the stream;
+    each event read and folded is a tick of ``budget``."""
+    if budget is None:
+        budget = new_budget(None)
     out: dict[tuple[str, str], Resource] = {}
     for meter in meters:
         if meter.aggregation != "duration":
@@ -89,7 +97,9 @@ async def resources(
             layout,
             layout.stored_subject(encode_token(meter.eventType), subject),
             meter.startSeq,
+            budget,
         ):
+            await budget.tick()
             try:
                 event = event_decoder.decode(raw)
             except (msgspec.DecodeError, msgspec.ValidationError):
@@ -128,7 +138,7 @@ async def resources(
 
 
 async def _events(
-    js: JetStreamContext, layout: Layout, subject: str, after_seq: int
+    js: JetStreamContext, layout: Layout, subject: str, after_seq: int, budget: ReadBudget
 ) -> list[tuple[int, datetime, bytes]]:
-    msgs = await read(js, layout.stream, subject, after_seq=after_seq)
+    msgs = await read(js, layout.stream, subject, after_seq=after_seq, budget=budget)
     return [(m.metadata.sequence.stream, m.metadata.timestamp, m.data) for m in msgs]
