@@ -89,10 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--shape",
         choices=["live", "wide"],
-        default="live",
-        help="live: 1,000 subjects, events in the current minute (200,000); wide: 10,000 "
-        "subjects, times over the last 30 days (1,000,000)",
+        help="live (default): 1,000 subjects, events in the current minute (200,000); wide: "
+        "10,000 subjects, times over the last 30 days (1,000,000)",
     )
+    bench.add_argument(
+        "--reads",
+        action="store_true",
+        help="time the query reads over the wide shape through HTTP, against a raw KV fetch",
+    )
+    bench.add_argument("--repeat", type=int, default=5, help="--reads: timings of each read")
     bench.add_argument("--events", type=int, help="events end to end (default: the shape's)")
     bench.add_argument("--subjects", type=int, help="subjects (default: the shape's)")
     bench.add_argument("--http-seconds", type=float, default=5.0)
@@ -406,8 +411,10 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         args.subjects is not None and args.subjects < 1
     ):
         raise ConfigError("--events and --subjects must be positive")
+    if args.reads:
+        return await _bench_reads(settings, args, url)
     results = await bench.run(
-        shape=args.shape,
+        shape=args.shape or "live",
         secured=settings,
         nats_url=url,
         events_n=args.events,
@@ -421,6 +428,29 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(results))
     return 0 if results["correct"] else 1
+
+
+async def _bench_reads(settings: Settings, args: argparse.Namespace, url: str | None) -> int:
+    import json
+
+    from kloudmeter_py import bench_reads
+
+    if args.shape == "live":
+        raise ConfigError("--reads uses the wide shape (--subjects/--events make it smaller)")
+    if args.repeat < 1:
+        raise ConfigError("--repeat must be positive")
+    results = await bench_reads.run(
+        nats_url=url,
+        events_n=args.events,
+        subjects=args.subjects,
+        repeat=args.repeat,
+        quiet=False,
+        secured=settings,
+    )
+    print(bench_reads.table(results))
+    if args.json:
+        print(json.dumps(results))
+    return 0 if results["reads_correct"] else 1
 
 
 async def _token(settings: Settings, args: argparse.Namespace) -> int:
