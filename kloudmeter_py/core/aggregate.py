@@ -91,6 +91,24 @@ def distinct_key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+# Distinct values as one object per text. A unique meter's values repeat across its states
+# (the reading and every window of a series, and across series): decoded from each event
+# and each stored key they were separate strings, ~57 bytes each for a short id. On the wide
+# bench shape (10,000 subjects, 1,000 user ids) the readings alone held ~100 values each.
+# Bounded: past _SHARED_MAX texts the table starts again (states keep what they hold).
+_SHARED: dict[str, str] = {}
+_SHARED_MAX = 1 << 18
+
+
+def shared(values: list[str]) -> list[str]:
+    """The same texts, each as the one object already held for it (or this one, from now)."""
+    table = _SHARED
+    if len(table) > _SHARED_MAX:
+        table.clear()
+    keep = table.setdefault
+    return [keep(v, v) for v in values]
+
+
 class UniqueLimitError(ValueError_):
     """A unique count that would exceed its exact limit."""
 

@@ -9,6 +9,7 @@ from kloudmeter_py.core.aggregate import (
     Number,
     ValueError_,
     distinct_key,
+    shared,
     to_number,
 )
 from kloudmeter_py.core.keys import reading_key
@@ -120,7 +121,7 @@ class CompiledMeter:
         if any(raw is MISSING or raw is None for raw in raws):
             raise ValueError_("no value")
         if self.agg.uses_distinct:
-            keys = [raw if type(raw) is str else distinct_key(raw) for raw in raws]
+            keys = shared([raw if type(raw) is str else distinct_key(raw) for raw in raws])
             return key, groups, indexes, None, keys
         numbers = [raw if type(raw) is int else to_number(raw) for raw in raws]
         return key, groups, indexes, numbers, None
@@ -197,5 +198,5 @@ def from_reading(reading: Reading) -> Acc:
     acc.first_at = _dt_to_ms(reading.firstTime)
     acc.last_at = _dt_to_ms(reading.lastTime)
     if reading.distinct is not None:
-        acc.distinct = set(reading.distinct)
+        acc.distinct = set(shared(reading.distinct))
     return acc

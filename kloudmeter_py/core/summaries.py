@@ -28,7 +28,7 @@ from functools import lru_cache
 
 import msgspec
 
-from kloudmeter_py.core.aggregate import Acc, Number
+from kloudmeter_py.core.aggregate import Acc, Number, shared
 from kloudmeter_py.core.keys import decode_token
 from kloudmeter_py.core.meters import from_reading, to_reading
 from kloudmeter_py.core.models import Meter, Reading, reading_decoder
@@ -316,7 +316,11 @@ def decode_page(data: bytes) -> PageState:
     v = _page_decoder.decode(data)
     if v.format != PAGE_FORMAT:
         raise msgspec.ValidationError(f"unknown page format {v.format}")
-    windows: dict[int, Window] = {c.start: c for c in v.windows}
+    windows: dict[int, Window] = {}
+    for c in v.windows:
+        if c.distinct:
+            c.distinct = shared(c.distinct)
+        windows[c.start] = c
     return PageState(windows, v.lastSeq, v.meterStartSeq, v.replayed)
 
 
