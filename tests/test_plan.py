@@ -220,3 +220,21 @@ def test_round_limit_follows_the_parts_events_make(events: int, parts: int, limi
 
     assert _round_limit(50_000, events, parts) == limit
     assert _round_limit(300, events, parts) == min(300, limit)
+
+
+@pytest.mark.parametrize(
+    ("bytes_per_event", "room", "limit"),
+    [
+        (0, 32 << 20, 25_000),  # nothing known yet: by parts only
+        (4_000, 32 << 20, 8_388),  # 4 KB of key states an event: what fits in 32 MB
+        (100, 32 << 20, 25_000),  # small states: by parts
+        (1 << 20, 32 << 20, 1_000),  # never below 1,000
+    ],
+)
+def test_round_limit_keeps_a_rounds_key_states_in_the_cache(
+    bytes_per_event: int, room: int, limit: int
+) -> None:
+    """A round's key states are held until written: the round is sized so they fit."""
+    from kloudmeter_py.worker.runner import _round_limit
+
+    assert _round_limit(50_000, 25_000, 75_000, bytes_per_event, room) == limit

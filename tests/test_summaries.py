@@ -16,7 +16,9 @@ from kloudmeter_py.core.summaries import (
     encode_page,
     encode_window,
     is_page_token,
+    open_windows,
     page_end,
+    page_head,
     page_start,
     page_token,
     parse_page_token,
@@ -117,9 +119,16 @@ def test_a_page_holds_each_window_as_its_own_state(aggregation: str, values: lis
     first = _acc(values)  # type: ignore[arg-type]
     second = _acc(values[:1])  # type: ignore[arg-type]
     data = encode_page({START + 86400: second, START: first}, 123, 7, [99])
-    assert data.startswith(b"[2,7,123,[99],[[" + str(START).encode())
+    assert data.startswith(b'[2,7,123,[99],{"%d":[' % START)
     page = decode_page(data)
-    assert {s: as_acc(w) for s, w in page.windows.items()} == {START: first, START + 86400: second}
+    assert page.windows == {START: first, START + 86400: second}
+    # the worker's view: windows left as bytes until one is folded into, written back as such
+    windows = open_windows(data)
+    assert {s: as_acc(w) for s, w in windows.items()} == page.windows
+    assert encode_page(windows, 123, 7, [99]) == data
+    windows[START] = as_acc(windows[START])
+    assert encode_page(windows, 123, 7, [99]) == data
+    assert (page_head(data).lastSeq, page_head(data).meterStartSeq) == (123, 7)
     assert (page.last_seq, page.meter_start_seq, page.replayed) == (123, 7, [99])
     key = reading_key("m", "s", ()) + "." + page_token(86400, START)
     assert key.endswith(".2025-12")

@@ -26,7 +26,7 @@ from typing import Any
 from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold, fold_many, merge_into
 from kloudmeter_py.core.meters import CompiledMeter
 from kloudmeter_py.core.models import Event
-from kloudmeter_py.core.summaries import Window, cell_acc, page_token
+from kloudmeter_py.core.summaries import Window, as_acc, open_windows, page_token
 
 # (store, width in seconds, oldest window end still kept) per summary level
 Levels = Sequence[tuple[int, int, int]]
@@ -103,6 +103,18 @@ class KeyState:
     late: int = 0  # readings: events too old for every summary level
     size: int = 0  # estimated bytes in memory
     windows: dict[int, Window] | None = None  # pages only
+    # A page's stored bytes while its windows are closed (``windows`` then empty): a page is
+    # held as the bytes last read or written until a round folds into it (``open_page``).
+    raw: bytes | None = None
+
+
+def open_page(state: KeyState) -> dict[int, Window]:
+    """A page's windows to fold into, opened from its bytes if they are closed."""
+    assert state.windows is not None
+    if state.raw is not None:
+        state.windows = open_windows(state.raw)
+        state.raw = None
+    return state.windows
 
 
 def empty_state(store: int, revision: int, meter_start_seq: int) -> KeyState:
@@ -271,7 +283,7 @@ def apply(
             if part.acc.distinct:
                 new |= part.acc.distinct - have
         exact = len(have) + len(new) > unique_limit
-    windows = state.windows
+    windows = open_page(state) if state.windows is not None else None
     width = kw.width
     if not exact:
         if windows is None:
@@ -325,7 +337,7 @@ def _window(windows: dict[int, Window], start: int) -> Acc:
         return acc
     if isinstance(window, Acc):
         return window
-    acc = windows[start] = cell_acc(window)
+    acc = windows[start] = as_acc(window)
     return acc
 
 

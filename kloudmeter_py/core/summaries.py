@@ -4,10 +4,10 @@ A level's windows are kept in pages, one key per series (meter, subject, group v
 page: a minute level's windows in hour pages, hours in (UTC) day pages, days in (UTC) month
 pages. The key is ``<meter>.<subject>[.<group>...].<page>``, the page token
 ``YYYY-MM-DDTHH`` (hour page), ``YYYY-MM-DD`` (day page) or ``YYYY-MM`` (month page). The
-value holds what makes a replay exact and, per window, the mergeable state:
-``[2, meterStartSeq, lastSeq, replayed, [[start, count, sum, min, max, latest, latestAt,
-latestSeq, firstAt, lastAt, distinct], ...]]`` (``start`` in epoch seconds, times in epoch
-ms). A page is written whole; its ``lastSeq`` covers every window in it (a series belongs to
+value holds what makes a replay exact and, per window (keyed by its start in epoch
+seconds), the mergeable state: ``[2, meterStartSeq, lastSeq, replayed, {"<start>": [count,
+sum, min, max, latest, latestAt, latestSeq, firstAt, lastAt, distinct], ...}]`` (times in
+epoch ms). A page is written whole; its ``lastSeq`` covers every window in it (a series belongs to
 one partition, whose events are folded in stream order), so a replay skips what the page
 holds exactly as it does for a reading.
 
@@ -22,6 +22,7 @@ or a reading object) are still decoded (``decode_window``): ``setup`` folds them
 (store/migrate.py) and readers accept them.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -164,9 +165,8 @@ _PAGE_FORMATS = {3600: "%Y-%m-%dT%H", 86400: "%Y-%m-%d", 0: "%Y-%m"}
 
 
 class Cell(msgspec.Struct, array_like=True):
-    """One window of a page (see the module docstring)."""
+    """One window of a page, its start being its key in the page (see the module docstring)."""
 
-    start: int
     count: int
     sum: Number = 0
     min: Number | None = None
@@ -186,27 +186,51 @@ class PageValue(msgspec.Struct, array_like=True):
     meterStartSeq: int
     lastSeq: int
     replayed: list[int] | None
-    windows: list[Cell]
+    windows: dict[int, Cell]
 
 
-# A window of a page in memory: as decoded (a Cell), or an Acc once something is folded into it.
-# Only the windows a round touches become Accs: a page is read and written whole, and turning
-# every window into an Acc (its distinct values into a set) and back made the worker's CPU per
-# event grow with the page (wide bench shape, 1M events: 150 s against 115 s before pages).
-Window = Acc | Cell
+class _RawPage(msgspec.Struct, array_like=True):
+    """A page with its windows left undecoded (each a slice of the stored bytes)."""
+
+    format: int
+    meterStartSeq: int
+    lastSeq: int
+    replayed: list[int] | None
+    windows: dict[int, msgspec.Raw]
+
+
+class PageHead(msgspec.Struct, array_like=True):
+    """What the worker needs of a stored page before a round touches its windows."""
+
+    format: int
+    meterStartSeq: int
+    lastSeq: int
+    replayed: list[int] | None
+
+
+# A window of a page in the worker: its stored bytes (msgspec.Raw), or an Acc once a round
+# folds into it. A page is read and written whole, but a round seldom touches more than one or
+# two of its windows: the others are copied through as the bytes they were. Decoding every
+# window into an Acc (its distinct values into a set) and back made the worker's CPU per event
+# grow with the page (wide bench shape, 1M events: 150 s against 115 s before pages), and
+# holding them decoded took ~300 bytes a window against ~45 as bytes.
+Window = Acc | msgspec.Raw
 
 
 @dataclass(slots=True)
 class PageState:
-    """A page as the worker folds into it: window start -> state."""
+    """A page decoded: window start -> state."""
 
-    windows: dict[int, Window]
+    windows: dict[int, Acc]
     last_seq: int
     meter_start_seq: int
     replayed: list[int] | None = None
 
 
 _page_decoder = msgspec.json.Decoder(PageValue)
+_raw_page_decoder = msgspec.json.Decoder(_RawPage)
+_head_decoder = msgspec.json.Decoder(PageHead)
+_cell_decoder = msgspec.json.Decoder(Cell)
 
 
 def page_width(width: int) -> int:
@@ -272,55 +296,62 @@ def cell_acc(cell: Cell) -> Acc:
     acc.first_at = cell.firstAt
     acc.last_at = cell.lastAt
     if cell.distinct is not None:
-        acc.distinct = set(cell.distinct)
+        acc.distinct = set(shared(cell.distinct))
     return acc
 
 
 def as_acc(window: Window) -> Acc:
-    return window if isinstance(window, Acc) else cell_acc(window)
+    """A window of a page as a state to fold into (decoded now if it was bytes)."""
+    if isinstance(window, Acc):
+        return window
+    return cell_acc(_cell_decoder.decode(window))
 
 
 def encode_page(
-    windows: dict[int, Window],
+    windows: Mapping[int, Window],
     last_seq: int,
     meter_start_seq: int,
     replayed: list[int] | None = None,
 ) -> bytes:
-    cells = []
+    cells: dict[int, Cell | msgspec.Raw] = {}
     for start in sorted(windows):
         acc = windows[start]
         if not isinstance(acc, Acc):
-            cells.append(acc)
+            cells[start] = acc
             continue
-        cells.append(
-            Cell(
-                start,
-                acc.count,
-                acc.sum,
-                acc.min,
-                acc.max,
-                acc.latest,
-                acc.latest_at,
-                acc.latest_seq,
-                acc.first_at,
-                acc.last_at,
-                sorted(acc.distinct) if acc.distinct is not None else None,
-            )
+        cells[start] = Cell(
+            acc.count,
+            acc.sum,
+            acc.min,
+            acc.max,
+            acc.latest,
+            acc.latest_at,
+            acc.latest_seq,
+            acc.first_at,
+            acc.last_at,
+            sorted(acc.distinct) if acc.distinct is not None else None,
         )
-    return _encoder.encode(
-        PageValue(PAGE_FORMAT, meter_start_seq, last_seq, replayed or None, cells)
-    )
+    return _encoder.encode([PAGE_FORMAT, meter_start_seq, last_seq, replayed or None, cells])
+
+
+def page_head(data: bytes) -> PageHead:
+    """The generation, lastSeq and replays of a stored page, its windows left as they are."""
+    head = _head_decoder.decode(data)
+    if head.format != PAGE_FORMAT:
+        raise msgspec.ValidationError(f"unknown page format {head.format}")
+    return head
+
+
+def open_windows(data: bytes) -> dict[int, Window]:
+    """A stored page's windows, each as its bytes."""
+    return dict(_raw_page_decoder.decode(data).windows)
 
 
 def decode_page(data: bytes) -> PageState:
     v = _page_decoder.decode(data)
     if v.format != PAGE_FORMAT:
         raise msgspec.ValidationError(f"unknown page format {v.format}")
-    windows: dict[int, Window] = {}
-    for c in v.windows:
-        if c.distinct:
-            c.distinct = shared(c.distinct)
-        windows[c.start] = c
+    windows = {start: cell_acc(cell) for start, cell in v.windows.items()}
     return PageState(windows, v.lastSeq, v.meterStartSeq, v.replayed)
 
 
@@ -333,8 +364,7 @@ def summary_readings(key: str, data: bytes, meter: Meter, width: int) -> list[Re
     page = decode_page(data)
     as_written = _with_start(meter, page)
     out = []
-    for start, window in page.windows.items():
-        acc = as_acc(window)
+    for start, acc in page.windows.items():
         at = datetime.fromtimestamp((acc.last_at or start * 1000) / 1000, UTC)
         out.append(
             to_reading(

@@ -22,7 +22,7 @@ from kloudmeter_py.core.aggregate import Acc
 from kloudmeter_py.core.meters import from_reading
 from kloudmeter_py.core.models import reading_decoder
 from kloudmeter_py.core.plan import KeyState, WKey, empty_state
-from kloudmeter_py.core.summaries import decode_page
+from kloudmeter_py.core.summaries import page_head
 from kloudmeter_py.store.kv import get_with_revision
 from kloudmeter_py.store.wire import WireError
 
@@ -49,21 +49,23 @@ _ack_decoder = msgspec.json.Decoder(_BatchAck)
 def state_size(state: KeyState) -> int:
     """Estimated bytes a cached key state takes, key and cache entry included.
 
-    From tracemalloc on the wide bench shape: a state with its Acc and key is ~450 bytes;
-    a unique meter's distinct value adds ~85 (the string and its set slot); a page's window
-    ~250 (its Acc and dict slot), or ~150 while it is only decoded (a Cell; a distinct value
-    in its list ~60).
+    From tracemalloc, 100,000 states of the wide bench shape's keys: a reading with its Acc
+    and key ~400 bytes; a page ~450 and its bytes while closed, or per window ~280 as an Acc
+    and ~100 and its bytes while open but untouched. Distinct values are shared
+    (core.aggregate.shared): a set of them ~200 bytes and ~40 a value.
     """
     size = 450 + 8 * len(state.replayed or ())
+    if state.raw is not None:
+        return size + len(state.raw)
     windows = state.windows
     if windows is None:
         distinct = state.acc.distinct
-        return size + (85 * len(distinct) if distinct else 0)
+        return size + (200 + 40 * len(distinct) if distinct else 0)
     for w in windows.values():
         if isinstance(w, Acc):
-            size += 250 + (85 * len(w.distinct) if w.distinct else 0)
+            size += 280 + (200 + 40 * len(w.distinct) if w.distinct else 0)
         else:
-            size += 150 + (60 * len(w.distinct) if w.distinct else 0)
+            size += 100 + len(w)
     return size
 
 
@@ -142,14 +144,15 @@ class KeyStore:
             if value is None:
                 cached = empty_state(wkey[0], revision, -1)
             elif wkey[0]:
-                page = decode_page(value)
+                head = page_head(value)
                 cached = KeyState(
                     Acc(),
-                    page.last_seq,
+                    head.lastSeq,
                     revision,
-                    page.meter_start_seq,
-                    page.replayed,
-                    windows=page.windows,
+                    head.meterStartSeq,
+                    head.replayed,
+                    windows={},
+                    raw=value,
                 )
             else:
                 r = reading_decoder.decode(value)

@@ -86,13 +86,24 @@ _T = TypeVar("_T")
 _ROUND_PARTS = 75_000
 
 
-def _round_limit(batch_size: int, events: int, parts: int) -> int:
+def _round_limit(
+    batch_size: int, events: int, parts: int, bytes_per_event: int = 0, room: int = 0
+) -> int:
     """Events in the next round: METER_BATCH_SIZE, fewer where the last round's events each
     made parts of their own (many subjects or windows), so that its parts stay near
-    _ROUND_PARTS."""
+    _ROUND_PARTS, and fewer where the key states a round touches (``bytes_per_event`` in
+    the last round written, estimated) would not fit in ``room`` (half of METER_CACHE_MB).
+
+    The key states are what a worker's memory grows with on the wide bench shape: a round of
+    25,000 events touched ~84,000 keys whose states grew from ~100 to ~160 MB as the month
+    pages filled, and they are all held until written.
+    """
     if not parts or not events:
         return batch_size
-    return min(batch_size, max(1000, events * _ROUND_PARTS // parts))
+    limit = events * _ROUND_PARTS // parts
+    if bytes_per_event and room:
+        limit = min(limit, room // bytes_per_event)
+    return min(batch_size, max(1000, limit))
 
 
 def _chunks(keys: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
@@ -166,6 +177,7 @@ class Runner:
         self._unflushed_at = 0.0
         self._pull_batch = min(self.settings.batch_size, 1000)
         self._load_slots = asyncio.Semaphore(_LOADS_IN_FLIGHT)
+        self._bytes_per_event = 0  # key state bytes per event of the last round written
 
     def meter_added(self, cm: CompiledMeter) -> None:
         """A meter that should have seen events already applied: replay them. Before the
@@ -293,7 +305,13 @@ class Runner:
                         break
                     self._add(rnd, msgs)
                 await self._fold_round(rnd)
-                round_limit = _round_limit(self.settings.batch_size, len(rnd.rows), len(rnd.series))
+                round_limit = _round_limit(
+                    self.settings.batch_size,
+                    len(rnd.rows),
+                    len(rnd.series),
+                    self._bytes_per_event,
+                    self.keys.cache_budget // 2,
+                )
                 if writing is not None:
                     await writing
                 writing = asyncio.create_task(self._process(puller, rnd, started))
@@ -411,6 +429,10 @@ class Runner:
             # round of 20,000 events touches ~16,000 of them). Caught up, they are written
             # with their round, so a reading trails its events by one round only.
             await self._write(rnd, dead, defer_readings=pending >= _BACKLOG)
+            if rnd.rows:
+                cache = self.keys.cache
+                held = sum(cache[k].size for k in rnd.work if k in cache)
+                self._bytes_per_event = held // len(rnd.rows) + 1
             if dead:
                 seqs = {seq for seq, _ in dead}
                 stored = {seq: at for _, seq, at in rnd.rows if seq in seqs}
@@ -460,7 +482,10 @@ class Runner:
         """Write the summaries changed since the last flush, then the checkpoint, then ack."""
         if self._dirty:
             self.log.debug(
-                "summaries.flush", keys=len(self._dirty), cache_mb=self.keys.cache_bytes >> 20
+                "summaries.flush",
+                keys=len(self._dirty),
+                cached=len(self.keys.cache),
+                cache_mb=self.keys.cache_bytes >> 20,
             )
             await _all(self._flush_chunk(chunk) for chunk in _chunks(list(self._dirty)))
             self._dirty.clear()
@@ -479,8 +504,8 @@ class Runner:
             cached = self.keys.cache[wkey]
             cm, subject, groups = dirty[wkey]
             meter = cm.meter
-            if cached.windows is not None:
-                body = encode_page(cached.windows, cached.last_seq, meter.startSeq, cached.replayed)
+            if cached.raw is not None:
+                body = cached.raw  # a page, encoded when the round folded into it
             else:
                 body = encoder.encode(
                     to_reading(
@@ -675,15 +700,22 @@ class Runner:
                 self.keys.replace(wkey, cached)
             if not self._apply(rnd, wkey, cached, dead):
                 continue
+            if wkey[0]:
+                # A page is encoded at once and held as its bytes (windows closed).
+                assert cached.windows is not None
+                cached.raw = encode_page(
+                    cached.windows, cached.last_seq, meter.startSeq, cached.replayed
+                )
+                cached.windows = {}
             if self._defer and (wkey[0] or defer_readings):
-                # Written by _flush, with the checkpoint.
+                # Written by _flush, with the checkpoint; its size counts towards the flush.
                 self._dirty[wkey] = (kw.meter, kw.subject, kw.groups)
+                self.keys.resize(cached)
                 if not wkey[0]:
                     self.w.stats.applied += kw.events
                 continue
-            if wkey[0]:
-                assert cached.windows is not None
-                body = encode_page(cached.windows, cached.last_seq, meter.startSeq, cached.replayed)
+            if cached.raw is not None:
+                body = cached.raw
             else:
                 body = encoder.encode(
                     to_reading(
