@@ -78,12 +78,13 @@ def _next_local(t: datetime, size: str, tz: ZoneInfo, interval: int) -> datetime
 
 
 def _resolve(naive_local: datetime, tz: ZoneInfo) -> datetime:
-    """A wall-clock time in ``tz`` as UTC; a time skipped by DST moves forward to a real one."""
-    aware = naive_local.replace(tzinfo=tz)
-    back = aware.astimezone(UTC).astimezone(tz).replace(tzinfo=None)
-    if back != naive_local:  # in a gap: take the first instant after it
-        aware = naive_local.replace(tzinfo=tz, fold=1)
-    return aware.astimezone(UTC)
+    """A wall-clock time in ``tz`` as UTC; a time skipped by DST moves forward to a real one.
+
+    With ``fold=0`` (PEP 495) a time in a gap is read with the offset in force before it, which
+    lands on the first instant after the gap (Santiago's skipped midnight 00:00 -04 is 01:00
+    -03); ``fold=1`` would land before it, on the previous day. A repeated time is its first
+    occurrence."""
+    return naive_local.replace(tzinfo=tz, fold=0).astimezone(UTC)
 
 
 def cover(
