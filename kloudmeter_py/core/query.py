@@ -35,6 +35,9 @@ class Query:
     subjects: list[str] = field(default_factory=list)
     group_by: list[str] = field(default_factory=list)
     filter_group_by: dict[str, str] = field(default_factory=dict)
+    # Rows split by subject even when ``subjects`` names none (every subject: the export).
+    # A read must then bring every subject's summaries, never a meter-wide rollup.
+    by_subject: bool = False
 
 
 def parse_time(field_name: str, value: str) -> datetime:
@@ -148,6 +151,7 @@ async def merge_rows(
         budget = ReadBudget(None)
     agg = AGGREGATIONS[meter.aggregation]
     subjects = set(q.subjects)
+    split = bool(subjects) or q.by_subject
     rows: dict[tuple[int, str | None, tuple[str | None, ...]], Acc] = {}
     for level, s in summaries:
         await budget.tick()
@@ -162,7 +166,7 @@ async def merge_rows(
             continue
         key = (
             index,
-            s.subject if subjects else None,
+            s.subject if split else None,
             tuple(s.groupBy.get(g) for g in q.group_by),
         )
         acc = from_reading(s)

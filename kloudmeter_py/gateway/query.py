@@ -12,7 +12,7 @@ from aiohttp import web
 from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.core.models import Meter
 from kloudmeter_py.core.query import Query, build_query
-from kloudmeter_py.core.windows import WINDOW_SIZES, QueryError
+from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import InvalidInput
 from kloudmeter_py.gateway.helpers import decode_body, json_response, read_budget
 from kloudmeter_py.gateway.keys import JS, METERS, SETTINGS
@@ -28,7 +28,7 @@ QUERY_PARAMS = (
     Param("to", TIME, "end, RFC 3339, on a METER_INTERVAL boundary (exclusive)"),
     Param(
         "windowSize",
-        {"enum": list(WINDOW_SIZES)},
+        {"enum": ["MINUTE", "HOUR", "DAY", "MONTH"]},
         "window size (MONTH: calendar months in windowTimeZone); absent: one total",
     ),
     Param("windowTimeZone", description="IANA time zone of the windows (default UTC)"),
