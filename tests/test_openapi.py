@@ -17,7 +17,7 @@ import re
 import time
 import warnings
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -52,6 +52,8 @@ BEYOND_SCHEMA: dict[str, str] = {
         for method in ("GET", "POST")
         for path in ("/api/meters/{meter}/query", "/api/v1/meters/{meter}/query")
     },
+    "GET /api/meters/{meter}/export": "as a query: from before to on METER_INTERVAL "
+    "boundaries, an IANA time zone, groups the meter has",
 }
 
 
@@ -221,12 +223,18 @@ async def _seed(http: Http) -> dict[str, Any]:
 
     await eventually(dead_letters, lambda n: n == 1)
     await eventually(lambda: http.get("/api/perf/host-1"), lambda r: r.status == 200)
-    return {"reading_key": rs[0]["key"], "start": (now.replace(minute=0, second=0)).isoformat()}
+    hour = now.replace(minute=0, second=0)
+    return {
+        "reading_key": rs[0]["key"],
+        "start": hour.isoformat(),
+        "end": (hour + timedelta(hours=1)).isoformat(),
+    }
 
 
 # (path in the document, method, what to send): requests that find the seeded data.
 def _explicit(seeded: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
     meter = {"path_parameters": {"meter": "api-calls"}}
+    span = {"from": seeded["start"], "to": seeded["end"]}
     return [
         ("/api/meters", "GET", {}),
         ("/api/meter/", "GET", {"query": {"key": "api-calls"}}),
@@ -237,6 +245,16 @@ def _explicit(seeded: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
             "/api/meters/{meter}/query",
             "POST",
             {**meter, "body": {"windowSize": "MINUTE", "groupBy": ["method"]}},
+        ),
+        (
+            "/api/meters/{meter}/export",
+            "GET",
+            {**meter, "query": {**span, "windowSize": "MONTH", "format": "csv"}},
+        ),
+        (
+            "/api/meters/{meter}/export",
+            "GET",
+            {**meter, "query": {**span, "groupBy": ["method"], "format": "json"}},
         ),
         ("/api/v1/meters", "GET", {}),
         ("/api/v1/meters/{meter}", "GET", meter),

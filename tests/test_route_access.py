@@ -71,6 +71,9 @@ WRITES_FOR_OTHER: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
 READ_ARGS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/api/meters/{meter}/query"): {"json": {}},
     ("POST", "/api/v1/meters/{meter}/query"): {"json": {}},
+    ("GET", "/api/meters/{meter}/export"): {
+        "params": {"from": START, "to": "2030-01-01T00:00:00Z", "format": "csv"}
+    },
     ("POST", "/charging"): {"json": {"start": START, "end": "2030-01-01T00:00:00Z"}},
     ("GET", "/api/usage"): {"params": {"start": START}},
     ("GET", "/api/reading"): {"params": {"key": f"m.{OTHER}"}},

@@ -46,6 +46,19 @@ def test_day_windows_follow_dst_in_the_zone() -> None:
     assert [(b - a).total_seconds() / 3600 for a, b in spring] == [23.0]
 
 
+def test_days_in_a_zone_that_skips_midnight_move_past_the_gap() -> None:
+    """Santiago skips 2026-09-06 00:00: that day starts at 01:00 -03 and is 23 hours long.
+    (It used to resolve to 23:00 the day before, and the window loop stopped advancing:
+    such a query hung the gateway.)"""
+    tz = ZoneInfo("America/Santiago")
+    start, end = datetime(2026, 9, 5, 4, tzinfo=UTC), datetime(2026, 9, 7, 3, tzinfo=UTC)
+    days = output_windows(start, end, "day", tz, 60)
+    assert [(_iso(a), (b - a).total_seconds() / 3600) for a, b in days] == [
+        ("2026-09-05T04:00:00Z", 24.0),
+        ("2026-09-06T04:00:00Z", 23.0),
+    ]
+
+
 def test_cover_uses_coarse_windows_and_finer_ones_at_the_edges() -> None:
     """[10:30, next day 01:00) is 30 minute windows, 13 hours... no: hours up to midnight, a
     day would not fit, then an hour."""

@@ -13,11 +13,13 @@ from kloudmeter_py.core.models import Meter, Reading
 from kloudmeter_py.core.windows import (
     DAY,
     MINUTE,
+    STORED_LEVEL,
     WINDOW_SIZES,
     QueryError,
     cover,
     output_windows,
     widths,
+    window_count,
 )
 
 # Output windows one query may ask for: planning them is CPU work on the event loop.
@@ -28,11 +30,14 @@ MAX_WINDOWS = 20_000
 class Query:
     start: datetime
     end: datetime
-    window_size: str | None  # "minute" | "hour" | "day" | None
+    window_size: str | None  # "minute" | "hour" | "day" | "month" | None
     tz: ZoneInfo
     subjects: list[str] = field(default_factory=list)
     group_by: list[str] = field(default_factory=list)
     filter_group_by: dict[str, str] = field(default_factory=dict)
+    # Rows split by subject even when ``subjects`` names none (every subject: the export).
+    # A read must then bring every subject's summaries, never a meter-wide rollup.
+    by_subject: bool = False
 
 
 def parse_time(field_name: str, value: str) -> datetime:
@@ -67,7 +72,7 @@ def build_query(
     if window_size:
         size = WINDOW_SIZES.get(window_size.upper())
         if size is None:
-            raise QueryError("windowSize", f"{window_size!r} is not MINUTE, HOUR or DAY")
+            raise QueryError("windowSize", f"{window_size!r} is not MINUTE, HOUR, DAY or MONTH")
     try:
         zone = ZoneInfo(tz or "UTC")
     except (ZoneInfoNotFoundError, ValueError):
@@ -90,7 +95,7 @@ def build_query(
         if int(t.timestamp()) % step or t.microsecond:
             raise QueryError(name, f"must fall on a {step}s boundary (METER_INTERVAL)")
     if size is not None:
-        count = (stop - begin).total_seconds() / widths(interval)[size]
+        count = window_count(begin, stop, size, interval)
         if count > MAX_WINDOWS:
             raise QueryError(
                 "from",
@@ -120,7 +125,9 @@ def plan(
     level_widths = widths(interval)
     windows = output_windows(q.start, q.end, q.window_size, q.tz, interval)
     feeds: dict[tuple[str, int], int] = {}
-    requested = q.window_size or (DAY if len(windows) == 1 else None)
+    requested = STORED_LEVEL[q.window_size] if q.window_size else None
+    if requested is None and len(windows) == 1:
+        requested = DAY
     for i, (ws, we) in enumerate(windows):
         for level, start in cover(
             int(ws.timestamp()), int(we.timestamp()), level_widths, horizons, requested
@@ -144,6 +151,7 @@ async def merge_rows(
         budget = ReadBudget(None)
     agg = AGGREGATIONS[meter.aggregation]
     subjects = set(q.subjects)
+    split = bool(subjects) or q.by_subject
     rows: dict[tuple[int, str | None, tuple[str | None, ...]], Acc] = {}
     for level, s in summaries:
         await budget.tick()
@@ -158,7 +166,7 @@ async def merge_rows(
             continue
         key = (
             index,
-            s.subject if subjects else None,
+            s.subject if split else None,
             tuple(s.groupBy.get(g) for g in q.group_by),
         )
         acc = from_reading(s)

@@ -1,14 +1,20 @@
 """Time windows: which stored window an event falls in, and how a query's windows are covered
-by stored ones (coarsest first, finer where a boundary needs it)."""
+by stored ones (coarsest first, finer where a boundary needs it).
+
+Stored levels are minute, hour and day. A query may also ask for calendar months in its time
+zone: a month is never stored, it is covered by the day windows inside it, with hours (and
+minutes) at a boundary that is not a UTC midnight, as a day in a non-UTC zone is."""
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from zoneinfo import ZoneInfo
 
-MINUTE, HOUR, DAY = "minute", "hour", "day"
-LEVELS = (MINUTE, HOUR, DAY)
-WINDOW_SIZES = {"MINUTE": MINUTE, "HOUR": HOUR, "DAY": DAY}
+MINUTE, HOUR, DAY, MONTH = "minute", "hour", "day", "month"
+LEVELS = (MINUTE, HOUR, DAY)  # stored
+WINDOW_SIZES = {"MINUTE": MINUTE, "HOUR": HOUR, "DAY": DAY, "MONTH": MONTH}  # asked for
+# The coarsest stored level a window of each size is built from (a month: from days).
+STORED_LEVEL = {MINUTE: MINUTE, HOUR: HOUR, DAY: DAY, MONTH: DAY}
 
 
 class QueryError(ValueError):
@@ -21,6 +27,14 @@ class QueryError(ValueError):
 def widths(interval: int) -> dict[str, int]:
     """Width in seconds of each stored level; the finest is METER_INTERVAL."""
     return {MINUTE: interval, HOUR: 3600, DAY: 86400}
+
+
+def window_count(start: datetime, end: datetime, size: str, interval: int) -> float:
+    """About how many windows of ``size`` [start, end) holds, before they are planned (months
+    counted on the UTC calendar: one more or less in a zone)."""
+    if size == MONTH:
+        return (end.year - start.year) * 12 + end.month - start.month + 1
+    return (end - start).total_seconds() / widths(interval)[size]
 
 
 def window_start(at_ms: int, width: int) -> int:
@@ -47,7 +61,10 @@ def output_windows(
     out = []
     cursor = _floor_local(start, size, tz, interval)
     while cursor < end:
-        nxt = _next_local(cursor, size, tz, interval)
+        try:
+            nxt = _next_local(cursor, size, tz, interval)
+        except (OverflowError, ValueError):  # past year 9999: the range ends first
+            nxt = end
         out.append((max(cursor, start), min(nxt, end)))
         cursor = nxt
     return out
@@ -55,7 +72,9 @@ def output_windows(
 
 def _floor_local(t: datetime, size: str, tz: ZoneInfo, interval: int) -> datetime:
     local = t.astimezone(tz)
-    if size == DAY:
+    if size == MONTH:
+        floored = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    elif size == DAY:
         floored = local.replace(hour=0, minute=0, second=0, microsecond=0)
     elif size == HOUR:
         floored = local.replace(minute=0, second=0, microsecond=0)
@@ -69,6 +88,8 @@ def _floor_local(t: datetime, size: str, tz: ZoneInfo, interval: int) -> datetim
 
 def _next_local(t: datetime, size: str, tz: ZoneInfo, interval: int) -> datetime:
     local = t.astimezone(tz).replace(tzinfo=None)
+    if size == MONTH:
+        return _resolve(first_of_next_month(local), tz)
     if size == DAY:
         nxt = local.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
         return _resolve(nxt, tz)
@@ -77,13 +98,20 @@ def _next_local(t: datetime, size: str, tz: ZoneInfo, interval: int) -> datetime
     return (t + timedelta(seconds=step)).astimezone(UTC)
 
 
+def first_of_next_month(local: datetime) -> datetime:
+    """Midnight on the first of the month after ``local``'s (Jan 31 -> Feb 1, Dec -> Jan)."""
+    year, month = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+    return local.replace(year=year, month=month, day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
 def _resolve(naive_local: datetime, tz: ZoneInfo) -> datetime:
-    """A wall-clock time in ``tz`` as UTC; a time skipped by DST moves forward to a real one."""
-    aware = naive_local.replace(tzinfo=tz)
-    back = aware.astimezone(UTC).astimezone(tz).replace(tzinfo=None)
-    if back != naive_local:  # in a gap: take the first instant after it
-        aware = naive_local.replace(tzinfo=tz, fold=1)
-    return aware.astimezone(UTC)
+    """A wall-clock time in ``tz`` as UTC; a time skipped by DST moves forward to a real one.
+
+    With ``fold=0`` (PEP 495) a time in a gap is read with the offset in force before it, which
+    lands on the first instant after the gap (Santiago's skipped midnight 00:00 -04 is 01:00
+    -03); ``fold=1`` would land before it, on the previous day. A repeated time is its first
+    occurrence."""
+    return naive_local.replace(tzinfo=tz, fold=0).astimezone(UTC)
 
 
 def cover(

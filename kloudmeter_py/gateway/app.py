@@ -17,6 +17,7 @@ from kloudmeter_py.errors import KloudmeterError, PayloadTooLarge, Unavailable
 from kloudmeter_py.gateway import (
     auth,
     dashboard,
+    export,
     kloudmeter,
     openapi,
     openmeter,
@@ -129,6 +130,7 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     for module in (
         kloudmeter,
         query,
+        export,
         openmeter,
         perf,
         auth,

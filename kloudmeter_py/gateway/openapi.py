@@ -222,7 +222,9 @@ def _operation(
             "content": {media: {"schema": op.body} for media in op.body_media},
         }
     ok: dict[str, Any] = {"description": op.summary}
-    if op.response is not None:
+    if op.responses:
+        ok["content"] = {media: {"schema": schema} for media, schema in op.responses}
+    elif op.response is not None:
         ok["content"] = {m: {"schema": op.response} for m in (op.media, *op.alt_media)}
     responses: dict[str, Any] = {str(op.status): ok}
     errors = set(op.errors)

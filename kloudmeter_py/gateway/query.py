@@ -26,7 +26,11 @@ METER_PATH = ("the meter id (OpenMeter: id or slug)",)
 QUERY_PARAMS = (
     Param("from", TIME, "start, RFC 3339, on a METER_INTERVAL boundary (inclusive)"),
     Param("to", TIME, "end, RFC 3339, on a METER_INTERVAL boundary (exclusive)"),
-    Param("windowSize", {"enum": ["MINUTE", "HOUR", "DAY"]}, "window size; absent: one total"),
+    Param(
+        "windowSize",
+        {"enum": ["MINUTE", "HOUR", "DAY", "MONTH"]},
+        "window size (MONTH: calendar months in windowTimeZone); absent: one total",
+    ),
     Param("windowTimeZone", description="IANA time zone of the windows (default UTC)"),
     Param("subject", array(STR), "subjects to filter on and split by (repeatable)"),
     Param("groupBy", array(STR), "groups to split by (repeatable)"),
@@ -67,7 +71,7 @@ class QueryResult(msgspec.Struct, omit_defaults=True, rename={"start": "from", "
 
     start: datetime
     end: datetime
-    windowSize: Literal["MINUTE", "HOUR", "DAY"] | None
+    windowSize: Literal["MINUTE", "HOUR", "DAY", "MONTH"] | None
     data: list[QueryRow]
     windowTimeZone: str | None = None
 

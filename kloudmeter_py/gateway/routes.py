@@ -99,6 +99,7 @@ class Op:
     nats: bool = True
     description: str = ""
     alt_media: tuple[str, ...] = ()  # other media types of the success response
+    responses: tuple[tuple[str, Schema], ...] = ()  # (media, schema) when they differ by media
 
 
 @dataclass(frozen=True)
