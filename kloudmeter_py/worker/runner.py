@@ -431,7 +431,10 @@ class Runner:
             await self._write(rnd, dead, defer_readings=pending >= _BACKLOG)
             if rnd.rows:
                 cache = self.keys.cache
-                held = sum(cache[k].size for k in rnd.work if k in cache)
+                # Pages only: a round's readings are the series it touches, which the next
+                # rounds touch again however large they are (and a unique reading's distinct
+                # values, ~100 a subject on the wide shape, would shrink rounds to nothing).
+                held = sum(cache[k].size for k in rnd.work if k[0] and k in cache)
                 self._bytes_per_event = held // len(rnd.rows) + 1
             if dead:
                 seqs = {seq for seq, _ in dead}
