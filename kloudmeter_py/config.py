@@ -35,7 +35,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # wait: a message is acknowledged only after its round and the summary flush.
     summary_flush_ms: int = 5000
     # The worker's cache of key states (readings and summaries), in MB (an estimate).
-    cache_mb: int = 64
+    cache_mb: int = 192
     # Largest HTTP request body accepted.
     max_body_bytes: int = 1024 * 1024
     # Longest a read (a query, a listing, a rebuild) may work before it answers 503.
