@@ -102,19 +102,7 @@ def decode_window(data: bytes) -> WindowState:
     v = _decoder.decode(data)
     if v.format != FORMAT:
         raise msgspec.ValidationError(f"unknown summary format {v.format}")
-    acc = Acc()
-    acc.count = v.count
-    acc.sum = v.sum
-    acc.min = v.min
-    acc.max = v.max
-    acc.latest = v.latest
-    acc.latest_at = v.latestAt
-    acc.latest_seq = v.latestSeq
-    acc.first_at = v.firstAt
-    acc.last_at = v.lastAt
-    if v.distinct is not None:
-        acc.distinct = set(v.distinct)
-    return WindowState(acc, v.lastSeq, v.meterStartSeq, v.replayed)
+    return WindowState(cell_acc(v), v.lastSeq, v.meterStartSeq, v.replayed)
 
 
 def parse_summary_key(key: str, groups: int) -> tuple[str, tuple[str | None, ...], int]:
@@ -283,8 +271,8 @@ def parse_page_token(token: str) -> int:
     return int(datetime.strptime(token, fmt).replace(tzinfo=UTC).timestamp())
 
 
-def cell_acc(cell: Cell) -> Acc:
-    """A decoded window as a state to fold into."""
+def cell_acc(cell: "Cell | WindowValue") -> Acc:
+    """A decoded window (of a page, or of layout 1) as a state to fold into."""
     acc = Acc()
     acc.count = cell.count
     acc.sum = cell.sum
