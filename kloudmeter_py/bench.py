@@ -23,7 +23,7 @@ import msgspec
 from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, StreamConfig
 
 from kloudmeter_py.config import NATS_AUTH, Settings
 from kloudmeter_py.core.keys import event_subject
@@ -352,6 +352,47 @@ async def _unapplied(nc: Client, stream: str) -> int:
     return (ours[0].num_pending or 0) + (ours[0].num_ack_pending or 0)
 
 
+async def bench_nats(
+    stack: contextlib.AsyncExitStack, nats_url: str | None, secured: Settings | None
+) -> tuple[NatsServer | None, Settings, Client, Layout]:
+    """The bench's NATS: an embedded server in a temporary directory unless ``nats_url`` is
+    given (with ``secured``'s credentials), a stream of its own, set up with the bench's
+    meters; closed with ``stack``."""
+    server: NatsServer | None = None
+    auth: dict[str, Any] = {}
+    if nats_url is None:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kloudmeter-bench-"))
+        server = await stack.enter_async_context(NatsServer(Path(tmp) / "nats"))
+        nats_url = server.url
+    elif secured:
+        auth = _auth_settings(secured)
+    settings = Settings(nats_url=nats_url, stream=f"bench{uuid.uuid4().hex[:6]}", **auth)
+    nc = await kv_connect(nats_url, name="kloudmeter-bench", settings=settings)
+    stack.push_async_callback(nc.close)
+    layout = await provision(nc.jetstream(), settings)
+    kv = await nc.jetstream().key_value(layout.meters_bucket)
+    for body in METERS:
+        meter = validate_meter(meter_in_decoder.decode(msgspec.json.encode(body)))
+        await kv.put(meter.id, encoder.encode(meter))
+    return server, settings, nc, layout
+
+
+async def last_values_consumer(nc: Client, bucket: str) -> ConsumerInfo:
+    """An ephemeral consumer of the latest value of every key of a bucket (no acks)."""
+    return await nc.jetstream(timeout=30).add_consumer(
+        f"KV_{bucket}",
+        ConsumerConfig(
+            name=f"benchread{uuid.uuid4().hex[:8]}",
+            filter_subject=f"$KV.{bucket}.>",
+            ack_policy=AckPolicy.NONE,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            inactive_threshold=30.0,
+            mem_storage=True,
+            num_replicas=1,
+        ),
+    )
+
+
 async def latest_values(
     nc: Client,
     bucket: str,
@@ -362,20 +403,8 @@ async def latest_values(
 
     Pulled on a lean connection in batches of 1,000 (a push consumer without flow control
     loses messages to a slow client at a million keys; nats-py's fetch is 3x slower)."""
-    js = nc.jetstream(timeout=30)
-    name = f"benchread{uuid.uuid4().hex[:8]}"
-    info = await js.add_consumer(
-        f"KV_{bucket}",
-        ConsumerConfig(
-            name=name,
-            filter_subject=f"$KV.{bucket}.>",
-            ack_policy=AckPolicy.NONE,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            inactive_threshold=30.0,
-            mem_storage=True,
-            num_replicas=1,
-        ),
-    )
+    info = await last_values_consumer(nc, bucket)
+    name = info.name
     left = info.num_pending or 0
     seen = 0
     prefix = f"$KV.{bucket}."
@@ -398,7 +427,7 @@ async def latest_values(
     finally:
         await wire.close()
         with contextlib.suppress(Exception):
-            await js.delete_consumer(f"KV_{bucket}", name)
+            await nc.jetstream().delete_consumer(f"KV_{bucket}", name)
     return seen
 
 
@@ -498,23 +527,10 @@ async def run(
     events_n = events_n or form.events
     subjects = subjects or form.subjects
     async with contextlib.AsyncExitStack() as stack:
-        server: NatsServer | None = None
-        data_dir: Path | None = None
-        if nats_url is None:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kloudmeter-bench-"))
-            data_dir = Path(tmp) / "nats"
-            server = await stack.enter_async_context(NatsServer(data_dir))
-            nats_url = server.url
-        auth = _auth_settings(secured) if server is None and secured else {}
-        settings = Settings(nats_url=nats_url, stream=f"bench{uuid.uuid4().hex[:6]}", **auth)
+        server, settings, nc, layout = await bench_nats(stack, nats_url, secured)
+        data_dir = server.store_dir if server is not None else None
+        nats_url = settings.nats_url
         stream = settings.stream
-        nc = await kv_connect(nats_url, name="kloudmeter-bench", settings=settings)
-        stack.push_async_callback(nc.close)
-        layout = await provision(nc.jetstream(), settings)
-        kv = await nc.jetstream().key_value(layout.meters_bucket)
-        for body in METERS:
-            meter = validate_meter(meter_in_decoder.decode(msgspec.json.encode(body)))
-            await kv.put(meter.id, encoder.encode(meter))
         p.phase("generating events")
         expected = Expected(settings)
         events = make_events(events_n, subjects, shape=form)

@@ -13,42 +13,35 @@ import contextlib
 import math
 import os
 import statistics
-import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 
 from kloudmeter_py.bench import (
-    METERS,
     SHAPES,
     Progress,
     Publisher,
     _auth_env,
-    _auth_settings,
     _free_port,
     _process,
     _unapplied,
+    bench_nats,
+    last_values_consumer,
     make_events,
 )
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.keys import event_subject
-from kloudmeter_py.core.models import encoder, meter_in_decoder, validate_meter
 from kloudmeter_py.store.credentials import load as load_credentials
-from kloudmeter_py.store.kv import connect as kv_connect
 from kloudmeter_py.store.layout import Layout
-from kloudmeter_py.store.provision import provision
 from kloudmeter_py.store.pull import RawPuller
-from kloudmeter_py.store.server import NatsServer
 from kloudmeter_py.store.wire import Wire
 
 DAY_MS = 86_400_000
@@ -212,23 +205,6 @@ async def summary_entries(nc: Client, layout: Layout) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-async def _ephemeral(nc: Client, bucket: str) -> str:
-    name = f"benchraw{uuid.uuid4().hex[:8]}"
-    await nc.jetstream(timeout=30).add_consumer(
-        f"KV_{bucket}",
-        ConsumerConfig(
-            name=name,
-            filter_subject=f"$KV.{bucket}.>",
-            ack_policy=AckPolicy.NONE,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            inactive_threshold=30.0,
-            mem_storage=True,
-            num_replicas=1,
-        ),
-    )
-    return name
-
-
 async def pull_entries(nc: Client, wire: Wire, buckets: list[str], n: int) -> int:
     """Latest values of ``n`` keys (fewer if the buckets hold fewer), bucket after bucket,
     through one ephemeral pull consumer per bucket on the lean connection, in batches of
@@ -237,9 +213,9 @@ async def pull_entries(nc: Client, wire: Wire, buckets: list[str], n: int) -> in
     for bucket in buckets:
         if got >= n:
             break
-        name = await _ephemeral(nc, bucket)
+        info = await last_values_consumer(nc, bucket)
+        name = info.name
         try:
-            info = await nc.jetstream().consumer_info(f"KV_{bucket}", name)
             left = min(info.num_pending or 0, n - got)
             puller = RawPuller(wire, f"KV_{bucket}", name, 1000)
             await puller.start()
@@ -338,22 +314,9 @@ async def run(
     results: dict[str, Any] = {"shape": "wide", "events": events_n, "subjects": subjects}
     results["load_avg_1m"] = round(os.getloadavg()[0], 2)
     async with contextlib.AsyncExitStack() as stack:
-        if nats_url is None:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kloudmeter-bench-"))
-            server = await stack.enter_async_context(NatsServer(Path(tmp) / "nats"))
-            nats_url = server.url
-            auth: dict[str, Any] = {}
-        else:
-            auth = _auth_settings(secured) if secured else {}
-        settings = Settings(nats_url=nats_url, stream=f"bench{uuid.uuid4().hex[:6]}", **auth)
+        _, settings, nc, layout = await bench_nats(stack, nats_url, secured)
+        nats_url = settings.nats_url
         stream = settings.stream
-        nc = await kv_connect(nats_url, name="kloudmeter-bench", settings=settings)
-        stack.push_async_callback(nc.close)
-        layout = await provision(nc.jetstream(), settings)
-        kv = await nc.jetstream().key_value(layout.meters_bucket)
-        for body in METERS:
-            meter = validate_meter(meter_in_decoder.decode(msgspec.json.encode(body)))
-            await kv.put(meter.id, encoder.encode(meter))
 
         p.phase("generating events")
         now_ms = int(time.time() * 1000)

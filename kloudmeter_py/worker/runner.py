@@ -744,9 +744,15 @@ class Runner:
                 self.w.stats.writes += 1
                 if wkey[0] == 0:
                     self.w.stats.applied += work[wkey].events
+                # Deferred by an earlier round (a reading under a backlog): written now.
+                self._dirty.pop(wkey, None)
             elif isinstance(result, KeyWrongLastSequenceError):
-                # Someone else wrote this key: read it again and fold what is still new.
                 self.w.stats.conflicts += 1
+                if wkey in self._dirty:
+                    # It held earlier rounds' events, no longer at hand to fold again:
+                    # start again from the checkpoint (lastSeq makes the replay exact).
+                    raise Restart("a deferred key was written by another worker")
+                # Someone else wrote this key: read it again and fold what is still new.
                 self.keys.forget(wkey)
                 failed.append(wkey)
             else:
