@@ -26,14 +26,14 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, StreamConfig
 
 from kloudmeter_py.config import NATS_AUTH, Settings
-from kloudmeter_py.core.keys import event_subject
+from kloudmeter_py.core.keys import ROLLUP, decode_token, event_subject
 from kloudmeter_py.core.models import (
     encoder,
     meter_in_decoder,
     reading_decoder,
     validate_meter,
 )
-from kloudmeter_py.core.summaries import page_start, summary_readings
+from kloudmeter_py.core.summaries import decode_cells, page_start, summary_readings
 from kloudmeter_py.core.windows import widths, window_start
 from kloudmeter_py.store.credentials import load as load_credentials
 from kloudmeter_py.store.kv import connect as kv_connect
@@ -141,6 +141,10 @@ _RKey = tuple[str, str, str]
 _WKey = tuple[str, str, str, str, int]
 
 
+# The subject under which the bench files meter-wide rollups (summed over partitions).
+ALL = "*"
+
+
 class Expected:
     """Totals computed by the bench from the events it published, independently of the
     worker: every reading's value, and every summary window's that is surely kept.
@@ -178,6 +182,8 @@ class Expected:
                     start = window_start(at_ms, width)
                     if start + width > edge:
                         targets.append((windows, (level, meter, subject, group, start)))
+                        if meter != "users":  # meter-wide rollups (not for unique meters)
+                            targets.append((windows, (level, meter, ALL, group, start)))
                 for store, target in targets:
                     if meter == "users":
                         store.setdefault(target, set()).add(value)
@@ -198,12 +204,13 @@ class Expected:
         pages = {
             (level, meter, subject, group, page_start(level_widths[level], start))
             for level, meter, subject, group, start in self.windows
+            if subject != ALL
         }
         return len(self.readings) + len(pages)
 
     @property
     def distinct_windows(self) -> int:
-        return len(self.readings) + len(self.windows)
+        return len(self.readings) + sum(1 for w in self.windows if w[2] != ALL)
 
     def compare(
         self, readings: dict[_RKey, Any], windows: dict[_WKey, Any]
@@ -453,7 +460,20 @@ async def stored(
     for level, bucket in layout.summary_buckets.items():
 
         def window(key: str, data: bytes, level: str = level) -> None:
-            meter = meters[key.split(".", 1)[0]]
+            head = key.split(".", 1)[0]
+            if head.endswith(ROLLUP):
+                # A partition's rollup: summed over the partitions, as a meter-wide read does.
+                meter = meters[head.removesuffix(ROLLUP)]
+                if meter.id == "lag":
+                    return
+                _, _, cells = decode_cells(data)
+                group = (key.split(".")[2:-1] or [""])[0]
+                for start, cell in cells.items():
+                    wkey = (level, meter.id, ALL, decode_token(group) or "" if group else "", start)
+                    value = cell.count if meter.aggregation == "count" else cell.sum
+                    windows[wkey] = windows.get(wkey, 0) + value
+                return
+            meter = meters[head]
             if meter.id == "lag":
                 return
             for r in summary_readings(key, data, meter, level_widths[level]):

@@ -62,6 +62,7 @@ class Read:
     params: tuple[tuple[str, str], ...]
     rows: int  # rows the answer must have
     total: int  # sum of the values over those rows
+    csv: bool = False  # the answer is CSV (value in the last column), not a QueryResult
 
 
 def _iso(ms: int) -> str:
@@ -80,6 +81,7 @@ def plan_reads(
     day_regions: set[tuple[int, str]] = set()
     hour_regions: set[tuple[int, str]] = set()
     subject_days: set[tuple[str, int]] = set()
+    subject_months: set[tuple[str, tuple[int, int]]] = set()
     total_bytes = 0
     hour_bytes = 0
     for subject, body, _ in events:
@@ -93,6 +95,8 @@ def plan_reads(
         days.add(day)
         day_regions.add((day, region))
         subject_days.add((subject, day))
+        stamp = datetime.fromtimestamp(at_ms / 1000, UTC)
+        subject_months.add((subject, (stamp.year, stamp.month)))
         total_bytes += size
         if subject == one:
             one_days.add(day)
@@ -149,6 +153,23 @@ def plan_reads(
             len(subject_days),
             n,
         ),
+        Read(
+            "openmeter_by_subject_month",
+            f"OpenMeter groupBy=subject, {DAYS} days by MONTH",
+            "/api/v1/meters/calls/query",
+            (*span, ("windowSize", "MONTH"), ("groupBy", "subject")),
+            len(subject_months),
+            n,
+        ),
+        Read(
+            "export_month_csv",
+            f"billing export, {DAYS} days by MONTH, CSV",
+            "/api/meters/calls/export",
+            (*span, ("windowSize", "MONTH"), ("format", "csv")),
+            len(subject_months),
+            n,
+            csv=True,
+        ),
     ]
 
 
@@ -175,9 +196,14 @@ async def time_read(
         if r.status != 200:
             error = f"HTTP {r.status}: {body[:300].decode(errors='replace')}"
             break
-        data = msgspec.json.decode(body)["data"]
-        rows = len(data)
-        total = sum(row["value"] or 0 for row in data)
+        if read.csv:
+            lines = body.decode().splitlines()[1:]
+            rows = len(lines)
+            total = sum(int(line.rsplit(",", 1)[1] or 0) for line in lines)
+        else:
+            data = msgspec.json.decode(body)["data"]
+            rows = len(data)
+            total = sum(row["value"] or 0 for row in data)
         if rows != read.rows or total != read.total:
             error = f"{rows} rows totalling {total}, expected {read.rows} totalling {read.total}"
             break

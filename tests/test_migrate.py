@@ -12,6 +12,8 @@ from kloudmeter_py.core.query import build_query
 from kloudmeter_py.core.summaries import as_acc, decode_page, encode_window, page_token
 from kloudmeter_py.core.windows import window_token
 from kloudmeter_py.store.kv import scan
+from kloudmeter_py.store.layout import Layout
+from kloudmeter_py.store.migrate import without_rollups
 from kloudmeter_py.store.provision import provision
 from kloudmeter_py.store.query import run_query
 
@@ -42,6 +44,7 @@ async def test_setup_moves_each_window_into_its_page_once(nc: Client, settings: 
         startSeq=7,
         createdAt=datetime(2025, 1, 1, tzinfo=UTC),
     )
+    await (await js.key_value("meters")).put("m", encoder.encode(meter))
     now = int(datetime.now(UTC).timestamp())
     first = now - now % DAY - 20 * DAY
     if page_token(DAY, first) != page_token(DAY, first + DAY):
@@ -67,7 +70,9 @@ async def test_setup_moves_each_window_into_its_page_once(nc: Client, settings: 
     assert (page.last_seq, page.meter_start_seq) == (150, 7)
     hours = await scan(js, "summaries_hour")
     assert [k for k, _ in hours] == [f"m.s.{page_token(3600, hour)}"]
-    assert await offsets.get("layout")
+    assert (await offsets.get("layout")).value == b"3"
+    # Its rollups hold nothing of what was folded before: meter-wide reads read its pages.
+    assert await without_rollups(js, Layout(settings)) == {("m", 7)}
 
     # Interrupted after writing the page, before removing a window key: run again.
     await day_kv.put(old_key, encode_window(_acc(3, 4, at=first), 150, 7))

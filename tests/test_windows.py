@@ -310,7 +310,7 @@ async def test_an_event_too_old_for_every_summary_is_late_but_counted(
     await post_event(http, id="new", eventType="t", subject="s")
     rs = await eventually(lambda: readings(http, meter="m"), lambda rs: total_count(rs) == 2)
     assert rs[0]["late"] == 1
-    days = await scan(nc.jetstream(), "summaries_day")
+    days = await scan(nc.jetstream(), "summaries_day", "m.>")  # (not its rollup)
     assert [[w.count for w in decode_page(v).windows.values()] for _, v in days] == [[1]]
 
 
@@ -329,12 +329,13 @@ async def test_summaries_expire_by_themselves(nats_server: Any) -> None:
             await create_meter(http, id="m", eventType="t", aggregation="count")
             await post_event(http, id="x", eventType="t", subject="s")
             js = nc.jetstream()
-            await eventually(lambda: scan(js, "summaries_minute"), lambda keys: len(keys) == 1)
+            # (each level: the subject's page and the meter's rollup page)
+            await eventually(lambda: scan(js, "summaries_minute"), lambda keys: len(keys) == 2)
             await eventually(
                 lambda: scan(js, "summaries_minute"), lambda keys: keys == [], timeout=20
             )
-            assert len(await scan(js, "summaries_hour")) == 1
-            assert len(await scan(js, "summaries_day")) == 1
+            assert len(await scan(js, "summaries_hour")) == 2
+            assert len(await scan(js, "summaries_day")) == 2
             assert total_count(await readings(http, meter="m")) == 1
     finally:
         await worker.stop()

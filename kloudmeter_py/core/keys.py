@@ -56,3 +56,27 @@ def reading_key(meter_id: str, subject: str, groups: tuple[str | None, ...]) -> 
 def event_subject(stream: str, event_type: str, subject: str) -> str:
     """Subject a producer publishes an event to."""
     return f"{stream}.events.{encode_token(event_type)}.{encode_token(subject)}"
+
+
+# Meter-wide rollups (core.summaries): one series per meter, partition and group values, in
+# the summary buckets beside the subjects' pages. ``/`` is in no token (see above), so a
+# rollup key never reads as a subject's: ``<meter>/all.<partition>[.<group value>...]``.
+ROLLUP = "/all"
+
+
+def rollup_key(meter_id: str, partition: int, groups: tuple[str | None, ...]) -> str:
+    """Series key of the rollup of one partition's subjects (per group values)."""
+    parts = [encode_token(meter_id) + ROLLUP, str(partition)]
+    parts.extend(encode_token(g) for g in groups)
+    return ".".join(parts)
+
+
+@lru_cache(maxsize=1 << 16)
+def subject_partition(subject: str, partitions: int) -> int:
+    """The partition nats-server maps a subject's events to: the stream's subject transform
+    ``partition(n, 2)`` hashes the subject token (FNV-1a, 32 bits) modulo n. Checked against
+    a real server in tests/test_rollups.py."""
+    h = 0x811C9DC5
+    for byte in encode_token(subject).encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h % partitions

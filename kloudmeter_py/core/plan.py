@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold, fold_many, merge_into
+from kloudmeter_py.core.keys import rollup_key, subject_partition
 from kloudmeter_py.core.meters import CompiledMeter
 from kloudmeter_py.core.models import Event
 from kloudmeter_py.core.summaries import Window, as_acc, open_windows, page_token
@@ -198,11 +199,23 @@ def fold_each(
     return failures
 
 
-def spread(series: Series, levels: Levels, interval: int) -> dict[WKey, KeyWork]:
+def rolled(cm: CompiledMeter) -> bool:
+    """Whether a meter keeps meter-wide rollups: every aggregation but those over distinct
+    values (a rollup's window would hold the union of its subjects' values, as large as the
+    property's cardinality: a unique meter's meter-wide reads read the subjects' pages)."""
+    return not cm.agg.uses_distinct
+
+
+def spread(
+    series: Series, levels: Levels, interval: int, partitions: int = 0
+) -> dict[WKey, KeyWork]:
     """The keys the parts change: each part's reading, and at each level that still keeps
     its window the page holding it (a part kept by no level is counted as late in its
-    reading)."""
+    reading). With ``partitions``, also the page of the part's rollup (its meter, its
+    subject's partition and its group values; core.keys.rollup_key) at each of those levels:
+    a rollup is one more series of the partition, folded in the same order."""
     work: dict[WKey, KeyWork] = {}
+    rollups: dict[str, str | None] = {}  # reading key -> its rollup's series key
     oldest = {store: end for store, _, end in levels}
     # per finest window: (store, key suffix, width) of each level that keeps it
     targets: dict[int, list[tuple[int, str, int]]] = {}
@@ -220,23 +233,42 @@ def spread(series: Series, levels: Levels, interval: int) -> dict[WKey, KeyWork]
             work[(0, key)] = KeyWork(part)
         else:
             kw.add(part)
-        for store, suffix, width in pages:
-            wkey = (store, key + suffix)
-            kw = work.get(wkey)
-            if kw is None:
-                work[wkey] = KeyWork(part, width, oldest[store])
+        if not pages:
+            continue
+        if partitions:
+            if key in rollups:
+                rkey = rollups[key]
             else:
-                kw.add(part)
+                rkey = rollups[key] = _rollup_of(part, partitions)
+            series_keys = (key, rkey) if rkey else (key,)
+        else:
+            series_keys = (key,)
+        for store, suffix, width in pages:
+            for skey in series_keys:
+                wkey = (store, skey + suffix)
+                kw = work.get(wkey)
+                if kw is None:
+                    work[wkey] = KeyWork(part, width, oldest[store])
+                else:
+                    kw.add(part)
     return work
+
+
+def _rollup_of(part: Part, partitions: int) -> str | None:
+    if not rolled(part.meter):
+        return None
+    return rollup_key(part.meter.meter.id, subject_partition(part.subject, partitions), part.groups)
 
 
 def exact_items(
     rows: Iterable[tuple[int, int, Event]],
     by_type: Mapping[str, Sequence[CompiledMeter]],
     levels: Levels,
+    partitions: int = 0,
 ) -> dict[WKey, list[Item]]:
     """Every key's events one by one (rows of stream seq, event time ms, event), in order:
-    for the keys whose stored state already holds part of the round."""
+    for the keys whose stored state already holds part of the round (rollup pages too, with
+    ``partitions``, as in ``spread``)."""
     items: dict[WKey, list[Item]] = {}
     for seq, at_ms, event in rows:
         windows = kept_windows(at_ms // 1000, levels)
@@ -245,13 +277,21 @@ def exact_items(
             if seq <= cm.meter.startSeq:
                 continue
             try:
-                key, _, number, dkey = cm.extract(event.subject, event.data)
+                key, groups, number, dkey = cm.extract(event.subject, event.data)
             except ValueError_:
                 continue  # failed when the round was folded
             item = (seq, at_ms, number, dkey, late)
             items.setdefault((0, key), []).append(item)
+            rkey = (
+                rollup_key(cm.meter.id, subject_partition(event.subject, partitions), groups)
+                if partitions and windows and rolled(cm)
+                else None
+            )
             for store, start, width in windows:
-                items.setdefault((store, f"{key}.{page_token(width, start)}"), []).append(item)
+                token = page_token(width, start)
+                items.setdefault((store, f"{key}.{token}"), []).append(item)
+                if rkey is not None:
+                    items.setdefault((store, f"{rkey}.{token}"), []).append(item)
     return items
 
 

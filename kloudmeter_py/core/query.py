@@ -6,10 +6,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from kloudmeter_py.core.aggregate import AGGREGATIONS, Acc, merge
+from kloudmeter_py.core.aggregate import AGGREGATIONS, Acc, merge_into
 from kloudmeter_py.core.budget import ReadBudget
-from kloudmeter_py.core.meters import from_reading
-from kloudmeter_py.core.models import Meter, Reading
+from kloudmeter_py.core.keys import ROLLUP, decode_token, encode_token
+from kloudmeter_py.core.models import Meter
+from kloudmeter_py.core.summaries import PAGE_FORMAT, cell_acc, decode_cells, page_token
 from kloudmeter_py.core.windows import (
     DAY,
     MINUTE,
@@ -136,54 +137,130 @@ def plan(
     return windows, feeds
 
 
-async def merge_rows(
-    q: Query,
-    meter: Meter,
-    windows: list[tuple[datetime, datetime]],
-    feeds: dict[tuple[str, int], int],
-    summaries: Iterable[tuple[str, Reading]],
-    budget: ReadBudget | None = None,
-) -> list[dict[str, Any]]:
-    """Merge the summaries into one row per output window x (subject) x requested groups.
+RowKey = tuple[int, str | None, tuple[str | None, ...]]
 
-    Each summary and each row is a tick of ``budget`` (a turn for the event loop every slice)."""
-    if budget is None:
-        budget = ReadBudget(None)
-    agg = AGGREGATIONS[meter.aggregation]
-    subjects = set(q.subjects)
-    split = bool(subjects) or q.by_subject
-    rows: dict[tuple[int, str | None, tuple[str | None, ...]], Acc] = {}
-    for level, s in summaries:
-        await budget.tick()
-        if s.windowStart is None or s.meterStartSeq != meter.startSeq:
-            continue
-        index = feeds.get((level, int(s.windowStart.timestamp())))
-        if index is None:
-            continue
-        if subjects and s.subject not in subjects:
-            continue
-        if any(s.groupBy.get(k) != v for k, v in q.filter_group_by.items()):
-            continue
-        key = (
-            index,
-            s.subject if split else None,
-            tuple(s.groupBy.get(g) for g in q.group_by),
-        )
-        acc = from_reading(s)
-        rows[key] = merge(rows[key], acc) if key in rows else acc
-    out = []
-    for (index, subject, groups), acc in sorted(
-        rows.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", [g or "" for g in kv[0][2]])
-    ):
-        await budget.tick()
-        ws, we = windows[index]
-        out.append(
-            {
-                "value": agg.result(acc),
-                "windowStart": ws,
-                "windowEnd": we,
-                "subject": subject,
-                "groupBy": dict(zip(q.group_by, groups, strict=True)),
-            }
-        )
-    return out
+
+def page_filters(
+    meter: Meter,
+    q: Query,
+    pages: Iterable[str],
+    *,
+    rollup: bool,
+) -> list[str]:
+    """Key filters (NATS wildcards) naming exactly the pages a query reads at one level: the
+    meter's rollups (``rollup``), the subjects asked for, or every subject; the group values
+    in ``filterGroupBy`` named, the others any."""
+    m = encode_token(meter.id)
+    groups = ".".join(
+        encode_token(q.filter_group_by[g]) if g in q.filter_group_by else "*"
+        for g in sorted(meter.groupBy)
+    )
+    if rollup:
+        series = [f"{m}{ROLLUP}.*"]
+    elif q.subjects:
+        series = [f"{m}.{encode_token(s)}" for s in q.subjects]
+    else:
+        series = [f"{m}.*"]
+    if groups:
+        series = [f"{s}.{groups}" for s in series]
+    return [f"{s}.{page}" for s in series for page in pages]
+
+
+def level_pages(
+    feeds: Mapping[tuple[str, int], int], level_widths: Mapping[str, int]
+) -> dict[str, list[str]]:
+    """Per summary level the query reads, the page tokens holding its windows."""
+    out: dict[str, set[str]] = {}
+    for level, start in feeds:
+        out.setdefault(level, set()).add(page_token(level_widths[level], start))
+    return {level: sorted(tokens) for level, tokens in out.items()}
+
+
+class PageMerge:
+    """A query's rows merged straight from stored pages (core.summaries), subjects' or
+    rollups': each window a feed names is added to its output row without building a
+    reading, so the cost is one decode per page and one merge per window read.
+
+    Rows are (output window, subject when split, requested group values). A page of
+    another meter generation, or outside the subjects and group filter asked, adds nothing.
+    """
+
+    def __init__(self, q: Query, meter: Meter, feeds: Mapping[tuple[str, int], int]) -> None:
+        self.q = q
+        self.meter = meter
+        self.feeds = feeds
+        self.subjects = set(q.subjects)
+        self.split = bool(self.subjects) or q.by_subject
+        names = sorted(meter.groupBy)
+        self.ngroups = len(names)
+        self.pick = [names.index(g) for g in q.group_by]
+        self.filters = [(names.index(g), v) for g, v in q.filter_group_by.items()]
+        self.rows: dict[RowKey, Acc] = {}
+        self._tokens: dict[str, str | None] = {}
+
+    def _decode(self, token: str) -> str | None:
+        value = self._tokens.get(token, "\0")
+        if value == "\0":
+            value = self._tokens[token] = decode_token(token)
+        return value
+
+    def add(self, level: str, key: str, data: bytes) -> int:
+        """Add one stored page (key in its bucket, value); the windows it added."""
+        tokens = key.split(".")
+        if len(tokens) != self.ngroups + 3:
+            return 0
+        rollup = tokens[0].endswith(ROLLUP)
+        if rollup and self.split:
+            return 0
+        subject = None if rollup else self._decode(tokens[1])
+        if self.subjects and subject not in self.subjects:
+            return 0
+        values = [self._decode(t) for t in tokens[2:-1]]
+        if any(values[i] != v for i, v in self.filters):
+            return 0
+        fmt, start_seq, cells = decode_cells(data)
+        if fmt != PAGE_FORMAT or start_seq != self.meter.startSeq:
+            return 0
+        row_subject = subject if self.split else None
+        groups = tuple(values[i] for i in self.pick)
+        feeds = self.feeds
+        rows = self.rows
+        added = 0
+        for start, cell in cells.items():
+            index = feeds.get((level, start))
+            if index is None:
+                continue
+            rk = (index, row_subject, groups)
+            acc = rows.get(rk)
+            if acc is None:
+                rows[rk] = cell_acc(cell, False)
+            else:
+                merge_into(acc, cell_acc(cell, False))
+            added += 1
+        return added
+
+    async def result(
+        self, windows: list[tuple[datetime, datetime]], budget: ReadBudget | None = None
+    ) -> list[dict[str, Any]]:
+        """The rows in order (window, subject, groups), each a tick of ``budget``."""
+        if budget is None:
+            budget = ReadBudget(None)
+        agg = AGGREGATIONS[self.meter.aggregation]
+        names = self.q.group_by
+        out = []
+        for (index, subject, groups), acc in sorted(
+            self.rows.items(),
+            key=lambda kv: (kv[0][0], kv[0][1] or "", [g or "" for g in kv[0][2]]),
+        ):
+            await budget.tick()
+            ws, we = windows[index]
+            out.append(
+                {
+                    "value": agg.result(acc),
+                    "windowStart": ws,
+                    "windowEnd": we,
+                    "subject": subject,
+                    "groupBy": dict(zip(names, groups, strict=True)),
+                }
+            )
+        return out

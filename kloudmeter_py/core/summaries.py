@@ -271,8 +271,9 @@ def parse_page_token(token: str) -> int:
     return int(datetime.strptime(token, fmt).replace(tzinfo=UTC).timestamp())
 
 
-def cell_acc(cell: "Cell | WindowValue") -> Acc:
-    """A decoded window (of a page, or of layout 1) as a state to fold into."""
+def cell_acc(cell: "Cell | WindowValue", intern: bool = True) -> Acc:
+    """A decoded window (of a page, or of layout 1) as a state to fold into (its distinct
+    values ``intern``-ed in the worker's shared table, or kept as they are for a read)."""
     acc = Acc()
     acc.count = cell.count
     acc.sum = cell.sum
@@ -284,7 +285,7 @@ def cell_acc(cell: "Cell | WindowValue") -> Acc:
     acc.first_at = cell.firstAt
     acc.last_at = cell.lastAt
     if cell.distinct is not None:
-        acc.distinct = set(shared(cell.distinct))
+        acc.distinct = set(shared(cell.distinct) if intern else cell.distinct)
     return acc
 
 
@@ -333,6 +334,16 @@ def page_head(data: bytes) -> PageHead:
 def open_windows(data: bytes) -> dict[int, Window]:
     """A stored page's windows, each as its bytes."""
     return dict(_raw_page_decoder.decode(data).windows)
+
+
+def decode_cells(data: bytes) -> tuple[int, int, dict[int, Cell]]:
+    """(format, meterStartSeq, windows) of a stored page, for readers: format and
+    generation are the caller's to check (a layout 1 window decodes with format 1 and no
+    windows)."""
+    if not data.startswith(b"[2,"):
+        return (1, -1, {})
+    page = _page_decoder.decode(data)
+    return page.format, page.meterStartSeq, page.windows
 
 
 def decode_page(data: bytes) -> PageState:

@@ -307,12 +307,9 @@ async def query_meter(request: web.Request) -> web.Response:
     by_subject = "subject" in body.groupBy
     body.groupBy = [g for g in body.groupBy if g != "subject"]
     query = _build(request, meter, body)
-    budget = read_budget(request)  # one for listing the subjects and the query
-    if by_subject and not query.subjects:
-        query.subjects = await _subjects(request, meter, budget)
-        if not query.subjects:
-            query.subjects = [""]  # no subject has data: no rows
-    result = await execute(request, meter, query, budget)
+    # Every subject's rows come from one read of the subjects' pages (store.query).
+    query.by_subject = by_subject
+    result = await execute(request, meter, query, read_budget(request))
     return json_response(msgspec.structs.replace(result, windowTimeZone=None))  # not OpenMeter's
 
 

@@ -11,7 +11,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from kloudmeter_py.core.keys import decode_token, encode_token
+from kloudmeter_py.core.keys import ROLLUP, decode_token, encode_token
 from kloudmeter_py.core.meters import CompiledMeter
 from kloudmeter_py.core.models import Meter, MeterIn, encoder, meter_decoder, validate_meter
 from kloudmeter_py.errors import Conflict, NotFound
@@ -69,6 +69,8 @@ class MeterStore:
         # meterStartSeq, so a meter created again with the same id starts from zero.
         for bucket in (self.layout.readings_bucket, *self.layout.summary_buckets.values()):
             await self.js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}.>")
+        for bucket in self.layout.summary_buckets.values():  # and its rollups
+            await self.js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}{ROLLUP}.>")
         log.info("meter.deleted", meter=meter_id)
 
 

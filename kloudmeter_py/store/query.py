@@ -7,20 +7,25 @@ from typing import Any
 from nats.js import JetStreamContext
 
 from kloudmeter_py.config import Settings
+from kloudmeter_py.core.aggregate import AGGREGATIONS
 from kloudmeter_py.core.budget import ReadBudget
-from kloudmeter_py.core.keys import encode_token
-from kloudmeter_py.core.models import Meter, Reading
-from kloudmeter_py.core.query import Query, merge_rows, plan
-from kloudmeter_py.core.summaries import summary_readings
+from kloudmeter_py.core.models import Meter
+from kloudmeter_py.core.query import PageMerge, Query, level_pages, page_filters, plan
 from kloudmeter_py.core.windows import LEVELS, widths
 from kloudmeter_py.store.kv import new_budget, scan
 from kloudmeter_py.store.layout import Layout
+from kloudmeter_py.store.migrate import without_rollups
 
 
 def horizons(settings: Settings, now: float | None = None) -> dict[str, int]:
     """Per level, the oldest window end that is still stored."""
     t = int(time.time() if now is None else now)
     return {level: t - settings.summary_retention(level) for level in LEVELS}
+
+
+# Past this many key filters in one read, a subjects' query reads each subject's pages of a
+# level with one filter (``<meter>.<subject>.>``) and drops the other pages when decoding.
+MAX_FILTERS = 256
 
 
 async def run_query(
@@ -30,31 +35,37 @@ async def run_query(
     q: Query,
     budget: ReadBudget | None = None,
 ) -> dict[str, Any]:
-    """The query's answer; every summary read and merged is a tick of ``budget`` (default: one
-    of METER_READ_TIMEOUT_MS)."""
+    """The query's answer, read in one server-filtered read per summary level that names
+    the pages holding the windows asked (core.query.page_filters), merged page by page
+    (core.query.PageMerge). Each page read and merged is a tick of ``budget`` (default: one
+    of METER_READ_TIMEOUT_MS).
+
+    Cost: an answer that does not split by subject reads the meter's rollups, one series per
+    partition and group values (METER_PARTITIONS x groups x pages), whatever the number of
+    subjects; one that splits by subject (``subject=``, groupBy=subject, the export) reads
+    each subject's pages of the period once. Measured with ``kloudmeter bench --reads`` (see
+    the README's Performance section).
+    """
     if budget is None:
         budget = new_budget(settings.read_timeout_ms / 1000)
     layout = Layout(settings)
     windows, feeds = plan(q, settings.interval, horizons(settings))
-    levels = sorted({level for level, _ in feeds}, key=LEVELS.index)
-    m = encode_token(meter.id)
-    tail = ".".join(["*"] * (len(meter.groupBy) + 1))
-    if q.subjects:
-        patterns = [f"{m}.{encode_token(s)}.{tail}" for s in q.subjects]
-    else:
-        patterns = [f"{m}.>"]
-    summaries: list[tuple[str, Reading]] = []
     level_widths = widths(settings.interval)
-    for level in levels:
-        starts = {start for lv, start in feeds if lv == level}
-        lo, hi = min(starts), max(starts) + level_widths[level]
-        for pattern in patterns:
-            for key, value in await scan(js, layout.summary_buckets[level], pattern, budget=budget):
-                await budget.tick()
-                for s in summary_readings(key, value, meter, level_widths[level]):
-                    if s.windowStart is not None and lo <= s.windowStart.timestamp() < hi:
-                        summaries.append((level, s))
-    data = await merge_rows(q, meter, windows, feeds, summaries, budget)
+    rollup = (
+        not q.subjects
+        and not q.by_subject
+        and not AGGREGATIONS[meter.aggregation].uses_distinct
+        and (meter.id, meter.startSeq) not in await without_rollups(js, layout)
+    )
+    merged = PageMerge(q, meter, feeds)
+    for level, pages in level_pages(feeds, level_widths).items():
+        filters = page_filters(meter, q, pages, rollup=rollup)
+        if len(filters) > MAX_FILTERS:
+            filters = page_filters(meter, q, [">"], rollup=rollup)
+        for key, value in await scan(js, layout.summary_buckets[level], filters, budget=budget):
+            await budget.tick()
+            merged.add(level, key, value)
+    data = await merged.result(windows, budget)
     return {
         "from": q.start,
         "to": q.end,

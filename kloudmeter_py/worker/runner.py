@@ -605,7 +605,7 @@ class Runner:
 
     def _spread(self, rnd: _Round) -> None:
         """The keys the round changes (core.plan.spread); the parts stay only in them."""
-        rnd.work = spread(rnd.series, rnd.levels, self.settings.interval)
+        rnd.work = spread(rnd.series, rnd.levels, self.settings.interval, self.settings.partitions)
         rnd.series = {}
 
     def _exact_items(self, rnd: _Round) -> dict[WKey, list[Item]]:
@@ -622,7 +622,9 @@ class Runner:
                     if event is not None:
                         yield seq, _event_ms(event, stored_ms), event
 
-            rnd.items = exact_items(decoded(), self.w.registry.by_type, rnd.levels)
+            rnd.items = exact_items(
+                decoded(), self.w.registry.by_type, rnd.levels, self.settings.partitions
+            )
         return rnd.items
 
     @property
