@@ -1,10 +1,12 @@
 """Meter queries (OpenMeter's shape), planned and merged over stored window summaries."""
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
 
 from kloudmeter_py.core.aggregate import AGGREGATIONS, Acc, merge_into
 from kloudmeter_py.core.budget import ReadBudget
@@ -241,26 +243,35 @@ class PageMerge:
 
     async def result(
         self, windows: list[tuple[datetime, datetime]], budget: ReadBudget | None = None
-    ) -> list[dict[str, Any]]:
+    ) -> list["QueryRow"]:
         """The rows in order (window, subject, groups), each a tick of ``budget``."""
         if budget is None:
             budget = ReadBudget(None)
-        agg = AGGREGATIONS[self.meter.aggregation]
+        value = AGGREGATIONS[self.meter.aggregation].result
         names = self.q.group_by
-        out = []
-        for (index, subject, groups), acc in sorted(
-            self.rows.items(),
-            key=lambda kv: (kv[0][0], kv[0][1] or "", [g or "" for g in kv[0][2]]),
-        ):
-            await budget.tick()
-            ws, we = windows[index]
-            out.append(
-                {
-                    "value": agg.result(acc),
-                    "windowStart": ws,
-                    "windowEnd": we,
-                    "subject": subject,
-                    "groupBy": dict(zip(names, groups, strict=True)),
-                }
+        if names:
+            order: Callable[[tuple[RowKey, Acc]], Any] = lambda kv: (  # noqa: E731
+                kv[0][0],
+                kv[0][1] or "",
+                tuple(g or "" for g in kv[0][2]),
             )
+        else:
+            order = lambda kv: (kv[0][0], kv[0][1] or "")  # noqa: E731
+        out = []
+        tick = budget.tick
+        for (index, subject, groups), acc in sorted(self.rows.items(), key=order):
+            await tick()
+            ws, we = windows[index]
+            by = dict(zip(names, groups, strict=True)) if names else {}
+            out.append(QueryRow(value(acc), ws, we, subject, by))
         return out
+
+
+class QueryRow(msgspec.Struct):
+    """One window (or the total) of one subject and group combination."""
+
+    value: int | float | None
+    windowStart: datetime
+    windowEnd: datetime
+    subject: str | None
+    groupBy: dict[str, str | None]

@@ -28,10 +28,21 @@ from kloudmeter_py.gateway import (
     usage,
 )
 from kloudmeter_py.gateway.helpers import Handler, error_response, problem_response, stop_reads
-from kloudmeter_py.gateway.keys import AUTH, JS, LAYOUT, METERS, NC, OPENAPI_CACHE, READS, SETTINGS
+from kloudmeter_py.gateway.keys import (
+    AUTH,
+    JS,
+    LAYOUT,
+    LEAN,
+    METERS,
+    NC,
+    OPENAPI_CACHE,
+    READS,
+    SETTINGS,
+)
 from kloudmeter_py.gateway.routes import check_declared, ingest_routes
 from kloudmeter_py.metrics import METRICS, Metrics
 from kloudmeter_py.store.auth import AuthStore
+from kloudmeter_py.store.kv import LeanLink
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
 
@@ -106,6 +117,10 @@ async def _stop_reads(app: web.Application) -> None:
     stop_reads(app, "the gateway is shutting down; retry")
 
 
+async def _close_lean(app: web.Application) -> None:
+    await app[LEAN].close()
+
+
 def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -> web.Application:
     """Wire the gateway by hand: app keys, middleware, routes."""
     if metrics is None:
@@ -126,7 +141,9 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     app[AUTH] = AuthStore(js, layout, settings.admin_token)
     app[OPENAPI_CACHE] = []
     app[READS] = weakref.WeakSet()
+    app[LEAN] = LeanLink(settings, name="kloudmeter-gateway-reads")
     app.on_shutdown.append(_stop_reads)
+    app.on_cleanup.append(_close_lean)
     for module in (
         kloudmeter,
         query,

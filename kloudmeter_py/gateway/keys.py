@@ -14,10 +14,12 @@ from nats.js import JetStreamContext
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.store.auth import AuthStore, Principal
+from kloudmeter_py.store.kv import LeanLink
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
 
 SETTINGS = web.AppKey("settings", Settings)
+LEAN = web.AppKey("lean", LeanLink)
 NC = web.AppKey("nc", Client)
 JS = web.AppKey("js", JetStreamContext)
 LAYOUT = web.AppKey("layout", Layout)

@@ -11,11 +11,11 @@ from aiohttp import web
 
 from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.core.models import Meter
-from kloudmeter_py.core.query import Query, build_query
+from kloudmeter_py.core.query import Query, QueryRow, build_query
 from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import InvalidInput
 from kloudmeter_py.gateway.helpers import decode_body, json_response, read_budget
-from kloudmeter_py.gateway.keys import JS, METERS, SETTINGS
+from kloudmeter_py.gateway.keys import JS, LEAN, METERS, SETTINGS
 from kloudmeter_py.gateway.routes import CALLER, USER, Op, Param, Routes, tenant_of
 from kloudmeter_py.gateway.schemas import STR, TIME, array, ref
 from kloudmeter_py.store.query import run_query, utc_now
@@ -54,16 +54,6 @@ class QueryBody(msgspec.Struct, forbid_unknown_fields=True, rename={"start": "fr
 
 
 _body_decoder = msgspec.json.Decoder(QueryBody)
-
-
-class QueryRow(msgspec.Struct):
-    """One window (or the total) of one subject and group combination."""
-
-    value: int | float | None
-    windowStart: datetime
-    windowEnd: datetime
-    subject: str | None
-    groupBy: dict[str, str | None]
 
 
 class QueryResult(msgspec.Struct, omit_defaults=True, rename={"start": "from", "end": "to"}):
@@ -150,7 +140,12 @@ async def execute(
             return msgspec.convert({**empty, "windowTimeZone": q.tz.key}, QueryResult)
     try:
         result = await run_query(
-            request.app[JS], request.app[SETTINGS], meter, q, budget or read_budget(request)
+            request.app[JS],
+            request.app[SETTINGS],
+            meter,
+            q,
+            budget or read_budget(request),
+            wire=await request.app[LEAN].wire(),
         )
     except QueryError as exc:
         raise InvalidInput(str(exc), field=exc.field) from None

@@ -13,6 +13,8 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from kloudmeter_py.core.budget import ReadBudget
+from kloudmeter_py.store.pull import RawPuller
+from kloudmeter_py.store.wire import Wire
 
 if TYPE_CHECKING:
     from kloudmeter_py.config import Settings
@@ -149,3 +151,96 @@ async def connect(
         reconnect_time_wait=0.5,
         **kw,
     )
+
+
+class LeanLink:
+    """A lean connection (store.wire) for bulk KV reads, opened on first use and again after
+    a failure: the gateway's, for the queries. Through nats-py each message of a read costs
+    its header parsing and a turn of the event loop (a read of 3,000 pages spent ~0.3 s of
+    its ~0.5 s there); pulled here in batches of 1,000, as the worker pulls events."""
+
+    def __init__(self, settings: "Settings", name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self._wire: Wire | None = None
+        self._lock = asyncio.Lock()
+
+    async def wire(self) -> Wire:
+        from kloudmeter_py.store.credentials import load as load_credentials
+
+        async with self._lock:
+            if self._wire is None or self._wire.error is not None:
+                self._wire = await Wire.connect(
+                    self.settings.nats_url,
+                    name=self.name,
+                    credentials=load_credentials(self.settings),
+                )
+            return self._wire
+
+    async def close(self) -> None:
+        if self._wire is not None:
+            await self._wire.close()
+            self._wire = None
+
+
+async def scan_lean(
+    js: JetStreamContext,
+    wire: Wire,
+    bucket: str,
+    pattern: str | list[str],
+    *,
+    budget: ReadBudget | None = None,
+) -> list[tuple[str, bytes]]:
+    """``scan`` (latest value of each live key matching the filters), with the messages
+    pulled on ``wire`` in batches of 1,000; each batch is a tick of ``budget``. Unordered."""
+    prefix = f"$KV.{bucket}."
+    filters = [prefix + pattern] if isinstance(pattern, str) else [prefix + p for p in pattern]
+    stream = f"KV_{bucket}"
+    name = f"read-{uuid.uuid4().hex[:12]}"
+    config = ConsumerConfig(
+        name=name,
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) > 1 else None,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        ack_policy=AckPolicy.NONE,
+        inactive_threshold=10.0,
+        mem_storage=True,
+        num_replicas=1,
+    )
+    try:
+        info = await js.add_consumer(stream, config)
+    except NotFoundError:
+        return []
+    out: dict[str, bytes] = {}
+    try:
+        left = info.num_pending or 0
+        if left:
+            puller = RawPuller(wire, stream, name, 1000)
+            await puller.start()
+            give_up = asyncio.get_running_loop().time() + 15
+            try:
+                while left > 0:
+                    msgs = await puller.take(left, timeout=1)
+                    if not msgs:
+                        # Counted when the consumer was made: a key may have expired since.
+                        left = (await js.consumer_info(stream, name)).num_pending or 0
+                        if left and asyncio.get_running_loop().time() > give_up:
+                            raise TimeoutError(f"{bucket}: {left} values not delivered")
+                        continue
+                    for msg in msgs:
+                        key = msg.subject[len(prefix) :]
+                        if msg.data:
+                            out[key] = msg.data
+                        else:  # a delete or purge marker
+                            out.pop(key, None)
+                    left -= len(msgs)
+                    if budget is not None:
+                        await budget.tick()
+            finally:
+                await puller.stop()
+    finally:
+        try:
+            await js.delete_consumer(stream, name)
+        except NotFoundError:
+            pass
+    return list(out.items())

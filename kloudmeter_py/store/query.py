@@ -12,9 +12,10 @@ from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.core.models import Meter
 from kloudmeter_py.core.query import PageMerge, Query, level_pages, page_filters, plan
 from kloudmeter_py.core.windows import LEVELS, widths
-from kloudmeter_py.store.kv import new_budget, scan
+from kloudmeter_py.store.kv import new_budget, scan, scan_lean
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.migrate import without_rollups
+from kloudmeter_py.store.wire import Wire
 
 
 def horizons(settings: Settings, now: float | None = None) -> dict[str, int]:
@@ -34,6 +35,7 @@ async def run_query(
     meter: Meter,
     q: Query,
     budget: ReadBudget | None = None,
+    wire: Wire | None = None,
 ) -> dict[str, Any]:
     """The query's answer, read in one server-filtered read per summary level that names
     the pages holding the windows asked (core.query.page_filters), merged page by page
@@ -44,7 +46,8 @@ async def run_query(
     partition and group values (METER_PARTITIONS x groups x pages), whatever the number of
     subjects; one that splits by subject (``subject=``, groupBy=subject, the export) reads
     each subject's pages of the period once. Measured with ``kloudmeter bench --reads`` (see
-    the README's Performance section).
+    the README's Performance section). With ``wire`` (a lean connection), the pages are
+    pulled on it in batches (store.kv.scan_lean).
     """
     if budget is None:
         budget = new_budget(settings.read_timeout_ms / 1000)
@@ -62,7 +65,12 @@ async def run_query(
         filters = page_filters(meter, q, pages, rollup=rollup)
         if len(filters) > MAX_FILTERS:
             filters = page_filters(meter, q, [">"], rollup=rollup)
-        for key, value in await scan(js, layout.summary_buckets[level], filters, budget=budget):
+        bucket = layout.summary_buckets[level]
+        if wire is not None:
+            found = await scan_lean(js, wire, bucket, filters, budget=budget)
+        else:
+            found = await scan(js, bucket, filters, budget=budget)
+        for key, value in found:
             await budget.tick()
             merged.add(level, key, value)
     data = await merged.result(windows, budget)
