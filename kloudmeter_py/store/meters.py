@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import msgspec
 import structlog
 from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from kloudmeter_py.core.keys import decode_token, encode_token
@@ -69,6 +69,12 @@ class MeterStore:
         # meterStartSeq, so a meter created again with the same id starts from zero.
         for bucket in (self.layout.readings_bucket, *self.layout.summary_buckets.values()):
             await self.js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}.>")
+        # And its resources' lifecycle state (a late write of the old generation is told apart
+        # by meterStartSeq too).
+        resources = self.layout.resources_bucket
+        for subject in (f"meter.{key}.>", f"done.meter.{key}"):
+            with contextlib.suppress(NotFoundError):
+                await self.js.purge_stream(f"KV_{resources}", subject=f"$KV.{resources}.{subject}")
         log.info("meter.deleted", meter=meter_id)
 
 
