@@ -485,3 +485,27 @@ def test_points_round_trip_through_json_exactly() -> None:
     back = state_decoder.decode(state_encoder.encode(state))
     assert back == state and back.points[0].at.tzinfo is not None
     assert back.points[0].at == datetime(2026, 11, 20, 10, tzinfo=UTC)
+
+
+async def test_an_event_whose_body_names_another_tenant_than_its_subject_is_not_folded(
+    http: Http, nc: Client, worker: Worker
+) -> None:
+    """Published on acme's subject (all a tenant's NATS user may publish to) but naming globex
+    in its body: no resource for either (the main worker dead-letters it)."""
+    from kloudmeter_py.core.keys import event_subject
+
+    await _vcpu_meter(http)
+    await lifecycle_folded(nc)
+    body = {
+        "id": "forged",
+        "eventType": VM,
+        "subject": "globex",
+        "time": "2026-11-20T10:00:00Z",
+        "data": {"event_type": "create", "resource_id": "vm-x"},
+    }
+    js = nc.jetstream()
+    await js.publish(event_subject("meters", VM, "acme"), msgspec.json.encode(body))
+    await post_event(http, **{**body, "id": "real", "subject": "acme"})
+    await lifecycle_folded(nc)
+    res = await (await http.get("/v1/resources")).json()
+    assert [(r["tenant_id"], r["resource_id"]) for r in res] == [("acme", "vm-x")]

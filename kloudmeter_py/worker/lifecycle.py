@@ -125,7 +125,10 @@ class LifecycleFolder:
     def _meter_added(self, cm: CompiledMeter) -> None:
         if cm.meter.aggregation != "duration":
             return
-        task = asyncio.create_task(self._check_generation(cm.meter.id, cm.meter.startSeq))
+        self._schedule_check(cm.meter.id, cm.meter.startSeq)
+
+    def _schedule_check(self, meter_id: str, start_seq: int) -> None:
+        task = asyncio.create_task(self._check_generation(meter_id, start_seq))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -244,8 +247,10 @@ class LifecycleFolder:
         except StaleView:
             return
         except Exception as exc:
-            # Read again at the next start (no marker was written).
+            # No marker was written: try again (the folds skip what is already there).
             log.error("lifecycle.history_failed", meter=meter_id, error=repr(exc))
+            await asyncio.sleep(5)
+            self._schedule_check(meter_id, start_seq)
 
     async def _replay(
         self, event_type: str, after_seq: int, *, meter_id: str | None, usage: bool = False
@@ -322,10 +327,20 @@ class LifecycleFolder:
 
 
 def _row(msg: Msg) -> _Row | None:
+    """The event of a stored message, or None for one the main worker dead-letters: not an
+    event, or one whose body names another event type or subject (tenant) than the subject it
+    was published on (NATS permissions are per subject: a tenant must not write another's
+    resources)."""
     try:
         event = event_decoder.decode(msg.data)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-        return None  # the main worker dead-letters it
+        return None
+    tokens = msg.subject.rsplit(".", 2)
+    if len(tokens) != 3 or tokens[1:] != [
+        encode_token(event.eventType),
+        encode_token(event.subject),
+    ]:
+        return None
     return msg.metadata.sequence.stream, msg.metadata.timestamp, event
 
 
