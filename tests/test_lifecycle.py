@@ -509,3 +509,39 @@ async def test_an_event_whose_body_names_another_tenant_than_its_subject_is_not_
     await lifecycle_folded(nc)
     res = await (await http.get("/v1/resources")).json()
     assert [(r["tenant_id"], r["resource_id"]) for r in res] == [("acme", "vm-x")]
+
+
+async def test_a_resource_too_large_for_one_value_does_not_stop_the_others(
+    http: Http, nc: Client, worker: Worker
+) -> None:
+    """Two create events of 600 kB each cannot share one KV value (1 MiB): that resource's
+    write is refused and logged, and the consumer goes on with the other resources."""
+    from structlog.testing import capture_logs
+
+    from tests.helpers import publish_event
+
+    await _vcpu_meter(http)
+    await lifecycle_folded(nc)
+    with capture_logs() as logs:
+        for i in range(2):
+            await publish_event(
+                nc,
+                id=f"big{i}",
+                eventType=VM,
+                subject="acme",
+                time=f"2026-11-20T1{i}:00:00Z",
+                data={"event_type": "create", "resource_id": "vm-big", "blob": "x" * 600_000},
+            )
+        await post_event(
+            http,
+            id="small",
+            eventType=VM,
+            subject="acme",
+            time="2026-11-20T12:00:00Z",
+            data={"event_type": "create", "resource_id": "vm-small"},
+        )
+        await lifecycle_folded(nc)
+    res = await (await http.get("/v1/resources")).json()
+    assert "vm-small" in [r["resource_id"] for r in res]
+    assert worker.lifecycle is not None and worker.lifecycle.too_large >= 1
+    assert any(e["event"] == "lifecycle.value_too_large" for e in logs)

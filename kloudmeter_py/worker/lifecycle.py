@@ -37,7 +37,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import APIError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from kloudmeter_py.config import Settings
@@ -65,6 +65,8 @@ from kloudmeter_py.store.provision import ensure_resources_bucket
 log = structlog.get_logger(__name__)
 
 BATCH = 256
+# nats-server: "message size exceeds maximum allowed" (the bucket's max value size)
+_VALUE_TOO_LARGE = 10054
 _marker_encoder = msgspec.json.Encoder()
 
 
@@ -99,6 +101,7 @@ class LifecycleFolder:
         self._compiled: dict[tuple[str, int], DurationMeter] = {}
         self.kv: KeyValue | None = None
         self.folded = 0  # events folded into at least one key (tests, logs)
+        self.too_large = 0  # writes refused: a resource's value over the size limit
 
     async def start(self) -> None:
         self.kv = await ensure_resources_bucket(self.js, self.settings)
@@ -315,6 +318,20 @@ class LifecycleFolder:
                 return
             except KeyWrongLastSequenceError:
                 continue  # another worker wrote it: read again and fold again
+            except (nats.errors.MaxPayloadError, APIError) as exc:
+                if isinstance(exc, APIError) and exc.err_code != _VALUE_TOO_LARGE:
+                    raise
+                # The resource's points no longer fit in one value. Retrying cannot help and
+                # would stop every other resource of the event type: these events are left
+                # out of it (they stay in the stream while it keeps them), loudly.
+                log.error(
+                    "lifecycle.value_too_large",
+                    key=key,
+                    points=len(new.points),
+                    skipped_seqs=[c.point.seq for c in changes],
+                )
+                self.too_large += 1
+                return
 
     async def _marker(self, key: str) -> Marker | None:
         assert self.kv is not None
