@@ -174,7 +174,8 @@ def test_what_an_event_becomes_for_a_duration_meter(
 
 def test_metadata_comes_from_the_starts_in_stream_order_and_only_their_data_is_kept() -> None:
     """The last start event in stream order gives the metadata (a start stored later wins,
-    whatever its event time); data is kept only on starts and the first event."""
+    whatever its event time); the first event and the last start keep their data, the other
+    starts their type, region and name, the rest nothing."""
     dm = DurationMeter(_meter())
     events = [
         (1, _event("resize", "10:05", vcpus=4, region="xx")),
@@ -190,7 +191,10 @@ def test_metadata_comes_from_the_starts_in_stream_order_and_only_their_data_is_k
         view = resource_view(state)
         assert (view.region, view.resource_type) == ("sh", "instance")
         assert view.metadata["region"] == "sh" and view.metadata["tenant"] == "acme"
-        assert {p.seq for p in state.points if p.data is not None} == {1, 2, 4}
+        kept = {p.seq: p.data for p in state.points if p.data is not None}
+        assert kept.keys() == {1, 2, 4}
+        assert kept[2] == {"region": "bj", "resource_type": "instance"}  # not the last start
+        assert kept[4] == events[3][1].data and kept[1] == events[0][1].data
     only_change = fold(None, [c for c in [dm.change(events[0][1], 1, _t("23:59"))] if c])
     assert only_change is not None and resource_view(only_change).region == "xx"
 
@@ -545,3 +549,56 @@ async def test_a_resource_too_large_for_one_value_does_not_stop_the_others(
     assert "vm-small" in [r["resource_id"] for r in res]
     assert worker.lifecycle is not None and worker.lifecycle.too_large >= 1
     assert any(e["event"] == "lifecycle.value_too_large" for e in logs)
+
+
+def _metadata_read_in_stream_order(
+    events: list[tuple[int, Event]], dm: DurationMeter
+) -> tuple[Any, ...]:
+    """What the reader of the stream made of a resource's events (the rule before the fold):
+    in stream order, the first event and every start set the metadata."""
+    rtype = region = name = None
+    metadata: dict[str, Any] = {}
+    for seq, e in sorted(events, key=lambda x: x[0]):
+        c = dm.change(e, seq, _t("23:59"))
+        if c is None:
+            continue
+        if c.point.kind == "start" or not metadata:
+            rtype = e.data.get("resource_type", rtype)
+            region = e.data.get("region", region)
+            name = e.data.get("resource_name", name)
+            metadata = {
+                **{k: v for k, v in e.data.items() if isinstance(v, str | int | float)},
+                "tenant": e.subject,
+                "resource_id": "vm-1",
+                "meter": dm.meter.id,
+            }
+    return rtype, region, name, metadata
+
+
+def test_folded_metadata_equals_the_stream_readers_for_random_lifecycles() -> None:
+    """300 random lifecycles (random actions, random subsets of type/region/name/extra
+    fields), folded in a random order: the same type, region, name and metadata as reading
+    the events in stream order."""
+    dm = DurationMeter(_meter())
+    rnd = random.Random(5)
+    actions = ["create", "resize", "power_off", "power_on", "delete", "reboot"]
+    for _ in range(300):
+        events = []
+        for seq in range(1, rnd.randint(1, 8) + 1):
+            data: dict[str, Any] = {}
+            for field in ("resource_type", "region", "resource_name", "flavor", "vcpus"):
+                if rnd.random() < 0.4:
+                    data[field] = rnd.choice(["a", "b", 3])
+            e = _event(rnd.choice(actions), f"1{rnd.randint(0, 9)}:00", **data)
+            events.append((seq, e))
+        order = events[:]
+        rnd.shuffle(order)
+        state = _fold_one_by_one(
+            [c for seq, e in order if (c := dm.change(e, seq, _t("23:59"))) is not None]
+        )
+        expected = _metadata_read_in_stream_order(events, dm)
+        if state is None:
+            assert expected == (None, None, None, {})
+            continue
+        view = resource_view(state)
+        assert (view.resource_type, view.region, view.name, view.metadata) == expected

@@ -3,8 +3,9 @@
 Two kinds of resource, each a list of points kept sorted by event time (then stream order):
 
 * a duration meter's resource (key ``meter.<meter>.<tenant>.<resource>``): the points
-  ``core.rating.segments`` turns into records and charges, plus the event data the metadata
-  comes from (the create events' and the first event's);
+  ``core.rating.segments`` turns into records and charges, plus what the metadata comes from
+  (the event data of the last start and of the first event, the type, region and name of the
+  other starts);
 * an AMP usage resource (key ``usage.<event type>.<tenant>.<resource>``): its CREATED and
   DESTROYED points with the location.
 
@@ -33,7 +34,7 @@ USAGE_KINDS = ("CREATED", "DESTROYED")
 
 
 class LifecyclePoint(msgspec.Struct, omit_defaults=True):
-    """One lifecycle event of a resource (``data`` only where the metadata needs it)."""
+    """One lifecycle event of a resource (``data``: only what the metadata may need)."""
 
     at: datetime
     seq: int
@@ -211,14 +212,29 @@ def fold(state: ResourceState | None, changes: list[Change]) -> ResourceState | 
     )
 
 
+# What an earlier start event's data can still give the metadata: a later start without
+# these fields keeps the earlier value (see resource_view).
+_CARRIED = ("resource_type", "region", "resource_name")
+
+
 def _keep_needed_data(points: list[LifecyclePoint]) -> list[LifecyclePoint]:
-    """Event data only on the points the metadata is made of: the start points and the
-    first point in stream order (see :func:`resource_view`)."""
+    """Event data only where the metadata (see :func:`resource_view`) can still need it: the
+    whole of it on the first point in stream order and on the last start in stream order;
+    the type, region and name on the other starts. A resource powered on and off for years
+    keeps small values."""
     first_seq = min(p.seq for p in points)
+    last_start = max((p.seq for p in points if p.kind == "start"), default=None)
     out = []
     for p in points:
-        keep = p.kind == "start" or p.seq == first_seq
-        out.append(p if keep or p.data is None else msgspec.structs.replace(p, data=None))
+        if p.data is None or p.seq in (first_seq, last_start):
+            out.append(p)
+            continue
+        carried = None
+        if p.kind == "start":
+            carried = {k: p.data[k] for k in _CARRIED if k in p.data} or None
+        if carried != p.data:
+            p = msgspec.structs.replace(p, data=carried)
+        out.append(p)
     return out
 
 
