@@ -602,3 +602,43 @@ def test_folded_metadata_equals_the_stream_readers_for_random_lifecycles() -> No
             continue
         view = resource_view(state)
         assert (view.resource_type, view.region, view.name, view.metadata) == expected
+
+
+async def test_a_worker_with_a_stale_meter_view_never_overwrites_a_newer_generation(
+    http: Http, nc: Client, settings: Settings, worker: Worker
+) -> None:
+    """A meter backfilled (new startSeq) while another worker's view still has the old one:
+    that worker's fold of an event meets a value of another generation, catches its view up,
+    finds itself stale and gives the batch back (StaleView) instead of wiping the state."""
+    from kloudmeter_py.store.meters import MeterRegistry
+    from kloudmeter_py.worker.lifecycle import LifecycleFolder, StaleView
+
+    js = nc.jetstream()
+    layout = Layout(settings)
+    early = {"eventType": VM, "subject": "acme", "time": "2026-11-20T09:00:00Z"}
+    await post_event(http, id="early", **early, data={"event_type": "create", "resource_id": "a"})
+    await _vcpu_meter(http)  # startSeq 1: the event above is not its own
+    await post_event(http, id="late", **{**early, "time": "2026-11-20T11:00:00Z"},
+                     data={"event_type": "delete", "resource_id": "a"})  # fmt: skip
+    await lifecycle_folded(nc)
+    stale = MeterRegistry(js, layout)
+    await stale.start()
+    await stale.stop()  # its view stays at startSeq 1
+    old_meter = stale.by_id["vcpu"].meter
+    assert old_meter.startSeq == 1
+    await backfill.start(js, layout, "vcpu")  # startSeq 0
+    await lifecycle_folded(nc)
+    values = await _state(nc)
+    key = meter_key("vcpu", "acme", "a")
+    assert [p.seq for p in msgspec.json.decode(values[key], type=ResourceState).points] == [1, 2]
+    folder = LifecycleFolder(js, settings, layout, stale)
+    folder.kv = await js.key_value(layout.resources_bucket)
+    event = Event(id="late", eventType=VM, subject="acme", time=_t("11:00"),
+                  data={"event_type": "delete", "resource_id": "a"})  # fmt: skip
+    change = DurationMeter(old_meter).change(event, 2, _t("11:00"))
+    assert change is not None and change.key == key
+    with pytest.raises(StaleView):
+        await folder._write(key, [change])
+    assert stale.by_id["vcpu"].meter.startSeq == 0  # caught up
+    await stale.stop()
+    assert await _state(nc) == values
