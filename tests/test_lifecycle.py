@@ -642,3 +642,29 @@ async def test_a_worker_with_a_stale_meter_view_never_overwrites_a_newer_generat
     assert stale.by_id["vcpu"].meter.startSeq == 0  # caught up
     await stale.stop()
     assert await _state(nc) == values
+
+
+async def test_a_consumer_deleted_under_a_running_worker_is_made_again(
+    http: Http, nc: Client, worker: Worker
+) -> None:
+    """The worker notices its lifecycle consumer is gone, makes it again from the beginning
+    of the stream, folds what came meanwhile, and what it reads again changes nothing."""
+    await _vcpu_meter(http)
+    await _price(http)
+    await _vm_lifecycle(http)
+    await lifecycle_folded(nc)
+    values, revisions = await _state(nc), await _revisions(nc)
+    await nc.jetstream().delete_consumer("meters", consumer_name(VM))
+    await post_event(
+        http,
+        id="after",
+        eventType=VM,
+        subject="acme",
+        time="2026-11-21T10:00:00Z",
+        data={"event_type": "create", "resource_id": "vm-2", "vcpus": 1},
+    )
+    await lifecycle_folded(nc)
+    now, now_revisions = await _state(nc), await _revisions(nc)
+    new_key = meter_key("vcpu", "acme", "vm-2")
+    assert now.pop(new_key) and now_revisions.pop(new_key)
+    assert now == values and now_revisions == revisions

@@ -65,6 +65,8 @@ from kloudmeter_py.store.provision import ensure_resources_bucket
 log = structlog.get_logger(__name__)
 
 BATCH = 256
+# Idle fetches (of a second each) between two checks that the consumer still exists.
+_CHECK_IDLE = 5
 # nats-server: "message size exceeds maximum allowed" (the bucket's max value size)
 _VALUE_TOO_LARGE = 10054
 _marker_encoder = msgspec.json.Encoder()
@@ -150,37 +152,45 @@ class LifecycleFolder:
     async def _ensure_consumer(self, event_type: str) -> bool:
         """Start the pull loop of this event type; True when its durable consumer did not
         exist (it was made now, from the beginning of the stream)."""
-        name = consumer_name(event_type)
-        created = False
-        try:
-            await self.js.consumer_info(self.layout.stream, name)
-        except NotFoundError:
-            await self.js.add_consumer(
-                self.layout.stream,
-                ConsumerConfig(
-                    durable_name=name,
-                    description=f"kloudmeter lifecycle state of {event_type!r}",
-                    filter_subject=self.layout.stored_subject(encode_token(event_type), "*"),
-                    deliver_policy=DeliverPolicy.ALL,
-                    ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=60,
-                    max_deliver=-1,
-                    max_ack_pending=4 * BATCH,
-                    num_replicas=self.settings.replicas,
-                ),
-            )
-            created = True
-            log.info("lifecycle.consumer_created", event_type=event_type)
+        created = await self._make_consumer(event_type)
         if event_type not in self._loops:
             self._loops[event_type] = asyncio.create_task(
-                self._pull_loop(event_type, name), name=f"lifecycle-{event_type}"
+                self._pull_loop(event_type), name=f"lifecycle-{event_type}"
             )
         return created
 
+    async def _make_consumer(self, event_type: str) -> bool:
+        """Create the event type's durable consumer if it is missing; True if it was."""
+        name = consumer_name(event_type)
+        try:
+            await self.js.consumer_info(self.layout.stream, name)
+            return False
+        except NotFoundError:
+            pass
+        # From the beginning of the stream: whatever it delivers again changes nothing.
+        await self.js.add_consumer(
+            self.layout.stream,
+            ConsumerConfig(
+                durable_name=name,
+                description=f"kloudmeter lifecycle state of {event_type!r}",
+                filter_subject=self.layout.stored_subject(encode_token(event_type), "*"),
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=60,
+                max_deliver=-1,
+                max_ack_pending=4 * BATCH,
+                num_replicas=self.settings.replicas,
+            ),
+        )
+        log.info("lifecycle.consumer_created", event_type=event_type)
+        return True
+
     # ---- live ----
 
-    async def _pull_loop(self, event_type: str, name: str) -> None:
+    async def _pull_loop(self, event_type: str) -> None:
+        name = consumer_name(event_type)
         sub: JetStreamContext.PullSubscription | None = None
+        idle = 0
         while True:
             try:
                 if sub is None:
@@ -188,7 +198,12 @@ class LifecycleFolder:
                 try:
                     msgs = await sub.fetch(BATCH, timeout=1)
                 except nats.errors.TimeoutError:
+                    idle += 1
+                    if idle % _CHECK_IDLE == 0:
+                        # Deleted meanwhile (by hand, or lost with a server): make it again.
+                        await self._make_consumer(event_type)
                     continue
+                idle = 0
                 await self._live_batch(event_type, msgs)
             except asyncio.CancelledError:
                 if sub is not None:
@@ -202,6 +217,8 @@ class LifecycleFolder:
                         await sub.unsubscribe()
                     sub = None
                 await asyncio.sleep(1)  # back off; unacknowledged events come again
+                with contextlib.suppress(Exception):
+                    await self._make_consumer(event_type)
 
     async def _live_batch(self, event_type: str, msgs: list[Msg]) -> None:
         await self.registry.catch_up()
