@@ -2,15 +2,18 @@
 over a real nats-server the routes that read it after the stream lost the events, a replay
 that changes nothing, history reads for late meters, a rebuild and two workers."""
 
+import asyncio
 import random
 from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import permutations
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 from nats.aio.client import Client
+from nats.js.errors import NotFoundError
 
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.lifecycle import (
@@ -668,3 +671,76 @@ async def test_a_consumer_deleted_under_a_running_worker_is_made_again(
     new_key = meter_key("vcpu", "acme", "vm-2")
     assert now.pop(new_key) and now_revisions.pop(new_key)
     assert now == values and now_revisions == revisions
+
+
+async def test_a_worker_killed_while_folding_loses_and_doubles_nothing(
+    nc: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """300 resources' lifecycles (1,500 events, shuffled) arrive while the worker process is
+    SIGKILLed three times at random moments after the lifecycle consumer made progress: every
+    resource ends with each of its five events once, in event-time order."""
+    from kloudmeter_py.core.keys import event_subject
+    from kloudmeter_py.core.models import MeterIn
+    from kloudmeter_py.store.meters import MeterStore
+    from tests.conftest import eventually
+    from tests.load import WorkerProcess
+
+    js = nc.jetstream()
+    await MeterStore(js, Layout(settings)).create(
+        msgspec.convert(
+            {"id": "vcpu", "eventType": VM, "aggregation": "duration", "valueProperty": "$.vcpus"},
+            MeterIn,
+        )
+    )
+    actions = ["create", "resize", "power_off", "power_on", "delete"]
+    rows = [(vm, i) for vm in range(300) for i in range(5)]
+    rng = random.Random(13)
+    rng.shuffle(rows)
+
+    async def publish() -> None:
+        for n, (vm, i) in enumerate(rows):
+            body = {
+                "id": f"k{n}",
+                "eventType": VM,
+                "subject": f"t{vm % 3}",
+                "time": f"2026-11-20T1{i}:00:00Z",
+                "data": {"event_type": actions[i], "resource_id": f"vm-{vm}", "vcpus": i + 1},
+            }
+            await js.publish(
+                event_subject("meters", VM, body["subject"]), msgspec.json.encode(body)
+            )
+            if n % 50 == 49:
+                await asyncio.sleep(0.1)  # paced, so that the kills fall while events arrive
+
+    async def acked() -> int:
+        try:
+            info = await js.consumer_info("meters", consumer_name(VM))
+        except NotFoundError:
+            return 0
+        return int(info.ack_floor.stream_seq or 0)
+
+    env = {"NATS_URL": settings.nats_url, "METER_PARTITIONS": "2"}
+    publisher = asyncio.create_task(publish())
+    worker = await WorkerProcess(env, tmp_path / "worker.log").start()
+    kills = 0
+    try:
+        for _ in range(3):
+            seen = await acked()
+            await eventually(acked, lambda pos, seen=seen: pos > seen, timeout=60)
+            await asyncio.sleep(rng.uniform(0.0, 0.3))  # a random crash point, not a wait
+            await worker.kill()
+            kills += 1
+            worker = await WorkerProcess(env, tmp_path / "worker.log").start()
+        await publisher
+        await lifecycle_folded(nc, timeout=90)
+    finally:
+        await worker.stop()
+    states = [
+        msgspec.json.decode(v, type=ResourceState)
+        for k, v in (await _state(nc)).items()
+        if k.startswith("meter.")
+    ]
+    assert kills == 3 and len(states) == 300
+    for s in states:
+        assert [p.kind for p in s.points] == ["start", "change", "stop", "start", "end"]
+        assert len({p.seq for p in s.points}) == 5

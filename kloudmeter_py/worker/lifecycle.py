@@ -65,6 +65,7 @@ from kloudmeter_py.store.provision import ensure_resources_bucket
 log = structlog.get_logger(__name__)
 
 BATCH = 256
+_ACK_WAIT = 10.0
 # Idle fetches (of a second each) between two checks that the consumer still exists.
 _CHECK_IDLE = 5
 # nats-server: "message size exceeds maximum allowed" (the bucket's max value size)
@@ -176,7 +177,9 @@ class LifecycleFolder:
                 filter_subject=self.layout.stored_subject(encode_token(event_type), "*"),
                 deliver_policy=DeliverPolicy.ALL,
                 ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=60,
+                # Short: a batch a crashed worker had taken comes back soon, and one that a
+                # slow worker is still folding may well be folded twice (changing nothing).
+                ack_wait=_ACK_WAIT,
                 max_deliver=-1,
                 max_ack_pending=4 * BATCH,
                 num_replicas=self.settings.replicas,
