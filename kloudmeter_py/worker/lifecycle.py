@@ -28,8 +28,9 @@ import asyncio
 import contextlib
 import hashlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from datetime import datetime
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -110,7 +111,7 @@ class LifecycleFolder:
         self.kv = await ensure_resources_bucket(self.js, self.settings)
         self.registry.on_meter_added.append(self._meter_added)
         created = await self._ensure_consumer(self.usage_type)
-        await self._check_usage(created)
+        self._background(self._check_usage(created))
         for cm in list(self.registry.by_id.values()):
             self._meter_added(cm)
 
@@ -134,7 +135,10 @@ class LifecycleFolder:
         self._schedule_check(cm.meter.id, cm.meter.startSeq)
 
     def _schedule_check(self, meter_id: str, start_seq: int) -> None:
-        task = asyncio.create_task(self._check_generation(meter_id, start_seq))
+        self._background(self._check_generation(meter_id, start_seq))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -238,14 +242,23 @@ class LifecycleFolder:
     # ---- history ----
 
     async def _check_usage(self, consumer_created: bool) -> None:
+        """The usage summary's history (from the start of the stream), read once."""
         key = usage_marker_key(self.usage_type)
-        marker = await self._marker(key)
-        if marker is not None:
-            return
-        through = 0
-        if not consumer_created:
-            through = await self._replay(self.usage_type, 0, meter_id=None, usage=True)
-        await self._put_marker(key, Marker(startSeq=0, through=through))
+        try:
+            marker = await self._marker(key)
+            if marker is not None:
+                return
+            through = 0
+            if not consumer_created:
+                through = await self._replay(self.usage_type, 0, meter_id=None, usage=True)
+            await self._put_marker(key, Marker(startSeq=0, through=through))
+            log.info("lifecycle.usage_history_read", event_type=self.usage_type)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("lifecycle.history_failed", event_type=self.usage_type, error=repr(exc))
+            await asyncio.sleep(5)
+            self._background(self._check_usage(False))
 
     async def _check_generation(self, meter_id: str, start_seq: int) -> None:
         try:
