@@ -709,8 +709,10 @@ async def test_a_worker_killed_while_folding_loses_and_doubles_nothing(
             await js.publish(
                 event_subject("meters", VM, body["subject"]), msgspec.json.encode(body)
             )
-            if n % 50 == 49:
-                await asyncio.sleep(0.1)  # paced, so that the kills fall while events arrive
+            if n % 25 == 24:
+                await asyncio.sleep(
+                    0.2
+                )  # paced (~12 s), so that the kills fall while events arrive
 
     async def acked() -> int:
         try:
@@ -726,7 +728,9 @@ async def test_a_worker_killed_while_folding_loses_and_doubles_nothing(
     try:
         for _ in range(3):
             seen = await acked()
-            await eventually(acked, lambda pos, seen=seen: pos > seen, timeout=60)
+            await eventually(
+                acked, lambda pos, seen=seen: pos > seen or publisher.done(), timeout=60
+            )
             await asyncio.sleep(rng.uniform(0.0, 0.3))  # a random crash point, not a wait
             await worker.kill()
             kills += 1
