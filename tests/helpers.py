@@ -40,3 +40,53 @@ async def readings(http: Http, **params: str) -> list[dict[str, Any]]:
 
 def total_count(rs: list[dict[str, Any]]) -> int:
     return sum(r["count"] for r in rs)
+
+
+async def lifecycle_folded(nc: Client, stream: str = "meters", timeout: float = 15.0) -> None:
+    """Wait (polling, with a deadline) until the worker's lifecycle folding has written every
+    stored event into the ``resources`` bucket: each lifecycle consumer has nothing pending or
+    unacknowledged (events are acked after their KV write), no history read is running, and
+    every duration meter's generation (and the usage summary) is marked read."""
+    import asyncio
+    import time
+
+    from kloudmeter_py.core.lifecycle import marker_decoder, meter_marker_key, usage_marker_key
+    from kloudmeter_py.core.models import meter_decoder
+    from kloudmeter_py.store.kv import get_with_revision, scan
+    from kloudmeter_py.worker.lifecycle import consumer_name
+
+    js = nc.jetstream()
+    prefix = "" if stream == "meters" else f"{stream}_"
+    bucket = f"{prefix}resources"
+
+    async def done() -> str | None:
+        kv = await js.key_value(bucket)
+        wanted = {"lifecycle"}  # the default usage event type
+        needed = [usage_marker_key("lifecycle")]
+        starts: dict[str, int] = {}
+        for _, value in await scan(js, f"{prefix}meters"):
+            meter = meter_decoder.decode(value)
+            if meter.aggregation == "duration":
+                wanted.add(meter.eventType)
+                needed.append(meter_marker_key(meter.id))
+                starts[meter_marker_key(meter.id)] = meter.startSeq
+        for key in needed:
+            raw, _ = await get_with_revision(kv, key)
+            if raw is None or marker_decoder.decode(raw).startSeq != starts.get(key, 0):
+                return f"marker {key}"
+        infos = {c.name: c for c in await js.consumers_info(stream)}
+        if any(name.startswith("lifecycle-read-") for name in infos):
+            return "a history read is running"
+        for event_type in wanted:
+            info = infos.get(consumer_name(event_type))
+            if info is None:
+                return f"no consumer for {event_type}"
+            if info.num_pending or info.num_ack_pending:
+                return f"{event_type}: {info.num_pending} pending, {info.num_ack_pending} unacked"
+        return None
+
+    deadline = time.monotonic() + timeout
+    while (why := await done()) is not None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"lifecycle state not folded within {timeout}s: {why}")
+        await asyncio.sleep(0.05)

@@ -17,7 +17,7 @@ from kloudmeter_py.gateway import create_app
 from kloudmeter_py.store.server import NatsServer
 from kloudmeter_py.worker import Worker
 from tests.conftest import eventually
-from tests.helpers import Http
+from tests.helpers import Http, lifecycle_folded
 
 ADMIN = "admin-token-for-tests-0123456789"
 
@@ -209,7 +209,7 @@ async def _value(errors: list[Exception]) -> list[Exception]:
 
 
 async def test_usage_hours_per_location_match_a_hand_computed_case(
-    http: Http, worker: Worker
+    http: Http, nc: Client, worker: Worker
 ) -> None:
     """CREATED/DESTROYED events (sent out of order) give hours per location between two dates;
     a user sees its own tenant only."""
@@ -237,6 +237,7 @@ async def test_usage_hours_per_location_match_a_hand_computed_case(
             headers=admin,
         )
         assert resp.status == 202
+    await lifecycle_folded(nc)
     params = {"tenant": "acme", "start": "2026-11-20T09:00:00Z", "end": "2026-11-20T14:00:00Z"}
     body = await (await http.get("/api/usage", params=params, headers=admin)).json()
     assert body["usage"] == [{"location": "eu", "hours": 2.75}, {"location": "us", "hours": 5.0}]
@@ -252,7 +253,7 @@ async def test_usage_hours_per_location_match_a_hand_computed_case(
 
 
 async def test_tenants_cannot_see_each_others_resources_records_or_charges(
-    http: Http,
+    http: Http, nc: Client, worker: Worker
 ) -> None:
     """Rating endpoints are narrowed to the user's tenant too: resources, records, charging."""
     admin = _h(ADMIN)
@@ -275,6 +276,7 @@ async def test_tenants_cannot_see_each_others_resources_records_or_charges(
             headers=admin,
         )
         assert resp.status == 202
+    await lifecycle_folded(nc)
     acme = _h((await _user(http, "acme"))["token"])
     resources = await (await http.get("/v1/resources", headers=acme)).json()
     assert [r["resource_id"] for r in resources] == ["vm-a"]

@@ -6,9 +6,11 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from nats.aio.client import Client
 
 from kloudmeter_py.core.rating import Filter, Price, Tier, check_filters, matches, tiered_cost
-from tests.helpers import Http, create_meter, post_event
+from kloudmeter_py.worker import Worker
+from tests.helpers import Http, create_meter, lifecycle_folded, post_event
 
 
 def _price(**kw: Any) -> Price:
@@ -85,7 +87,7 @@ LIFECYCLE = [
 ]
 
 
-async def _setup(http: Http) -> None:
+async def _setup(http: Http, nc: Client) -> None:
     await create_meter(
         http,
         id="vcpu",
@@ -130,13 +132,16 @@ async def _setup(http: Http) -> None:
     ):
         resp = await http.post("/v1/prices", json=body)
         assert resp.status == 201, await resp.text()
+    await lifecycle_folded(nc)
 
 
-async def test_lifecycle_out_of_order_gives_records_split_by_state_and_price(http: Http) -> None:
+async def test_lifecycle_out_of_order_gives_records_split_by_state_and_price(
+    http: Http, nc: Client, worker: Worker
+) -> None:
     """Create (2 vCPU), resize (4), power off, power on, delete - sent shuffled. Records split
     at each state change and at the price change; consumption checked by hand:
     running vCPU-seconds 1200 + 4800 + 1200 at 0.05/h and 3600 at 0.10/h -> 0.10 + 0.10."""
-    await _setup(http)
+    await _setup(http, nc)
     recs = await (await http.get("/v1/records/vm-1")).json()
     got = [
         (
@@ -170,9 +175,9 @@ async def test_lifecycle_out_of_order_gives_records_split_by_state_and_price(htt
     assert (await http.get("/v1/records/nope")).status == 404
 
 
-async def test_charging_over_a_period_with_filters(http: Http) -> None:
+async def test_charging_over_a_period_with_filters(http: Http, nc: Client, worker: Worker) -> None:
     """POST /charging prices the tenant's resources over [start, end), filtered."""
-    await _setup(http)
+    await _setup(http, nc)
     period = {"start": "2026-11-20T10:20:00Z", "end": "2026-11-20T10:50:00Z"}
     body = await (await http.post("/charging", json={"tenant": "acme", **period})).json()
     # 10:20-10:30 600s x4 at .05, 10:40-10:45 300s x4 at .05, 10:45-10:50 300s x4 at .10
@@ -200,7 +205,7 @@ async def test_charging_over_a_period_with_filters(http: Http) -> None:
     assert resp.status == 400 and (await resp.json())["field"] == "filters[0].op"
 
 
-async def test_a_running_resource_accrues_up_to_now(http: Http) -> None:
+async def test_a_running_resource_accrues_up_to_now(http: Http, nc: Client, worker: Worker) -> None:
     """Without a delete, consumption keeps growing with the clock."""
     await create_meter(
         http, id="gb", eventType="volume", aggregation="duration", valueProperty="$.size"
@@ -216,6 +221,7 @@ async def test_a_running_resource_accrues_up_to_now(http: Http) -> None:
     await http.post(
         "/v1/prices", json={"name": "gb", "currency": "USD", "unit_price": "1", "meter": "gb"}
     )
+    await lifecycle_folded(nc)
     first = await (await http.get("/v1/resources")).json()
     second = await (await http.get("/v1/resources")).json()
     assert first[0]["status"] == "running"

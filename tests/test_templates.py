@@ -4,7 +4,9 @@ import time
 from decimal import Decimal
 
 import pytest
+from nats.aio.client import Client
 
+from kloudmeter_py.worker import Worker
 from tests.helpers import Http
 from tests.test_rating import _setup
 
@@ -100,9 +102,9 @@ async def test_templates_that_loop_allocate_or_fail_get_a_clear_error(
     assert (await http.get("/template")).status == 200
 
 
-async def test_charging_with_a_template(http: Http) -> None:
+async def test_charging_with_a_template(http: Http, nc: Client, worker: Worker) -> None:
     """POST /charging with a template prices each item with the script."""
-    await _setup(http)
+    await _setup(http, nc)
     tid = await _create(http, 'def rate(data):\n    return decimal(data["cost"]) * 2\n')
     period = {"start": "2026-11-20T10:00:00Z", "end": "2026-11-20T11:00:00Z"}
     plain = await (await http.post("/charging", json={"tenant": "acme", **period})).json()

@@ -248,10 +248,12 @@ async def delete_price(request: web.Request) -> web.Response:
 
 
 async def _resources(
-    request: web.Request, tenant: str | None, budget: ReadBudget
+    request: web.Request, tenant: str | None, budget: ReadBudget, resource_id: str | None = None
 ) -> tuple[list[Resource], list[Price]]:
     meters = await request.app[METERS].list()
-    found = await resources(request.app[JS], request.app[LAYOUT], meters, tenant, budget)
+    found = await resources(
+        request.app[JS], request.app[LAYOUT], meters, tenant, budget, resource_id=resource_id
+    )
     return found, await _prices(request).list()
 
 
@@ -332,7 +334,7 @@ async def list_resources(request: web.Request) -> web.Response:
 )
 async def records(request: web.Request) -> web.Response:
     rid = request.match_info["resource_id"]
-    found, prices = await _resources(request, tenant_of(request), read_budget(request))
+    found, prices = await _resources(request, tenant_of(request), read_budget(request), rid)
     matching = [r for r in found if r.resource_id == rid]
     if not matching:
         raise NotFound(f"resource {rid!r} not found", field="resource_id")

@@ -1,9 +1,10 @@
 """GET /api/usage?tenant=&start=&end=: hours of use per location (AMP's usage summary).
 
-Read from the retained event stream: the tenant's lifecycle events (event type
-``KLOUDMETER_USAGE_EVENT_TYPE``, default ``lifecycle``) with ``data.event`` CREATED or
-DESTROYED, ``data.resource`` and the location at ``KLOUDMETER_USAGE_LOCATION`` (a JSONPath,
-default ``$.location``).
+From the tenant's lifecycle events (event type ``KLOUDMETER_USAGE_EVENT_TYPE``, default
+``lifecycle``) with ``data.event`` CREATED or DESTROYED, ``data.resource`` and the location at
+``KLOUDMETER_USAGE_LOCATION`` (a JSONPath, default ``$.location``), as the worker folds them
+into the ``resources`` bucket (``core.lifecycle``): a read costs the tenant's resources, not
+the events ever stored, and does not depend on ``METER_RETENTION``.
 """
 
 from datetime import UTC, datetime
@@ -12,9 +13,7 @@ import msgspec
 from aiohttp import web
 
 from kloudmeter_py.core.budget import ReadBudget
-from kloudmeter_py.core.keys import encode_token
-from kloudmeter_py.core.models import event_decoder
-from kloudmeter_py.core.paths import MISSING, compile_path
+from kloudmeter_py.core.lifecycle import state_decoder, usage_events, usage_pattern
 from kloudmeter_py.core.query import parse_time
 from kloudmeter_py.core.usage import Lifecycle, usage_hours
 from kloudmeter_py.core.windows import QueryError
@@ -23,7 +22,7 @@ from kloudmeter_py.gateway.helpers import json_response, read_budget
 from kloudmeter_py.gateway.keys import JS, LAYOUT, SETTINGS
 from kloudmeter_py.gateway.routes import USER, Op, Param, Routes, TenantScope, tenant_of
 from kloudmeter_py.gateway.schemas import TENANT, TIME, ref
-from kloudmeter_py.store.kv import read
+from kloudmeter_py.store.kv import scan
 
 routes = Routes()
 
@@ -77,7 +76,7 @@ async def usage(request: web.Request) -> web.Response:
         raise InvalidInput("start must be before end", field="start")
     settings = request.app[SETTINGS]
     events = await _lifecycle_events(
-        request, tenant, settings.usage_event_type, settings.usage_location, read_budget(request)
+        request, tenant, settings.usage_event_type, read_budget(request)
     )
     hours = usage_hours(events, start, end)
     rows = [LocationHours(location=k, hours=round(v, 6)) for k, v in sorted(hours.items())]
@@ -85,31 +84,15 @@ async def usage(request: web.Request) -> web.Response:
 
 
 async def _lifecycle_events(
-    request: web.Request, tenant: str, event_type: str, location_path: str, budget: ReadBudget
+    request: web.Request, tenant: str, event_type: str, budget: ReadBudget
 ) -> list[Lifecycle]:
+    """The tenant's usage resources' CREATED / DESTROYED points, as the worker folded them
+    into the ``resources`` bucket (keys ``usage.<event type>.<tenant>.<resource>``): one
+    server-side filtered scan, each key a tick of ``budget``."""
     layout = request.app[LAYOUT]
-    stream = layout.stream
-    subject = layout.stored_subject(encode_token(event_type), encode_token(tenant))
-    find_location = compile_path(location_path)
     out: list[Lifecycle] = []
-    for msg in await read(request.app[JS], stream, subject, budget=budget):
-        await budget.tick()
-        try:
-            event = event_decoder.decode(msg.data)
-        except ValueError:
-            continue  # the worker dead-letters it
-        kind = str(event.data.get("event", "")).upper()
-        resource = event.data.get("resource")
-        if kind not in ("CREATED", "DESTROYED") or not isinstance(resource, str):
-            continue
-        location = find_location(event.data)
-        out.append(
-            Lifecycle(
-                resource=resource,
-                kind=kind,
-                at=event.time or msg.metadata.timestamp,
-                location=None if location is MISSING else str(location),
-                seq=msg.metadata.sequence.stream,
-            )
-        )
+    for _, value in await scan(
+        request.app[JS], layout.resources_bucket, usage_pattern(event_type, tenant), budget=budget
+    ):
+        out.extend(usage_events(state_decoder.decode(value)))
     return out

@@ -24,6 +24,8 @@ class Layout:
         self.auth_bucket = f"{prefix}auth"
         self.prices_bucket = f"{prefix}prices"
         self.templates_bucket = f"{prefix}templates"
+        # Lifecycle state per resource (duration meters, the AMP usage summary).
+        self.resources_bucket = f"{prefix}resources"
         self.summary_buckets = {
             level: f"{prefix}summaries_{level}" for level in ("minute", "hour", "day")
         }

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import msgspec
 import structlog
 from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from kloudmeter_py.core.keys import ROLLUP, decode_token, encode_token
@@ -71,6 +71,12 @@ class MeterStore:
             await self.js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}.>")
         for bucket in self.layout.summary_buckets.values():  # and its rollups
             await self.js.purge_stream(f"KV_{bucket}", subject=f"$KV.{bucket}.{key}{ROLLUP}.>")
+        # And its resources' lifecycle state (a late write of the old generation is told apart
+        # by meterStartSeq too).
+        resources = self.layout.resources_bucket
+        for subject in (f"meter.{key}.>", f"done.meter.{key}"):
+            with contextlib.suppress(NotFoundError):
+                await self.js.purge_stream(f"KV_{resources}", subject=f"$KV.{resources}.{subject}")
         log.info("meter.deleted", meter=meter_id)
 
 

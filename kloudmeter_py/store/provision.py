@@ -13,6 +13,7 @@ from nats.js.api import (
     SubjectTransform,
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from kloudmeter_py.config import Settings
 from kloudmeter_py.errors import ConfigError
@@ -67,6 +68,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
                 replicas=settings.replicas,
             ),
         )
+    await ensure_resources_bucket(js, settings)
     widths = {"minute": settings.interval, "hour": 3600, "day": 86400}
     for level, bucket in layout.summary_buckets.items():
         # A window is written while it is open (and by late events); it expires this long
@@ -113,6 +115,23 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
     await migrate_summaries(js, layout, settings.interval)
     log.info("setup.done", stream=layout.stream, partitions=layout.partitions)
     return layout
+
+
+async def ensure_resources_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
+    """The ``resources`` bucket (lifecycle state per resource), created when missing: the
+    worker's lifecycle consumers then fill it from the beginning of the stream."""
+    bucket = Layout(settings).resources_bucket
+    await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=bucket,
+            history=1,
+            description="kloudmeter lifecycle state per resource (duration meters, usage)",
+            storage=StorageType.FILE,
+            replicas=settings.replicas,
+        ),
+    )
+    return await js.key_value(bucket)
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig, **kw: Any) -> None:

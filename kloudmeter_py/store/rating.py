@@ -1,22 +1,19 @@
-"""The price book (KV bucket ``prices``) and resource timelines read from the event stream."""
+"""The price book (KV bucket ``prices``) and resource timelines (KV bucket ``resources``, kept
+by the worker's lifecycle folding)."""
 
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal
-from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from kloudmeter_py.core.budget import ReadBudget
-from kloudmeter_py.core.keys import encode_token
-from kloudmeter_py.core.models import InvalidField, Meter, event_decoder
-from kloudmeter_py.core.paths import MISSING, compile_path
-from kloudmeter_py.core.rating import DEFAULT_ACTIONS, Point, Price, PriceIn, to_decimal
+from kloudmeter_py.core.lifecycle import ResourceView, meter_pattern, resource_view, state_decoder
+from kloudmeter_py.core.models import Meter
+from kloudmeter_py.core.rating import Price, PriceIn
 from kloudmeter_py.errors import NotFound
-from kloudmeter_py.store.kv import get_with_revision, new_budget, read, scan
+from kloudmeter_py.store.kv import get_with_revision, new_budget, scan
 from kloudmeter_py.store.layout import Layout
 
 _price_decoder = msgspec.json.Decoder(Price)
@@ -59,16 +56,7 @@ class PriceStore:
         return [_price_decoder.decode(v) for _, v in await scan(self.js, self.bucket)]
 
 
-@dataclass
-class Resource:
-    meter: str
-    resource_id: str
-    tenant: str
-    resource_type: str | None = None
-    region: str | None = None
-    name: str | None = None
-    points: list[Point] = field(default_factory=list)
-    metadata: dict[str, Any] = field(default_factory=dict)
+Resource = ResourceView
 
 
 async def resources(
@@ -77,68 +65,23 @@ async def resources(
     meters: list[Meter],
     tenant: str | None = None,
     budget: ReadBudget | None = None,
+    resource_id: str | None = None,
 ) -> list[Resource]:
-    """Resource timelines of the duration meters, from their lifecycle events in the stream;
-    each event read and folded is a tick of ``budget``."""
+    """Resource timelines of the duration meters (of ``tenant``, or the one resource), from
+    the lifecycle state the worker folds into the ``resources`` bucket: one server-side
+    filtered scan, each key read a tick of ``budget``. A value of an earlier generation of its
+    meter (deleted and created again, or backfilled and not yet read again) is left out."""
     if budget is None:
         budget = new_budget(None)
-    out: dict[tuple[str, str], Resource] = {}
-    for meter in meters:
-        if meter.aggregation != "duration":
+    generation = {m.id: m.startSeq for m in meters if m.aggregation == "duration"}
+    if not generation:
+        return []
+    only = next(iter(generation)) if len(generation) == 1 else None
+    pattern = meter_pattern(only, tenant, resource_id)
+    out: list[Resource] = []
+    for _, value in await scan(js, layout.resources_bucket, pattern, budget=budget):
+        state = state_decoder.decode(value)
+        if state.meter is None or generation.get(state.meter) != state.meterStartSeq:
             continue
-        assert meter.resourceProperty and meter.actionProperty
-        find_resource = compile_path(meter.resourceProperty)
-        find_action = compile_path(meter.actionProperty)
-        find_weight = compile_path(meter.valueProperty) if meter.valueProperty else None
-        actions = meter.actions or DEFAULT_ACTIONS
-        subject = encode_token(tenant) if tenant else "*"
-        for seq, stored, raw in await _events(
-            js,
-            layout,
-            layout.stored_subject(encode_token(meter.eventType), subject),
-            meter.startSeq,
-            budget,
-        ):
-            await budget.tick()
-            try:
-                event = event_decoder.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue  # dead-lettered by the worker
-            rid = find_resource(event.data)
-            kind = actions.get(str(find_action(event.data)))
-            if rid is MISSING or rid is None or kind is None:
-                continue
-            weight: Decimal | None = None
-            if find_weight is not None:
-                value = find_weight(event.data)
-                if value is not MISSING and value is not None:
-                    try:
-                        weight = to_decimal(value, "valueProperty")
-                    except InvalidField:
-                        weight = None
-            key = (meter.id, str(rid))
-            res = out.get(key)
-            if res is None:
-                res = out[key] = Resource(
-                    meter=meter.id, resource_id=str(rid), tenant=event.subject
-                )
-            data = event.data
-            if kind == "start" or not res.metadata:
-                res.resource_type = data.get("resource_type", res.resource_type)
-                res.region = data.get("region", res.region)
-                res.name = data.get("resource_name", res.name)
-                res.metadata = {
-                    **{k: v for k, v in data.items() if isinstance(v, str | int | float)},
-                    "tenant": event.subject,
-                    "resource_id": str(rid),
-                    "meter": meter.id,
-                }
-            res.points.append(Point(event.time or stored, seq, kind, weight, data))
-    return sorted(out.values(), key=lambda r: (r.meter, r.resource_id))
-
-
-async def _events(
-    js: JetStreamContext, layout: Layout, subject: str, after_seq: int, budget: ReadBudget
-) -> list[tuple[int, datetime, bytes]]:
-    msgs = await read(js, layout.stream, subject, after_seq=after_seq, budget=budget)
-    return [(m.metadata.sequence.stream, m.metadata.timestamp, m.data) for m in msgs]
+        out.append(resource_view(state))
+    return sorted(out, key=lambda r: (r.meter, r.resource_id, r.tenant))

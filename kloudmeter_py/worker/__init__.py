@@ -33,6 +33,7 @@ from kloudmeter_py.worker.leases import Leases
 
 if TYPE_CHECKING:
     from kloudmeter_py.metrics import Metrics
+    from kloudmeter_py.worker.lifecycle import LifecycleFolder
     from kloudmeter_py.worker.runner import Runner
 
 log = structlog.get_logger(__name__)
@@ -92,6 +93,7 @@ class Worker:
         self.metrics: Metrics | None = None  # set by Metrics.watch_worker
         self._owned: set[int] = set()
         self.runner: Runner | None = None
+        self.lifecycle: LifecycleFolder | None = None
         self._task: asyncio.Task[None] | None = None
         self._runs = 0  # runners started: each one's consumer has its own name
         # Meters added while no runner was reading, and replays a stopped runner had not yet
@@ -137,6 +139,10 @@ class Worker:
             self.dedup = await self.js.key_value(self.layout.dedup_bucket)
         await self.registry.start()
         self.registry.on_meter_added.append(self._meter_added)
+        from kloudmeter_py.worker.lifecycle import LifecycleFolder
+
+        self.lifecycle = LifecycleFolder(self.js, self.settings, self.layout, self.registry)
+        await self.lifecycle.start()
         if self.static_partitions is not None:
             self._owned = set(self.static_partitions)
             self._start_runner()
@@ -223,6 +229,8 @@ class Worker:
                 if done:
                     break
         await self._stop_runner()
+        if self.lifecycle is not None:
+            await self.lifecycle.stop()
         if self.leases is not None and self.leases.held:
             # Give the partitions back at once, so another worker need not wait for expiry.
             await self.leases.give_back()
