@@ -20,7 +20,14 @@ from kloudmeter_py.store.provision import provision
 from kloudmeter_py.store.server import NatsServer
 from kloudmeter_py.worker import Worker
 from tests.helpers import Http, publish_event
-from tests.months import answered_months, expected_months, iso, meters_with_events, month_start
+from tests.months import (
+    answered_months,
+    expected_months,
+    iso,
+    meters_with_events,
+    month_start,
+    utc,
+)
 
 
 @pytest.mark.parametrize("partitions", [2, 7])
@@ -76,6 +83,24 @@ async def test_meter_wide_reads_come_from_rollups_equal_to_the_events(
         body = await resp.json()
         assert resp.status == 200, body
         return answered_months(body["data"], UTC, group)
+
+    # DAY and HOUR windows meter-wide, from the rollups, equal the events' sums per window.
+    for size, width in (("DAY", 86400), ("HOUR", 3600)):
+        resp = await http.get(
+            "/api/meters/usage/query", params={**span, "windowSize": size, "groupBy": "region"}
+        )
+        body = await resp.json()
+        assert resp.status == 200, body
+        got = {
+            (int(utc(r["windowStart"]).timestamp()), r["groupBy"]["region"]): r["value"]
+            for r in body["data"]
+        }
+        want: dict[tuple[int, str], int] = {}
+        for e in in_span:
+            at = int(utc(e["time"]).timestamp())
+            k = (at - at % width, e["data"]["region"])
+            want[k] = want.get(k, 0) + e["data"]["v"]
+        assert got == want, size
 
     by_region = expected_months(in_span, UTC, by_subject=False, by_region=True)
     totals = expected_months(in_span, UTC, by_subject=False, by_region=False)

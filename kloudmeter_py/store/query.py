@@ -4,6 +4,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
 from nats.js import JetStreamContext
 
 from kloudmeter_py.config import Settings
@@ -15,7 +16,9 @@ from kloudmeter_py.core.windows import LEVELS, widths
 from kloudmeter_py.store.kv import new_budget, scan, scan_lean
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.migrate import without_rollups
-from kloudmeter_py.store.wire import Wire
+from kloudmeter_py.store.wire import Wire, WireError
+
+log = structlog.get_logger(__name__)
 
 
 def horizons(settings: Settings, now: float | None = None) -> dict[str, int]:
@@ -66,14 +69,24 @@ async def run_query(
         if len(filters) > MAX_FILTERS:
             filters = page_filters(meter, q, [">"], rollup=rollup)
         bucket = layout.summary_buckets[level]
-        if wire is not None:
-            found = await scan_lean(js, wire, bucket, filters, budget=budget)
-        else:
-            found = await scan(js, bucket, filters, budget=budget)
+        started = time.perf_counter()
+        found = await _pages(js, wire, bucket, filters, named=bool(q.subjects), budget=budget)
+        read_at = time.perf_counter()
         for key, value in found:
             await budget.tick()
             merged.add(level, key, value)
+        log.debug(
+            "query.level_read",
+            meter=meter.id,
+            level=level,
+            filters=len(filters),
+            keys=len(found),
+            read_ms=round((read_at - started) * 1000, 1),
+            merge_ms=round((time.perf_counter() - read_at) * 1000, 1),
+        )
+    started = time.perf_counter()
     data = await merged.result(windows, budget)
+    log.debug("query.rows", rows=len(data), ms=round((time.perf_counter() - started) * 1000, 1))
     return {
         "from": q.start,
         "to": q.end,
@@ -81,6 +94,42 @@ async def run_query(
         "windowTimeZone": q.tz.key,
         "data": data,
     }
+
+
+# Up to this many filters naming keys of one subject, a read is one direct get (nats-server's
+# multi_last) instead of a consumer.
+DIRECT_FILTERS = 64
+DIRECT_BATCH = 1000
+
+
+async def _pages(
+    js: JetStreamContext,
+    wire: Wire | None,
+    bucket: str,
+    filters: list[str],
+    *,
+    named: bool,
+    budget: ReadBudget,
+) -> list[tuple[str, bytes]]:
+    """The latest value of each key the filters match. Subjects' pages named by the query
+    (``named``) are one direct get when they are few: a consumer's set-up is the larger cost
+    there, and grows with the keys the bucket holds (one subject, 30 days: 24 ms at 1,000
+    subjects, 60 ms at 10,000). Otherwise through a consumer, on ``wire`` when given."""
+    if wire is None:
+        return await scan(js, bucket, filters, budget=budget)
+    if named and len(filters) <= DIRECT_FILTERS:
+        prefix = f"$KV.{bucket}."
+        try:
+            got = await wire.last_values(
+                f"KV_{bucket}", [prefix + f for f in filters], batch=DIRECT_BATCH
+            )
+        except WireError:
+            pass  # a server that cannot answer so (multi_last needs 2.11): a consumer
+        else:
+            await budget.tick()
+            if len(got) < DIRECT_BATCH:  # (as many as asked for: maybe more: a consumer)
+                return [(s[len(prefix) :], v) for s, (v, _) in got.items() if v]
+    return await scan_lean(js, wire, bucket, filters, budget=budget)
 
 
 def utc_now() -> datetime:

@@ -274,12 +274,13 @@ class Wire(asyncio.Protocol):
             fut.set_result(msg.data)
 
     async def last_values(
-        self, stream: str, subjects: list[str], timeout: float = 10.0
+        self, stream: str, subjects: list[str], timeout: float = 10.0, batch: int = 0
     ) -> dict[str, tuple[bytes | None, int]]:
         """The last message of each subject in one direct-get request (``multi_last``, nats-server
         2.11+, streams with allow_direct): subject -> (data, sequence). A subject with nothing
         stored is absent; a KV delete marker gives (None, its sequence). WireError when the
-        server cannot answer this way."""
+        server cannot answer this way. ``subjects`` may hold wildcards; then ``batch`` (default:
+        one per subject) bounds the messages answered."""
         out: dict[str, tuple[bytes | None, int]] = {}
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -307,7 +308,7 @@ class Wire(asyncio.Protocol):
         inbox = self.new_inbox()
         sid = self.subscribe(inbox, on_msg)
         try:
-            request = json.dumps({"multi_last": subjects, "batch": len(subjects)}).encode()
+            request = json.dumps({"multi_last": subjects, "batch": batch or len(subjects)}).encode()
             self.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=inbox)
             async with asyncio.timeout(timeout):
                 await done
