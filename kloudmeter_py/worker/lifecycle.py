@@ -204,7 +204,8 @@ class LifecycleFolder:
                     sub = await self.js.pull_subscribe_bind(name, stream=self.layout.stream)
                 try:
                     msgs = await sub.fetch(BATCH, timeout=1)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):
+                    # (nats-py raises the builtin one too when the wait ends mid-batch)
                     idle += 1
                     if idle % _CHECK_IDLE == 0:
                         # Deleted meanwhile (by hand, or lost with a server): make it again.
