@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
         help="time the query reads over the wide shape through HTTP, against a raw KV fetch",
     )
     bench.add_argument("--repeat", type=int, default=5, help="--reads: timings of each read")
+    bench.add_argument(
+        "--resources",
+        type=int,
+        default=10_000,
+        help="--reads: resources with lifecycle events (records, resources, charging)",
+    )
     bench.add_argument("--events", type=int, help="events end to end (default: the shape's)")
     bench.add_argument("--subjects", type=int, help="subjects (default: the shape's)")
     bench.add_argument("--http-seconds", type=float, default=5.0)
@@ -439,10 +445,13 @@ async def _bench_reads(settings: Settings, args: argparse.Namespace, url: str | 
         raise ConfigError("--reads uses the wide shape (--subjects/--events make it smaller)")
     if args.repeat < 1:
         raise ConfigError("--repeat must be positive")
+    if args.resources < 1:
+        raise ConfigError("--resources must be positive")
     results = await bench_reads.run(
         nats_url=url,
         events_n=args.events,
         subjects=args.subjects,
+        resources=args.resources,
         repeat=args.repeat,
         quiet=False,
         secured=settings,

@@ -95,4 +95,4 @@ async def test_setup_moves_each_window_into_its_page_once(nc: Client, settings: 
         day_retention_days=settings.day_retention_days,
     )
     answer = await run_query(js, settings, meter, query)
-    assert [row["value"] for row in answer["data"]] == [7, 5]
+    assert [row.value for row in answer["data"]] == [7, 5]

@@ -1,18 +1,23 @@
 """Meter queries (OpenMeter's shape), planned and merged over stored window summaries."""
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 
-from kloudmeter_py.core.aggregate import AGGREGATIONS, Acc, merge_into
+from kloudmeter_py.core.aggregate import AGGREGATIONS, Acc
 from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.core.keys import ROLLUP, decode_token, encode_token
 from kloudmeter_py.core.models import Meter
-from kloudmeter_py.core.summaries import PAGE_FORMAT, cell_acc, decode_cells, page_token
+from kloudmeter_py.core.summaries import (
+    PAGE_FORMAT,
+    cell_acc,
+    decode_cells,
+    merge_cell,
+    page_token,
+)
 from kloudmeter_py.core.windows import (
     DAY,
     MINUTE,
@@ -237,7 +242,7 @@ class PageMerge:
             if acc is None:
                 rows[rk] = cell_acc(cell, False)
             else:
-                merge_into(acc, cell_acc(cell, False))
+                merge_cell(acc, cell)
             added += 1
         return added
 
@@ -249,22 +254,30 @@ class PageMerge:
             budget = ReadBudget(None)
         value = AGGREGATIONS[self.meter.aggregation].result
         names = self.q.group_by
-        if names:
-            order: Callable[[tuple[RowKey, Acc]], Any] = lambda kv: (  # noqa: E731
-                kv[0][0],
-                kv[0][1] or "",
-                tuple(g or "" for g in kv[0][2]),
-            )
-        else:
-            order = lambda kv: (kv[0][0], kv[0][1] or "")  # noqa: E731
+        items = list(self.rows.items())
+        self.rows = {}
+        try:  # (subject and group values compare as they are unless some are None)
+            items.sort(key=_first)
+        except TypeError:
+            items.sort(key=_comparable)
         out = []
         tick = budget.tick
-        for (index, subject, groups), acc in sorted(self.rows.items(), key=order):
-            await tick()
+        for i, ((index, subject, groups), acc) in enumerate(items):
+            if not i & 255:
+                await tick()
             ws, we = windows[index]
             by = dict(zip(names, groups, strict=True)) if names else {}
             out.append(QueryRow(value(acc), ws, we, subject, by))
         return out
+
+
+def _first(kv: tuple[RowKey, Acc]) -> RowKey:
+    return kv[0]
+
+
+def _comparable(kv: tuple[RowKey, Acc]) -> tuple[int, str, tuple[str, ...]]:
+    index, subject, groups = kv[0]
+    return index, subject or "", tuple(g or "" for g in groups)
 
 
 class QueryRow(msgspec.Struct):

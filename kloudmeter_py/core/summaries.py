@@ -289,6 +289,29 @@ def cell_acc(cell: "Cell | WindowValue", intern: bool = True) -> Acc:
     return acc
 
 
+def merge_cell(acc: Acc, cell: Cell) -> None:
+    """Merge a stored window into ``acc`` in place (``merge_into`` without an Acc of it)."""
+    acc.count += cell.count
+    acc.sum += cell.sum
+    if cell.min is not None and (acc.min is None or cell.min < acc.min):
+        acc.min = cell.min
+    if cell.max is not None and (acc.max is None or cell.max > acc.max):
+        acc.max = cell.max
+    if cell.firstAt is not None and (acc.first_at is None or cell.firstAt < acc.first_at):
+        acc.first_at = cell.firstAt
+    if cell.lastAt is not None and (acc.last_at is None or cell.lastAt > acc.last_at):
+        acc.last_at = cell.lastAt
+    if cell.latest is not None and (
+        acc.latest is None or (cell.latestAt, cell.latestSeq) >= (acc.latest_at, acc.latest_seq)
+    ):
+        acc.latest, acc.latest_at, acc.latest_seq = cell.latest, cell.latestAt, cell.latestSeq
+    if cell.distinct is not None:
+        if acc.distinct is None:
+            acc.distinct = set(cell.distinct)
+        else:
+            acc.distinct.update(cell.distinct)
+
+
 def as_acc(window: Window) -> Acc:
     """A window of a page as a state to fold into (decoded now if it was bytes)."""
     if isinstance(window, Acc):

@@ -183,6 +183,9 @@ class LeanLink:
             self._wire = None
 
 
+_READS_AT_ONCE = 4
+
+
 async def scan_lean(
     js: JetStreamContext,
     wire: Wire,
@@ -190,18 +193,34 @@ async def scan_lean(
     pattern: str | list[str],
     *,
     budget: ReadBudget | None = None,
+    one_per_key: bool = False,
 ) -> list[tuple[str, bytes]]:
     """``scan`` (latest value of each live key matching the filters), with the messages
-    pulled on ``wire`` in batches of 1,000; each batch is a tick of ``budget``. Unordered."""
+    pulled on ``wire`` in batches of 1,000; each batch is a tick of ``budget``. Unordered.
+
+    ``one_per_key``: the bucket keeps one message per key (history 1), so every stored
+    message is a key's latest and the consumer delivers them all in stream order, which
+    costs nats-server far less than finding the last message of each subject."""
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    if len(patterns) > 1:
+        # One consumer per filter, a few at a time: nats-server serves a consumer with
+        # several filter subjects far more slowly (two filters of 10,000 keys each in a
+        # bucket of 125,000: 3.4 s; each alone: 0.14 s).
+        slots = asyncio.Semaphore(_READS_AT_ONCE)
+
+        async def one(p: str) -> list[tuple[str, bytes]]:
+            async with slots:
+                return await scan_lean(js, wire, bucket, p, budget=budget, one_per_key=one_per_key)
+
+        parts = await asyncio.gather(*(one(p) for p in dict.fromkeys(patterns)))
+        return [kv for part in parts for kv in part]
     prefix = f"$KV.{bucket}."
-    filters = [prefix + pattern] if isinstance(pattern, str) else [prefix + p for p in pattern]
     stream = f"KV_{bucket}"
     name = f"read-{uuid.uuid4().hex[:12]}"
     config = ConsumerConfig(
         name=name,
-        filter_subject=filters[0] if len(filters) == 1 else None,
-        filter_subjects=filters if len(filters) > 1 else None,
-        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        filter_subject=prefix + patterns[0],
+        deliver_policy=DeliverPolicy.ALL if one_per_key else DeliverPolicy.LAST_PER_SUBJECT,
         ack_policy=AckPolicy.NONE,
         inactive_threshold=10.0,
         mem_storage=True,

@@ -1,6 +1,9 @@
 """Run a meter query: plan it, read the needed summaries from KV, merge them."""
 
+import contextlib
+import gc
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,29 +66,30 @@ async def run_query(
         and not AGGREGATIONS[meter.aggregation].uses_distinct
         and (meter.id, meter.startSeq) not in await without_rollups(js, layout)
     )
-    merged = PageMerge(q, meter, feeds)
-    for level, pages in level_pages(feeds, level_widths).items():
-        filters = page_filters(meter, q, pages, rollup=rollup)
-        if len(filters) > MAX_FILTERS:
-            filters = page_filters(meter, q, [">"], rollup=rollup)
-        bucket = layout.summary_buckets[level]
+    with _collector_paused():
+        merged = PageMerge(q, meter, feeds)
+        for level, pages in level_pages(feeds, level_widths).items():
+            filters = page_filters(meter, q, pages, rollup=rollup)
+            if len(filters) > MAX_FILTERS:
+                filters = page_filters(meter, q, [">"], rollup=rollup)
+            bucket = layout.summary_buckets[level]
+            started = time.perf_counter()
+            found = await _pages(js, wire, bucket, filters, named=bool(q.subjects), budget=budget)
+            read_at = time.perf_counter()
+            for key, value in found:
+                await budget.tick()
+                merged.add(level, key, value)
+            log.debug(
+                "query.level_read",
+                meter=meter.id,
+                level=level,
+                filters=len(filters),
+                keys=len(found),
+                read_ms=round((read_at - started) * 1000, 1),
+                merge_ms=round((time.perf_counter() - read_at) * 1000, 1),
+            )
         started = time.perf_counter()
-        found = await _pages(js, wire, bucket, filters, named=bool(q.subjects), budget=budget)
-        read_at = time.perf_counter()
-        for key, value in found:
-            await budget.tick()
-            merged.add(level, key, value)
-        log.debug(
-            "query.level_read",
-            meter=meter.id,
-            level=level,
-            filters=len(filters),
-            keys=len(found),
-            read_ms=round((read_at - started) * 1000, 1),
-            merge_ms=round((time.perf_counter() - read_at) * 1000, 1),
-        )
-    started = time.perf_counter()
-    data = await merged.result(windows, budget)
+        data = await merged.result(windows, budget)
     log.debug("query.rows", rows=len(data), ms=round((time.perf_counter() - started) * 1000, 1))
     return {
         "from": q.start,
@@ -94,6 +98,28 @@ async def run_query(
         "windowTimeZone": q.tz.key,
         "data": data,
     }
+
+
+_paused = 0
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused while a read builds its rows (reads may
+    overlap: it resumes when the last one ends). A read allocates an object or more per
+    window and row, and each full collection walks all of them: on 293,000 rows (10,000
+    subjects, 30 days by DAY) merging and building the rows took 3.4 s with it, 2.0 s without.
+    Nothing a read builds is cyclic: reference counting frees it all the same."""
+    global _paused
+    if _paused == 0:
+        gc.disable()
+    _paused += 1
+    try:
+        yield
+    finally:
+        _paused -= 1
+        if _paused == 0:
+            gc.enable()
 
 
 # Up to this many filters naming keys of one subject, a read is one direct get (nats-server's
@@ -129,7 +155,8 @@ async def _pages(
             await budget.tick()
             if len(got) < DIRECT_BATCH:  # (as many as asked for: maybe more: a consumer)
                 return [(s[len(prefix) :], v) for s, (v, _) in got.items() if v]
-    return await scan_lean(js, wire, bucket, filters, budget=budget)
+    # The summary buckets keep one message per key (history 1: store.provision).
+    return await scan_lean(js, wire, bucket, filters, budget=budget, one_per_key=True)
 
 
 def utc_now() -> datetime:
