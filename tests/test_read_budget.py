@@ -232,15 +232,15 @@ def slow_merge(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
     """Every summary window a query merges costs 8 ms of CPU (a slow step injected in the
     merge); returns how many were merged so far."""
     calls = 0
-    real = core_query.cell_acc
+    real = core_query._MERGES["sum"]  # the meter of these tests sums
 
-    def slow(cell: Any, intern: bool = True) -> Any:
+    def slow(acc: Any, cell: Any) -> None:
         nonlocal calls
         calls += 1
         _busy(0.008)
-        return real(cell, intern)
+        real(acc, cell)
 
-    monkeypatch.setattr(core_query, "cell_acc", slow)
+    monkeypatch.setitem(core_query._MERGES, "sum", slow)
     return lambda: calls
 
 

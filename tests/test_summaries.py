@@ -159,3 +159,46 @@ def test_a_window_falls_in_one_page(width: int, at: int, token: str, start: int,
     assert is_page_token(token) and not is_page_token(window_token(at))
     key = reading_key("m", "s", ("eu",)) + "." + token
     assert parse_summary_key(key, 1) == ("s", ("eu",), start)
+
+
+@pytest.mark.parametrize(("aggregation", "values"), CASES)
+def test_pages_merge_into_rows_as_their_events_fold(aggregation: str, values: list[object]) -> None:
+    """A query's rows merged from stored pages (core.query.PageMerge: per subject, and
+    meter-wide over subjects and rollups alike) equal folding the events themselves, for
+    every aggregation: the count/sum fast paths give what merging every field gives."""
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo
+
+    from kloudmeter_py.core.aggregate import AGGREGATIONS, merge
+    from kloudmeter_py.core.query import PageMerge, Query
+
+    meter = _meter(aggregation)
+    # subject a: all the values in one window; subject b: the first value, a day later too
+    a = _acc(values)  # type: ignore[arg-type]
+    b = _acc(values[:1])  # type: ignore[arg-type]
+    pages = [
+        (f"m.a.{page_token(86400, START)}", encode_page({START: a}, 200, 7)),
+        (f"m.b.{page_token(86400, START)}", encode_page({START: b, START + 86400: b}, 200, 7)),
+        (f"m/all.0.{page_token(86400, START)}", encode_page({START: merge(a, b)}, 200, 7)),
+        (f"m.c.{page_token(86400, START)}", encode_page({START: a}, 200, 6)),  # older meter
+    ]
+    day = datetime.fromtimestamp(START, UTC)
+    windows = [(day, day + timedelta(days=1)), (day + timedelta(days=1), day + timedelta(days=2))]
+    feeds = {("day", START): 0, ("day", START + 86400): 1}
+    result = AGGREGATIONS[aggregation].result
+
+    def rows(by_subject: bool, keys: list[int]) -> list[tuple[int, str | None, object]]:
+        q = Query(day, day + timedelta(days=2), "day", ZoneInfo("UTC"), by_subject=by_subject)
+        merged = PageMerge(q, meter, feeds)
+        for i in keys:
+            merged.add("day", *pages[i])
+        import asyncio
+
+        out = asyncio.run(merged.result(windows))
+        return [(windows.index((r.windowStart, r.windowEnd)), r.subject, r.value) for r in out]
+
+    split = rows(True, [0, 1, 2, 3])  # (a rollup is no subject's: left out)
+    assert split == [(0, "a", result(a)), (0, "b", result(b)), (1, "b", result(b))]
+    both = [(0, None, result(merge(a, b))), (1, None, result(b))]
+    assert rows(False, [0, 1, 3]) == both  # from the subjects' pages
+    assert rows(False, [2]) == [both[0]]  # from the rollup page

@@ -1,8 +1,9 @@
 """Meter queries (OpenMeter's shape), planned and merged over stored window summaries."""
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
@@ -13,8 +14,9 @@ from kloudmeter_py.core.keys import ROLLUP, decode_token, encode_token
 from kloudmeter_py.core.models import Meter
 from kloudmeter_py.core.summaries import (
     PAGE_FORMAT,
-    cell_acc,
+    CountSum,
     decode_cells,
+    decode_count_sum,
     merge_cell,
     page_token,
 )
@@ -204,6 +206,12 @@ class PageMerge:
         self.filters = [(names.index(g), v) for g, v in q.filter_group_by.items()]
         self.rows: dict[RowKey, Acc] = {}
         self._tokens: dict[str, str | None] = {}
+        # Only what the aggregation's result reads is merged (a month by subject merges
+        # ~300,000 stored days at 10,000 subjects: merging every field took ~0.6 s).
+        self.merge: Callable[[Acc, Any], None] = _MERGES.get(meter.aggregation, merge_cell)
+        self.decode: Callable[[bytes], tuple[int, int, Mapping[int, Any]]] = (
+            decode_count_sum if meter.aggregation in _MERGES else decode_cells
+        )
 
     def _decode(self, token: str) -> str | None:
         value = self._tokens.get(token, "\0")
@@ -225,13 +233,14 @@ class PageMerge:
         values = [self._decode(t) for t in tokens[2:-1]]
         if any(values[i] != v for i, v in self.filters):
             return 0
-        fmt, start_seq, cells = decode_cells(data)
+        fmt, start_seq, cells = self.decode(data)
         if fmt != PAGE_FORMAT or start_seq != self.meter.startSeq:
             return 0
         row_subject = subject if self.split else None
         groups = tuple(values[i] for i in self.pick)
         feeds = self.feeds
         rows = self.rows
+        merge = self.merge
         added = 0
         for start, cell in cells.items():
             index = feeds.get((level, start))
@@ -240,9 +249,8 @@ class PageMerge:
             rk = (index, row_subject, groups)
             acc = rows.get(rk)
             if acc is None:
-                rows[rk] = cell_acc(cell, False)
-            else:
-                merge_cell(acc, cell)
+                acc = rows[rk] = Acc()
+            merge(acc, cell)
             added += 1
         return added
 
@@ -269,6 +277,23 @@ class PageMerge:
             by = dict(zip(names, groups, strict=True)) if names else {}
             out.append(QueryRow(value(acc), ws, we, subject, by))
         return out
+
+
+def _merge_count(acc: Acc, cell: CountSum) -> None:
+    acc.count += cell.count
+
+
+def _merge_sum(acc: Acc, cell: CountSum) -> None:
+    acc.count += cell.count
+    acc.sum += cell.sum
+
+
+_MERGES: dict[str, Callable[[Acc, CountSum], None]] = {
+    "count": _merge_count,
+    "duration": _merge_count,
+    "sum": _merge_sum,
+    "avg": _merge_sum,
+}
 
 
 def _first(kv: tuple[RowKey, Acc]) -> RowKey:

@@ -359,6 +359,24 @@ def open_windows(data: bytes) -> dict[int, Window]:
     return dict(_raw_page_decoder.decode(data).windows)
 
 
+class CountSum(msgspec.Struct, array_like=True):
+    """A stored window's count and sum only (the rest of its array is skipped)."""
+
+    count: int
+    sum: Number = 0
+
+
+class _CountSumPage(msgspec.Struct, array_like=True):
+    format: int
+    meterStartSeq: int
+    lastSeq: int
+    replayed: list[int] | None
+    windows: dict[int, CountSum]
+
+
+_count_sum_decoder = msgspec.json.Decoder(_CountSumPage)
+
+
 def decode_cells(data: bytes) -> tuple[int, int, dict[int, Cell]]:
     """(format, meterStartSeq, windows) of a stored page, for readers: format and
     generation are the caller's to check (a layout 1 window decodes with format 1 and no
@@ -366,6 +384,15 @@ def decode_cells(data: bytes) -> tuple[int, int, dict[int, Cell]]:
     if not data.startswith(b"[2,"):
         return (1, -1, {})
     page = _page_decoder.decode(data)
+    return page.format, page.meterStartSeq, page.windows
+
+
+def decode_count_sum(data: bytes) -> tuple[int, int, dict[int, CountSum]]:
+    """``decode_cells`` keeping each window's count and sum only: for the readers of
+    meters whose result is made of those (count, sum, avg)."""
+    if not data.startswith(b"[2,"):
+        return (1, -1, {})
+    page = _count_sum_decoder.decode(data)
     return page.format, page.meterStartSeq, page.windows
 
 

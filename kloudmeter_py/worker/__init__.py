@@ -26,6 +26,7 @@ from nats.js.kv import KeyValue
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.meters import CompiledMeter
 from kloudmeter_py.core.windows import widths
+from kloudmeter_py.store.kv import LeanLink
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterRegistry
 from kloudmeter_py.store.wire import Wire
@@ -102,21 +103,11 @@ class Worker:
         self._carried: tuple[int | None, set[str]] = (None, set())
         self.leases: Leases | None = None
         self._lease_task: asyncio.Task[None] | None = None
-        self._wire: Wire | None = None
-        self._wire_lock = asyncio.Lock()
+        self._lean = LeanLink(settings, name=f"kloudmeter-worker-{self.worker_id}")
 
     async def wire(self) -> Wire:
         """The hot-path connection (pulls and KV write batches), opened again after a failure."""
-        from kloudmeter_py.store.credentials import load as load_credentials
-
-        async with self._wire_lock:
-            if self._wire is None or self._wire.error is not None:
-                self._wire = await Wire.connect(
-                    self.settings.nats_url,
-                    name=f"kloudmeter-worker-{self.worker_id}",
-                    credentials=load_credentials(self.settings),
-                )
-            return self._wire
+        return await self._lean.wire()
 
     @property
     def owned(self) -> list[int]:
@@ -235,6 +226,5 @@ class Worker:
             # Give the partitions back at once, so another worker need not wait for expiry.
             await self.leases.give_back()
         await self.registry.stop()
-        if self._wire is not None:
-            await self._wire.close()
+        await self._lean.close()
         log.info("worker.stopped", worker=self.worker_id, **vars(self.stats))
