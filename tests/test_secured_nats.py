@@ -85,7 +85,8 @@ async def test_worker_and_gateway_apply_events_exactly(
                 assert total_count(await readings(http, meter="calls")) == 25
                 assert {r["subject"] for r in found} == {"c0", "c1", "c2"}
             # the lean connection is the one that pulled and wrote: it authenticated too
-            assert worker._wire is not None and worker._wire.error is None
+            wire = worker._lean._wire
+            assert wire is not None and wire.error is None
         finally:
             await worker.stop()
     finally:
