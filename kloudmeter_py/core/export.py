@@ -89,8 +89,23 @@ def csv_chunks(
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(columns(group_by))
     pending = 0
+    times: dict[datetime, str] = {}  # an export has few windows and many rows of each
     for row in rows:
-        writer.writerow(csv_record(row, group_by))
+        start = times.get(row.windowStart)
+        if start is None:
+            start = times[row.windowStart] = time_text(row.windowStart)
+        end = times.get(row.windowEnd)
+        if end is None:
+            end = times[row.windowEnd] = time_text(row.windowEnd)
+        writer.writerow(
+            [
+                cell(row.subject),
+                *(cell(row.groupBy.get(g)) for g in group_by),
+                start,
+                end,
+                cell(row.value),
+            ]
+        )
         pending += 1
         if pending == per_chunk:
             yield _drain(buffer)

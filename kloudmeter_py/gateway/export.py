@@ -14,6 +14,7 @@ from kloudmeter_py.gateway.keys import METERS
 from kloudmeter_py.gateway.query import METER_PATH, QUERY_PARAMS, QueryBody, _build, execute
 from kloudmeter_py.gateway.routes import CALLER, USER, Op, Param, Routes
 from kloudmeter_py.gateway.schemas import STR, ref
+from kloudmeter_py.store.query import collector_paused
 
 routes = Routes()
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -83,8 +84,9 @@ async def export_usage(request: web.Request) -> web.StreamResponse:
         resp.charset = "utf-8"  # text/csv is US-ASCII unless it says so
     await resp.prepare(request)
     chunks = json_chunks(head, rows) if fmt == "json" else csv_chunks(rows, q.group_by)
-    for chunk in chunks:
-        await resp.write(chunk)
+    with collector_paused():  # (as while the rows were built: see store.query)
+        for chunk in chunks:
+            await resp.write(chunk)
     await resp.write_eof()
     return resp
 

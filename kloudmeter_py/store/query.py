@@ -67,7 +67,7 @@ async def run_query(
         and not AGGREGATIONS[meter.aggregation].uses_distinct
         and (meter.id, meter.startSeq) not in await without_rollups(js, layout)
     )
-    with _collector_paused():
+    with collector_paused():
         merged = PageMerge(q, meter, feeds)
         reads = []
         for level, pages in level_pages(feeds, level_widths).items():
@@ -111,7 +111,7 @@ _paused = 0
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector paused while a read builds its rows (reads may
     overlap: it resumes when the last one ends). A read allocates an object or more per
     window and row, and each full collection walks all of them: on 293,000 rows (10,000
