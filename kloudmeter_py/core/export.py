@@ -70,12 +70,20 @@ def cell(value: object) -> str:
     return str(value)
 
 
-def csv_record(row: Row, group_by: Sequence[str]) -> list[str]:
+def csv_record(row: Row, group_by: Sequence[str], times: dict[datetime, str]) -> list[str]:
+    """A row's CSV cells; ``times`` holds the window times already written as text (an
+    export has few windows and many rows of each)."""
+    start = times.get(row.windowStart)
+    if start is None:
+        start = times[row.windowStart] = time_text(row.windowStart)
+    end = times.get(row.windowEnd)
+    if end is None:
+        end = times[row.windowEnd] = time_text(row.windowEnd)
     return [
         cell(row.subject),
         *(cell(row.groupBy.get(g)) for g in group_by),
-        cell(row.windowStart),
-        cell(row.windowEnd),
+        start,
+        end,
         cell(row.value),
     ]
 
@@ -89,23 +97,9 @@ def csv_chunks(
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(columns(group_by))
     pending = 0
-    times: dict[datetime, str] = {}  # an export has few windows and many rows of each
+    times: dict[datetime, str] = {}
     for row in rows:
-        start = times.get(row.windowStart)
-        if start is None:
-            start = times[row.windowStart] = time_text(row.windowStart)
-        end = times.get(row.windowEnd)
-        if end is None:
-            end = times[row.windowEnd] = time_text(row.windowEnd)
-        writer.writerow(
-            [
-                cell(row.subject),
-                *(cell(row.groupBy.get(g)) for g in group_by),
-                start,
-                end,
-                cell(row.value),
-            ]
-        )
+        writer.writerow(csv_record(row, group_by, times))
         pending += 1
         if pending == per_chunk:
             yield _drain(buffer)

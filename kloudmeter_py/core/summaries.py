@@ -271,9 +271,9 @@ def parse_page_token(token: str) -> int:
     return int(datetime.strptime(token, fmt).replace(tzinfo=UTC).timestamp())
 
 
-def cell_acc(cell: "Cell | WindowValue", intern: bool = True) -> Acc:
+def cell_acc(cell: "Cell | WindowValue") -> Acc:
     """A decoded window (of a page, or of layout 1) as a state to fold into (its distinct
-    values ``intern``-ed in the worker's shared table, or kept as they are for a read)."""
+    values held once each in the worker's shared table)."""
     acc = Acc()
     acc.count = cell.count
     acc.sum = cell.sum
@@ -285,7 +285,7 @@ def cell_acc(cell: "Cell | WindowValue", intern: bool = True) -> Acc:
     acc.first_at = cell.firstAt
     acc.last_at = cell.lastAt
     if cell.distinct is not None:
-        acc.distinct = set(shared(cell.distinct) if intern else cell.distinct)
+        acc.distinct = set(shared(cell.distinct))
     return acc
 
 

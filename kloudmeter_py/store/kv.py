@@ -31,26 +31,20 @@ def new_budget(timeout: float | None, what: str = "the read") -> ReadBudget:
 async def read(
     js: JetStreamContext,
     stream: str,
-    filter_subject: str | list[str],
+    filter_subject: str,
     *,
     last_per_subject: bool = False,
     after_seq: int = 0,
     limit: int | None = None,
     budget: ReadBudget | None = None,
 ) -> list[Msg]:
-    """Every stored message matching ``filter_subject`` (or any of a list of filters), or the
-    last one per subject, oldest first, through an ephemeral consumer filtered on the server.
-    [] if the stream is missing.
+    """Every stored message matching ``filter_subject`` (or the last one per subject), oldest
+    first, through an ephemeral consumer filtered on the server. [] if the stream is missing.
     With ``budget``, each batch fetched is a tick of it (a deadline stops the read)."""
     name = f"read-{uuid.uuid4().hex[:12]}"
-    filters = [filter_subject] if isinstance(filter_subject, str) else filter_subject
-    many = len(filters) > 1
     config = ConsumerConfig(
         name=name,
-        filter_subject=None
-        if many
-        else (filter_subject if isinstance(filter_subject, str) else filter_subject[0]),
-        filter_subjects=list(filter_subject) if many else None,
+        filter_subject=filter_subject,
         deliver_policy=DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else DeliverPolicy.ALL,
         ack_policy=AckPolicy.NONE,
         inactive_threshold=10.0,
@@ -97,14 +91,9 @@ async def read(
 
 
 async def scan(
-    js: JetStreamContext,
-    bucket: str,
-    pattern: str | list[str] = ">",
-    *,
-    budget: ReadBudget | None = None,
+    js: JetStreamContext, bucket: str, pattern: str = ">", *, budget: ReadBudget | None = None
 ) -> list[tuple[str, bytes]]:
-    """Latest value of every live key matching ``pattern`` (NATS wildcards; or any of a list
-    of them), in key order.
+    """Latest value of every live key matching ``pattern`` (NATS wildcards), in key order.
 
     The filter runs on the server, so the cost is the number of keys that match, not the size
     of the bucket (nats-py's ``keys(filters=)`` filters client-side). With ``budget``, each key
@@ -112,8 +101,7 @@ async def scan(
     """
     prefix = f"$KV.{bucket}."
     out: dict[str, bytes] = {}
-    filters = prefix + pattern if isinstance(pattern, str) else [prefix + p for p in pattern]
-    msgs = await read(js, f"KV_{bucket}", filters, last_per_subject=True, budget=budget)
+    msgs = await read(js, f"KV_{bucket}", prefix + pattern, last_per_subject=True, budget=budget)
     for msg in msgs:
         if budget is not None:
             await budget.tick()

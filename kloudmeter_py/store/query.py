@@ -148,8 +148,9 @@ async def _pages(
     (``named``) are one direct get when they are few: a consumer's set-up is the larger cost
     there, and grows with the keys the bucket holds (one subject, 30 days: 24 ms at 1,000
     subjects, 60 ms at 10,000). Otherwise through a consumer, on ``wire`` when given."""
-    if wire is None:
-        return await scan(js, bucket, filters, budget=budget)
+    if wire is None:  # (one consumer per filter, as scan_lean reads them)
+        parts = [await scan(js, bucket, f, budget=budget) for f in dict.fromkeys(filters)]
+        return [kv for part in parts for kv in part]
     if named and len(filters) <= DIRECT_FILTERS:
         prefix = f"$KV.{bucket}."
         try:
