@@ -348,3 +348,41 @@ def test_one_row_names_the_row_all_read_windows_feed(
     from kloudmeter_py.core.query import one_row
 
     assert one_row(indexes, ["a", "b", "c"][: len(indexes)]) == (index, picked)
+
+
+def _sorted_keys(keys: list[tuple[int, str | None, tuple[str | None, ...]]]) -> list[object]:
+    """Rows' keys ordered as a plain sort of them does, None as "" when it cannot."""
+    out = list(keys)
+    try:
+        out.sort()  # type: ignore[arg-type]
+    except TypeError:
+        out.sort(key=lambda k: (k[0], k[1] or "", tuple(g or "" for g in k[2])))
+    return out
+
+
+ROW_KEYS = [
+    ("by subject", True, [(1, "b", ()), (0, "b", ()), (1, "a", ()), (0, "c", ()), (0, "a", ())]),
+    ("by group", False, [(1, None, ("us",)), (0, None, ("eu",)), (0, None, ("us",))]),
+    (
+        "subject and groups",
+        True,
+        [(0, "b", ("x", "1")), (0, "a", ("y", "0")), (0, "a", ("x", "2")), (1, "a", ("x", "1"))],
+    ),
+    ("a None group", False, [(0, None, ("us",)), (0, None, (None,)), (1, None, ("eu",))]),
+    ("a None group, other rows", True, [(1, "b", (None,)), (0, "a", ("eu",)), (0, "b", ("us",))]),
+    ("a None subject", True, [(0, "b", ()), (0, None, ()), (0, "", ()), (1, None, ())]),
+    ("every subject None", True, [(1, None, ("b",)), (0, None, ("b",)), (0, None, ("a",))]),
+    ("one row", True, [(3, "a", ())]),
+    ("none", True, []),
+]
+
+
+@pytest.mark.parametrize(("name", "split", "keys"), ROW_KEYS, ids=[c[0] for c in ROW_KEYS])
+def test_rows_come_in_the_order_a_sort_of_their_keys_gives(
+    name: str, split: bool, keys: list[tuple[int, str | None, tuple[str | None, ...]]]
+) -> None:
+    """Window, then subject, then groups, sorted part by part: the order of one sort of the
+    keys, None as "" where a None meets a text."""
+    from kloudmeter_py.core.query import row_order
+
+    assert row_order(keys, split=split) == _sorted_keys(keys)

@@ -322,21 +322,42 @@ class PageMerge:
             budget = ReadBudget(None)
         value = AGGREGATIONS[self.meter.aggregation].result
         names = self.q.group_by
-        items = list(self.rows.items())
+        rows = self.rows
         self.rows = {}
-        try:  # (subject and group values compare as they are unless some are None)
-            items.sort(key=_KEY)
-        except TypeError:
-            items.sort(key=_comparable)
         out = []
         tick = budget.tick
-        for i, ((index, subject, groups), acc) in enumerate(items):
+        for i, key in enumerate(row_order(list(rows), split=self.split)):
             if not i & 255:
                 await tick()
+            index, subject, groups = key
             ws, we = windows[index]
             by = dict(zip(names, groups, strict=True)) if names else {}
-            out.append(QueryRow(value(acc), ws, we, subject, by))
+            out.append(QueryRow(value(rows[key]), ws, we, subject, by))
         return out
+
+
+def row_order(keys: list[RowKey], *, split: bool) -> list[RowKey]:
+    """Rows' keys in order (window, subject, groups), as sorting the keys orders them (or,
+    when a subject or group value is None among texts, with None taken for ""); ``split``:
+    the rows are split by subject (else every subject is None).
+
+    Sorted in stable passes of one part each, least significant first: each pass compares
+    values of one type (texts, integers) on the list sort's fast comparisons, where a sort
+    of the keys compares tuples (293,000 rows of a DAY by subject: 380 -> 90 ms)."""
+    out = list(keys)
+    try:
+        if out and out[0][2]:
+            out.sort(key=_GROUPS)
+        if split:
+            out.sort(key=_SUBJECT)
+        out.sort(key=_INDEX)
+    except TypeError:  # (a None among texts: compared as tuples, else None as "")
+        out = list(keys)
+        try:
+            out.sort()
+        except TypeError:
+            out.sort(key=_comparable)
+    return out
 
 
 def _merge_count(acc: Acc, cell: Count | CountSum) -> None:
@@ -412,11 +433,13 @@ def _no_total(acc: Acc, cells: Collection[Any]) -> None:
 _UNSEEN = "\0"
 
 
-_KEY = itemgetter(0)  # (a row's key: unique, so its Acc is never compared)
+_INDEX = itemgetter(0)
+_SUBJECT = itemgetter(1)
+_GROUPS = itemgetter(2)
 
 
-def _comparable(kv: tuple[RowKey, Acc]) -> tuple[int, str, tuple[str, ...]]:
-    index, subject, groups = kv[0]
+def _comparable(key: RowKey) -> tuple[int, str, tuple[str, ...]]:
+    index, subject, groups = key
     return index, subject or "", tuple(g or "" for g in groups)
 
 
