@@ -227,7 +227,7 @@ def _feeds_table() -> list[tuple[str, dict[tuple[str, int], int], int]]:
 
 
 @pytest.mark.parametrize("feeds_case", _feeds_table(), ids=lambda c: c[0])
-@pytest.mark.parametrize(("aggregation", "values"), CASES)
+@pytest.mark.parametrize(("aggregation", "values"), [*CASES, ("duration", [(1, None)] * 2)])
 def test_a_page_merges_into_the_rows_its_windows_feed(
     aggregation: str,
     values: list[tuple[float | int | None, str | None]],

@@ -6,6 +6,7 @@ Pure: the gateway runs the query (``store.query.run_query``) and streams what th
 
 import csv
 import io
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from itertools import islice
@@ -136,13 +137,26 @@ def csv_chunks(
     writer.writerow(columns(group_by))
     times: dict[datetime, str] = {}
     record = csv_record if group_by else _plain_record
+    commas = len(group_by) + 3
+    write = buffer.write
     left = iter(rows)
-    # Each chunk's lines written by one writerows (the csv module's loop, in C).
     while chunk := list(islice(left, per_chunk)):
-        writer.writerows([record(row, group_by, times) for row in chunk])
+        for row in chunk:
+            cells = record(row, group_by, times)
+            line = ",".join(cells)
+            # A line whose cells hold no comma, quote or line break is the cells as they
+            # are (what the csv writer makes of them, at a third of its cost); others are
+            # the writer's.
+            if line.count(",") == commas and not _SPECIAL.search(line):
+                write(line + "\r\n")
+            else:
+                writer.writerow(cells)
         if len(chunk) == per_chunk:
             yield _drain(buffer)
     yield _drain(buffer)
+
+
+_SPECIAL = re.compile('["\r\n\0]')
 
 
 def _drain(buffer: io.StringIO) -> bytes:

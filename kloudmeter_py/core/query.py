@@ -214,6 +214,11 @@ class PageMerge:
         self.pick = [names.index(g) for g in q.group_by]
         self.filters = [(names.index(g), v) for g, v in q.filter_group_by.items()]
         self.rows: dict[RowKey, Acc] = {}
+        # A count or duration meter's rows as integers, no Acc each (293,000 rows of a DAY
+        # by subject: ~0.2 s of Acc() alone).
+        self.counts: dict[RowKey, int] | None = (
+            {} if meter.aggregation in ("count", "duration") else None
+        )
         self._tokens: dict[str, str | None] = {}
         # Only what the aggregation's result reads is merged (a month by subject merges
         # ~300,000 stored days at 10,000 subjects: merging every field took ~0.6 s).
@@ -279,8 +284,10 @@ class PageMerge:
         if starts is None:
             return 0
         rk_subject = subject if self.split else None
-        rows = self.rows
         whole = self.whole_pages.get(level)
+        if self.counts is not None:
+            return self._add_counts(starts, whole, cells, (rk_subject, groups))
+        rows = self.rows
         if whole is not None and cells:
             # Most pages: every window feeds the output window the first one feeds.
             index = starts.get(next(iter(cells)))
@@ -314,25 +321,61 @@ class PageMerge:
             added += 1
         return added
 
+    def _add_counts(
+        self,
+        starts: dict[int, int],
+        whole: dict[int, set[int]] | None,
+        cells: Mapping[int, Any],
+        series: tuple[str | None, tuple[str | None, ...]],
+    ) -> int:
+        """``add`` for a meter whose result is the count: each row an integer."""
+        counts = self.counts
+        assert counts is not None
+        subject, groups = series
+        if whole is not None and cells:
+            index = starts.get(next(iter(cells)))
+            if index is not None and cells.keys() <= whole[index]:
+                rk = (index, subject, groups)
+                counts[rk] = counts.get(rk, 0) + sum(map(_COUNT, cells.values()))
+                return len(cells)
+        added = 0
+        for start, cell in cells.items():
+            index = starts.get(start)
+            if index is not None:
+                rk = (index, subject, groups)
+                counts[rk] = counts.get(rk, 0) + cell.count
+                added += 1
+        return added
+
     async def result(
         self, windows: list[tuple[datetime, datetime]], budget: ReadBudget | None = None
     ) -> list["QueryRow"]:
         """The rows in order (window, subject, groups), each a tick of ``budget``."""
         if budget is None:
             budget = ReadBudget(None)
-        value = AGGREGATIONS[self.meter.aggregation].result
         names = self.q.group_by
-        rows = self.rows
-        self.rows = {}
+        value: Callable[[RowKey], int | float | None]
+        if self.counts is not None:
+            counts, self.counts = self.counts, {}
+            keys = list(counts)
+            value = counts.__getitem__
+        else:
+            accs, self.rows = self.rows, {}
+            keys = list(accs)
+            result = AGGREGATIONS[self.meter.aggregation].result
+
+            def value(key: RowKey) -> int | float | None:
+                return result(accs[key])
+
         out = []
         tick = budget.tick
-        for i, key in enumerate(row_order(list(rows), split=self.split)):
+        for i, key in enumerate(row_order(keys, split=self.split)):
             if not i & 255:
                 await tick()
             index, subject, groups = key
             ws, we = windows[index]
             by = dict(zip(names, groups, strict=True)) if names else {}
-            out.append(QueryRow(value(rows[key]), ws, we, subject, by))
+            out.append(QueryRow(value(key), ws, we, subject, by))
         return out
 
 
