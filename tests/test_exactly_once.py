@@ -308,6 +308,9 @@ async def test_a_worker_reads_each_partition_from_its_own_checkpoint(
 
         # Done once partition 1's checkpoint is back at the end of the stream.
         await eventually(checkpoint_1, lambda seq: seq == last_seq)
+        # The round's count is added after its checkpoint is written: wait for it, then
+        # check that nothing beyond partition 1's events was read.
+        await eventually(lambda: asyncio.sleep(0, w2.stats.events), lambda n: n >= in_partition_1)
         assert w2.stats.events == in_partition_1
         assert w2.stats.writes == 0
         assert await actual(nc) == load.expected()
