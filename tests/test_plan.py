@@ -125,7 +125,7 @@ def test_spread_names_the_reading_and_each_kept_page_once() -> None:
 def test_apply_folds_each_part_into_its_window_of_the_page() -> None:
     """A page keeps one state per window; windows the level no longer keeps are dropped
     from it when it is written."""
-    from kloudmeter_py.core.plan import empty_state
+    from kloudmeter_py.core.plan import CLOSED, empty_state, open_page
 
     count = _meter("count")
     series: Series = {}
@@ -135,22 +135,47 @@ def test_apply_folds_each_part_into_its_window_of_the_page() -> None:
     items = exact_items([(r[1], r[2], r[3]) for r in rows], {"t": [count]}, LEVELS)
     page = (1, "count.s.2025-12-02T12")
     state = empty_state(1, 0, 0)
-    assert state.windows is not None
-    state.windows[NOW - 8000] = Acc()  # expired (ends more than 2 h ago)
+    open_page(state)[NOW - 8000] = Acc()  # expired (ends more than 2 h ago)
     assert apply(page, work[page], state, 10, lambda: items) == (True, [])
     assert {s: a.count for s, a in state.windows.items()} == {NOW: 1, NOW + 60: 2}
     month = (3, "count.s.2025-12")
     state = empty_state(3, 0, 0)
     state.last_seq = 2  # holds 1 and 2 already: 3 and 4 are folded one by one
-    assert state.windows is not None
-    state.windows[NOW - 43200] = Acc()
-    state.windows[NOW - 43200].count = 2
+    open_page(state)[NOW - 43200] = Acc()
+    open_page(state)[NOW - 43200].count = 2
     assert apply(month, work[month], state, 10, lambda: items) == (True, [])
+    assert state.windows is not None
     assert {s: a.count for s, a in state.windows.items()} == {
         NOW - 43200: 3,
         NOW - 43200 - 86400: 1,
     }
     assert state.last_seq == 4
+    # Empty and closed pages share one dict until they are opened: it stays empty.
+    assert CLOSED == {}
+    fresh = empty_state(3, 0, 0)
+    assert fresh.windows is CLOSED and fresh.acc is empty_state(2, 0, 0).acc
+    assert open_page(fresh) is not CLOSED
+
+
+def test_a_closed_page_opens_into_windows_of_its_own() -> None:
+    """Folding into a page closed after a write changes that page only."""
+    from kloudmeter_py.core.plan import CLOSED, close_page, empty_state, open_page
+    from kloudmeter_py.core.summaries import as_acc, encode_page
+
+    count = _meter("count")
+    series: Series = {}
+    fold_rows(series, [_row(1, NOW), _row(2, NOW + 60)], {"t": [count]}, 60)
+    work = spread(series, LEVELS, 60)
+    page = (1, "count.s.2025-12-02T12")
+    a, b = empty_state(1, 0, 0), empty_state(1, 0, 0)
+    assert apply(page, work[page], a, 10, dict) == (True, [])
+    assert a.windows is not None
+    close_page(a, encode_page(a.windows, a.last_seq, 0, None))
+    assert a.windows is CLOSED and a.raw is not None
+    windows = open_page(a)
+    assert {s: as_acc(w).count for s, w in windows.items()} == {NOW: 1, NOW + 60: 1}
+    assert a.raw is None and CLOSED == {}
+    assert open_page(b) == {}
 
 
 def _state(last_seq: int = 0, count: int = 0, replayed: list[int] | None = None) -> KeyState:

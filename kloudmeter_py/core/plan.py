@@ -109,18 +109,37 @@ class KeyState:
     raw: bytes | None = None
 
 
+# What every page state shares instead of objects of its own: its ``acc`` (a page folds
+# into its windows, never into it) and, while closed or empty, its ``windows``. Neither is
+# ever written to: ``open_page`` gives a page a dict of its own before anything is folded.
+# A cached page then costs ~180 bytes less (an Acc and an empty dict): on the wide bench
+# shape the cache holds ~150,000 pages.
+PAGE_ACC = Acc()
+CLOSED: dict[int, Window] = {}
+
+
 def open_page(state: KeyState) -> dict[int, Window]:
     """A page's windows to fold into, opened from its bytes if they are closed."""
     assert state.windows is not None
     if state.raw is not None:
         state.windows = open_windows(state.raw)
         state.raw = None
+    elif state.windows is CLOSED:
+        state.windows = {}
     return state.windows
+
+
+def close_page(state: KeyState, raw: bytes) -> None:
+    """Hold a page as its encoded bytes (written or about to be) until a round opens it."""
+    state.raw = raw
+    state.windows = CLOSED
 
 
 def empty_state(store: int, revision: int, meter_start_seq: int) -> KeyState:
     """The state of a key that holds nothing (yet) for this meter generation."""
-    return KeyState(Acc(), 0, revision, meter_start_seq, windows={} if store else None)
+    if store:
+        return KeyState(PAGE_ACC, 0, revision, meter_start_seq, windows=CLOSED)
+    return KeyState(Acc(), 0, revision, meter_start_seq)
 
 
 Series = dict[tuple[str, int], Part]  # (reading key, finest window) -> part

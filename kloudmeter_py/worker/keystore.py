@@ -21,7 +21,7 @@ from nats.js.kv import KeyValue
 from kloudmeter_py.core.aggregate import Acc
 from kloudmeter_py.core.meters import from_reading
 from kloudmeter_py.core.models import reading_decoder
-from kloudmeter_py.core.plan import KeyState, WKey, empty_state
+from kloudmeter_py.core.plan import CLOSED, PAGE_ACC, KeyState, WKey, empty_state
 from kloudmeter_py.core.summaries import page_head
 from kloudmeter_py.store.kv import get_with_revision
 from kloudmeter_py.store.wire import WireError
@@ -50,11 +50,12 @@ def state_size(state: KeyState) -> int:
     """Estimated bytes a cached key state takes, key and cache entry included.
 
     From tracemalloc, 100,000 states of the wide bench shape's keys: a reading with its Acc
-    and key ~400 bytes; a page ~450 and its bytes while closed, or per window ~280 as an Acc
-    and ~100 and its bytes while open but untouched. Distinct values are shared
+    and key ~400 bytes; a page ~290 and its bytes while closed (~465 while each page had an
+    Acc and a dict of its own: core.plan.PAGE_ACC, CLOSED), or per window ~280 as an Acc and
+    ~100 and its bytes while open but untouched. Distinct values are shared
     (core.aggregate.shared): a set of them ~200 bytes and ~40 a value.
     """
-    size = 450 + 8 * len(state.replayed or ())
+    size = (450 if state.windows is None else 290) + 8 * len(state.replayed or ())
     if state.raw is not None:
         return size + len(state.raw)
     windows = state.windows
@@ -146,12 +147,12 @@ class KeyStore:
             elif wkey[0]:
                 head = page_head(value)
                 cached = KeyState(
-                    Acc(),
+                    PAGE_ACC,
                     head.lastSeq,
                     revision,
                     head.meterStartSeq,
                     head.replayed,
-                    windows={},
+                    windows=CLOSED,
                     raw=value,
                 )
             else:

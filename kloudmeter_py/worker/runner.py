@@ -39,6 +39,7 @@ from kloudmeter_py.core.plan import (
     Series,
     WKey,
     apply,
+    close_page,
     empty_state,
     exact_items,
     fold_rows,
@@ -708,10 +709,10 @@ class Runner:
             if wkey[0]:
                 # A page is encoded at once and held as its bytes (windows closed).
                 assert cached.windows is not None
-                cached.raw = encode_page(
-                    cached.windows, cached.last_seq, meter.startSeq, cached.replayed
+                close_page(
+                    cached,
+                    encode_page(cached.windows, cached.last_seq, meter.startSeq, cached.replayed),
                 )
-                cached.windows = {}
             if self._defer and (wkey[0] or defer_readings):
                 # Written by _flush, with the checkpoint; its size counts towards the flush.
                 self._dirty[wkey] = (kw.meter, kw.subject, kw.groups)
