@@ -88,9 +88,6 @@ _T = TypeVar("_T")
 # parts (rounds of ~25,000 -> ~13,000 wide events) took a 500,000-event wide backlog's worker
 # from 533 to 492 MB at the same rate, with 7% more KV writes.
 _ROUND_PARTS = 40_000
-# Messages pulled ahead of the rounds: on the wide shape 50,000 of them (METER_BATCH_SIZE)
-# held ~13 MB more at the peak than 10,000 (479 vs 492 MB), at the same rate.
-_PULL_AHEAD = 10_000
 
 
 def _round_limit(
@@ -269,7 +266,7 @@ class Runner:
             self.layout.stream,
             self.consumer,
             self._pull_batch,
-            max_buffer=min(self.settings.batch_size, _PULL_AHEAD),
+            max_buffer=self.settings.batch_size,
         )
         await puller.start()
         self.log.debug("partition.consuming", start=checkpoint + 1)
