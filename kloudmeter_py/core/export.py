@@ -88,6 +88,17 @@ def cell(value: object) -> str:
     return str(value)
 
 
+def _window_texts(row: Row, times: dict[datetime, str]) -> tuple[str, str]:
+    """A row's window start and end as text, each written once per export (``times``)."""
+    start = times.get(row.windowStart)
+    if start is None:
+        start = times[row.windowStart] = time_text(row.windowStart)
+    end = times.get(row.windowEnd)
+    if end is None:
+        end = times[row.windowEnd] = time_text(row.windowEnd)
+    return start, end
+
+
 def _plain_record(
     row: Row, group_by: Sequence[str], times: dict[datetime, str]
 ) -> tuple[str, str, str, str]:
@@ -95,12 +106,7 @@ def _plain_record(
     them (an export's subject is text, its value mostly an integer)."""
     subject = row.subject
     value = row.value
-    start = times.get(row.windowStart)
-    if start is None:
-        start = times[row.windowStart] = time_text(row.windowStart)
-    end = times.get(row.windowEnd)
-    if end is None:
-        end = times[row.windowEnd] = time_text(row.windowEnd)
+    start, end = _window_texts(row, times)
     return (
         subject if type(subject) is str else cell(subject),
         start,
@@ -112,12 +118,7 @@ def _plain_record(
 def csv_record(row: Row, group_by: Sequence[str], times: dict[datetime, str]) -> list[str]:
     """A row's CSV cells; ``times`` holds the window times already written as text (an
     export has few windows and many rows of each)."""
-    start = times.get(row.windowStart)
-    if start is None:
-        start = times[row.windowStart] = time_text(row.windowStart)
-    end = times.get(row.windowEnd)
-    if end is None:
-        end = times[row.windowEnd] = time_text(row.windowEnd)
+    start, end = _window_texts(row, times)
     return [
         cell(row.subject),
         *(cell(row.groupBy.get(g)) for g in group_by),
