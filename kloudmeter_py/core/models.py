@@ -1,12 +1,13 @@
 """Strict msgspec models: parse at the edge, then trust the values."""
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
 from kloudmeter_py.core.aggregate import AGGREGATIONS
+from kloudmeter_py.core.corrections import CORRECTION_PREFIX
 from kloudmeter_py.core.paths import PathError, compile_path
 
 Name = Annotated[str, Meta(min_length=1, max_length=256)]
@@ -46,6 +47,16 @@ def check_event_time(time: datetime | None) -> None:
         raise ValueError("time must be within the years 0002 to 9998")
 
 
+class Correction(Struct, forbid_unknown_fields=True):
+    """What a correction event corrects (core.corrections): the original's id and, when the
+    publisher knows it, its stream sequence (else the worker finds it by id among the
+    events of the correction's own subject)."""
+
+    action: Literal["cancel", "amend"]
+    of: Name
+    seq: Annotated[int, Meta(ge=1)] | None = None
+
+
 class Event(Struct):
     """A KloudMeter usage event, as posted to /api/register-event or published to NATS."""
 
@@ -54,9 +65,15 @@ class Event(Struct):
     subject: Name
     time: AwareTime | None = None
     data: dict[str, Any] = {}
+    correction: Correction | None = None
 
     def __post_init__(self) -> None:
         check_event_time(self.time)
+        if (self.correction is not None) != self.id.startswith(CORRECTION_PREFIX):
+            raise ValueError(
+                f"id: an id starting with {CORRECTION_PREFIX!r} is a correction's, and a "
+                "correction's id must start with it"
+            )
 
 
 class CloudEvent(Struct):

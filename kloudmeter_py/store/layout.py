@@ -26,6 +26,8 @@ class Layout:
         self.templates_bucket = f"{prefix}templates"
         # Lifecycle state per resource (duration meters, the AMP usage summary).
         self.resources_bucket = f"{prefix}resources"
+        # Corrections applied per stored event (core.corrections.History), by stream seq.
+        self.corrections_bucket = f"{prefix}corrections"
         self.summary_buckets = {
             level: f"{prefix}summaries_{level}" for level in ("minute", "hour", "day")
         }

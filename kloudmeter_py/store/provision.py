@@ -69,6 +69,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
             ),
         )
     await ensure_resources_bucket(js, settings)
+    await ensure_corrections_bucket(js, settings)
     widths = {"minute": settings.interval, "hour": 3600, "day": 86400}
     for level, bucket in layout.summary_buckets.items():
         # A window is written while it is open (and by late events); it expires this long
@@ -127,6 +128,24 @@ async def ensure_resources_bucket(js: JetStreamContext, settings: Settings) -> K
             bucket=bucket,
             history=1,
             description="kloudmeter lifecycle state per resource (duration meters, usage)",
+            storage=StorageType.FILE,
+            replicas=settings.replicas,
+        ),
+    )
+    return await js.key_value(bucket)
+
+
+async def ensure_corrections_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
+    """The ``corrections`` bucket (core.corrections.History per corrected event, by stream
+    sequence), created when missing: an installation set up before corrections gets it when
+    a worker starts."""
+    bucket = Layout(settings).corrections_bucket
+    await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=bucket,
+            history=1,
+            description="kloudmeter corrections applied per stored event",
             storage=StorageType.FILE,
             replicas=settings.replicas,
         ),

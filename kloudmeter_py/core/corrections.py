@@ -1,0 +1,95 @@
+"""Corrections: cancel or amend an event by id, as decisions with no I/O.
+
+A correction is itself an event in the events stream, published to its original's NATS
+subject (so the same partition, in order after it) in KloudMeter's event form, with a
+``correction`` attribute naming the original::
+
+    {"id": "kloudmeter-correction#812.cancel", "eventType": "api-calls", "subject": "acme",
+     "correction": {"action": "cancel", "of": "evt-1", "seq": 812}}
+
+    {"id": "kloudmeter-correction#812.amend.5f0c…", "eventType": "api-calls",
+     "subject": "acme", "time": "…", "data": {"tokens": 12},
+     "correction": {"action": "amend", "of": "evt-1", "seq": 812}}
+
+An event's *versions* are the original and, after each correction in stream order, what
+that correction left: nothing (cancel) or the amendment's own time and data (amend). The
+worker folds a correction as the version it replaces taken out (an inverse fold) and, for an
+amendment, its new version put in, both at the correction's stream sequence, so a key's
+``last_seq`` makes it apply once like any event. Which version a correction replaces is the
+last correction of the same original before it in the stream (``replaced``), or the
+original: the worker keeps the corrections it has applied per original (``History``) in the
+``corrections`` bucket, so a replay after a crash finds the same answer.
+"""
+
+import hashlib
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+# The id (and JetStream Nats-Msg-Id) of every correction starts with this: CloudEvents are
+# stored under "<source>#<id>", so it is the id space of the CloudEvent source
+# "kloudmeter-correction", which ingest refuses from producers. A retried correction has the
+# same id and is dropped by the stream's duplicate window.
+CORRECTION_PREFIX = "kloudmeter-correction#"
+CORRECTION_SOURCE = CORRECTION_PREFIX[:-1]
+
+Action = Literal["cancel", "amend"]
+
+# Aggregations whose state a correction can take an event out of exactly (an inverse fold:
+# count and sum less the event's). The others (min, max, unique, latest) would need the
+# remaining events read again; their corrections are dead-lettered for those meters.
+INVERTIBLE = frozenset({"count", "sum", "avg"})
+
+
+def invertible(aggregation: str) -> bool:
+    """Whether corrections apply to a meter of this aggregation (its canonical name)."""
+    return aggregation in INVERTIBLE
+
+
+def reserved_id(event_id: str) -> bool:
+    """Whether an event id is in the corrections' id space (refused from producers)."""
+    return event_id.startswith(CORRECTION_PREFIX)
+
+
+def correction_id(
+    original_seq: int, action: Action, data: dict[str, Any] | None, time: datetime | None
+) -> str:
+    """The id of a correction: the same for the same correction of the same stored event, so
+    that a retry is a duplicate; an amendment's id also depends on its new time and data."""
+    base = f"{CORRECTION_PREFIX}{original_seq}.{action}"
+    if action == "cancel":
+        return base
+    digest = hashlib.sha256(
+        msgspec.json.encode([None if time is None else time.isoformat(), data], order="sorted")
+    ).hexdigest()[:24]
+    return f"{base}.{digest}"
+
+
+class History(msgspec.Struct, forbid_unknown_fields=True):
+    """The corrections applied to one stored event (key: its stream sequence), in stream
+    order: ``[correction seq, "cancel" | "amend"]`` each."""
+
+    of: str
+    applied: list[tuple[int, str]] = []
+
+
+history_decoder = msgspec.json.Decoder(History)
+
+
+def replaced(history: History | None, correction_seq: int) -> tuple[int, str] | None:
+    """The correction whose version the one at ``correction_seq`` replaces: the last one
+    before it, or None (the original). Later ones, applied before a crash, do not count."""
+    if history is None:
+        return None
+    before = [entry for entry in history.applied if entry[0] < correction_seq]
+    return max(before) if before else None
+
+
+def with_applied(history: History | None, of: str, correction_seq: int, action: str) -> History:
+    """The history with this correction in it (unchanged when it already is: a replay)."""
+    applied = list(history.applied) if history is not None else []
+    if all(entry[0] != correction_seq for entry in applied):
+        applied.append((correction_seq, action))
+        applied.sort()
+    return History(of=history.of if history is not None else of, applied=applied)
