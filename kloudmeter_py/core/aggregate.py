@@ -150,6 +150,15 @@ def fold(
         acc.latest_seq = seq
 
 
+def unfold(acc: Acc, number: Number | None) -> None:
+    """Take one event folded earlier back out of ``acc`` in place (a correction,
+    core.corrections): its count and its value's share of the sum. Only count, sum and avg
+    read nothing else; min, max, latest, distinct values and first/last times stay."""
+    acc.count -= 1
+    if number is not None:
+        acc.sum -= number
+
+
 def fold_many(
     acc: Acc,
     numbers: list[Number] | None,

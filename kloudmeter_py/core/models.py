@@ -91,6 +91,8 @@ class CloudEvent(Struct):
 
     def __post_init__(self) -> None:
         check_event_time(self.time)
+        if cloud_event_id(self.source, self.id).startswith(CORRECTION_PREFIX):
+            raise ValueError(f"source: {CORRECTION_PREFIX[:-1]!r} is reserved for corrections")
 
     def to_event(self) -> Event:
         return Event(

@@ -23,7 +23,16 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kloudmeter_py.core.aggregate import Acc, Number, ValueError_, fold, fold_many, merge_into
+from kloudmeter_py.core.aggregate import (
+    Acc,
+    Number,
+    ValueError_,
+    fold,
+    fold_many,
+    merge_into,
+    unfold,
+)
+from kloudmeter_py.core.corrections import invertible
 from kloudmeter_py.core.keys import rollup_key, subject_partition
 from kloudmeter_py.core.meters import CompiledMeter
 from kloudmeter_py.core.models import Event
@@ -35,8 +44,14 @@ WKey = tuple[int, str]
 Row = tuple[Any, int, int, Event]
 # (tag, stream seq, meter id, reason) of an event a meter cannot use
 Failure = tuple[Any, int, str, str]
-# (stream seq, event time ms, number, distinct key, too old for every summary level)
-Item = tuple[int, int, Number | None, str | None, bool]
+# (stream seq, event time ms, number, distinct key, too old for every summary level,
+# 1 to fold in or -1 to take out: a correction's replaced version)
+Item = tuple[int, int, Number | None, str | None, bool, int]
+# A correction as the worker resolved it (core.corrections): (tag, its stream seq, the
+# version it takes out as (event time ms, event, that version's stream seq) or None, the
+# version it puts in as (event time ms, event) or None).
+Version = tuple[int, Event, int]
+CorrectionRow = tuple[Any, int, Version | None, tuple[int, Event] | None]
 NO_LIMIT = 1 << 60
 
 
@@ -189,7 +204,7 @@ def fold_rows(
                         cm, subject, groups, Acc(), seq_list[0], bucket * interval
                     )
                 fold_many(part.acc, numbers, dkeys, at_list, seq_list)
-                part.last_seq = seq_list[-1]
+                part.last_seq = max(part.last_seq, seq_list[-1])
                 part.events += len(seq_list)
     return failures
 
@@ -216,6 +231,82 @@ def fold_each(
         part.last_seq = seq
         part.events += 1
     return failures
+
+
+def _not_invertible(cm: CompiledMeter) -> str:
+    return (
+        f"corrections do not apply to {cm.agg.name} meters (only count, sum and avg): "
+        "the meter keeps the event as first stored"
+    )
+
+
+def fold_corrections(
+    series: Series,
+    rows: Iterable[CorrectionRow],
+    by_type: Mapping[str, Sequence[CompiledMeter]],
+    interval: int,
+) -> list[Failure]:
+    """Fold corrections into ``series``, after the round's events: the version each takes
+    out folded inversely (core.aggregate.unfold) into the series and window it was in, the
+    version it puts in folded like an event, both at the correction's stream seq (a part's
+    first and last seq then span it).
+
+    For a meter, a version counts when its own seq is after the meter's start and the
+    correction is too; what the taken-out version's values cannot be read from (its event
+    failed for this meter) was never folded and is skipped; an amendment a meter cannot use
+    fails like an event. A meter whose aggregation a correction cannot be taken out of
+    (``core.corrections.invertible``) fails the correction instead.
+    """
+    failures: list[Failure] = []
+    for tag, seq, removed, added in rows:
+        some = removed or added
+        if some is None:
+            continue  # a cancel of a cancelled event: nothing to take out
+        for cm in by_type.get(some[1].eventType, ()):
+            if seq <= cm.meter.startSeq:
+                continue
+            if not invertible(cm.agg.name):
+                failures.append((tag, seq, cm.meter.id, _not_invertible(cm)))
+                continue
+            if removed is not None and removed[2] > cm.meter.startSeq:
+                at_ms, event, _ = removed
+                try:
+                    key, groups, number, _dkey = cm.extract(event.subject, event.data)
+                except ValueError_:
+                    pass  # it failed for this meter when it was folded
+                else:
+                    part = _part(series, cm, event.subject, groups, key, at_ms, seq, interval)
+                    unfold(part.acc, number)
+            if added is not None:
+                at_ms, event = added
+                try:
+                    key, groups, number, dkey = cm.extract(event.subject, event.data)
+                except ValueError_ as exc:
+                    failures.append((tag, seq, cm.meter.id, str(exc)))
+                    continue
+                part = _part(series, cm, event.subject, groups, key, at_ms, seq, interval)
+                fold(part.acc, number, dkey, at_ms, seq, NO_LIMIT)
+                part.events += 1
+    return failures
+
+
+def _part(
+    series: Series,
+    cm: CompiledMeter,
+    subject: str,
+    groups: tuple[str | None, ...],
+    key: str,
+    at_ms: int,
+    seq: int,
+    interval: int,
+) -> Part:
+    bucket = at_ms // (interval * 1000)
+    part = series.get((key, bucket))
+    if part is None:
+        part = series[(key, bucket)] = Part(cm, subject, groups, Acc(), seq, bucket * interval)
+    part.first_seq = min(part.first_seq, seq)
+    part.last_seq = max(part.last_seq, seq)
+    return part
 
 
 def rolled(cm: CompiledMeter) -> bool:
@@ -284,33 +375,56 @@ def exact_items(
     by_type: Mapping[str, Sequence[CompiledMeter]],
     levels: Levels,
     partitions: int = 0,
+    corrections: Iterable[CorrectionRow] = (),
 ) -> dict[WKey, list[Item]]:
     """Every key's events one by one (rows of stream seq, event time ms, event), in order:
     for the keys whose stored state already holds part of the round (rollup pages too, with
-    ``partitions``, as in ``spread``)."""
+    ``partitions``, as in ``spread``). Corrections (``fold_corrections``) come as items of
+    their own seq; correction events among ``rows`` are left to them."""
     items: dict[WKey, list[Item]] = {}
-    for seq, at_ms, event in rows:
+
+    def add(seq: int, at_ms: int, event: Event, cm: CompiledMeter, sign: int) -> None:
         windows = kept_windows(at_ms // 1000, levels)
-        late = not windows
+        try:
+            key, groups, number, dkey = cm.extract(event.subject, event.data)
+        except ValueError_:
+            return  # failed when the round was folded
+        # A version taken out leaves the reading's count of late events as it was.
+        item = (seq, at_ms, number, dkey, sign > 0 and not windows, sign)
+        items.setdefault((0, key), []).append(item)
+        rkey = (
+            rollup_key(cm.meter.id, subject_partition(event.subject, partitions), groups)
+            if partitions and windows and rolled(cm)
+            else None
+        )
+        for store, start, width in windows:
+            token = page_token(width, start)
+            items.setdefault((store, f"{key}.{token}"), []).append(item)
+            if rkey is not None:
+                items.setdefault((store, f"{rkey}.{token}"), []).append(item)
+
+    for seq, at_ms, event in rows:
+        if event.correction is not None:
+            continue
         for cm in by_type.get(event.eventType, ()):
-            if seq <= cm.meter.startSeq:
+            if seq > cm.meter.startSeq:
+                add(seq, at_ms, event, cm, 1)
+    corrected = False
+    for _, seq, removed, added in corrections:
+        some = removed or added
+        if some is None:
+            continue
+        for cm in by_type.get(some[1].eventType, ()):
+            if seq <= cm.meter.startSeq or not invertible(cm.agg.name):
                 continue
-            try:
-                key, groups, number, dkey = cm.extract(event.subject, event.data)
-            except ValueError_:
-                continue  # failed when the round was folded
-            item = (seq, at_ms, number, dkey, late)
-            items.setdefault((0, key), []).append(item)
-            rkey = (
-                rollup_key(cm.meter.id, subject_partition(event.subject, partitions), groups)
-                if partitions and windows and rolled(cm)
-                else None
-            )
-            for store, start, width in windows:
-                token = page_token(width, start)
-                items.setdefault((store, f"{key}.{token}"), []).append(item)
-                if rkey is not None:
-                    items.setdefault((store, f"{rkey}.{token}"), []).append(item)
+            corrected = True
+            if removed is not None and removed[2] > cm.meter.startSeq:
+                add(seq, removed[0], removed[1], cm, -1)
+            if added is not None:
+                add(seq, added[0], added[1], cm, 1)
+    if corrected:
+        for key_items in items.values():
+            key_items.sort(key=lambda item: item[0])  # stable: a correction's two in order
     return items
 
 
@@ -361,19 +475,22 @@ def apply(
     changed = False
     failures: list[tuple[int, str, str]] = []
     # (.get: a meter deleted during the round has no items left to fold)
-    for seq, at_ms, number, dkey, late in items().get(wkey, ()):
+    for seq, at_ms, number, dkey, late, sign in items().get(wkey, ()):
         if seq <= state.last_seq or (replayed and seq in replayed):
             continue
         try:
             # The unique limit is the reading's: a window never holds more distinct values
             # than the reading of the same series.
             if windows is None:
-                fold(state.acc, number, dkey, at_ms, seq, unique_limit)
+                target = state.acc
             else:
                 seconds = at_ms // 1000
-                fold(
-                    _window(windows, seconds - seconds % width), number, dkey, at_ms, seq, NO_LIMIT
-                )
+                target = _window(windows, seconds - seconds % width)
+            limit = unique_limit if windows is None else NO_LIMIT
+            if sign < 0:
+                unfold(target, number)
+            else:
+                fold(target, number, dkey, at_ms, seq, limit)
             changed = True
             if late and is_reading:
                 state.late += 1

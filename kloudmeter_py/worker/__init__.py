@@ -29,7 +29,9 @@ from kloudmeter_py.core.windows import widths
 from kloudmeter_py.store.kv import LeanLink
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterRegistry
+from kloudmeter_py.store.provision import ensure_corrections_bucket
 from kloudmeter_py.store.wire import Wire
+from kloudmeter_py.worker.corrections import Corrector
 from kloudmeter_py.worker.leases import Leases
 
 if TYPE_CHECKING:
@@ -128,6 +130,9 @@ class Worker:
         self.dedup: KeyValue | None = None
         if self.settings.dedup_horizon:
             self.dedup = await self.js.key_value(self.layout.dedup_bucket)
+        self.corrector = Corrector(
+            self.js, self.layout.stream, await ensure_corrections_bucket(self.js, self.settings)
+        )
         await self.registry.start()
         self.registry.on_meter_added.append(self._meter_added)
         from kloudmeter_py.worker.lifecycle import LifecycleFolder

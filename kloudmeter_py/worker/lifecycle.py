@@ -386,6 +386,10 @@ def _row(msg: Msg) -> _Row | None:
         event = event_decoder.decode(msg.data)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
         return None
+    if event.correction is not None:
+        # Corrections do not apply to lifecycle (duration) meters yet: the main worker
+        # dead-letters them for those meters (core.corrections.INVERTIBLE).
+        return None
     tokens = msg.subject.rsplit(".", 2)
     if len(tokens) != 3 or tokens[1:] != [
         encode_token(event.eventType),

@@ -33,6 +33,8 @@ from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.meters import CompiledMeter, to_reading
 from kloudmeter_py.core.models import Event, encoder, event_decoder
 from kloudmeter_py.core.plan import (
+    CorrectionRow,
+    Failure,
     Item,
     KeyState,
     KeyWork,
@@ -42,6 +44,7 @@ from kloudmeter_py.core.plan import (
     close_page,
     empty_state,
     exact_items,
+    fold_corrections,
     fold_rows,
     spread,
 )
@@ -50,6 +53,7 @@ from kloudmeter_py.store.kv import get_with_revision
 from kloudmeter_py.store.pull import RawPuller, ack_fields
 from kloudmeter_py.store.wire import WireMsg
 from kloudmeter_py.worker.checkpoint import Checkpoint
+from kloudmeter_py.worker.corrections import Pending
 from kloudmeter_py.worker.keystore import CHUNK, KeyStore
 
 if TYPE_CHECKING:
@@ -148,6 +152,10 @@ class _Round:
         self.work: dict[WKey, KeyWork] = {}
         self.items: dict[WKey, list[Item]] | None = None
         self._by_seq: dict[int, WireMsg] | None = None
+        # Correction events, set aside until the round's other events are folded, then
+        # resolved (worker.corrections) into what each takes out and puts in.
+        self.corrections: list[Pending] = []
+        self.correction_rows: list[CorrectionRow] = []
 
     def release(self) -> None:
         """Drop what only the round's write needed (its messages, keys and parts)."""
@@ -155,6 +163,8 @@ class _Round:
         self.work = {}
         self.items = None
         self._by_seq = None
+        self.corrections = []
+        self.correction_rows = []
 
     def by_seq(self) -> dict[int, WireMsg]:
         if self._by_seq is None:
@@ -395,6 +405,9 @@ class Runner:
         for msg, seq, stored_ms in rows:
             event = decode(msg, seq, dead)
             if event is not None:
+                if event.correction is not None:
+                    rnd.corrections.append((msg, seq, event, stored_ms))
+                    continue
                 decoded.append((msg, seq, _event_ms(event, stored_ms), event))
         if decoded:
             self._fold(rnd, decoded)
@@ -420,7 +433,14 @@ class Runner:
                 kept = await self._dedup(decoded)
                 if len(kept) < len(decoded):
                     rnd.dropped.update({row[1] for row in decoded} - {row[1] for row in kept})
-                self._fold(rnd, kept)
+                rnd.corrections = [
+                    (msg, seq, event, stored_ms)
+                    for msg, seq, stored_ms, event in kept
+                    if event.correction is not None
+                ]
+                self._fold(rnd, [row for row in kept if row[3].correction is None])
+        if rnd.corrections:
+            await self._fold_corrections(rnd)
         rnd.by_subject = {}
         self.cp.folded = rnd.last
         if self.cp.restart_from is not None:
@@ -612,11 +632,30 @@ class Runner:
     def _fold(self, rnd: _Round, rows: list[_Row]) -> None:
         """Fold events into the round (core.plan.fold_rows); an event a meter cannot use is
         dead-lettered, unless it was read before and is only replayed for another meter."""
-        failures = fold_rows(rnd.series, rows, self.w.registry.by_type, self.settings.interval)
+        self._failed(
+            rnd, fold_rows(rnd.series, rows, self.w.registry.by_type, self.settings.interval)
+        )
+
+    def _failed(self, rnd: _Round, failures: list[Failure]) -> None:
         dead = rnd.dead
         for msg, seq, meter_id, reason in failures:
             if meter_id in self.cp.replay_meters or not self.cp.replaying(msg.subject, seq):
                 dead[(seq, meter_id)] = (msg, meter_id, reason)
+
+    async def _fold_corrections(self, rnd: _Round) -> None:
+        """Resolve the round's corrections (worker.corrections) and fold them after its
+        other events (core.plan.fold_corrections); one that names no usable original is
+        dead-lettered as a whole."""
+        subjects = {seq: msg.subject for msg, seq, _, _ in rnd.corrections}
+        rows, unresolved = await self.w.corrector.resolve(rnd.corrections, subjects)
+        for msg, seq, reason in unresolved:
+            if not self.cp.replaying(msg.subject, seq):
+                rnd.dead[(seq, "")] = (msg, None, reason)
+        rnd.correction_rows = rows
+        self._failed(
+            rnd,
+            fold_corrections(rnd.series, rows, self.w.registry.by_type, self.settings.interval),
+        )
 
     def _spread(self, rnd: _Round) -> None:
         """The keys the round changes (core.plan.spread); the parts stay only in them."""
@@ -638,7 +677,11 @@ class Runner:
                         yield seq, _event_ms(event, stored_ms), event
 
             rnd.items = exact_items(
-                decoded(), self.w.registry.by_type, rnd.levels, self.settings.partitions
+                decoded(),
+                self.w.registry.by_type,
+                rnd.levels,
+                self.settings.partitions,
+                rnd.correction_rows,
             )
         return rnd.items
 
