@@ -100,7 +100,8 @@ def test_the_correction_id_space_is_only_for_corrections(body: bytes) -> None:
 
 # --- folding corrections, against the events corrected by hand --------------------------
 
-Op = tuple[Any, ...]  # ("event", seq, at, data) | ("cancel", seq, of) | ("amend", seq, of, at, data)
+# ("event", seq, at, data) | ("cancel", seq, of) | ("amend", seq, of, at, data)
+Op = tuple[Any, ...]
 
 
 def _event(seq: int, data: dict[str, Any], subject: str = "s") -> Event:

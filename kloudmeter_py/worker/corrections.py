@@ -142,7 +142,7 @@ class Corrector:
         if len(originals) > 1:
             raise Unresolved("several events have this id: name the one meant by its stream seq")
         one = originals[0]
-        return one.seq, (one.event, one.subject, _ms(one.stored_at))
+        return one.seq, (one.event, one.subject, _ms(one.time))
 
     async def _history(self, original_seq: int) -> tuple[History | None, int]:
         try:

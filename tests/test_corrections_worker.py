@@ -1,0 +1,197 @@
+"""Corrections applied by the worker, exactly once, through shuffled orders, repeats and
+worker SIGKILLs: readings and day summaries equal the events corrected by hand."""
+
+import asyncio
+import random
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client
+
+from kloudmeter_py.config import Settings
+from kloudmeter_py.core.corrections import correction_id
+from kloudmeter_py.core.keys import event_subject
+from kloudmeter_py.core.models import Meter, encoder, meter_in_decoder, validate_meter
+from tests.conftest import eventually
+from tests.load import WorkerProcess, actual, day_totals
+
+METERS: list[dict[str, Any]] = [
+    {"id": "calls", "eventType": "req", "aggregation": "count"},
+    {
+        "id": "bytes",
+        "eventType": "req",
+        "aggregation": "sum",
+        "valueProperty": "$.v",
+        "groupBy": {"region": "$.region"},
+    },
+    {"id": "mean", "eventType": "req", "aggregation": "avg", "valueProperty": "$.v"},
+    {"id": "top", "eventType": "req", "aggregation": "max", "valueProperty": "$.v"},
+]
+BASE = 1_795_341_600  # 2026-11-22T10:00:00Z
+
+
+def _time(rng: random.Random) -> str:
+    at = BASE - rng.randrange(3 * 86400)
+    return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Corrected:
+    """Events and corrections in one shuffled stream order, and the totals by hand."""
+
+    def __init__(self, n: int, corrections: int, seed: int) -> None:
+        rng = random.Random(seed)
+        self.rng = rng
+        self.events = [
+            {
+                "id": f"ev-{i}",
+                "eventType": "req",
+                "subject": f"c{rng.randrange(12)}",
+                "time": _time(rng),
+                "data": {"v": rng.randint(1, 100), "region": rng.choice(["eu", "us"])},
+            }
+            for i in range(n)
+        ]
+        # A correction names an event published before it: its place in the stream is
+        # drawn after its original's (ops are (kind, payload)).
+        self.ops: list[tuple[str, Any]] = [("event", e) for e in self.events]
+        for _ in range(corrections):
+            i = rng.randrange(n)
+            j = next(
+                k for k, op in enumerate(self.ops) if op[0] == "event" and op[1] is self.events[i]
+            )
+            place = rng.randrange(j + 1, len(self.ops) + 1)
+            if rng.random() < 0.35:
+                op = ("cancel", {"of": i})
+            else:
+                data = {"v": rng.randint(1, 100), "region": rng.choice(["eu", "us"])}
+                op = ("amend", {"of": i, "data": data, "time": _time(rng)})
+            op[1]["by_seq"] = rng.random() < 0.5  # else the worker finds it by id
+            op[1]["repeat"] = rng.random() < 0.15  # published twice (a retry)
+            self.ops.insert(place, op)
+        self.seqs: dict[int, int] = {}  # event index -> stream seq
+
+    async def publish(self, nc: Client) -> None:
+        js = nc.jetstream(timeout=10)
+        for kind, payload in self.ops:
+            if kind == "event":
+                subject = event_subject("meters", "req", payload["subject"])
+                ack = await js.publish(
+                    subject, msgspec.json.encode(payload), headers={"Nats-Msg-Id": payload["id"]}
+                )
+                self.seqs[int(payload["id"].split("-")[1])] = ack.seq
+                continue
+            original = self.events[payload["of"]]
+            seq = self.seqs[payload["of"]]
+            when = datetime.fromisoformat(payload["time"]) if kind == "amend" else None
+            cid = correction_id(seq, kind, payload.get("data"), when)  # type: ignore[arg-type]
+            body: dict[str, Any] = {
+                "id": cid,
+                "eventType": "req",
+                "subject": original["subject"],
+                "correction": {"action": kind, "of": original["id"]},
+            }
+            if payload["by_seq"]:
+                body["correction"]["seq"] = seq
+            if kind == "amend":
+                body["data"] = payload["data"]
+                body["time"] = payload["time"]
+            subject = event_subject("meters", "req", original["subject"])
+            for attempt in range(2 if payload["repeat"] else 1):
+                # a retry within the duplicate window, then one after it (a new message id)
+                msg_id = cid if attempt == 0 else f"{cid}.again"
+                await js.publish(subject, encoder.encode(body), headers={"Nats-Msg-Id": msg_id})
+
+    def current(self) -> list[dict[str, Any]]:
+        """Every event as it counts after the corrections, in stream order."""
+        now: dict[int, dict[str, Any] | None] = {i: e for i, e in enumerate(self.events)}
+        for kind, payload in self.ops:
+            if kind == "cancel":
+                now[payload["of"]] = None
+            elif kind == "amend":
+                e = self.events[payload["of"]]
+                now[payload["of"]] = {**e, "data": payload["data"], "time": payload["time"]}
+        return [e for e in now.values() if e is not None]
+
+    def expected(self) -> dict[tuple[str, str, tuple[Any, ...]], Any]:
+        count: Counter[str] = Counter()
+        total: Counter[tuple[str, str]] = Counter()
+        values: dict[str, int] = Counter()
+        for e in self.current():
+            count[e["subject"]] += 1
+            total[(e["subject"], e["data"]["region"])] += e["data"]["v"]
+            values[e["subject"]] += e["data"]["v"]
+        out: dict[tuple[str, str, tuple[Any, ...]], Any] = {}
+        for s, c in count.items():
+            out[("calls", s, ())] = c
+            out[("mean", s, ())] = values[s] / c
+        for (s, r), v in total.items():
+            out[("bytes", s, (r,))] = v
+        return out
+
+
+def _comparable(readings: dict[tuple[str, str, tuple[Any, ...]], Any]) -> dict[Any, Any]:
+    """Readings of the corrected meters that count something (a fully cancelled series
+    reads 0 / no average)."""
+    return {k: v for k, v in readings.items() if k[0] != "top" and v}
+
+
+async def _meters(nc: Client) -> None:
+    kv = await nc.jetstream().key_value("meters")
+    for body in METERS:
+        meter: Meter = validate_meter(meter_in_decoder.decode(msgspec.json.encode(body)))
+        await kv.put(meter.id, encoder.encode(meter))
+
+
+async def test_corrections_apply_once_through_shuffles_repeats_and_worker_kills(
+    nc: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """1,500 events, 300 corrections (cancels, amendments moving time and group, several of
+    one event, some repeated), published while a worker is SIGKILLed 3 times: readings and
+    the day summaries equal the corrected events; the max meter dead-letters each correction
+    applied and keeps what it had."""
+    await _meters(nc)
+    load = Corrected(1500, 300, seed=18)
+    env = {"NATS_URL": settings.nats_url, "METER_PARTITIONS": "2", "METER_BATCH_SIZE": "200"}
+    publishing = asyncio.create_task(load.publish(nc))
+    worker = await WorkerProcess(env, tmp_path / "worker.log", "--partitions", "0,1").start()
+    try:
+        for _ in range(3):
+            await eventually(lambda: _positions(nc), lambda p: p > 0, timeout=60)
+            await asyncio.sleep(load.rng.uniform(0.1, 0.6))  # a random crash point
+            await worker.kill()
+            worker = await WorkerProcess(
+                env, tmp_path / "worker.log", "--partitions", "0,1"
+            ).start()
+        await publishing
+        expected = load.expected()
+        got = await eventually(
+            lambda: actual(nc), lambda r: _comparable(r) == expected, timeout=120
+        )
+        assert _comparable(got) == expected
+        days = await eventually(
+            lambda: day_totals(nc),
+            lambda r: (
+                {k: v for k, v in r.items() if k[0] in ("calls", "bytes") and v}
+                == {k: v for k, v in expected.items() if k[0] in ("calls", "bytes")}
+            ),
+            timeout=60,
+        )
+        assert {k: v for k, v in days.items() if k[0] in ("calls", "bytes") and v} == {
+            k: v for k, v in expected.items() if k[0] in ("calls", "bytes")
+        }
+    finally:
+        await worker.stop()
+
+
+async def _positions(nc: Client) -> int:
+    offsets = await nc.jetstream().key_value("offsets")
+    total = 0
+    for p in range(2):
+        try:
+            total += msgspec.json.decode((await offsets.get(f"partition.{p}")).value)["seq"]
+        except Exception:
+            pass
+    return total
