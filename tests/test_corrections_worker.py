@@ -195,3 +195,42 @@ async def _positions(nc: Client) -> int:
         except Exception:
             pass
     return total
+
+
+async def test_an_amendment_repairs_a_dead_lettered_event(
+    http: Any, worker: Any, nc: Client
+) -> None:
+    """An event whose value a sum meter cannot read is dead-lettered; amended, it counts for
+    the meter once; its letter is listed as corrected and a replay deletes it as obsolete
+    (the original is not folded in beside its amendment)."""
+    from tests.helpers import create_meter, publish_event, readings, total_count
+
+    await create_meter(http, id="bytes", eventType="t", aggregation="sum", valueProperty="$.b")
+    await publish_event(nc, id="x", eventType="t", subject="s", data={"b": "lots"})
+    await publish_event(nc, id="y", eventType="t", subject="s", data={"b": 10})
+    await eventually(lambda: readings(http, meter="bytes"), lambda rs: total_count(rs) == 1)
+
+    async def letters() -> list[dict[str, Any]]:
+        resp = await http.get("/api/dead-letters/list")
+        out: list[dict[str, Any]] = await resp.json()
+        return out
+
+    dead = await eventually(letters, lambda d: len(d) == 1)
+    original_seq = dead[0]["eventSeq"]
+    await publish_event(
+        nc,
+        id=correction_id(original_seq, "amend", {"b": 5}, None),
+        eventType="t",
+        subject="s",
+        data={"b": 5},
+        correction={"action": "amend", "of": "x", "seq": original_seq},
+    )
+    rs = await eventually(lambda: readings(http, meter="bytes"), lambda rs: total_count(rs) == 2)
+    assert rs[0]["value"] == 15
+    dead = await eventually(letters, lambda d: bool(d and d[0]["correctedBy"]))
+    assert len(dead) == 1 and dead[0]["correctedBy"] == [original_seq + 2]
+    resp = await http.post("/api/dead-letters/replay")
+    report = await resp.json()
+    assert report["obsolete"] == 1 and report["replayed"] == 0
+    assert await letters() == []
+    assert (await readings(http, meter="bytes"))[0]["value"] == 15

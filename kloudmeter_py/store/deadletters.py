@@ -5,6 +5,11 @@ folds the event into that meter's reading and records the sequence in the readin
 ``replayed`` list in the same compare-and-set write, so a replay repeated after a crash (or an
 event that the worker later reads again) is never counted twice. The dead letter is deleted
 only after that write is stored.
+
+A letter whose event was corrected since (cancelled or amended: core.corrections) is resolved:
+the correction took the event's place, an amendment folded in like any event. It is listed
+with ``correctedBy`` (the corrections' stream sequences) and a replay deletes it as obsolete
+instead of folding the original in beside its amendment.
 """
 
 from datetime import UTC, datetime
@@ -13,9 +18,10 @@ from typing import Any
 import msgspec
 import structlog
 from nats.js import JetStreamContext
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 
 from kloudmeter_py.core.aggregate import Acc, ValueError_, fold
+from kloudmeter_py.core.corrections import history_decoder
 from kloudmeter_py.core.keys import decode_token, encode_token
 from kloudmeter_py.core.meters import CompiledMeter, from_reading, to_reading
 from kloudmeter_py.core.models import Meter, encoder, event_decoder, reading_decoder
@@ -34,6 +40,8 @@ class DeadLetter(msgspec.Struct, kw_only=True):
     reason: str
     storedAt: str
     event: Any = None  # the original payload, when it is JSON
+    # the corrections applied to the event since (resolved: see the module docstring)
+    correctedBy: list[int] | None = None
 
 
 class ReplayReport(msgspec.Struct, kw_only=True):
@@ -57,10 +65,27 @@ async def counts(js: JetStreamContext, layout: Layout) -> dict[str, Any]:
 async def iterate(
     js: JetStreamContext, layout: Layout, meter: str | None = None, limit: int | None = None
 ) -> list[DeadLetter]:
-    """Dead letters, oldest first (all, or those of one meter)."""
+    """Dead letters, oldest first (all, or those of one meter), each with the corrections
+    of its event (one history read a letter)."""
     token = encode_token(meter) if meter is not None else ">"
     msgs = await read(js, layout.errors_stream, layout.error_subject(token), limit=limit)
-    return [_letter(m.metadata.sequence.stream, m.headers, m.data) for m in msgs]
+    letters = [_letter(m.metadata.sequence.stream, m.headers, m.data) for m in msgs]
+    if letters:
+        try:
+            history = await js.key_value(layout.corrections_bucket)
+        except BucketNotFoundError:
+            return letters  # set up before corrections, and no worker has started since
+        for letter in letters:
+            letter.correctedBy = await corrected_by(history, letter.eventSeq)
+    return letters
+
+
+async def corrected_by(history: Any, event_seq: int) -> list[int] | None:
+    """The stream sequences of the corrections applied to the event at ``event_seq``."""
+    value, _ = await get_with_revision(history, str(event_seq))
+    if value is None:
+        return None
+    return [seq for seq, _ in history_decoder.decode(value).applied] or None
 
 
 def _letter(seq: int, headers: dict[str, str] | None, data: bytes) -> DeadLetter:
@@ -90,7 +115,8 @@ async def replay(
     """Fold replayable dead letters into their readings, once each; delete the ones applied.
 
     Letters of a meter that was deleted, or created again / backfilled after the event, are
-    obsolete (the backfill covers them) and are deleted too. Letters whose event still fails
+    obsolete (the backfill covers them) and are deleted too; so are letters of events
+    corrected since. Letters whose event still fails
     stay, with the reason in the report; so do letters of unusable events (``_event``): fix the
     producer and publish them again with a new id.
     """
@@ -103,7 +129,7 @@ async def replay(
             report.stillFailing.append({"seq": letter.seq, "reason": letter.reason})
             continue
         meter = meters.get(letter.meter)
-        if meter is None or letter.eventSeq <= meter.startSeq:
+        if meter is None or letter.eventSeq <= meter.startSeq or letter.correctedBy:
             report.obsolete += 1
             await js.delete_msg(layout.errors_stream, letter.seq)
             continue
