@@ -89,8 +89,7 @@ def test_correction_ids_repeat_for_a_retry_and_differ_by_content() -> None:
     [
         b'{"id":"kloudmeter-correction#1.cancel","eventType":"t","subject":"s"}',
         b'{"id":"x","eventType":"t","subject":"s","correction":{"action":"cancel","of":"e"}}',
-        b'{"id":"1","source":"kloudmeter-correction","specversion":"1.0","type":"t",'
-        b'"subject":"s"}',
+        b'{"id":"1","source":"kloudmeter-correction","specversion":"1.0","type":"t","subject":"s"}',
     ],
 )
 def test_the_correction_id_space_is_only_for_corrections(body: bytes) -> None:
