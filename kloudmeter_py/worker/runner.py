@@ -256,7 +256,7 @@ class Runner:
             **self._filter(),
             ack_policy=AckPolicy.ALL,
             # Redelivery is never relied on: any out-of-order message restarts from checkpoint.
-            ack_wait=60.0,
+            ack_wait=120.0,
             max_deliver=-1,
             # Rounds are acknowledged when the summaries are flushed, several rounds at once.
             max_ack_pending=10 * self.settings.batch_size + 2 * self._pull_batch,
