@@ -25,7 +25,17 @@ from kloudmeter_py import __version__
 from kloudmeter_py.core.aggregate import AGGREGATIONS
 from kloudmeter_py.core.models import CloudEvent, Event, Meter, MeterIn, Reading, encoder
 from kloudmeter_py.core.rating import Price
-from kloudmeter_py.gateway import auth, kloudmeter, openmeter, perf, query, rating, templates, usage
+from kloudmeter_py.gateway import (
+    auth,
+    corrections,
+    kloudmeter,
+    openmeter,
+    perf,
+    query,
+    rating,
+    templates,
+    usage,
+)
 from kloudmeter_py.gateway.helpers import Error, Problem
 from kloudmeter_py.gateway.keys import OPENAPI_CACHE, SETTINGS
 from kloudmeter_py.gateway.routes import (
@@ -67,6 +77,10 @@ MODELS: list[type[msgspec.Struct]] = [
     Reading,
     kloudmeter.MeterBody,
     kloudmeter.Accepted,
+    corrections.CancelIn,
+    corrections.AmendIn,
+    corrections.CorrectionAccepted,
+    corrections.EventView,
     kloudmeter.Health,
     kloudmeter.DeadLetterCounts,
     DeadLetter,
@@ -116,6 +130,8 @@ def _model_schemas() -> dict[str, Schema]:
             {**t, "pattern": EVENT_YEAR} if t.get("type") == "string" else t for t in time["anyOf"]
         ]
     out["OpenMeterMeterIn"].update(meter_rules(lifecycle_fields=False))
+    out["AmendIn"]["anyOf"] = [{"required": ["data"]}, {"required": ["time"]}]
+    out["AmendIn"]["properties"]["time"]["pattern"] = EVENT_YEAR
     for name in ("MeterIn", "MeterBody", "OpenMeterMeterIn"):
         out[name]["properties"]["aggregation"]["description"] = (
             f"one of {names}, in any case; OpenMeter's names too (UNIQUE_COUNT, ...)"

@@ -1,0 +1,199 @@
+"""Stored events looked up by stream sequence or by id (corrections find their originals).
+
+The events stream is keyed by subject, not by id: an id is found by reading the stored events
+under a subject filter. :func:`find_events` does that with an ephemeral pull consumer and
+keeps only the messages whose bytes could hold the id (see ``_needles``), so a scan costs one
+delivery per message under the filter and a decode only for the few candidates.
+"""
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from kloudmeter_py.core.models import Event, cloud_event_decoder, event_decoder
+from kloudmeter_py.store.pull import ack_fields
+
+# Messages asked for per pull request, and how long a request may wait for them.
+_BATCH = 20_000
+_EXPIRES_S = 5.0
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored event: where and when the stream stored it, what it decodes to, its bytes.
+
+    ``source`` and ``cloud_id`` are the CloudEvent's ``source`` and ``id`` when the body is a
+    CloudEvent (its ``event.id`` is then ``"<source>#<id>"``), else None."""
+
+    seq: int
+    subject: str
+    time: datetime
+    event: Event
+    raw: bytes
+    source: str | None = None
+    cloud_id: str | None = None
+
+
+@dataclass
+class Found:
+    """What :func:`find_events` found, each in stream order: the events with the id asked for,
+    and the corrections of any of them (``correction.of`` is one of their ids)."""
+
+    events: list[Stored] = field(default_factory=list)
+    corrections: list[Stored] = field(default_factory=list)
+
+
+def decode_stored(seq: int, subject: str, time: datetime, raw: bytes) -> Stored | None:
+    """A stored message as a :class:`Stored`, or None when it is no event (undecodable)."""
+    try:
+        if b'"specversion"' in raw:
+            cloud = cloud_event_decoder.decode(raw)
+            return Stored(seq, subject, time, cloud.to_event(), raw, cloud.source, cloud.id)
+        return Stored(seq, subject, time, event_decoder.decode(raw), raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+async def stored_event(js: JetStreamContext, stream: str, seq: int) -> Stored | None:
+    """The event stored at ``seq``; None when there is no message there (any more) or it is
+    not an event."""
+    try:
+        msg = await js.get_msg(stream, seq=seq)
+    except NotFoundError:
+        return None
+    if msg.data is None or msg.subject is None:
+        return None
+    when = msg.time if msg.time is not None else datetime.fromtimestamp(0, UTC)
+    return decode_stored(seq, msg.subject, when.astimezone(UTC), msg.data)
+
+
+async def first_retained(js: JetStreamContext, stream: str) -> tuple[int, datetime | None] | None:
+    """None while the stream still holds every message it stored (its first sequence is 1);
+    else its first retained sequence and when that message was stored (None when the stream
+    holds no message at all)."""
+    state = (await js.stream_info(stream)).state
+    if state.first_seq <= 1:
+        return None
+    if state.messages == 0:
+        return state.first_seq, None
+    try:
+        msg = await js.get_msg(stream, seq=state.first_seq)
+    except NotFoundError:
+        return state.first_seq, None
+    return state.first_seq, None if msg.time is None else msg.time.astimezone(UTC)
+
+
+def _needles(event_id: str) -> tuple[bytes, ...]:
+    """Byte strings of which a message must hold one to be an event with this id, or a
+    correction of one: the id as JSON writes it (a KloudMeter event's id, a CloudEvent's id,
+    a correction's ``of``, which ends with the CloudEvent's id when it names one), and each
+    part after a ``#`` (the id part of ``"<source>#<id>"``). A message with a ``\\`` in it
+    may spell the id with other escapes: it is always decoded."""
+    parts = [event_id] + [event_id[i + 1 :] for i, c in enumerate(event_id) if c == "#"]
+    return tuple(msgspec.json.encode(p)[1:-1] for p in parts if p)
+
+
+def _matches(found: Stored, event_id: str) -> bool:
+    return found.event.id == event_id or found.cloud_id == event_id
+
+
+async def find_events(
+    js: JetStreamContext,
+    stream: str,
+    filter_subject: str,
+    event_id: str,
+    *,
+    before_seq: int | None = None,
+) -> Found:
+    """The stored events under ``filter_subject`` whose id is ``event_id`` (``Event.id``, or
+    a CloudEvent's own ``id`` from any source), and the corrections of those events, each in
+    stream order; only messages stored before ``before_seq`` when it is given. Undecodable
+    messages are skipped.
+
+    Cost: every message under the filter is delivered once (the filter narrows on the server:
+    ``<stream>.events.*.<type>.<subject>`` reads one subject's events, ``<stream>.events.>``
+    the whole stream), so the time grows linearly with the messages under the filter; only
+    the messages whose bytes hold the id are decoded. Measured on this machine (2 shared
+    cores, local nats-server, 100-byte events, whole-stream filter): 200,000 messages in
+    about 1.1 s, ~180,000 messages/s.
+    """
+    needles = _needles(event_id)
+    nc = js._nc
+    name = f"find-{uuid.uuid4().hex[:12]}"
+    config = ConsumerConfig(
+        name=name,
+        filter_subject=filter_subject,
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.ALL,
+        inactive_threshold=30.0,
+        mem_storage=True,
+        num_replicas=1,
+    )
+    info = await js.add_consumer(stream, config)
+    candidates: list[tuple[int, str, int, bytes]] = []
+    done = asyncio.Event()
+    # Each request's end: its batch delivered, nothing more pending, or a status (404 no
+    # messages, 408 expired) answering it.
+    state = {"left": 0, "pending": int(info.num_pending or 0)}
+
+    async def on_msg(msg: Msg) -> None:
+        if not msg.data and msg.headers and "Status" in msg.headers:
+            done.set()
+            return
+        seq, _, stored_ns, pending = ack_fields(msg.reply)
+        state["left"] -= 1
+        state["pending"] = pending
+        if before_seq is not None and seq >= before_seq:
+            state["pending"] = 0
+            done.set()
+            return
+        data = msg.data
+        if b"\\" in data or any(n in data for n in needles):
+            candidates.append((seq, msg.subject, stored_ns, data))
+        if pending == 0 or state["left"] <= 0:
+            done.set()
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_msg)
+    next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"
+    try:
+        while state["pending"] > 0:
+            batch = min(_BATCH, state["pending"])
+            state["left"] = batch
+            done.clear()
+            request = {"batch": batch, "expires": int(_EXPIRES_S * 1e9)}
+            await nc.publish(next_subject, msgspec.json.encode(request), reply=inbox)
+            await done.wait()
+            if state["left"] > 0 and state["pending"] > 0:
+                # Answered short (a status): ask the server what is left.
+                state["pending"] = int((await js.consumer_info(stream, name)).num_pending or 0)
+    finally:
+        await sub.unsubscribe()
+        try:
+            await js.delete_consumer(stream, name)
+        except NotFoundError:
+            pass
+    decoded = [
+        stored
+        for seq, subject, stored_ns, data in candidates
+        if (stored := decode_stored(seq, subject, _utc(stored_ns), data)) is not None
+    ]
+    found = Found(
+        events=[s for s in decoded if s.event.correction is None and _matches(s, event_id)]
+    )
+    ids = {s.event.id for s in found.events}
+    found.corrections = [
+        s for s in decoded if s.event.correction is not None and s.event.correction.of in ids
+    ]
+    return found
+
+
+def _utc(stored_ns: int) -> datetime:
+    return datetime.fromtimestamp(stored_ns / 1e9, UTC)
