@@ -34,7 +34,7 @@ from kloudmeter_py.core.models import (
     encoder,
 )
 from kloudmeter_py.errors import Conflict, InvalidInput, NotFound
-from kloudmeter_py.gateway.helpers import decode_body, json_response
+from kloudmeter_py.gateway.helpers import decode_body, json_response, read_budget
 from kloudmeter_py.gateway.keys import JS, LAYOUT
 from kloudmeter_py.gateway.routes import CALLER, USER, Op, Param, Routes, own_tenant
 from kloudmeter_py.gateway.schemas import ref
@@ -191,7 +191,7 @@ async def _find(request: web.Request) -> tuple[Stored, list[Stored]]:
         pattern = f"{layout.stream}.events.>"
     else:
         pattern = layout.stored_subject("*", encode_token(subject))
-    found = await find_events(js, layout.stream, pattern, event_id)
+    found = await find_events(js, layout.stream, pattern, event_id, budget=read_budget(request))
     events = [s for s in found.events if subject is None or s.event.subject == subject]
     if source is not None:
         events = [s for s in events if s.source == source]
