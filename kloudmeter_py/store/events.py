@@ -219,4 +219,7 @@ async def _wait(done: asyncio.Event, budget: ReadBudget) -> None:
 
 
 def _utc(stored_ns: int) -> datetime:
-    return datetime.fromtimestamp(stored_ns / 1e9, UTC)
+    """Epoch nanoseconds as a UTC datetime, truncated to microseconds as JetStream's message
+    get answers it (a float division would round some a microsecond up)."""
+    seconds, ns = divmod(stored_ns, 1_000_000_000)
+    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=ns // 1000)
