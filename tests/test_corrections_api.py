@@ -382,3 +382,27 @@ async def test_an_admin_narrows_the_scan_with_subject(secured_http: Http, nc: Cl
     assert (await _json(resp, 404))["field"] == "id"
     resp = await http.post("/api/events/a-1/cancel", params={"subject": "acme"}, headers=admin)
     assert (await _json(resp, 202))["of"]["subject"] == "acme"
+
+
+async def test_an_id_stored_twice_is_a_conflict_naming_how_to_pick(http: Http, nc: Client) -> None:
+    """Events that share an id (published without a Nats-Msg-Id, so not deduplicated): 409
+    naming the subjects (?subject= picks one), or the stream sequences within one subject."""
+    js = nc.jetstream()
+    for subject in ("acme", "acme", "globex"):
+        body = {"id": "twice", "eventType": "api-calls", "subject": subject}
+        await js.publish(f"{STREAM}.events.api-calls.{subject}", msgspec.json.encode(body))
+    body = await _json(await http.get("/api/events/twice"), 409)
+    assert body["field"] == "subject" and "'acme', 'globex'" in body["message"]
+    view = await _json(await http.get("/api/events/twice", params={"subject": "globex"}), 200)
+    assert view["subject"] == "globex"
+    body = await _json(await http.post("/api/events/twice/cancel?subject=acme"), 409)
+    assert body["field"] == "id" and "sequences 1, 2" in body["message"]
+
+
+async def test_a_scan_leaves_no_consumer_behind(http: Http, nc: Client) -> None:
+    """The ephemeral consumer of each lookup is deleted when it ends, found or not."""
+    await post_event(http, id="evt-1", eventType="api-calls", subject="acme")
+    await _json(await http.get("/api/events/evt-1"), 200)
+    await _json(await http.get("/api/events/nope"), 404)
+    await _json(await http.post("/api/events/evt-1/cancel"), 202)
+    assert await nc.jetstream().consumers_info(STREAM) == []

@@ -198,19 +198,7 @@ async def _find(request: web.Request) -> tuple[Stored, list[Stored]]:
     if not events:
         await _not_found(request, event_id)
     if len(events) > 1:
-        sources = sorted({s.source for s in events if s.source is not None})
-        if len(sources) > 1:
-            raise Conflict(
-                f"{len(events)} events have the id {event_id!r}, from the sources "
-                f"{', '.join(repr(s) for s in sources)}: name one with ?source=",
-                field="source",
-            )
-        seqs = ", ".join(str(s.seq) for s in events)
-        raise Conflict(
-            f"the event {event_id!r} was stored {len(events)} times (stream sequences "
-            f"{seqs}, outside the duplicate window); it cannot be corrected by id",
-            field="id",
-        )
+        _ambiguous(event_id, events, subject_given=subject is not None)
     original = events[0]
     corrections = [
         c
@@ -218,9 +206,35 @@ async def _find(request: web.Request) -> tuple[Stored, list[Stored]]:
         if c.seq > original.seq
         and c.event.correction is not None
         and c.event.correction.of == original.event.id
+        and c.event.subject == original.event.subject
+        and c.event.eventType == original.event.eventType
         and c.event.correction.seq in (None, original.seq)
     ]
     return original, corrections
+
+
+def _ambiguous(event_id: str, events: list[Stored], *, subject_given: bool) -> None:
+    """409 for an id that several stored events have: how to name one, when there is a way."""
+    sources = sorted({s.source for s in events if s.source is not None})
+    if len(sources) > 1:
+        raise Conflict(
+            f"{len(events)} events have the id {event_id!r}, from the sources "
+            f"{', '.join(repr(s) for s in sources)}: name one with ?source=",
+            field="source",
+        )
+    subjects = sorted({s.event.subject for s in events})
+    if len(subjects) > 1 and not subject_given:
+        raise Conflict(
+            f"{len(events)} events have the id {event_id!r}, of the subjects "
+            f"{', '.join(repr(s) for s in subjects)}: name one with ?subject=",
+            field="subject",
+        )
+    seqs = ", ".join(str(s.seq) for s in events)
+    raise Conflict(
+        f"the event {event_id!r} was stored {len(events)} times (stream sequences {seqs}, "
+        "outside the duplicate window): it cannot be corrected by id",
+        field="id",
+    )
 
 
 async def _not_found(request: web.Request, event_id: str) -> None:
