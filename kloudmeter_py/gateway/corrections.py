@@ -13,7 +13,7 @@ means it.
 """
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import msgspec
 from aiohttp import web
@@ -213,7 +213,7 @@ async def _find(request: web.Request) -> tuple[Stored, list[Stored]]:
     return original, corrections
 
 
-def _ambiguous(event_id: str, events: list[Stored], *, subject_given: bool) -> None:
+def _ambiguous(event_id: str, events: list[Stored], *, subject_given: bool) -> NoReturn:
     """409 for an id that several stored events have: how to name one, when there is a way."""
     sources = sorted({s.source for s in events if s.source is not None})
     if len(sources) > 1:
@@ -237,7 +237,7 @@ def _ambiguous(event_id: str, events: list[Stored], *, subject_given: bool) -> N
     )
 
 
-async def _not_found(request: web.Request, event_id: str) -> None:
+async def _not_found(request: web.Request, event_id: str) -> NoReturn:
     """404, or 409 when the stream no longer holds everything it stored (the event may have
     left retention). The same for an id of another tenant's event as for an unknown one."""
     js = request.app[JS]

@@ -7,6 +7,7 @@ delivery per message under the filter and a decode only for the few candidates.
 """
 
 import asyncio
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,14 +52,15 @@ class Found:
     corrections: list[Stored] = field(default_factory=list)
 
 
-def decode_stored(seq: int, subject: str, time: datetime, raw: bytes) -> Stored | None:
+def decode_stored(seq: int, subject: str, stored_at: datetime, raw: bytes) -> Stored | None:
     """A stored message as a :class:`Stored`, or None when it is no event (undecodable)."""
     try:
         if b'"specversion"' in raw:
             cloud = cloud_event_decoder.decode(raw)
-            return Stored(seq, subject, time, cloud.to_event(), raw, cloud.source, cloud.id)
-        return Stored(seq, subject, time, event_decoder.decode(raw), raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+            event = cloud.to_event()
+            return Stored(seq, subject, stored_at, event, raw, cloud.source, cloud.id)
+        return Stored(seq, subject, stored_at, event_decoder.decode(raw), raw)
+    except (msgspec.DecodeError, ValueError):  # ValueError: a CloudEvent of a reserved source
         return None
 
 
@@ -150,11 +152,18 @@ async def find_events(
     # messages, 408 expired) answering it.
     state = {"left": 0, "pending": int(info.num_pending or 0)}
 
+    errors: list[Exception] = []
+
     async def on_msg(msg: Msg) -> None:
         if not msg.data and msg.headers and "Status" in msg.headers:
             done.set()
             return
-        seq, _, stored_ns, pending = ack_fields(msg.reply)
+        try:
+            seq, _, stored_ns, pending = ack_fields(msg.reply)
+        except ValueError as exc:  # not a consumer's delivery: stop, and say so
+            errors.append(exc)
+            done.set()
+            return
         state["left"] -= 1
         state["pending"] = pending
         if seq >= end:
@@ -177,10 +186,9 @@ async def find_events(
             done.clear()
             request = {"batch": batch, "expires": int(_EXPIRES_S * 1e9)}
             await nc.publish(next_subject, msgspec.json.encode(request), reply=inbox)
-            if budget is None:
-                await done.wait()
-            else:
-                await _wait(done, budget)
+            await _wait(done, budget)
+            if errors:
+                raise errors[0]
             if state["left"] > 0 and state["pending"] > 0:
                 # Answered short (a status): ask the server what is left.
                 state["pending"] = int((await js.consumer_info(stream, name)).num_pending or 0)
@@ -205,13 +213,17 @@ async def find_events(
     return found
 
 
-async def _wait(done: asyncio.Event, budget: ReadBudget) -> None:
-    """Wait for ``done`` within the budget: its error once the deadline passes (or it is
-    stopped, looked at every slice of waiting)."""
-    while True:
-        budget.check()
+async def _wait(done: asyncio.Event, budget: ReadBudget | None) -> None:
+    """Wait for a request's end: ``done``, or silence for longer than the request may take
+    (the server answers every request within its expiry; the caller then asks what is left).
+    With a budget, its error once the deadline passes or it is stopped (looked at every
+    slice of waiting)."""
+    give_up = time.monotonic() + _EXPIRES_S + 2
+    while time.monotonic() < give_up:
+        if budget is not None:
+            budget.check()
         try:
-            async with asyncio.timeout(SLICE):
+            async with asyncio.timeout(SLICE if budget is not None else _EXPIRES_S + 2):
                 await done.wait()
             return
         except TimeoutError:
