@@ -125,9 +125,10 @@ def refuse_correction(raw: bytes) -> None:
     """Refuse (400, naming the field) a body of one event or a batch that carries a
     ``correction`` attribute or an id or CloudEvent source of the corrections' id space.
 
-    Only bodies that could hold one are parsed again: the word ``correction`` (or any JSON
-    escape, which could spell it otherwise) in the bytes."""
-    if b"correction" not in raw and b"\\" not in raw:
+    Only bodies that could hold one are parsed again: with the word ``correction`` in the
+    bytes, or a ``\\u`` escape (the only way JSON can spell its letters, ``-`` or ``#``
+    otherwise)."""
+    if b"correction" not in raw and b"\\u" not in raw:
         return
     try:
         body = _any_decoder.decode(raw)
