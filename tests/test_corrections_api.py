@@ -2,6 +2,7 @@
 real nats-server; what the routes store is read back from the stream. No worker is needed:
 applying corrections is the worker's part."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -406,3 +407,19 @@ async def test_a_scan_leaves_no_consumer_behind(http: Http, nc: Client) -> None:
     await _json(await http.get("/api/events/nope"), 404)
     await _json(await http.post("/api/events/evt-1/cancel"), 202)
     assert await nc.jetstream().consumers_info(STREAM) == []
+
+
+async def test_a_lookup_past_the_read_deadline_answers_503(nc: Client, settings: Settings) -> None:
+    """A scan longer than METER_READ_TIMEOUT_MS stops with 503 and deletes its consumer
+    (10,000 events take nats-py well over a 1 ms deadline to deliver)."""
+    js = nc.jetstream()
+    body = msgspec.json.encode({"id": "bulk", "eventType": "api-calls", "subject": "acme"})
+    for _ in range(10):
+        await asyncio.gather(
+            *(js.publish(f"{STREAM}.events.api-calls.acme", body) for _ in range(1000))
+        )
+    app = create_app(msgspec.structs.replace(settings, read_timeout_ms=1), nc)
+    async with TestClient(TestServer(app)) as http:
+        answer = await _json(await http.get("/api/events/nope"), 503)
+    assert "METER_READ_TIMEOUT_MS" in answer["message"]
+    assert await js.consumers_info(STREAM) == []
