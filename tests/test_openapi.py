@@ -271,6 +271,8 @@ def _explicit(seeded: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
             {"path_parameters": {"host": "host-1", "epoch": "cpu"}},
         ),
         ("/api/users", "GET", {}),
+        ("/api/events/{id}", "GET", {"path_parameters": {"id": "evt-0"}}),
+        ("/api/events/{id}", "GET", {"path_parameters": {"id": "ce-1"}}),  # a CloudEvent
         ("/api/usage", "GET", {"query": {"tenant": "customer-1", "start": seeded["start"]}}),
         ("/healthy", "GET", {}),
         ("/metrics", "GET", {}),

@@ -78,6 +78,7 @@ READ_ARGS: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", "/api/usage"): {"params": {"start": START}},
     ("GET", "/api/reading"): {"params": {"key": f"m.{OTHER}"}},
     ("GET", "/api/reading/"): {"params": {"key": f"m.{OTHER}"}},
+    ("POST", "/api/events/{id}/amend"): {"json": {"data": {"n": 1}}},
 }
 # Path parameters: the other tenant's names (t1 has data under other names).
 PATH_VALUES = {
@@ -155,6 +156,12 @@ async def _seed(http: Http, tenant: str, headers: dict[str, str], prefix: str) -
             headers=headers,
         )
         assert resp.status == 202, await resp.text()
+    # An event named like the path parameter "id" (zz-id: the other tenant's), which no
+    # meter reads: the corrections routes must not find it for another tenant.
+    resp = await http.post(
+        "/api/register-event", json={"id": f"{prefix}-id", "eventType": "u"}, headers=headers
+    )
+    assert resp.status == 202, await resp.text()
     for host in ("web", f"{prefix}-host"):
         resp = await http.post(f"/api/perf/{host}/{now}", json={"cpu": 50}, headers=headers)
         assert resp.status == 202, await resp.text()
@@ -278,6 +285,7 @@ async def test_another_tenants_data_answers_exactly_like_none(http: Http, worker
     # t1's own data is in those answers (they are not all empty or errors).
     assert "t1-host" in before["GET /api/perf"] and "t1-vm" in before["GET /v1/resources"]
     assert before["GET /api/perf/{host}"].startswith("404")  # zz-host: the other tenant's
+    assert before["GET /api/events/{id}"].startswith("404")  # zz-id: the other tenant's
 
     # Writes for the other tenant, and naming it where a route takes a tenant parameter.
     writes = {

@@ -16,6 +16,7 @@ from kloudmeter_py.core.models import InvalidField
 from kloudmeter_py.errors import KloudmeterError, PayloadTooLarge, Unavailable
 from kloudmeter_py.gateway import (
     auth,
+    corrections,
     dashboard,
     export,
     kloudmeter,
@@ -146,6 +147,7 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     app.on_cleanup.append(_close_lean)
     for module in (
         kloudmeter,
+        corrections,
         query,
         export,
         openmeter,

@@ -20,6 +20,7 @@ from kloudmeter_py.core.models import (
     reading_decoder,
 )
 from kloudmeter_py.errors import InvalidInput, NotFound
+from kloudmeter_py.gateway.corrections import refuse_correction
 from kloudmeter_py.gateway.helpers import (
     decode_body,
     error_response,
@@ -144,11 +145,14 @@ def stamp_tenant(request: web.Request, raw: bytes) -> bytes:
         errors=(400,),
         description="Answers after JetStream stored it; duplicate: true for an id already "
         "stored within METER_DEDUP_WINDOW. A body with specversion is read as a CloudEvent. "
-        "A user's events are its tenant's: a missing subject becomes the tenant.",
+        "A user's events are its tenant's: a missing subject becomes the tenant. "
+        "A correction attribute, or an id in the corrections' id space (kloudmeter-correction#"
+        "...), is refused with 400: see POST /api/events/{id}/cancel and /amend.",
     ),
 )
 async def register_event(request: web.Request) -> web.Response:
     raw = stamp_tenant(request, await request.read())
+    refuse_correction(raw)
     event = decode_body(raw, event_decoder)
     layout = request.app[LAYOUT]
     subject = event_subject(layout.stream, event.eventType, event.subject)

@@ -23,9 +23,20 @@ from aiohttp import web
 
 from kloudmeter_py import __version__
 from kloudmeter_py.core.aggregate import AGGREGATIONS
+from kloudmeter_py.core.corrections import CORRECTION_SOURCE
 from kloudmeter_py.core.models import CloudEvent, Event, Meter, MeterIn, Reading, encoder
 from kloudmeter_py.core.rating import Price
-from kloudmeter_py.gateway import auth, kloudmeter, openmeter, perf, query, rating, templates, usage
+from kloudmeter_py.gateway import (
+    auth,
+    corrections,
+    kloudmeter,
+    openmeter,
+    perf,
+    query,
+    rating,
+    templates,
+    usage,
+)
 from kloudmeter_py.gateway.helpers import Error, Problem
 from kloudmeter_py.gateway.keys import OPENAPI_CACHE, SETTINGS
 from kloudmeter_py.gateway.routes import (
@@ -67,6 +78,10 @@ MODELS: list[type[msgspec.Struct]] = [
     Reading,
     kloudmeter.MeterBody,
     kloudmeter.Accepted,
+    corrections.CancelIn,
+    corrections.AmendIn,
+    corrections.CorrectionAccepted,
+    corrections.EventView,
     kloudmeter.Health,
     kloudmeter.DeadLetterCounts,
     DeadLetter,
@@ -115,7 +130,15 @@ def _model_schemas() -> dict[str, Schema]:
         time["anyOf"] = [
             {**t, "pattern": EVENT_YEAR} if t.get("type") == "string" else t for t in time["anyOf"]
         ]
+    # Ingest refuses corrections (gateway.corrections.refuse_correction): no correction
+    # attribute, no id or CloudEvent source in their id space.
+    out["Event"]["properties"].pop("correction")
+    out.pop("Correction")
+    out["Event"]["not"] = {"anyOf": [{"required": ["correction"]}, _reserved("id", "#")]}
+    out["CloudEvent"]["not"] = {"anyOf": [{"required": ["correction"]}, _reserved("source", "")]}
     out["OpenMeterMeterIn"].update(meter_rules(lifecycle_fields=False))
+    out["AmendIn"]["anyOf"] = [{"required": ["data"]}, {"required": ["time"]}]
+    out["AmendIn"]["properties"]["time"]["pattern"] = EVENT_YEAR
     for name in ("MeterIn", "MeterBody", "OpenMeterMeterIn"):
         out[name]["properties"]["aggregation"]["description"] = (
             f"one of {names}, in any case; OpenMeter's names too (UNIQUE_COUNT, ...)"
@@ -128,6 +151,14 @@ def _model_schemas() -> dict[str, Schema]:
     view["required"] = [*view.get("required", []), "key"]
     out["ReadingView"] = view
     return out
+
+
+def _reserved(field: str, after: str) -> Schema:
+    """A schema matching a ``field`` in the corrections' id space: the CORRECTION_PREFIX
+    (``after="#"``), or the CORRECTION_SOURCE alone or followed by ``#`` (``after=""``)."""
+    # The source is letters and a hyphen: nothing to escape in a pattern.
+    pattern = f"^{CORRECTION_SOURCE}#" if after else f"^{CORRECTION_SOURCE}(#|$)"
+    return {"required": [field], "properties": {field: {"type": "string", "pattern": pattern}}}
 
 
 _ERROR_SCHEMAS = {422: "TemplateFailure"}

@@ -26,6 +26,7 @@ from kloudmeter_py.core.models import (
     reading_decoder,
 )
 from kloudmeter_py.errors import InvalidInput
+from kloudmeter_py.gateway.corrections import refuse_correction
 from kloudmeter_py.gateway.helpers import decode_body, json_response, read_budget
 from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS
 from kloudmeter_py.gateway.kloudmeter import Aggregation, JsonPath
@@ -145,6 +146,7 @@ def openmeter_meter(meter: Meter) -> OpenMeterMeter:
 async def ingest(request: web.Request) -> web.Response:
     """POST /api/v1/events: one CloudEvent, a batch, or either as application/json -> 204."""
     raw = await request.read()
+    refuse_correction(raw)
     ctype = request.content_type
     events: list[CloudEvent]
     if ctype == "application/cloudevents+json":
