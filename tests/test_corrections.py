@@ -295,3 +295,59 @@ def test_a_correction_event_is_not_folded_as_an_event() -> None:
     acc = Acc()
     fold(acc, None, None, 0, 1)
     assert acc.count == 1
+
+
+# --- lifecycle resources (core.lifecycle) ------------------------------------------------
+
+
+@pytest.mark.parametrize("cancel_amendment", [False, True])
+def test_lifecycle_corrections_fold_to_the_same_state_in_every_order(
+    cancel_amendment: bool,
+) -> None:
+    """A resource's points with its stop cancelled and its resize amended (moved in time),
+    that amendment maybe cancelled again: every order of application, one change at a time,
+    gives the points of the events corrected by hand; each correction applies once and a
+    version taken out is never folded in again."""
+    import dataclasses
+    from itertools import permutations
+
+    from kloudmeter_py.core.lifecycle import Change, DurationMeter, fold
+
+    dm = DurationMeter(
+        Meter(
+            id="vcpu",
+            eventType="vm",
+            aggregation="duration",
+            valueProperty="$.vcpus",
+            resourceProperty="$.rid",
+            actionProperty="$.a",
+            createdAt=datetime(2025, 1, 1, tzinfo=UTC),
+        )
+    )
+
+    def point(action: str, minute: int, seq: int, vcpus: int = 2) -> Change:
+        at = datetime(2026, 11, 20, 10, minute, tzinfo=UTC)
+        data = {"a": action, "rid": "vm-1", "vcpus": vcpus}
+        c = dm.change(Event(id="x", eventType="vm", subject="acme", time=at, data=data), seq, at)
+        assert c is not None
+        return c
+
+    create, resize, stop = point("create", 0, 1), point("resize", 10, 2, 4), point("delete", 30, 3)
+    # 4: the stop (3) cancelled; 5: the resize (2) amended to minute 20; 6: 5 cancelled
+    cancel_stop = dataclasses.replace(stop, point=None, removes=3, correction=4)
+    amended = dataclasses.replace(point("resize", 20, 5, 4), removes=2, correction=5)
+    changes = [create, resize, stop, cancel_stop, amended]
+    kept, gone, corrected = [1, 5], [2, 3], [4, 5]
+    if cancel_amendment:
+        changes.append(dataclasses.replace(amended, point=None, removes=5, correction=6))
+        kept, gone, corrected = [1], [2, 3, 5], [4, 5, 6]
+    for order in permutations(changes):
+        state = None
+        for c in order:
+            state = fold(state, [c]) or state
+        assert state is not None
+        assert [p.seq for p in state.points] == kept, order
+        assert state.gone == gone and state.corrected == corrected
+        assert [p.at.minute for p in state.points] == [0, 20][: len(kept)]
+        # each correction and each taken-out version folded again changes nothing
+        assert fold(state, [cancel_stop, stop, amended, resize]) is None

@@ -748,3 +748,37 @@ async def test_a_worker_killed_while_folding_loses_and_doubles_nothing(
     for s in states:
         assert [p.kind for p in s.points] == ["start", "change", "stop", "start", "end"]
         assert len({p.seq for p in s.points}) == 5
+
+
+async def test_records_charges_and_usage_follow_corrections(
+    http: Http, nc: Client, worker: Worker
+) -> None:
+    """The resize amended to 10:45 and the delete to 11:30, the usage resource's DESTROYED
+    amended to 11:00 and its CREATED cancelled then amended back: records, charges and usage
+    hours equal the events corrected by hand; a repeated correction changes nothing."""
+    await _vcpu_meter(http)
+    await _price(http)
+    await _vm_lifecycle(http)
+    await lifecycle_folded(nc)
+    _check_expected(await _answers(http))
+
+    async def correct(event_id: str, action: str, body: dict[str, Any] | None = None) -> None:
+        resp = await http.post(f"/api/events/{event_id}/{action}", json=body or {})
+        assert resp.status == 202, await resp.text()
+
+    await correct("lc1", "amend", {"time": "2026-11-20T10:45:00Z"})
+    await correct("lc2", "amend", {"time": "2026-11-20T11:30:00Z"})
+    await correct("lc4", "amend", {"time": "2026-11-20T11:00:00Z"})
+    await correct("lc3", "cancel")
+    await correct("lc3", "amend", {"time": "2026-11-20T10:00:00Z"})
+    await correct("lc2", "amend", {"time": "2026-11-20T11:30:00Z"})  # a retry
+    await lifecycle_folded(nc)
+    answers = await _answers(http)
+    recs = [(r["start_at"][11:16], r["end_at"][11:16], r["weight"]) for r in answers["records"]]
+    assert recs == [("10:00", "10:45", "2"), ("10:45", "11:30", "4")]
+    # 2700 s x 2 + 2700 s x 4 = 4.5 vCPU-hours at 0.06
+    assert Decimal(answers["charging"]["totals"]["EUR"]) == Decimal("0.27")
+    assert answers["usage"] == [{"location": "eu", "hours": 1.0}]
+    # the duration meter's reading counts the events, corrections taken into account
+    resp = await http.get("/api/readings", params={"meter": "vcpu"})
+    assert [r["value"] for r in await resp.json()] == [3]

@@ -37,9 +37,11 @@ CORRECTION_SOURCE = CORRECTION_PREFIX[:-1]
 Action = Literal["cancel", "amend"]
 
 # Aggregations whose state a correction can take an event out of exactly (an inverse fold:
-# count and sum less the event's). The others (min, max, unique, latest) would need the
-# remaining events read again; their corrections are dead-lettered for those meters.
-INVERTIBLE = frozenset({"count", "sum", "avg"})
+# count and sum less the event's; a duration meter's reading counts its events, and its
+# resources follow corrections point by point, core.lifecycle). The others (min, max,
+# unique, latest) would need the remaining events read again; their corrections are
+# dead-lettered for those meters.
+INVERTIBLE = frozenset({"count", "sum", "avg", "duration"})
 
 
 def invertible(aggregation: str) -> bool:

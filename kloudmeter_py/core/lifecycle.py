@@ -14,6 +14,11 @@ time, and an event whose stream sequence is already among the points changes not
 redelivery, a replay or a second worker folding the same event is a no-op). A value written
 for another generation of the meter (``meterStartSeq``: the meter was created again or
 backfilled) counts as empty.
+
+Corrections (core.corrections) fold the same way: a correction takes the point of the version
+it replaces out of that version's key (its seq goes to ``gone``, so the version is never
+folded in again) and, for an amendment, puts the amended point in at the correction's seq in
+the amendment's key; ``corrected`` holds the corrections folded into a key, each once.
 """
 
 import bisect
@@ -53,6 +58,8 @@ class ResourceState(msgspec.Struct, omit_defaults=True):
     points: list[LifecyclePoint]
     meter: str | None = None  # None: an AMP usage resource
     meterStartSeq: int = 0
+    gone: list[int] = []  # seqs of versions corrections took out (never folded in again)
+    corrected: list[int] = []  # seqs of the corrections folded in
 
 
 class Marker(msgspec.Struct):
@@ -103,9 +110,11 @@ class Change:
     key: str
     tenant: str
     resource: str
-    point: LifecyclePoint
+    point: LifecyclePoint | None  # None: a correction that only takes a point out
     meter: str | None = None
     meter_start_seq: int = 0
+    removes: int | None = None  # a correction's: the seq of the version it takes out
+    correction: int | None = None  # a correction's own seq
 
 
 class DurationMeter:
@@ -189,26 +198,41 @@ def fold(state: ResourceState | None, changes: list[Change]) -> ResourceState | 
     ):
         state = None
     points = list(state.points) if state is not None else []
+    gone = set(state.gone) if state is not None else set()
+    corrected = set(state.corrected) if state is not None else set()
     seen = {p.seq for p in points}
+    last_seq = state.lastSeq if state is not None else 0
     added = False
     for c in changes:
-        if c.point.seq in seen:
+        if c.correction is not None:
+            if c.correction in corrected:
+                continue  # folded before
+            corrected.add(c.correction)
+            if c.removes is not None:
+                gone.add(c.removes)
+                points = [p for p in points if p.seq != c.removes]
+            last_seq = max(last_seq, c.correction)
+            added = True
+        if c.point is None or c.point.seq in seen or c.point.seq in gone:
             continue
         seen.add(c.point.seq)
+        last_seq = max(last_seq, c.point.seq)
         # Sorted by (event time, stream sequence): a late event goes in at its place.
         bisect.insort(points, c.point, key=lambda p: (p.at, p.seq))
         added = True
     if not added:
         return None
-    if first.meter is not None:
+    if first.meter is not None and points:
         points = _keep_needed_data(points)
     return ResourceState(
         tenant=first.tenant,
         resource=first.resource,
-        lastSeq=max(seen),
+        lastSeq=last_seq,
         points=points,
         meter=first.meter,
         meterStartSeq=first.meter_start_seq,
+        gone=sorted(gone),
+        corrected=sorted(corrected),
     )
 
 

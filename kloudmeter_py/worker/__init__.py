@@ -138,6 +138,7 @@ class Worker:
         from kloudmeter_py.worker.lifecycle import LifecycleFolder
 
         self.lifecycle = LifecycleFolder(self.js, self.settings, self.layout, self.registry)
+        self.lifecycle.corrector = self.corrector
         await self.lifecycle.start()
         if self.static_partitions is not None:
             self._owned = set(self.static_partitions)

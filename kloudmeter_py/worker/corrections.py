@@ -40,6 +40,10 @@ class Unresolved(Exception):
     """A correction that names no usable original (the reason is the message)."""
 
 
+class NotYet(Exception):
+    """A correction the runner has not recorded yet (``versions`` reads, never records)."""
+
+
 def event_ms(event: Event, stored_ms: int) -> int:
     """An event's time in epoch ms: its own, else when it was stored."""
     if event.time is not None:
@@ -73,7 +77,15 @@ class Corrector:
                 failed.append((tag, seq, f"correction of {event.correction.of!r}: {exc}"))  # type: ignore[union-attr]
         return rows, failed
 
-    async def _one(self, tag: Any, seq: int, event: Event, subject: str) -> CorrectionRow:
+    async def versions(self, tag: Any, seq: int, event: Event, subject: str) -> CorrectionRow:
+        """A correction resolved like ``resolve`` does, for a reader that follows the runner
+        (the lifecycle folding): NotYet until the runner has recorded it in the history, so
+        that both take out the same version."""
+        return await self._one(tag, seq, event, subject, record=False)
+
+    async def _one(
+        self, tag: Any, seq: int, event: Event, subject: str, *, record: bool = True
+    ) -> CorrectionRow:
         corr = event.correction
         assert corr is not None
         # 1-2. the original
@@ -116,7 +128,10 @@ class Corrector:
         if corr.action == "amend":
             added = (event_ms(event, original_ms), event)
         # 4. recorded before the round is written
-        await self._record(original_seq, history, revision, corr.of, seq, corr.action)
+        if record:
+            await self._record(original_seq, history, revision, corr.of, seq, corr.action)
+        elif history is None or all(entry[0] != seq for entry in history.applied):
+            raise NotYet(f"correction at stream seq {seq}")
         return (tag, seq, removed, added)
 
     async def _stored(self, seq: int) -> tuple[Event, str, int] | None:

@@ -26,10 +26,11 @@ do not depend on ``METER_RETENTION``. This component keeps those values:
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Coroutine
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -62,6 +63,7 @@ from kloudmeter_py.store.kv import get_with_revision
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterRegistry
 from kloudmeter_py.store.provision import ensure_resources_bucket
+from kloudmeter_py.worker.corrections import Corrector, NotYet, Unresolved
 
 log = structlog.get_logger(__name__)
 
@@ -83,8 +85,8 @@ def consumer_name(event_type: str) -> str:
     return "lifecycle-" + hashlib.sha256(event_type.encode()).hexdigest()[:20]
 
 
-# (stream seq, time stored, event)
-_Row = tuple[int, datetime, Event]
+# (stream seq, time stored, event, stored subject)
+_Row = tuple[int, datetime, Event, str]
 
 
 class LifecycleFolder:
@@ -104,6 +106,8 @@ class LifecycleFolder:
         self._tasks: set[asyncio.Task[None]] = set()
         self._compiled: dict[tuple[str, int], DurationMeter] = {}
         self.kv: KeyValue | None = None
+        # Resolves corrections as the runner did (set by the worker; None: they are skipped).
+        self.corrector: Corrector | None = None
         self.folded = 0  # events folded into at least one key (tests, logs)
         self.too_large = 0  # writes refused: a resource's value over the size limit
 
@@ -233,7 +237,8 @@ class LifecycleFolder:
         rows = [r for r in (_row(m) for m in msgs) if r is not None]
         try:
             await self._fold(event_type, rows, meter_id=None, usage=event_type == self.usage_type)
-        except StaleView:
+        except (StaleView, NotYet):
+            # NotYet: a correction the runner has not recorded; it will, fold it then.
             for m in msgs:
                 await m.nak(delay=0.2)
             return
@@ -315,7 +320,11 @@ class LifecycleFolder:
         if meter_id is not None:
             meters = [dm for dm in meters if dm.meter.id == meter_id]
         by_key: dict[str, list[Change]] = {}
-        for seq, stored, event in rows:
+        for seq, stored, event, subject in rows:
+            if event.correction is not None:
+                for fix in await self._corrected(seq, event, subject, meters, usage):
+                    by_key.setdefault(fix.key, []).append(fix)
+                continue
             for dm in meters:
                 c = dm.change(event, seq, stored)
                 if c is not None:
@@ -327,6 +336,47 @@ class LifecycleFolder:
         if by_key:
             await asyncio.gather(*(self._write(key, cs) for key, cs in by_key.items()))
             self.folded += len(rows)
+
+    async def _corrected(
+        self, seq: int, event: Event, subject: str, meters: list[DurationMeter], usage: bool
+    ) -> list[Change]:
+        """A correction's changes (core.lifecycle): the replaced version's point taken out of
+        its key and, for an amendment, the new point put in at the correction's seq (one
+        change when both are of one key). The replaced version is the one the runner took
+        out (worker.corrections); a correction the runner failed changes nothing here."""
+        if self.corrector is None:
+            return []
+        try:
+            _, _, removed, added = await self.corrector.versions(None, seq, event, subject)
+        except Unresolved:
+            return []
+        out: list[Change] = []
+
+        def both(take: Change | None, put: Change | None) -> None:
+            removes = removed[2] if removed is not None else None
+            if put is not None:
+                put = dataclasses.replace(put, removes=removes, correction=seq)
+                out.append(put)
+            if take is not None and (put is None or take.key != put.key):
+                out.append(dataclasses.replace(take, point=None, removes=removes, correction=seq))
+
+        def at(ms: int) -> datetime:
+            return datetime.fromtimestamp(ms / 1000, UTC)
+
+        for dm in meters:
+            both(
+                dm.change(removed[1], removed[2], at(removed[0])) if removed else None,
+                dm.change(added[1], seq, at(added[0])) if added else None,
+            )
+        if usage:
+            loc = self.find_location
+            both(
+                usage_change(removed[1], removed[2], at(removed[0]), self.usage_type, loc)
+                if removed
+                else None,
+                usage_change(added[1], seq, at(added[0]), self.usage_type, loc) if added else None,
+            )
+        return out
 
     async def _write(self, key: str, changes: list[Change]) -> None:
         assert self.kv is not None
@@ -362,7 +412,7 @@ class LifecycleFolder:
                     "lifecycle.value_too_large",
                     key=key,
                     points=len(new.points),
-                    skipped_seqs=[c.point.seq for c in changes],
+                    skipped_seqs=[c.correction or c.point.seq for c in changes if c.point],
                 )
                 self.too_large += 1
                 return
@@ -386,17 +436,13 @@ def _row(msg: Msg) -> _Row | None:
         event = event_decoder.decode(msg.data)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
         return None
-    if event.correction is not None:
-        # Corrections do not apply to lifecycle (duration) meters yet: the main worker
-        # dead-letters them for those meters (core.corrections.INVERTIBLE).
-        return None
     tokens = msg.subject.rsplit(".", 2)
     if len(tokens) != 3 or tokens[1:] != [
         encode_token(event.eventType),
         encode_token(event.subject),
     ]:
         return None
-    return msg.metadata.sequence.stream, msg.metadata.timestamp, event
+    return msg.metadata.sequence.stream, msg.metadata.timestamp, event, msg.subject
 
 
 async def _read(
