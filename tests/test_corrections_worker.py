@@ -72,6 +72,7 @@ class Corrected:
             op[1]["repeat"] = rng.random() < 0.15  # published twice (a retry)
             self.ops.insert(place, op)
         self.seqs: dict[int, int] = {}  # event index -> stream seq
+        self.last_correction: dict[int, int] = {}  # event index -> its last correction's seq
 
     async def publish(self, nc: Client) -> None:
         js = nc.jetstream(timeout=10)
@@ -86,7 +87,13 @@ class Corrected:
             original = self.events[payload["of"]]
             seq = self.seqs[payload["of"]]
             when = datetime.fromisoformat(payload["time"]) if kind == "amend" else None
-            cid = correction_id(seq, kind, payload.get("data"), when)  # type: ignore[arg-type]
+            cid = correction_id(
+                seq,
+                kind,  # type: ignore[arg-type]
+                payload.get("data"),
+                when,
+                after=self.last_correction.get(payload["of"], 0),
+            )
             body: dict[str, Any] = {
                 "id": cid,
                 "eventType": "req",
@@ -102,7 +109,12 @@ class Corrected:
             for attempt in range(2 if payload["repeat"] else 1):
                 # a retry within the duplicate window, then one after it (a new message id)
                 msg_id = cid if attempt == 0 else f"{cid}.again"
-                await js.publish(subject, encoder.encode(body), headers={"Nats-Msg-Id": msg_id})
+                ack = await js.publish(
+                    subject, encoder.encode(body), headers={"Nats-Msg-Id": msg_id}
+                )
+                assert not ack.duplicate
+                if attempt == 0:
+                    self.last_correction[payload["of"]] = ack.seq
 
     def current(self) -> list[dict[str, Any]]:
         """Every event as it counts after the corrections, in stream order."""
