@@ -82,6 +82,8 @@ _FOLD_AT = 64
 _BACKLOG = 1000
 # Multi-get requests (up to 1,000 keys each) a runner keeps open at once.
 _LOADS_IN_FLIGHT = 4
+# Flush chunks encoded and stored at once (each of up to CHUNK keys of one bucket).
+_FLUSHES_IN_FLIGHT = 16
 _T = TypeVar("_T")
 # Partial states (series x finest window) a round may hold. A round's memory grows with its
 # parts and keys, not its events: 50,000 live events (1,000 subjects, one minute) make ~5,000
@@ -198,6 +200,7 @@ class Runner:
         self._unflushed_at = 0.0
         self._pull_batch = min(self.settings.batch_size, 1000)
         self._load_slots = asyncio.Semaphore(_LOADS_IN_FLIGHT)
+        self._flush_slots = asyncio.Semaphore(_FLUSHES_IN_FLIGHT)
         self._bytes_per_event = 0  # key state bytes per event of the last round written
 
     def meter_added(self, cm: CompiledMeter) -> None:
@@ -534,7 +537,14 @@ class Runner:
         self.keys.trim()
 
     async def _flush_chunk(self, chunk: list[tuple[int, str]]) -> None:
-        """Encode and store one chunk of deferred summaries (one bucket)."""
+        """Encode and store one chunk of deferred summaries (one bucket), at most
+        _FLUSHES_IN_FLIGHT chunks at once: a chunk's readings are encoded only when its turn
+        to be stored comes (the stores are BATCHES_IN_FLIGHT a bucket anyway), not all the
+        flush's at once (~70,000 readings, tens of MB, on a wide backlog)."""
+        async with self._flush_slots:
+            await self._flush_chunk_now(chunk)
+
+    async def _flush_chunk_now(self, chunk: list[tuple[int, str]]) -> None:
         writes = []
         dirty = self._dirty
         now = datetime.now(UTC)
