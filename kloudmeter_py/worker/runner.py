@@ -126,6 +126,15 @@ def _chunks(keys: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
     ]
 
 
+def _turn(chunks: list[list[tuple[int, str]]], i: int) -> int:
+    """Chunk ``i``'s place among the chunks of its bucket (chunks come bucket by bucket)."""
+    store = chunks[i][0][0]
+    n = 0
+    while i - n - 1 >= 0 and chunks[i - n - 1][0][0] == store:
+        n += 1
+    return n
+
+
 async def _all(coros: Iterable[Coroutine[Any, Any, _T]]) -> list[_T]:
     """Run side by side; the first failure cancels the rest and is raised as itself."""
     try:
@@ -528,7 +537,10 @@ class Runner:
                 cached=len(self.keys.cache),
                 cache_mb=self.keys.cache_bytes >> 20,
             )
-            await _all(self._flush_chunk(chunk) for chunk in _chunks(list(self._dirty)))
+            # Buckets taken in turn, so that each has batches in flight from the start.
+            chunks = _chunks(list(self._dirty))
+            turns = sorted(range(len(chunks)), key=lambda i: (_turn(chunks, i), i))
+            await _all(self._flush_chunk(chunks[i]) for i in turns)
             self._dirty.clear()
         await self.cp.commit()
         if self._unacked is not None:
