@@ -126,13 +126,15 @@ def _chunks(keys: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
     ]
 
 
-def _turn(chunks: list[list[tuple[int, str]]], i: int) -> int:
-    """Chunk ``i``'s place among the chunks of its bucket (chunks come bucket by bucket)."""
-    store = chunks[i][0][0]
-    n = 0
-    while i - n - 1 >= 0 and chunks[i - n - 1][0][0] == store:
-        n += 1
-    return n
+def _in_turn(chunks: list[list[tuple[int, str]]]) -> list[list[tuple[int, str]]]:
+    """The chunks (which come bucket by bucket) with the buckets taken in turn."""
+    placed: dict[int, int] = {}
+    order = []
+    for i, chunk in enumerate(chunks):
+        place = placed.get(chunk[0][0], 0)
+        placed[chunk[0][0]] = place + 1
+        order.append((place, i))
+    return [chunks[i] for _, i in sorted(order)]
 
 
 async def _all(coros: Iterable[Coroutine[Any, Any, _T]]) -> list[_T]:
@@ -538,9 +540,8 @@ class Runner:
                 cache_mb=self.keys.cache_bytes >> 20,
             )
             # Buckets taken in turn, so that each has batches in flight from the start.
-            chunks = _chunks(list(self._dirty))
-            turns = sorted(range(len(chunks)), key=lambda i: (_turn(chunks, i), i))
-            await _all(self._flush_chunk(chunks[i]) for i in turns)
+            chunks = _in_turn(_chunks(list(self._dirty)))
+            await _all(self._flush_chunk(chunk) for chunk in chunks)
             self._dirty.clear()
         await self.cp.commit()
         if self._unacked is not None:
