@@ -127,6 +127,15 @@ class Corrected:
                 now[payload["of"]] = {**e, "data": payload["data"], "time": payload["time"]}
         return [e for e in now.values() if e is not None]
 
+    def by_day(self) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+        """Events counted per (UTC day, subject), and per day over all subjects."""
+        per: Counter[tuple[str, str]] = Counter()
+        total: Counter[tuple[str, str]] = Counter()
+        for e in self.current():
+            per[(e["time"][:10], e["subject"])] += 1
+            total[(e["time"][:10], "")] += 1
+        return dict(per), dict(total)
+
     def expected(self) -> dict[tuple[str, str, tuple[Any, ...]], Any]:
         count: Counter[str] = Counter()
         total: Counter[tuple[str, str]] = Counter()
@@ -158,7 +167,7 @@ async def _meters(nc: Client) -> None:
 
 
 async def test_corrections_apply_once_through_shuffles_repeats_and_worker_kills(
-    nc: Client, settings: Settings, tmp_path: Path
+    nc: Client, settings: Settings, tmp_path: Path, http: Any
 ) -> None:
     """1,500 events, 300 corrections (cancels, amendments moving time and group, several of
     one event, some repeated), published while a worker is SIGKILLed 3 times: readings and
@@ -194,8 +203,30 @@ async def test_corrections_apply_once_through_shuffles_repeats_and_worker_kills(
         assert {k: v for k, v in days.items() if k[0] in ("calls", "bytes") and v} == {
             k: v for k, v in expected.items() if k[0] in ("calls", "bytes")
         }
+        # The query API by day: per subject from the pages, meter-wide from the rollups.
+        by_day, totals = load.by_day()
+        assert await _queried(http, "calls", "subject") == by_day
+        assert await _queried(http, "calls", None) == totals
     finally:
         await worker.stop()
+
+
+async def _queried(http: Any, meter: str, group: str | None) -> dict[tuple[str, str], int]:
+    params = [
+        ("from", "2026-11-18T00:00:00Z"),
+        ("to", "2026-11-23T00:00:00Z"),
+        ("windowSize", "DAY"),
+    ]
+    if group:
+        params.append(("groupBy", group))
+    resp = await http.get(f"/api/v1/meters/{meter}/query", params=params)
+    body = await resp.json()
+    assert resp.status == 200, body
+    return {
+        (row["windowStart"][:10], row.get("subject") or ""): row["value"]
+        for row in body["data"]
+        if row["value"]
+    }
 
 
 async def _positions(nc: Client) -> int:
