@@ -173,14 +173,19 @@ async def test_get_shows_corrections_in_order_and_what_the_event_counts_as(
     assert view["current"] == {"time": T0, "data": {"t": 1}}
 
 
-async def test_the_same_correction_after_others_is_refused(http: Http) -> None:
-    """Cancel, amend, cancel again: the second cancel has the first one's id, which the
-    stream would drop, so it answers 409 rather than a 202 that changes nothing."""
+async def test_cancel_amend_cancel_are_three_corrections_and_a_retry_is_one(http: Http) -> None:
+    """Cancel, amend, cancel again: the second cancel has an id of its own (it names the
+    correction it follows), so it is stored; the same request again is a duplicate."""
     await post_event(http, id="evt-1", eventType="api-calls", subject="acme", time=T0)
-    await _json(await http.post("/api/events/evt-1/cancel"), 202)
+    first = await _json(await http.post("/api/events/evt-1/cancel"), 202)
     await _json(await http.post("/api/events/evt-1/amend", json={"data": {"t": 1}}), 202)
-    body = await _json(await http.post("/api/events/evt-1/cancel"), 409)
-    assert body["field"] == "id" and "cannot be made twice" in body["message"]
+    again = await _json(await http.post("/api/events/evt-1/cancel"), 202)
+    assert again["duplicate"] is False and again["correctionId"] != first["correctionId"]
+    retry = await _json(await http.post("/api/events/evt-1/cancel"), 202)
+    assert retry["duplicate"] is True and retry["correctionId"] == again["correctionId"]
+    view = await _json(await http.get("/api/events/evt-1"), 200)
+    assert [c["action"] for c in view["corrections"]] == ["cancel", "amend", "cancel"]
+    assert view["current"] is None
 
 
 async def test_a_nats_producers_correction_without_seq_is_shown(http: Http, nc: Client) -> None:

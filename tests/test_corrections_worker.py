@@ -72,6 +72,7 @@ class Corrected:
             op[1]["repeat"] = rng.random() < 0.15  # published twice (a retry)
             self.ops.insert(place, op)
         self.seqs: dict[int, int] = {}  # event index -> stream seq
+        self.last_correction: dict[int, int] = {}  # event index -> its last correction's seq
 
     async def publish(self, nc: Client) -> None:
         js = nc.jetstream(timeout=10)
@@ -86,7 +87,13 @@ class Corrected:
             original = self.events[payload["of"]]
             seq = self.seqs[payload["of"]]
             when = datetime.fromisoformat(payload["time"]) if kind == "amend" else None
-            cid = correction_id(seq, kind, payload.get("data"), when)  # type: ignore[arg-type]
+            cid = correction_id(
+                seq,
+                kind,  # type: ignore[arg-type]
+                payload.get("data"),
+                when,
+                after=self.last_correction.get(payload["of"], 0),
+            )
             body: dict[str, Any] = {
                 "id": cid,
                 "eventType": "req",
@@ -102,7 +109,12 @@ class Corrected:
             for attempt in range(2 if payload["repeat"] else 1):
                 # a retry within the duplicate window, then one after it (a new message id)
                 msg_id = cid if attempt == 0 else f"{cid}.again"
-                await js.publish(subject, encoder.encode(body), headers={"Nats-Msg-Id": msg_id})
+                ack = await js.publish(
+                    subject, encoder.encode(body), headers={"Nats-Msg-Id": msg_id}
+                )
+                assert not ack.duplicate
+                if attempt == 0:
+                    self.last_correction[payload["of"]] = ack.seq
 
     def current(self) -> list[dict[str, Any]]:
         """Every event as it counts after the corrections, in stream order."""
@@ -114,6 +126,15 @@ class Corrected:
                 e = self.events[payload["of"]]
                 now[payload["of"]] = {**e, "data": payload["data"], "time": payload["time"]}
         return [e for e in now.values() if e is not None]
+
+    def by_day(self) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+        """Events counted per (UTC day, subject), and per day over all subjects."""
+        per: Counter[tuple[str, str]] = Counter()
+        total: Counter[tuple[str, str]] = Counter()
+        for e in self.current():
+            per[(e["time"][:10], e["subject"])] += 1
+            total[(e["time"][:10], "")] += 1
+        return dict(per), dict(total)
 
     def expected(self) -> dict[tuple[str, str, tuple[Any, ...]], Any]:
         count: Counter[str] = Counter()
@@ -146,7 +167,7 @@ async def _meters(nc: Client) -> None:
 
 
 async def test_corrections_apply_once_through_shuffles_repeats_and_worker_kills(
-    nc: Client, settings: Settings, tmp_path: Path
+    nc: Client, settings: Settings, tmp_path: Path, http: Any
 ) -> None:
     """1,500 events, 300 corrections (cancels, amendments moving time and group, several of
     one event, some repeated), published while a worker is SIGKILLed 3 times: readings and
@@ -182,8 +203,30 @@ async def test_corrections_apply_once_through_shuffles_repeats_and_worker_kills(
         assert {k: v for k, v in days.items() if k[0] in ("calls", "bytes") and v} == {
             k: v for k, v in expected.items() if k[0] in ("calls", "bytes")
         }
+        # The query API by day: per subject from the pages, meter-wide from the rollups.
+        by_day, totals = load.by_day()
+        assert await _queried(http, "calls", "subject") == by_day
+        assert await _queried(http, "calls", None) == totals
     finally:
         await worker.stop()
+
+
+async def _queried(http: Any, meter: str, group: str | None) -> dict[tuple[str, str], int]:
+    params = [
+        ("from", "2026-11-18T00:00:00Z"),
+        ("to", "2026-11-23T00:00:00Z"),
+        ("windowSize", "DAY"),
+    ]
+    if group:
+        params.append(("groupBy", group))
+    resp = await http.get(f"/api/v1/meters/{meter}/query", params=params)
+    body = await resp.json()
+    assert resp.status == 200, body
+    return {
+        (row["windowStart"][:10], row.get("subject") or ""): row["value"]
+        for row in body["data"]
+        if row["value"]
+    }
 
 
 async def _positions(nc: Client) -> int:

@@ -55,11 +55,19 @@ def reserved_id(event_id: str) -> bool:
 
 
 def correction_id(
-    original_seq: int, action: Action, data: dict[str, Any] | None, time: datetime | None
+    original_seq: int,
+    action: Action,
+    data: dict[str, Any] | None,
+    time: datetime | None,
+    after: int = 0,
 ) -> str:
-    """The id of a correction: the same for the same correction of the same stored event, so
-    that a retry is a duplicate; an amendment's id also depends on its new time and data."""
+    """The id of a correction: the same for the same correction of the same stored event
+    made after the same last correction of it (``after``: that one's stream seq, 0 for
+    none), so that a retry is a duplicate while a cancel, an amendment and a cancel again are
+    three corrections; an amendment's id also depends on its new time and data."""
     base = f"{CORRECTION_PREFIX}{original_seq}.{action}"
+    if after:
+        base += f".after{after}"
     if action == "cancel":
         return base
     digest = hashlib.sha256(

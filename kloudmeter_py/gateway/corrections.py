@@ -300,6 +300,15 @@ def _event_view(original: Stored, corrections: list[Stored]) -> EventView:
 # -- the routes ---------------------------------------------------------------------------
 
 
+def _same(last: Stored, action: Action, data: dict[str, Any], time: datetime | None) -> bool:
+    """Whether the stored correction ``last`` is this one (same action, and for an amendment
+    the same time and data)."""
+    corr = last.event.correction
+    if corr is None or corr.action != action:
+        return False
+    return action == "cancel" or (last.event.data == data and last.event.time == time)
+
+
 async def _publish(
     request: web.Request,
     original: Stored,
@@ -309,23 +318,22 @@ async def _publish(
     data: dict[str, Any],
 ) -> web.Response:
     ev = original.event
-    cid = correction_id(original.seq, action, data if action == "amend" else None, time)
     of = CorrectedEvent(id=ev.id, seq=original.seq, subject=ev.subject, eventType=ev.eventType)
-    applied = [c.event.id for c in corrections]
-    if cid in applied:
-        if applied[-1] != cid:
-            # The same correction again after others: the stream would drop it as a
-            # duplicate (same id), so it cannot take effect now.
-            later = ", ".join(str(c.seq) for c in corrections[applied.index(cid) + 1 :])
-            raise Conflict(
-                f"this correction ({cid}) was stored already, and corrections after it "
-                f"(stream sequences {later}) changed the event since; the same correction "
-                "cannot be made twice",
-                field="id",
-            )
+    last = corrections[-1] if corrections else None
+    if last is not None and _same(last, action, data, time):
+        # The event's last correction is this one (a retry, even past the duplicate window):
+        # it stands, nothing is stored again.
         return json_response(
-            CorrectionAccepted(status="ok", duplicate=True, correctionId=cid, of=of), status=202
+            CorrectionAccepted(status="ok", duplicate=True, correctionId=last.event.id, of=of),
+            status=202,
         )
+    cid = correction_id(
+        original.seq,
+        action,
+        data if action == "amend" else None,
+        time,
+        after=last.seq if last is not None else 0,
+    )
     correction = Event(
         id=cid,
         eventType=ev.eventType,

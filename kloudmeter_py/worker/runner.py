@@ -82,6 +82,8 @@ _FOLD_AT = 64
 _BACKLOG = 1000
 # Multi-get requests (up to 1,000 keys each) a runner keeps open at once.
 _LOADS_IN_FLIGHT = 4
+# Flush chunks encoded and stored at once (each of up to CHUNK keys of one bucket).
+_FLUSHES_IN_FLIGHT = 16
 _T = TypeVar("_T")
 # Partial states (series x finest window) a round may hold. A round's memory grows with its
 # parts and keys, not its events: 50,000 live events (1,000 subjects, one minute) make ~5,000
@@ -122,6 +124,17 @@ def _chunks(keys: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
     return [
         names[i : i + CHUNK] for names in by_store.values() for i in range(0, len(names), CHUNK)
     ]
+
+
+def _in_turn(chunks: list[list[tuple[int, str]]]) -> list[list[tuple[int, str]]]:
+    """The chunks (which come bucket by bucket) with the buckets taken in turn."""
+    placed: dict[int, int] = {}
+    order = []
+    for i, chunk in enumerate(chunks):
+        place = placed.get(chunk[0][0], 0)
+        placed[chunk[0][0]] = place + 1
+        order.append((place, i))
+    return [chunks[i] for _, i in sorted(order)]
 
 
 async def _all(coros: Iterable[Coroutine[Any, Any, _T]]) -> list[_T]:
@@ -198,6 +211,7 @@ class Runner:
         self._unflushed_at = 0.0
         self._pull_batch = min(self.settings.batch_size, 1000)
         self._load_slots = asyncio.Semaphore(_LOADS_IN_FLIGHT)
+        self._flush_slots = asyncio.Semaphore(_FLUSHES_IN_FLIGHT)
         self._bytes_per_event = 0  # key state bytes per event of the last round written
 
     def meter_added(self, cm: CompiledMeter) -> None:
@@ -525,7 +539,9 @@ class Runner:
                 cached=len(self.keys.cache),
                 cache_mb=self.keys.cache_bytes >> 20,
             )
-            await _all(self._flush_chunk(chunk) for chunk in _chunks(list(self._dirty)))
+            # Buckets taken in turn, so that each has batches in flight from the start.
+            chunks = _in_turn(_chunks(list(self._dirty)))
+            await _all(self._flush_chunk(chunk) for chunk in chunks)
             self._dirty.clear()
         await self.cp.commit()
         if self._unacked is not None:
@@ -534,7 +550,14 @@ class Runner:
         self.keys.trim()
 
     async def _flush_chunk(self, chunk: list[tuple[int, str]]) -> None:
-        """Encode and store one chunk of deferred summaries (one bucket)."""
+        """Encode and store one chunk of deferred summaries (one bucket), at most
+        _FLUSHES_IN_FLIGHT chunks at once: a chunk's readings are encoded only when its turn
+        to be stored comes (the stores are BATCHES_IN_FLIGHT a bucket anyway), not all the
+        flush's at once (~70,000 readings, tens of MB, on a wide backlog)."""
+        async with self._flush_slots:
+            await self._flush_chunk_now(chunk)
+
+    async def _flush_chunk_now(self, chunk: list[tuple[int, str]]) -> None:
         writes = []
         dirty = self._dirty
         now = datetime.now(UTC)
