@@ -7,6 +7,8 @@ from aiohttp.test_utils import TestClient
 from nats.aio.client import Client
 
 from kloudmeter_py.core.keys import event_subject
+from kloudmeter_py.core.meters import CompiledMeter
+from kloudmeter_py.core.models import Meter
 
 Http = TestClient[Any, Any]
 
@@ -90,3 +92,21 @@ async def lifecycle_folded(nc: Client, stream: str = "meters", timeout: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"lifecycle state not folded within {timeout}s: {why}")
         await asyncio.sleep(0.05)
+
+
+def compiled_meter(aggregation: str, **kw: Any) -> CompiledMeter:
+    """A meter of event type "t" for the tables of core tests: id = the aggregation unless
+    given, value ``$.v`` (none for count), ``groupBy``, ``startSeq``."""
+    from datetime import UTC, datetime
+
+    return CompiledMeter(
+        Meter(
+            id=kw.pop("id", aggregation),
+            eventType="t",
+            aggregation=aggregation,
+            valueProperty=kw.pop("value", None if aggregation == "count" else "$.v"),
+            groupBy=kw.pop("groupBy", {}),
+            startSeq=kw.pop("startSeq", 0),
+            createdAt=datetime(2025, 1, 1, tzinfo=UTC),
+        )
+    )

@@ -33,23 +33,13 @@ from kloudmeter_py.core.plan import (
     spread,
 )
 from kloudmeter_py.core.summaries import open_windows
+from tests.helpers import compiled_meter
 
 NOW = 1_764_676_800  # 2025-12-02T12:00:00Z
 LEVELS = [(1, 60, NOW - 7200), (2, 3600, NOW - 172800), (3, 86400, NOW - 400 * 86400)]
 
 
-def _meter(aggregation: str, **kw: Any) -> CompiledMeter:
-    return CompiledMeter(
-        Meter(
-            id=kw.pop("id", aggregation),
-            eventType="t",
-            aggregation=aggregation,
-            valueProperty=None if aggregation == "count" else "$.v",
-            groupBy=kw.pop("groupBy", {}),
-            startSeq=kw.pop("startSeq", 0),
-            createdAt=datetime(2025, 1, 1, tzinfo=UTC),
-        )
-    )
+_meter = compiled_meter
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,12 @@
 """Round planning (core.plan) from tables, with no server: which windows an event falls in and
 whether they are kept, which keys a round changes, and what a key's state becomes."""
 
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from kloudmeter_py.core.aggregate import Acc
-from kloudmeter_py.core.meters import CompiledMeter
-from kloudmeter_py.core.models import Event, Meter
+from kloudmeter_py.core.models import Event
 from kloudmeter_py.core.plan import (
     KeyState,
     Series,
@@ -19,24 +17,14 @@ from kloudmeter_py.core.plan import (
     spread,
 )
 from kloudmeter_py.core.summaries import page_token
+from tests.helpers import compiled_meter
 
 NOW = 1_764_676_800  # 2025-12-02T12:00:00Z
 # minute (store 1), hour (2), day (3): kept for 2 h, 2 days, 400 days after they close
 LEVELS = [(1, 60, NOW - 7200), (2, 3600, NOW - 172800), (3, 86400, NOW - 400 * 86400)]
 
 
-def _meter(aggregation: str, **kw: Any) -> CompiledMeter:
-    return CompiledMeter(
-        Meter(
-            id=kw.pop("id", aggregation),
-            eventType="t",
-            aggregation=aggregation,
-            valueProperty=kw.pop("value", None if aggregation == "count" else "$.v"),
-            groupBy=kw.pop("groupBy", {}),
-            startSeq=kw.pop("startSeq", 0),
-            createdAt=datetime(2025, 1, 1, tzinfo=UTC),
-        )
-    )
+_meter = compiled_meter
 
 
 def _row(seq: int, at: int, subject: str = "s", **data: Any) -> tuple[str, int, int, Event]:

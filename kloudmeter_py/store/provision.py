@@ -121,31 +121,36 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
 async def ensure_resources_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
     """The ``resources`` bucket (lifecycle state per resource), created when missing: the
     worker's lifecycle consumers then fill it from the beginning of the stream."""
-    bucket = Layout(settings).resources_bucket
-    await _ensure_bucket(
+    return await _kept_bucket(
         js,
-        KeyValueConfig(
-            bucket=bucket,
-            history=1,
-            description="kloudmeter lifecycle state per resource (duration meters, usage)",
-            storage=StorageType.FILE,
-            replicas=settings.replicas,
-        ),
+        settings,
+        Layout(settings).resources_bucket,
+        "kloudmeter lifecycle state per resource (duration meters, usage)",
     )
-    return await js.key_value(bucket)
 
 
 async def ensure_corrections_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
     """The ``corrections`` bucket (core.corrections.History per corrected event, by stream
     sequence), created when missing: an installation set up before corrections gets it when
     a worker starts."""
-    bucket = Layout(settings).corrections_bucket
+    return await _kept_bucket(
+        js,
+        settings,
+        Layout(settings).corrections_bucket,
+        "kloudmeter corrections applied per stored event",
+    )
+
+
+async def _kept_bucket(
+    js: JetStreamContext, settings: Settings, bucket: str, description: str
+) -> KeyValue:
+    """A bucket of one value a key, kept without expiry, created when missing."""
     await _ensure_bucket(
         js,
         KeyValueConfig(
             bucket=bucket,
             history=1,
-            description="kloudmeter corrections applied per stored event",
+            description=description,
             storage=StorageType.FILE,
             replicas=settings.replicas,
         ),
