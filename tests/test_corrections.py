@@ -15,6 +15,7 @@ from kloudmeter_py.core.corrections import (
     CORRECTION_PREFIX,
     History,
     correction_id,
+    counted,
     replaced,
     with_applied,
 )
@@ -23,6 +24,7 @@ from kloudmeter_py.core.models import Correction, Event, Meter, event_decoder
 from kloudmeter_py.core.plan import (
     CorrectionRow,
     KeyState,
+    Rebuild,
     Series,
     Version,
     apply,
@@ -30,6 +32,8 @@ from kloudmeter_py.core.plan import (
     exact_items,
     fold_corrections,
     fold_rows,
+    rebuild_targets,
+    rebuilt_states,
     spread,
 )
 from kloudmeter_py.core.summaries import open_windows
@@ -125,6 +129,29 @@ def _resolve(ops: list[Op]) -> tuple[list[tuple[str, int, int, Event]], list[Cor
     return rows, corrections
 
 
+def _stored(ops: list[Op], through: int) -> list[tuple[int, int, Event, str | None]]:
+    """The ops as stored rows up to ``through``, corrections as correction events (what a
+    unique meter's states are rebuilt from)."""
+    out: list[tuple[int, int, Event, str | None]] = []
+    for op in ops:
+        if op[1] > through:
+            continue
+        if op[0] == "event":
+            out.append((op[1], op[2] * 1000, _event(op[1], op[3]), None))
+            continue
+        at = datetime.fromtimestamp(op[3], UTC) if op[0] == "amend" else None
+        event = Event(
+            id=f"{CORRECTION_PREFIX}{op[1]}",
+            eventType="t",
+            subject="s",
+            time=at,
+            data=op[4] if op[0] == "amend" else {},
+            correction=Correction(action=op[0], of=f"e{op[2]}", seq=op[2]),
+        )
+        out.append((op[1], 0, event, None))
+    return out
+
+
 def _by_hand(ops: list[Op]) -> list[tuple[int, int, dict[str, Any]]]:
     """The events as they count after every correction: (seq, at, data)."""
     current: dict[int, tuple[int, dict[str, Any]] | None] = {}
@@ -154,9 +181,18 @@ def _round(
     series: Series = {}
     by_type = {"t": meters}
     failures: list[tuple[Any, ...]] = list(fold_rows(series, rows, by_type, 60))
-    failures += fold_corrections(series, corrections, by_type, 60)
+    rebuilds: list[Rebuild] = []
+    failures += fold_corrections(series, corrections, by_type, 60, rebuilds)
+    rebuilt = []
+    for _, seq, cm, removed, added in rebuilds:
+        versions = [(v[0], v[1]) for v in (removed, added) if v is not None]
+        targets = rebuild_targets(cm, versions, LEVELS)
+        stored = _stored(history + ops, seq)
+        rebuilt += rebuilt_states(seq, cm, counted(stored), targets, LEVELS)
     work = spread(series, LEVELS, 60, partitions=2)
-    items = exact_items([(r[1], r[2], r[3]) for r in rows], by_type, LEVELS, 2, corrections)
+    items = exact_items(
+        [(r[1], r[2], r[3]) for r in rows], by_type, LEVELS, 2, corrections, rebuilt
+    )
     for wkey, kw in work.items():
         if crash is not None and crash.random() < 0.5:
             continue
@@ -177,7 +213,8 @@ def _values(states: dict[tuple[int, str], KeyState]) -> dict[tuple[int, str, int
             accs = {s: w for s, w in windows.items() if isinstance(w, Acc)}
         for start, acc in accs.items():
             if acc.count or acc.sum:
-                out[(store, key, start)] = (acc.count, acc.sum)
+                distinct = len(acc.distinct) if acc.distinct is not None else None
+                out[(store, key, start)] = (acc.count, acc.sum, distinct)
     return out
 
 
@@ -188,7 +225,12 @@ def _expected(ops: list[Op], meters: list[CompiledMeter]) -> dict[tuple[int, str
     return _values(states)
 
 
-_METERS = [_meter("count"), _meter("sum", groupBy={"r": "$.r"}), _meter("avg")]
+_METERS = [
+    _meter("count"),
+    _meter("sum", groupBy={"r": "$.r"}),
+    _meter("avg"),
+    _meter("unique", value="$.u", groupBy={"r": "$.r"}),
+]
 
 
 def _scenario(rng: random.Random, n: int) -> list[Op]:
@@ -199,7 +241,8 @@ def _scenario(rng: random.Random, n: int) -> list[Op]:
     for _ in range(n):
         seq += 1
         at = NOW - rng.choice([0, 30, 3600, 86400 + 7, 2 * 86400])
-        ops.append(("event", seq, at, {"v": rng.randint(1, 9), "r": rng.choice("ab")}))
+        data = {"v": rng.randint(1, 9), "r": rng.choice("ab"), "u": rng.choice("xyz")}
+        ops.append(("event", seq, at, data))
         if rng.random() < 0.4:
             of = rng.choice([op[1] for op in ops if op[0] == "event"])
             seq += 1
@@ -207,7 +250,8 @@ def _scenario(rng: random.Random, n: int) -> list[Op]:
                 ops.append(("cancel", seq, of))
             else:
                 at = NOW - rng.choice([0, 61, 7200, 86400])
-                ops.append(("amend", seq, of, at, {"v": rng.randint(1, 9), "r": rng.choice("ab")}))
+                data = {"v": rng.randint(1, 9), "r": rng.choice("ab"), "u": rng.choice("xyz")}
+                ops.append(("amend", seq, of, at, data))
     return ops
 
 

@@ -19,10 +19,12 @@ from tests.conftest import eventually
 from tests.load import METERS as LOAD_METERS
 from tests.load import WorkerProcess, actual, day_totals
 
-# load.METERS' count and sum meters, an avg and a max (which corrections do not apply to).
+# load.METERS' count and sum meters, an avg, a unique (rebuilt from the subject's events at
+# each correction) and a max (which corrections do not apply to).
 METERS: list[dict[str, Any]] = [
     *(m for m in LOAD_METERS if m["aggregation"] in ("count", "sum")),
     {"id": "mean", "eventType": "req", "aggregation": "avg", "valueProperty": "$.v"},
+    {"id": "who", "eventType": "req", "aggregation": "unique", "valueProperty": "$.u"},
     {"id": "top", "eventType": "req", "aggregation": "max", "valueProperty": "$.v"},
 ]
 BASE = 1_795_341_600  # 2026-11-22T10:00:00Z
@@ -45,7 +47,11 @@ class Corrected:
                 "eventType": "req",
                 "subject": f"c{rng.randrange(12)}",
                 "time": _time(rng),
-                "data": {"v": rng.randint(1, 100), "region": rng.choice(["eu", "us"])},
+                "data": {
+                    "v": rng.randint(1, 100),
+                    "region": rng.choice(["eu", "us"]),
+                    "u": f"u{rng.randrange(300)}",
+                },
             }
             for i in range(n)
         ]
@@ -61,7 +67,11 @@ class Corrected:
             if rng.random() < 0.35:
                 op = ("cancel", {"of": i})
             else:
-                data = {"v": rng.randint(1, 100), "region": rng.choice(["eu", "us"])}
+                data = {
+                    "v": rng.randint(1, 100),
+                    "region": rng.choice(["eu", "us"]),
+                    "u": f"u{rng.randrange(300)}",
+                }
                 op = ("amend", {"of": i, "data": data, "time": _time(rng)})
             op[1]["by_seq"] = rng.random() < 0.5  # else the worker finds it by id
             op[1]["repeat"] = rng.random() < 0.15  # published twice (a retry)
@@ -135,7 +145,9 @@ class Corrected:
         count: Counter[str] = Counter()
         total: Counter[tuple[str, str]] = Counter()
         values: dict[str, int] = Counter()
+        who: dict[str, set[str]] = {}
         for e in self.current():
+            who.setdefault(e["subject"], set()).add(e["data"]["u"])
             count[e["subject"]] += 1
             total[(e["subject"], e["data"]["region"])] += e["data"]["v"]
             values[e["subject"]] += e["data"]["v"]
@@ -143,6 +155,7 @@ class Corrected:
         for s, c in count.items():
             out[("calls", s, ())] = c
             out[("mean", s, ())] = values[s] / c
+            out[("who", s, ())] = len(who[s])
         for (s, r), v in total.items():
             out[("bytes", s, (r,))] = v
         return out
@@ -190,13 +203,13 @@ async def test_corrections_apply_once_through_shuffles_repeats_and_worker_kills(
         days = await eventually(
             lambda: day_totals(nc),
             lambda r: (
-                {k: v for k, v in r.items() if k[0] in ("calls", "bytes") and v}
-                == {k: v for k, v in expected.items() if k[0] in ("calls", "bytes")}
+                {k: v for k, v in r.items() if k[0] in ("calls", "bytes", "who") and v}
+                == {k: v for k, v in expected.items() if k[0] in ("calls", "bytes", "who")}
             ),
             timeout=60,
         )
-        assert {k: v for k, v in days.items() if k[0] in ("calls", "bytes") and v} == {
-            k: v for k, v in expected.items() if k[0] in ("calls", "bytes")
+        assert {k: v for k, v in days.items() if k[0] in ("calls", "bytes", "who") and v} == {
+            k: v for k, v in expected.items() if k[0] in ("calls", "bytes", "who")
         }
         # The query API by day: per subject from the pages, meter-wide from the rollups.
         by_day, totals = load.by_day()

@@ -22,10 +22,14 @@ original: the worker keeps the corrections it has applied per original (``Histor
 """
 
 import hashlib
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
+
+if TYPE_CHECKING:
+    from kloudmeter_py.core.models import Event
 
 # The id (and JetStream Nats-Msg-Id) of every correction starts with this: CloudEvents are
 # stored under "<source>#<id>", so it is the id space of the CloudEvent source
@@ -103,3 +107,49 @@ def with_applied(history: History | None, of: str, correction_seq: int, action: 
         applied.append((correction_seq, action))
         applied.sort()
     return History(of=history.of if history is not None else of, applied=applied)
+
+
+def event_ms(event: "Event", stored_ms: int) -> int:
+    """An event's time in epoch ms: its own, else ``stored_ms`` (when it was stored, or for
+    an amendment without a time, its original's time)."""
+    if event.time is not None:
+        return int(event.time.timestamp() * 1000)
+    return stored_ms
+
+
+# (the seq of the version, its event time ms, its event): an event as it counts now
+Counted = tuple[int, int, "Event"]
+
+
+def counted(rows: Iterable[tuple[int, int, "Event", str | None]]) -> list[Counted]:
+    """The events of stored rows ``(seq, stored-at ms, event, CloudEvent id or None)`` of one
+    subject, in stream order, as they count after the corrections among them: each version
+    the last correction of its original left (an amendment at its own seq, at its time or
+    else the original's), cancelled ones left out, in the originals' order. A correction is
+    resolved as the worker resolves it: its original at ``seq``, or the one earlier event
+    of its id; one that names none (the worker dead-lettered it) changes nothing."""
+    current: dict[int, Counted | None] = {}
+    at_of: dict[int, int] = {}
+    ids: dict[str, list[int]] = {}
+    for seq, stored_ms, event, cloud_id in rows:
+        corr = event.correction
+        if corr is None:
+            at = event_ms(event, stored_ms)
+            current[seq] = (seq, at, event)
+            at_of[seq] = at
+            ids.setdefault(event.id, []).append(seq)
+            if cloud_id is not None and cloud_id != event.id:
+                ids.setdefault(cloud_id, []).append(seq)
+            continue
+        if corr.seq is not None:
+            target = corr.seq if corr.seq in at_of else None
+        else:
+            named = ids.get(corr.of, [])
+            target = named[0] if len(named) == 1 else None
+        if target is None:
+            continue
+        if corr.action == "cancel":
+            current[target] = None
+        else:
+            current[target] = (seq, event_ms(event, at_of[target]), event)
+    return [version for version in current.values() if version is not None]

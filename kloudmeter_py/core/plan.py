@@ -45,13 +45,19 @@ Row = tuple[Any, int, int, Event]
 # (tag, stream seq, meter id, reason) of an event a meter cannot use
 Failure = tuple[Any, int, str, str]
 # (stream seq, event time ms, number, distinct key, too old for every summary level,
-# 1 to fold in or -1 to take out: a correction's replaced version)
-Item = tuple[int, int, Number | None, str | None, bool, int]
+# 1 to fold in or -1 to take out: a correction's replaced version, or 0: a unique meter's
+# state rebuilt at a correction, number its count and the distinct keys all its values)
+Item = tuple[int, int, Number | None, str | frozenset[str] | None, bool, int]
+# A unique meter's state rebuilt at a correction: (its seq, key, window start in seconds or
+# 0 for a reading, count, distinct values)
+Rebuilt = tuple[int, "WKey", int, int, frozenset[str]]
+# A correction a unique meter's keys are rebuilt for: (tag, seq, meter, removed, added)
 # A correction as the worker resolved it (core.corrections): (tag, its stream seq, the
 # version it takes out as (event time ms, event, that version's stream seq) or None, the
 # version it puts in as (event time ms, event) or None).
 Version = tuple[int, Event, int]
 CorrectionRow = tuple[Any, int, Version | None, tuple[int, Event] | None]
+Rebuild = tuple[Any, int, CompiledMeter, Version | None, tuple[int, Event] | None]
 NO_LIMIT = 1 << 60
 
 
@@ -79,12 +85,23 @@ class Part:
     last_seq: int = 0
     events: int = 0
     late: int = 0  # events too old for every summary level
+    rebuild: bool = False  # a unique meter's state is rebuilt here at a correction
 
 
 class KeyWork:
     """What one round changes in one key: the parts that fall in it."""
 
-    __slots__ = ("first_seq", "groups", "last_seq", "meter", "oldest", "parts", "subject", "width")
+    __slots__ = (
+        "first_seq",
+        "groups",
+        "last_seq",
+        "meter",
+        "oldest",
+        "parts",
+        "rebuild",
+        "subject",
+        "width",
+    )
 
     def __init__(self, part: Part, width: int = 0, oldest: int = 0) -> None:
         self.meter = part.meter
@@ -95,11 +112,13 @@ class KeyWork:
         self.parts = [part]
         self.first_seq = part.first_seq
         self.last_seq = part.last_seq
+        self.rebuild = part.rebuild
 
     def add(self, part: Part) -> None:
         self.parts.append(part)
         self.first_seq = min(self.first_seq, part.first_seq)
         self.last_seq = max(self.last_seq, part.last_seq)
+        self.rebuild = self.rebuild or part.rebuild
 
     @property
     def events(self) -> int:
@@ -245,6 +264,7 @@ def fold_corrections(
     rows: Iterable[CorrectionRow],
     by_type: Mapping[str, Sequence[CompiledMeter]],
     interval: int,
+    rebuilds: list[Rebuild] | None = None,
 ) -> list[Failure]:
     """Fold corrections into ``series``, after the round's events: the version each takes
     out folded inversely (core.aggregate.unfold) into the series and window it was in, the
@@ -255,7 +275,9 @@ def fold_corrections(
     correction is too; what the taken-out version's values cannot be read from (its event
     failed for this meter) was never folded and is skipped; an amendment a meter cannot use
     fails like an event. A meter whose aggregation a correction cannot be taken out of
-    (``core.corrections.invertible``) fails the correction instead.
+    (``core.corrections.invertible``) fails the correction instead; with ``rebuilds``, a
+    unique meter's does not: the keys and windows of both versions are marked to be rebuilt
+    (``rebuilt_states``) and the correction is added to ``rebuilds``.
     """
     failures: list[Failure] = []
     for tag, seq, removed, added in rows:
@@ -266,6 +288,10 @@ def fold_corrections(
             if seq <= cm.meter.startSeq:
                 continue
             if not invertible(cm.agg.name):
+                if rebuilds is not None and cm.agg.uses_distinct:
+                    failures.extend(_mark_rebuild(series, cm, tag, seq, removed, added, interval))
+                    rebuilds.append((tag, seq, cm, removed, added))
+                    continue
                 failures.append((tag, seq, cm.meter.id, _not_invertible(cm)))
                 continue
             if removed is not None and removed[2] > cm.meter.startSeq:
@@ -288,6 +314,84 @@ def fold_corrections(
                 fold(part.acc, number, dkey, at_ms, seq, NO_LIMIT)
                 part.events += 1
     return failures
+
+
+def _mark_rebuild(
+    series: Series,
+    cm: CompiledMeter,
+    tag: Any,
+    seq: int,
+    removed: Version | None,
+    added: tuple[int, Event] | None,
+    interval: int,
+) -> list[Failure]:
+    """The series and windows of both versions, marked to be rebuilt at ``seq``."""
+    failures: list[Failure] = []
+    versions: list[tuple[int, Event, bool]] = []
+    if removed is not None and removed[2] > cm.meter.startSeq:
+        versions.append((removed[0], removed[1], True))
+    if added is not None:
+        versions.append((added[0], added[1], False))
+    for at_ms, event, taken_out in versions:
+        try:
+            key, groups, _, _ = cm.extract(event.subject, event.data)
+        except ValueError_ as exc:
+            if not taken_out:
+                failures.append((tag, seq, cm.meter.id, str(exc)))
+            continue
+        _part(series, cm, event.subject, groups, key, at_ms, seq, interval).rebuild = True
+    return failures
+
+
+def rebuild_targets(
+    cm: CompiledMeter, versions: Iterable[tuple[int, Event]], levels: Levels
+) -> set[tuple[int, str, int]]:
+    """(store, key, window start or 0) of the reading and each kept window of the versions."""
+    targets: set[tuple[int, str, int]] = set()
+    for at_ms, event in versions:
+        try:
+            key, _, _, _ = cm.extract(event.subject, event.data)
+        except ValueError_:
+            continue
+        targets.add((0, key, 0))
+        for store, start, width in kept_windows(at_ms // 1000, levels):
+            targets.add((store, f"{key}.{page_token(width, start)}", start))
+    return targets
+
+
+def rebuilt_states(
+    seq: int,
+    cm: CompiledMeter,
+    counted: Iterable[tuple[int, int, Event]],
+    targets: set[tuple[int, str, int]],
+    levels: Levels,
+) -> list[Rebuilt]:
+    """A unique meter's states at correction ``seq`` for ``targets``: the count and the
+    distinct values of the events as they count (core.corrections.counted, up to ``seq``)
+    that fall in each reading or window. Versions at or before the meter's start are not its;
+    values it could not read failed when they were folded."""
+    found: dict[tuple[int, str, int], tuple[int, set[str]]] = {t: (0, set()) for t in targets}
+    for version_seq, at_ms, event in counted:
+        if version_seq <= cm.meter.startSeq:
+            continue
+        try:
+            key, _, _, dkey = cm.extract(event.subject, event.data)
+        except ValueError_:
+            continue
+        places = [(0, key, 0)] + [
+            (store, f"{key}.{page_token(width, start)}", start)
+            for store, start, width in kept_windows(at_ms // 1000, levels)
+        ]
+        for place in places:
+            if place in found:
+                count, values = found[place]
+                if dkey is not None:
+                    values.add(dkey)
+                found[place] = (count + 1, values)
+    return [
+        (seq, (store, key), start, count, frozenset(values))
+        for (store, key, start), (count, values) in sorted(found.items())
+    ]
 
 
 def _part(
@@ -376,6 +480,7 @@ def exact_items(
     levels: Levels,
     partitions: int = 0,
     corrections: Iterable[CorrectionRow] = (),
+    rebuilt: Iterable[Rebuilt] = (),
 ) -> dict[WKey, list[Item]]:
     """Every key's events one by one (rows of stream seq, event time ms, event), in order:
     for the keys whose stored state already holds part of the round (rollup pages too, with
@@ -422,6 +527,9 @@ def exact_items(
                 add(seq, removed[0], removed[1], cm, -1)
             if added is not None:
                 add(seq, added[0], added[1], cm, 1)
+    for seq, wkey, start, count, values in rebuilt:
+        corrected = True
+        items.setdefault(wkey, []).append((seq, start * 1000, count, values, False, 0))
     if corrected:
         for key_items in items.values():
             key_items.sort(key=lambda item: item[0])  # stable: a correction's two in order
@@ -446,8 +554,10 @@ def apply(
         return False, []
     is_reading = wkey[0] == 0
     replayed = state.replayed
-    exact = state.last_seq >= kw.first_seq or bool(
-        replayed and any(kw.first_seq <= r <= kw.last_seq for r in replayed)
+    exact = (
+        state.last_seq >= kw.first_seq
+        or kw.rebuild
+        or bool(replayed and any(kw.first_seq <= r <= kw.last_seq for r in replayed))
     )
     if not exact and is_reading and kw.meter.agg.uses_distinct:
         have = state.acc.distinct or set()
@@ -487,7 +597,10 @@ def apply(
                 seconds = at_ms // 1000
                 target = _window(windows, seconds - seconds % width)
             limit = unique_limit if windows is None else NO_LIMIT
-            if sign < 0:
+            if isinstance(dkey, frozenset):  # a rebuilt state
+                target.count = int(number or 0)
+                target.distinct = set(dkey)
+            elif sign < 0:
                 unfold(target, number)
             else:
                 fold(target, number, dkey, at_ms, seq, limit)

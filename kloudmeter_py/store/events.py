@@ -9,6 +9,7 @@ delivery per message under the filter and a decode only for the few candidates.
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -131,73 +132,13 @@ async def find_events(
     per-message delivery is most of it); one subject's 4,000 of them, 0.15-0.19 s.
     """
     needles = _needles(event_id)
-    nc = js._nc
     if before_seq is None:
         before_seq = (await js.stream_info(stream)).state.last_seq + 1
-    end = before_seq
-    name = f"find-{uuid.uuid4().hex[:12]}"
-    config = ConsumerConfig(
-        name=name,
-        filter_subject=filter_subject,
-        ack_policy=AckPolicy.NONE,
-        deliver_policy=DeliverPolicy.ALL,
-        inactive_threshold=30.0,
-        mem_storage=True,
-        num_replicas=1,
-    )
-    info = await js.add_consumer(stream, config)
-    candidates: list[tuple[int, str, int, bytes]] = []
-    done = asyncio.Event()
-    # Each request's end: its batch delivered, nothing more pending, or a status (404 no
-    # messages, 408 expired) answering it.
-    state = {"left": 0, "pending": int(info.num_pending or 0)}
 
-    errors: list[Exception] = []
+    def keep(data: bytes) -> bool:
+        return b"\\" in data or any(n in data for n in needles)
 
-    async def on_msg(msg: Msg) -> None:
-        if not msg.data and msg.headers and "Status" in msg.headers:
-            done.set()
-            return
-        try:
-            seq, _, stored_ns, pending = ack_fields(msg.reply)
-        except ValueError as exc:  # not a consumer's delivery: stop, and say so
-            errors.append(exc)
-            done.set()
-            return
-        state["left"] -= 1
-        state["pending"] = pending
-        if seq >= end:
-            state["pending"] = 0
-            done.set()
-            return
-        data = msg.data
-        if b"\\" in data or any(n in data for n in needles):
-            candidates.append((seq, msg.subject, stored_ns, data))
-        if pending == 0 or state["left"] <= 0:
-            done.set()
-
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, cb=on_msg)
-    next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"
-    try:
-        while state["pending"] > 0:
-            batch = min(_BATCH, state["pending"])
-            state["left"] = batch
-            done.clear()
-            request = {"batch": batch, "expires": int(_EXPIRES_S * 1e9)}
-            await nc.publish(next_subject, msgspec.json.encode(request), reply=inbox)
-            await _wait(done, budget)
-            if errors:
-                raise errors[0]
-            if state["left"] > 0 and state["pending"] > 0:
-                # Answered short (a status): ask the server what is left.
-                state["pending"] = int((await js.consumer_info(stream, name)).num_pending or 0)
-    finally:
-        await sub.unsubscribe()
-        try:
-            await js.delete_consumer(stream, name)
-        except NotFoundError:
-            pass
+    candidates = await _scan(js, stream, filter_subject, before_seq, keep, budget)
     decoded = [
         stored
         for seq, subject, stored_ns, data in candidates
@@ -235,3 +176,95 @@ def _utc(stored_ns: int) -> datetime:
     get answers it (a float division would round some a microsecond up)."""
     seconds, ns = divmod(stored_ns, 1_000_000_000)
     return datetime.fromtimestamp(seconds, UTC).replace(microsecond=ns // 1000)
+
+
+async def subject_events(
+    js: JetStreamContext, stream: str, filter_subject: str, through_seq: int
+) -> list[Stored]:
+    """Every stored event under ``filter_subject`` up to stream seq ``through_seq``, in stream
+    order (undecodable messages skipped): what a correction of a unique meter is rebuilt
+    from (worker.corrections). Its cost grows with the messages under the filter, as
+    ``find_events``' (one subject's 4,000 events: ~0.15-0.2 s here)."""
+    candidates = await _scan(js, stream, filter_subject, through_seq + 1, lambda _: True, None)
+    return [
+        stored
+        for seq, subject, stored_ns, data in candidates
+        if (stored := decode_stored(seq, subject, _utc(stored_ns), data)) is not None
+    ]
+
+
+async def _scan(
+    js: JetStreamContext,
+    stream: str,
+    filter_subject: str,
+    end: int,
+    keep: Callable[[bytes], bool],
+    budget: ReadBudget | None,
+) -> list[tuple[int, str, int, bytes]]:
+    """(seq, subject, stored ns, data) of the messages under ``filter_subject`` before
+    stream seq ``end`` that ``keep`` keeps, through an ephemeral pull consumer."""
+    nc = js._nc
+    name = f"find-{uuid.uuid4().hex[:12]}"
+    config = ConsumerConfig(
+        name=name,
+        filter_subject=filter_subject,
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.ALL,
+        inactive_threshold=30.0,
+        mem_storage=True,
+        num_replicas=1,
+    )
+    info = await js.add_consumer(stream, config)
+    candidates: list[tuple[int, str, int, bytes]] = []
+    done = asyncio.Event()
+    # Each request's end: its batch delivered, nothing more pending, or a status (404 no
+    # messages, 408 expired) answering it.
+    state = {"left": 0, "pending": int(info.num_pending or 0)}
+
+    errors: list[Exception] = []
+
+    async def on_msg(msg: Msg) -> None:
+        if not msg.data and msg.headers and "Status" in msg.headers:
+            done.set()
+            return
+        try:
+            seq, _, stored_ns, pending = ack_fields(msg.reply)
+        except ValueError as exc:  # not a consumer's delivery: stop, and say so
+            errors.append(exc)
+            done.set()
+            return
+        state["left"] -= 1
+        state["pending"] = pending
+        if seq >= end:
+            state["pending"] = 0
+            done.set()
+            return
+        data = msg.data
+        if keep(data):
+            candidates.append((seq, msg.subject, stored_ns, data))
+        if pending == 0 or state["left"] <= 0:
+            done.set()
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=on_msg)
+    next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"
+    try:
+        while state["pending"] > 0:
+            batch = min(_BATCH, state["pending"])
+            state["left"] = batch
+            done.clear()
+            request = {"batch": batch, "expires": int(_EXPIRES_S * 1e9)}
+            await nc.publish(next_subject, msgspec.json.encode(request), reply=inbox)
+            await _wait(done, budget)
+            if errors:
+                raise errors[0]
+            if state["left"] > 0 and state["pending"] > 0:
+                # Answered short (a status): ask the server what is left.
+                state["pending"] = int((await js.consumer_info(stream, name)).num_pending or 0)
+    finally:
+        await sub.unsubscribe()
+        try:
+            await js.delete_consumer(stream, name)
+        except NotFoundError:
+            pass
+    return candidates

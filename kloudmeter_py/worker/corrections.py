@@ -28,7 +28,13 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from kloudmeter_py.core.corrections import History, history_decoder, replaced, with_applied
+from kloudmeter_py.core.corrections import (
+    History,
+    event_ms,
+    history_decoder,
+    replaced,
+    with_applied,
+)
 from kloudmeter_py.core.models import Event, encoder, event_decoder
 from kloudmeter_py.core.plan import CorrectionRow, Version
 
@@ -42,13 +48,6 @@ class Unresolved(Exception):
 
 class NotYet(Exception):
     """A correction the runner has not recorded yet (``versions`` reads, never records)."""
-
-
-def event_ms(event: Event, stored_ms: int) -> int:
-    """An event's time in epoch ms: its own, else when it was stored."""
-    if event.time is not None:
-        return int(event.time.timestamp() * 1000)
-    return stored_ms
 
 
 def _ms(at: datetime | None) -> int:

@@ -29,6 +29,7 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
+from kloudmeter_py.core.corrections import counted
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.meters import CompiledMeter, to_reading
 from kloudmeter_py.core.models import Event, encoder, event_decoder
@@ -38,6 +39,8 @@ from kloudmeter_py.core.plan import (
     Item,
     KeyState,
     KeyWork,
+    Rebuild,
+    Rebuilt,
     Series,
     WKey,
     apply,
@@ -46,9 +49,12 @@ from kloudmeter_py.core.plan import (
     exact_items,
     fold_corrections,
     fold_rows,
+    rebuild_targets,
+    rebuilt_states,
     spread,
 )
 from kloudmeter_py.core.summaries import encode_page
+from kloudmeter_py.store.events import subject_events
 from kloudmeter_py.store.kv import get_with_revision
 from kloudmeter_py.store.pull import RawPuller, ack_fields
 from kloudmeter_py.store.wire import WireMsg
@@ -169,6 +175,7 @@ class _Round:
         # resolved (worker.corrections) into what each takes out and puts in.
         self.corrections: list[Pending] = []
         self.correction_rows: list[CorrectionRow] = []
+        self.rebuilt: list[Rebuilt] = []  # unique meters' states rebuilt at corrections
 
     def release(self) -> None:
         """Drop what only the round's write needed (its messages, keys and parts)."""
@@ -178,6 +185,7 @@ class _Round:
         self._by_seq = None
         self.corrections = []
         self.correction_rows = []
+        self.rebuilt = []
 
     def by_seq(self) -> dict[int, WireMsg]:
         if self._by_seq is None:
@@ -675,10 +683,36 @@ class Runner:
             if not self.cp.replaying(msg.subject, seq):
                 rnd.dead[(seq, "")] = (msg, None, reason)
         rnd.correction_rows = rows
+        rebuilds: list[Rebuild] = []
         self._failed(
             rnd,
-            fold_corrections(rnd.series, rows, self.w.registry.by_type, self.settings.interval),
+            fold_corrections(
+                rnd.series, rows, self.w.registry.by_type, self.settings.interval, rebuilds
+            ),
         )
+        if rebuilds:
+            await self._rebuild(rnd, rebuilds)
+
+    async def _rebuild(self, rnd: _Round, rebuilds: list[Rebuild]) -> None:
+        """A unique meter's keys a correction changes, rebuilt from the events of the
+        correction's subject up to it (core.plan.rebuilt_states): a distinct value cannot be
+        taken out of a set without knowing whether another event brought it too. Exact only
+        while the stream still holds every event of the meter: else the correction is
+        dead-lettered for it. Costs a scan of the subject's events (store.events)."""
+        first = int((await self.w.js.stream_info(self.layout.stream)).state.first_seq or 0)
+        for tag, seq, cm, removed, added in rebuilds:
+            if first > max(cm.meter.startSeq, 0) + 1:
+                reason = (
+                    f"corrections of a unique meter rebuild its states from the stream, which "
+                    f"no longer holds its events before stream seq {first}"
+                )
+                self._failed(rnd, [(tag, seq, cm.meter.id, reason)])
+                continue
+            stored = await subject_events(self.w.js, self.layout.stream, tag.subject, seq)
+            rows = [(s.seq, int(s.time.timestamp() * 1000), s.event, s.cloud_id) for s in stored]
+            versions = [(v[0], v[1]) for v in (removed, added) if v is not None]
+            targets = rebuild_targets(cm, versions, rnd.levels)
+            rnd.rebuilt.extend(rebuilt_states(seq, cm, counted(rows), targets, rnd.levels))
 
     def _spread(self, rnd: _Round) -> None:
         """The keys the round changes (core.plan.spread); the parts stay only in them."""
@@ -705,6 +739,7 @@ class Runner:
                 rnd.levels,
                 self.settings.partitions,
                 rnd.correction_rows,
+                rnd.rebuilt,
             )
         return rnd.items
 
