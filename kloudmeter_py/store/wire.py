@@ -18,6 +18,7 @@ import itertools
 import json
 import ssl
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
@@ -316,6 +317,65 @@ class Wire(asyncio.Protocol):
             self.unsubscribe(sid)
         return out
 
+    async def messages_from(
+        self, stream: str, seq: int, batch: int, subject: str, timeout: float = 10.0
+    ) -> tuple[list[tuple[int, str, int, bytes]], int]:
+        """Up to ``batch`` stored messages from stream sequence ``seq`` on, under the filter
+        ``subject``, in stream order, in one direct-get request (``batch`` with
+        ``next_by_subj``, nats-server 2.11+, streams with allow_direct): (sequence, subject,
+        stored time in epoch ns, data) each, and the messages under the filter left after the
+        last one answered (``Nats-Num-Pending``; the server may end an answer early, by
+        size). WireError when the server cannot answer this way."""
+        out: list[tuple[int, str, int, bytes]] = []
+        pending = [0]
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_msg(msg: WireMsg) -> None:
+            if done.done():
+                return
+            subject, at, stored = "", 0, 0
+            for line in msg.headers.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name == b"Nats-Subject":
+                    subject = value.strip().decode()
+                elif name == b"Nats-Sequence":
+                    at = int(value)
+                elif name == b"Nats-Time-Stamp":
+                    stored = _epoch_ns(value.strip().decode())
+                elif name == b"Nats-Num-Pending":
+                    pending[0] = int(value)
+            status = msg.status()
+            if status is not None:
+                if status.startswith("204"):  # end of batch
+                    done.set_result(None)
+                elif status.startswith("404"):  # nothing (more) under the filter
+                    pending[0] = 0
+                    done.set_result(None)
+                else:
+                    done.set_exception(WireError(f"direct get refused: {status}"))
+                return
+            out.append((at, subject, stored, msg.data))
+
+        inbox = self.new_inbox()
+        sid = self.subscribe(inbox, on_msg)
+        try:
+            request = json.dumps({"seq": seq, "batch": batch, "next_by_subj": subject}).encode()
+            self.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=inbox)
+            async with asyncio.timeout(timeout):
+                await done
+        finally:
+            self.unsubscribe(sid)
+        return out, pending[0]
+
     async def close(self) -> None:
         if self.error is None and self._transport is not None:
             self._fail(WireError("connection closed"))
+
+
+def _epoch_ns(stamp: str) -> int:
+    """A ``Nats-Time-Stamp`` header (RFC 3339 in UTC with up to nanoseconds, as Go writes
+    it) in epoch nanoseconds."""
+    whole, _, rest = stamp.rstrip("Z").partition(".")
+    seconds = int(datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp())
+    digits = "".join(c for c in rest if c.isdigit())[:9]
+    return seconds * 1_000_000_000 + int(digits.ljust(9, "0") or 0)
