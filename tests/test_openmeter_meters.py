@@ -18,7 +18,7 @@ from kloudmeter_py.config import Settings
 from kloudmeter_py.gateway import create_app
 from kloudmeter_py.worker import Worker
 from tests.conftest import eventually
-from tests.helpers import Http, post_event, readings, total_count
+from tests.helpers import Http, post_event, publish_event, readings, total_count
 
 ADMIN_TOKEN = "admin-token-for-openmeter-meters-0123"
 
@@ -348,6 +348,37 @@ async def test_events_list_shows_a_user_only_its_own_subject(http: Http, secured
         assert await user.events.list(id="g1") == []
     async with _client(secured, ADMIN_TOKEN) as admin:
         assert [e.event.id for e in await admin.events.list(subject="globex")] == ["g2", "g1"]
+
+
+async def test_events_list_reads_back_across_many_ranges(
+    http: Http, secured: Http, nc: Client
+) -> None:
+    """Events spread over more stored messages than one read range holds come back complete
+    and newest first, for a partial subject (admin) and a user's own subject."""
+    for i in range(700):
+        subject = "acme" if i % 7 == 0 else f"other-{i % 3}"
+        await publish_event(nc, id=f"e{i}", eventType="call", subject=subject)
+    expected = [f"e{i}" for i in reversed(range(0, 700, 7))]
+    assert len(expected) == 100
+    async with _client(http) as om:
+        assert [e.event.id for e in await om.events.list(subject="acm")] == expected
+        assert [e.event.id for e in await om.events.list(id="e69")] == [
+            "e699",
+            "e698",
+            "e697",
+            "e696",
+            "e695",
+            "e694",
+            "e693",
+            "e692",
+            "e691",
+            "e690",
+            "e69",
+        ]
+    acme = await _user_token(secured, "acme")
+    async with _client(secured, acme) as user:
+        assert [e.event.id for e in await user.events.list(limit=30)] == expected[:30]
+        assert [e.event.id for e in await user.events.list()] == expected
 
 
 # -- the query as CSV -----------------------------------------------------------------------

@@ -276,7 +276,11 @@ async def newest_events(
     one direct-get request (``batch`` from the range's first sequence, ``next_by_subj`` the
     filter: nats-server skips what the filter does not match), read newest first. The first
     range is 256 sequences and each next one four times larger (up to 8,192), so a page of
-    recent events costs one or two requests and a long scan few requests per message.
+    recent events costs one or two requests and a long scan few requests per message. A
+    batch has no upper sequence (``up_to_seq`` is for ``multi_last`` only), so the server
+    reads on past the range until the batch is full: each range asks for about as many
+    messages as the previous range's share under the filter makes likely (a subject's 2% of
+    the stream: 3,500 -> 470 ms for 4,000 of 200,000 once this was done).
 
     Cost: it grows with the stored messages under the filter that are newer than the oldest
     one returned - about ``limit`` divided by the share of them that ``keep`` accepts - and
@@ -284,17 +288,29 @@ async def newest_events(
     message. A filter nothing matches reads every message under ``filter_subject`` (a
     subject filter narrows that on the server; an event-time, id or partial-subject filter
     cannot). With ``budget``, its deadline (or a stop) ends the scan with its error.
+
+    Measured on this machine (2 shared cores, load ~3 from other work, a local nats-server,
+    200,000 stored events of ~100 bytes over 50 subjects, three runs each): the newest 100
+    of all, 7-13 ms; a filter nothing matches over the whole stream, 200,000 read in
+    5.1-6.8 s (~30,000-39,000 messages/s: the per-message decoding in Python is most of it);
+    over one subject's 4,000 (a user's list), 0.35-0.53 s.
     """
     state = (await js.stream_info(stream)).state
     first, hi = max(int(state.first_seq or 1), 1), int(state.last_seq or 0)
     out = Newest()
     span = _FIRST_RANGE
+    batch = span
     stored_from_ns = None if stored_from is None else _epoch_ns(stored_from)
     while hi >= first and len(out.events) < limit:
         if budget is not None:
             budget.check()
         lo = max(first, hi - span + 1)
-        found = await _range(wire, stream, lo, hi, filter_subject)
+        found = await _range(wire, stream, lo, hi, filter_subject, batch)
+        # The next range asks for about as many messages as this one's share under the
+        # filter makes likely: the server reads on past the range until it has the batch.
+        share = (len(found) + 1) / (hi - lo + 1)
+        span = min(span * 4, _MAX_RANGE)
+        batch = min(span, int(share * span * 1.25) + 32)
         for seq, subject, stored_ns, data in reversed(found):
             if stored_from_ns is not None and stored_ns < stored_from_ns:
                 return out
@@ -307,30 +323,29 @@ async def newest_events(
                 if len(out.events) >= limit:
                     return out
         hi = lo - 1
-        span = min(span * 4, _MAX_RANGE)
     return out
 
 
 async def _range(
-    wire: Wire, stream: str, lo: int, hi: int, filter_subject: str
+    wire: Wire, stream: str, lo: int, hi: int, filter_subject: str, batch: int
 ) -> list[tuple[int, str, int, bytes]]:
-    """The stored messages under the filter from sequence ``lo`` to ``hi``, in stream order:
-    one request, unless the server ended its answer early (then on from where it stopped).
-    The answer reaches past ``hi`` when the filter skips messages; those are dropped."""
+    """The stored messages under the filter from sequence ``lo`` to ``hi``, in stream order,
+    asked for ``batch`` at a time. nats-server answers a batch from ``lo`` on and reads past
+    ``hi`` when the filter skips messages (it has no upper bound for a batch): those are
+    dropped. Another request follows while the answer filled the batch, or was cut short
+    (by size) with more under the filter, short of ``hi``."""
     out: list[tuple[int, str, int, bytes]] = []
     start = lo
     while start <= hi:
         try:
-            got, pending = await wire.messages_from(stream, start, hi - start + 1, filter_subject)
+            got, pending = await wire.messages_from(stream, start, batch, filter_subject)
         except WireError as exc:
             raise Unavailable(
                 f"stream {stream}: stored events not read ({exc}): the stream needs direct "
                 "gets (allow_direct, set by `kloudmeter setup`) and nats-server 2.11 or later"
             ) from exc
         out.extend(m for m in got if m[0] <= hi)
-        # Complete when it reached hi, or nothing more is under the filter; else the answer
-        # was cut short (a range holds no more matches than the batch asked for).
-        if not got or got[-1][0] >= hi or pending == 0:
+        if not got or got[-1][0] >= hi or (len(got) < batch and pending == 0):
             break
         start = got[-1][0] + 1
     return out

@@ -14,8 +14,10 @@ the worker's partitions start again from their checkpoints on a new one.
 """
 
 import asyncio
+import functools
 import itertools
 import json
+import re
 import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -333,17 +335,9 @@ class Wire(asyncio.Protocol):
         def on_msg(msg: WireMsg) -> None:
             if done.done():
                 return
-            subject, at, stored = "", 0, 0
-            for line in msg.headers.split(b"\r\n")[1:]:
-                name, _, value = line.partition(b":")
-                if name == b"Nats-Subject":
-                    subject = value.strip().decode()
-                elif name == b"Nats-Sequence":
-                    at = int(value)
-                elif name == b"Nats-Time-Stamp":
-                    stored = _epoch_ns(value.strip().decode())
-                elif name == b"Nats-Num-Pending":
-                    pending[0] = int(value)
+            headers = dict(_NATS_HEADER.findall(msg.headers))
+            if b"Nats-Num-Pending" in headers:
+                pending[0] = int(headers[b"Nats-Num-Pending"])
             status = msg.status()
             if status is not None:
                 if status.startswith("204"):  # end of batch
@@ -354,7 +348,15 @@ class Wire(asyncio.Protocol):
                 else:
                     done.set_exception(WireError(f"direct get refused: {status}"))
                 return
-            out.append((at, subject, stored, msg.data))
+            stamp = headers.get(b"Nats-Time-Stamp")
+            out.append(
+                (
+                    int(headers.get(b"Nats-Sequence", 0)),
+                    headers.get(b"Nats-Subject", b"").decode(),
+                    0 if stamp is None else _epoch_ns(stamp.decode()),
+                    msg.data,
+                )
+            )
 
         inbox = self.new_inbox()
         sid = self.subscribe(inbox, on_msg)
@@ -372,10 +374,21 @@ class Wire(asyncio.Protocol):
             self._fail(WireError("connection closed"))
 
 
+# A direct get's header lines (``Nats-Sequence: 12``): name -> value.
+_NATS_HEADER = re.compile(rb"(Nats-[A-Za-z-]+):[ \t]*([^\r\n]*)")
+
+
+@functools.lru_cache(maxsize=256)
+def _epoch_seconds(whole: str) -> int:
+    """``YYYY-MM-DDTHH:MM:SS`` in UTC as epoch seconds (messages stored in one second share
+    it: cached)."""
+    return int(datetime.fromisoformat(whole).replace(tzinfo=UTC).timestamp())
+
+
 def _epoch_ns(stamp: str) -> int:
     """A ``Nats-Time-Stamp`` header (RFC 3339 in UTC with up to nanoseconds, as Go writes
     it) in epoch nanoseconds."""
     whole, _, rest = stamp.rstrip("Z").partition(".")
-    seconds = int(datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp())
-    digits = "".join(c for c in rest if c.isdigit())[:9]
-    return seconds * 1_000_000_000 + int(digits.ljust(9, "0") or 0)
+    fraction = rest[:9]
+    ns = int(fraction.ljust(9, "0")) if fraction.isdigit() else 0
+    return _epoch_seconds(whole) * 1_000_000_000 + ns
