@@ -56,8 +56,8 @@ BEYOND_SCHEMA: dict[str, str] = {
     "boundaries, an IANA time zone, groups the meter has",
     "PUT /api/v1/meters/{meter}": "the slug, event type, aggregation, value property and "
     "group-by paths as the meter has them; keys added only while it has counted nothing",
-    "GET /api/v1/meters/{meter}/group-by/{key}/values": "a group-by key the meter has; times "
-    "Python reads (no leap second)",
+    "GET /api/v1/meters/{meter}/group-by/{groupByKey}/values": "a group-by key the meter "
+    "has; times Python reads (no leap second)",
     "GET /api/v1/events": "times Python reads (no leap second)",
 }
 
@@ -275,9 +275,9 @@ def _explicit(seeded: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
         ("/api/v1/meters/{meter}/query", "GET", {**meter, "query": {"groupBy": ["subject"]}}),
         ("/api/v1/meters/{meter}/query", "POST", {**meter, "body": {"windowSize": "DAY"}}),
         (
-            "/api/v1/meters/{meter}/group-by/{key}/values",
+            "/api/v1/meters/{meter}/group-by/{groupByKey}/values",
             "GET",
-            {"path_parameters": {"meter": "api-calls", "key": "method"}},
+            {"path_parameters": {"meter": "api-calls", "groupByKey": "method"}},
         ),
         ("/api/v1/events", "GET", {"query": {"limit": 5, "subject": "customer"}}),
         ("/api/v1/meters/{meter}", "PUT", {**meter, "body": {"description": "API calls"}}),

@@ -89,7 +89,7 @@ PATH_VALUES = {
     "resource_id": "zz-vm",
     "id": "zz-id",
     "name": "app.js",
-    "key": "zz-key",
+    "groupByKey": "zz-key",
 }
 
 

@@ -481,7 +481,7 @@ _VALUES_PARAMS = (
 
 
 @routes.get(
-    "/api/v1/meters/{meter}/group-by/{key}/values",
+    "/api/v1/meters/{meter}/group-by/{groupByKey}/values",
     access=USER,
     tenant=CALLER,
     op=Op(
@@ -494,8 +494,8 @@ _VALUES_PARAMS = (
     ),
 )
 async def list_group_by_values(request: web.Request) -> web.Response:
-    """GET /api/v1/meters/{idOrSlug}/group-by/{key}/values: the distinct values of the key in
-    the meter's readings (its current generation), sorted; a user sees its own subject's.
+    """GET /api/v1/meters/{idOrSlug}/group-by/{groupByKey}/values: the distinct values of the
+    key in the meter's readings (its current generation), sorted; a user sees its own subject's.
 
     ``from`` (default 24 hours ago, as OpenMeter) keeps readings with an event at or after
     it, ``to`` those with one at or before it (a reading keeps its first and last event
@@ -503,7 +503,7 @@ async def list_group_by_values(request: web.Request) -> web.Response:
     ``from`` and after ``to`` is listed too. An absent value (the path found nothing) is not
     listed. Cost: one read of the meter's readings (a user's: its subject's only)."""
     meter = await request.app[METERS].get(request.match_info["meter"])
-    key = request.match_info["key"]
+    key = request.match_info["groupByKey"]
     if key not in meter.groupBy:
         keys = ", ".join(sorted(meter.groupBy)) or "none"
         raise InvalidInput(
