@@ -54,6 +54,11 @@ BEYOND_SCHEMA: dict[str, str] = {
     },
     "GET /api/meters/{meter}/export": "as a query: from before to on METER_INTERVAL "
     "boundaries, an IANA time zone, groups the meter has",
+    "PUT /api/v1/meters/{meter}": "the slug, event type, aggregation, value property and "
+    "group-by paths as the meter has them; keys added only while it has counted nothing",
+    "GET /api/v1/meters/{meter}/group-by/{groupByKey}/values": "a group-by key the meter "
+    "has; times Python reads (no leap second)",
+    "GET /api/v1/events": "times Python reads (no leap second)",
 }
 
 
@@ -121,6 +126,14 @@ async def test_statuses_and_schemas(gateway: Http) -> None:
     assert codes("post", "/api/v1/events") == {"204", "400", "413", "503"}
     assert codes("get", "/api/meters") == {"200", "503"}
     assert codes("get", "/metrics") == {"200"}
+    assert codes("put", "/api/v1/meters/{meter}") == {"200", "400", "404", "409", "413", "503"}
+    assert codes("get", "/api/v1/events") == {"200", "400", "503"}
+    v1_query = paths["/api/v1/meters/{meter}/query"]
+    for method in ("get", "post"):
+        assert set(v1_query[method]["responses"]["200"]["content"]) == {
+            "application/json",
+            "text/csv",
+        }
     # Errors: the envelope, and problem+json under /api/v1.
     not_found = paths["/api/v1/meters/{meter}"]["get"]["responses"]["404"]["content"]
     assert list(not_found) == ["application/problem+json"]
@@ -261,6 +274,13 @@ def _explicit(seeded: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
         ("/api/v1/meters/{meter}/subjects", "GET", meter),
         ("/api/v1/meters/{meter}/query", "GET", {**meter, "query": {"groupBy": ["subject"]}}),
         ("/api/v1/meters/{meter}/query", "POST", {**meter, "body": {"windowSize": "DAY"}}),
+        (
+            "/api/v1/meters/{meter}/group-by/{groupByKey}/values",
+            "GET",
+            {"path_parameters": {"meter": "api-calls", "groupByKey": "method"}},
+        ),
+        ("/api/v1/events", "GET", {"query": {"limit": 5, "subject": "customer"}}),
+        ("/api/v1/meters/{meter}", "PUT", {**meter, "body": {"description": "API calls"}}),
         ("/api/dead-letters", "GET", {}),
         ("/api/dead-letters/list", "GET", {"query": {"limit": 10}}),
         ("/api/perf", "GET", {}),

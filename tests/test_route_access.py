@@ -89,6 +89,7 @@ PATH_VALUES = {
     "resource_id": "zz-vm",
     "id": "zz-id",
     "name": "app.js",
+    "groupByKey": "zz-key",
 }
 
 

@@ -179,3 +179,33 @@ def json_chunks(
         piece = encoder.encode(rows[i : i + per_chunk])[1:-1]
         yield piece if i == 0 else b"," + piece
     yield b"]}"
+
+
+def openmeter_columns(group_by: Sequence[str]) -> list[str]:
+    """The CSV header of OpenMeter's query answer (``Accept: text/csv``): window_start,
+    window_end, subject, the groups asked for (by their names), value."""
+    return ["window_start", "window_end", "subject", *group_by, "value"]
+
+
+def openmeter_csv(rows: Iterable[Row], group_by: Sequence[str]) -> bytes:
+    """A query's rows as OpenMeter's CSV (RFC 4180, CRLF), by window, then subject and
+    groups; an empty cell for a subject the rows are not split by, or an absent group."""
+
+    def key(row: Row) -> tuple[Any, ...]:
+        groups = tuple(_none_first(row.groupBy.get(g)) for g in group_by)
+        return (row.windowStart, _none_first(row.subject), groups)
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(openmeter_columns(group_by))
+    for row in sorted(rows, key=key):
+        writer.writerow(
+            [
+                time_text(row.windowStart),
+                time_text(row.windowEnd),
+                cell(row.subject),
+                *(cell(row.groupBy.get(g)) for g in group_by),
+                cell(row.value),
+            ]
+        )
+    return buffer.getvalue().encode()

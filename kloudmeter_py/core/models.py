@@ -143,6 +143,8 @@ class Meter(Struct, kw_only=True):
     # Events at stream sequences above this are applied live; older ones only by backfill.
     # Also tells a reading written for an earlier meter of the same id from the current one.
     startSeq: int = 0
+    # When its name, description or groups last changed (None: never).
+    updatedAt: datetime | None = None
 
 
 def normalize_aggregation(name: Any) -> str:
@@ -203,6 +205,84 @@ def validate_meter(body: MeterIn, *, now: datetime | None = None, start_seq: int
         actions=actions,
         createdAt=now or datetime.now(UTC),
         startSeq=start_seq,
+    )
+
+
+# What a meter's update may not change, and why (update_meter).
+_FIXED_REASONS = {
+    "slug": "a meter's slug is its id",
+    "eventType": "it decides which stored events the meter reads: that is a new meter (create "
+    "one and backfill it)",
+    "aggregation": "changing a meter's aggregation or value means a new meter and a backfill",
+    "valueProperty": "changing a meter's aggregation or value means a new meter and a backfill",
+}
+
+
+def update_meter(
+    meter: Meter,
+    *,
+    name: str | None = None,
+    description: str | None = None,
+    group_by: dict[str, str] | None = None,
+    fixed: dict[str, str | None] | None = None,
+    now: datetime,
+) -> Meter:
+    """``meter`` with a new name, description or more group-by keys (None: unchanged).
+
+    ``fixed`` holds the fields of the update that may not change (``slug``, ``eventType``,
+    ``aggregation``, ``valueProperty``), as given: each must say what the meter already
+    has, else InvalidField naming it. ``group_by``, when given, is the whole new set: every
+    existing key with its path as it is (a key's path cannot change, nor a key go: its
+    readings were split by it), plus any new keys, whose paths are checked here. The new
+    meter keeps ``startSeq``: whether new groups need a new generation is the store's to say
+    (it depends on what the stream holds)."""
+    current: dict[str, str | None] = {
+        "slug": meter.id,
+        "eventType": meter.eventType,
+        "aggregation": meter.aggregation,
+        "valueProperty": meter.valueProperty,
+    }
+    for fname, given in (fixed or {}).items():
+        if given is None:
+            continue
+        have = current[fname]
+        want: str | None = given
+        if fname == "aggregation":
+            want = normalize_aggregation(given)
+        if want != have:
+            raise InvalidField(
+                fname, f"cannot change from {have!r} to {given!r}: {_FIXED_REASONS[fname]}"
+            )
+    groups = dict(meter.groupBy)
+    if group_by is not None:
+        for key, path in meter.groupBy.items():
+            if key not in group_by:
+                raise InvalidField(
+                    f"groupBy.{key}",
+                    "a group-by key cannot be removed: the meter's readings are split by it "
+                    "(give every existing key, with its path, and the keys to add)",
+                )
+            if group_by[key] != path:
+                raise InvalidField(
+                    f"groupBy.{key}",
+                    f"an existing group-by key's path cannot change ({path!r} to "
+                    f"{group_by[key]!r}): its readings were split by the old path; create a "
+                    "new meter with the new path and backfill it",
+                )
+        for key, path in group_by.items():
+            if key in groups:
+                continue
+            try:
+                compile_path(path)
+            except PathError as exc:
+                raise InvalidField(f"groupBy.{key}", str(exc)) from exc
+            groups[key] = path
+    return msgspec.structs.replace(
+        meter,
+        name=meter.name if name is None else name,
+        description=meter.description if description is None else description,
+        groupBy=dict(sorted(groups.items())),
+        updatedAt=now,
     )
 
 

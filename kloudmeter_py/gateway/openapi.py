@@ -91,6 +91,8 @@ MODELS: list[type[msgspec.Struct]] = [
     openmeter.OpenMeterMeterIn,
     openmeter.OpenMeterQueryIn,
     openmeter.OpenMeterMeter,
+    openmeter.OpenMeterMeterUpdate,
+    openmeter.OpenMeterIngestedEvent,
     perf.PerfAccepted,
     perf.PerfSummary,
     auth.UserIn,

@@ -1,11 +1,12 @@
-"""OpenMeter-compatible v1 subset: CloudEvents ingest, meters, queries, subjects.
+"""OpenMeter-compatible v1 subset: CloudEvents ingest and listing, meters (with updates),
+queries (JSON or CSV), subjects and group-by values.
 
 One set of meters serves both APIs: KloudMeter's ``id`` is OpenMeter's ``slug`` (and ``id``),
 and aggregation names map both ways (``unique`` <-> ``UNIQUE_COUNT``).
 """
 
 import asyncio
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 import msgspec
@@ -13,6 +14,7 @@ from aiohttp import web
 from msgspec import Meta
 
 from kloudmeter_py.core.budget import ReadBudget
+from kloudmeter_py.core.export import openmeter_csv
 from kloudmeter_py.core.keys import encode_token, event_subject
 from kloudmeter_py.core.models import (
     CloudEvent,
@@ -25,10 +27,13 @@ from kloudmeter_py.core.models import (
     encoder,
     reading_decoder,
 )
+from kloudmeter_py.core.models import update_meter as update_meter_fields
+from kloudmeter_py.core.query import parse_time
+from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import InvalidInput
 from kloudmeter_py.gateway.corrections import refuse_correction
 from kloudmeter_py.gateway.helpers import decode_body, json_response, read_budget
-from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS
+from kloudmeter_py.gateway.keys import JS, LAYOUT, LEAN, METERS
 from kloudmeter_py.gateway.kloudmeter import Aggregation, JsonPath
 from kloudmeter_py.gateway.query import (
     METER_PATH,
@@ -44,11 +49,13 @@ from kloudmeter_py.gateway.routes import (
     NO_TENANT_DATA,
     USER,
     Op,
+    Param,
     Routes,
     own_tenant,
     tenant_of,
 )
-from kloudmeter_py.gateway.schemas import STR, array, ref
+from kloudmeter_py.gateway.schemas import STR, TIME, array, ref
+from kloudmeter_py.store.events import Stored, newest_events
 from kloudmeter_py.store.kv import scan
 
 routes = Routes()
@@ -73,6 +80,25 @@ class OpenMeterMeterIn(msgspec.Struct):
 
 
 _meter_decoder = msgspec.json.Decoder(OpenMeterMeterIn)
+
+
+class OpenMeterMeterUpdate(msgspec.Struct):
+    """Body of PUT /api/v1/meters/{idOrSlug} (OpenMeter's MeterUpdate): a new name,
+    description, or group-by keys added (``groupBy`` is the whole new set: every existing key
+    with its path, and the new ones). What a meter cannot change may be sent as it is (a
+    whole meter sent back); a different value is refused. Absent or null: unchanged."""
+
+    name: str | None = None
+    description: str | None = None
+    groupBy: dict[Annotated[str, Meta(min_length=1, max_length=64)], JsonPath] | None = None
+    metadata: dict[str, str] | None = None
+    slug: str | None = None
+    eventType: str | None = None
+    aggregation: str | None = None
+    valueProperty: str | None = None
+
+
+_update_decoder = msgspec.json.Decoder(OpenMeterMeterUpdate)
 
 
 class OpenMeterQueryIn(msgspec.Struct, rename={"start": "from", "end": "to"}):
@@ -119,7 +145,7 @@ def openmeter_meter(meter: Meter) -> OpenMeterMeter:
         valueProperty=meter.valueProperty,
         groupBy=meter.groupBy,
         createdAt=meter.createdAt,
-        updatedAt=meter.createdAt,
+        updatedAt=meter.updatedAt or meter.createdAt,
     )
 
 
@@ -254,6 +280,74 @@ async def delete_meter(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+_QUERY_ANSWERS = (("application/json", ref("QueryResult")), ("text/csv", STR))
+_CSV_NOTE = (
+    "With Accept: text/csv, the rows as CSV: window_start, window_end, subject, the groups "
+    "asked for, value; by window, then subject and groups."
+)
+
+
+@routes.put(
+    "/api/v1/meters/{meter}",
+    access=ADMIN,
+    tenant=NO_TENANT_DATA,
+    op=Op(
+        "Update a meter (OpenMeter)",
+        "openmeter",
+        response=ref("OpenMeterMeter"),
+        path=METER_PATH,
+        body=ref("OpenMeterMeterUpdate"),
+        errors=(400, 404, 409),
+        description="A new name or description; group-by keys added while the meter has "
+        "counted no event (it then starts a new generation). The slug, event type, "
+        "aggregation, value property and an existing key's path cannot change (400 naming "
+        "the field): that is a new meter and a backfill.",
+    ),
+)
+async def update_meter(request: web.Request) -> web.Response:
+    """PUT /api/v1/meters/{idOrSlug}: change what a meter may change, refuse the rest.
+
+    What may change, and why the rest may not (from how meters are kept):
+
+    - ``name`` and ``description`` are labels: stored in place, the meter's generation
+      (``startSeq``) and everything it counted stay as they are.
+    - ``slug``, ``eventType``, ``aggregation``, ``valueProperty``, an existing group-by key's
+      path, or dropping a key: each changes what the stored readings and summaries mean
+      (which events they hold, what was folded, how they were split), and they cannot be
+      recomputed in place; 400 naming the field: a new meter and a backfill.
+    - New group-by keys: the readings' and summaries' KV keys carry one token per group
+      (core.keys.reading_key, in the sorted order of the group names) and a query reads only
+      the pages with as many tokens as the meter has groups (core.query), so a key added to
+      a meter that has counted events would drop its counts so far out of every query. They
+      are taken only while the meter has counted nothing - no event of its type stored since
+      its ``startSeq`` - and then the meter starts a new generation at the stream's last
+      sequence (it counts the same events, and anything a worker folds meanwhile with the old
+      groups belongs to the old generation, which readers skip and the worker replays). A
+      meter that has counted events: 400 on ``groupBy`` (create a meter with the key and
+      backfill it). See store.meters.MeterStore.update.
+    """
+    body = decode_body(await request.read(), _update_decoder)
+    now = datetime.now(UTC)
+    fixed = {
+        "slug": body.slug,
+        "eventType": body.eventType,
+        "aggregation": body.aggregation,
+        "valueProperty": body.valueProperty,
+    }
+    meter = await request.app[METERS].update(
+        request.match_info["meter"],
+        lambda m: update_meter_fields(
+            m,
+            name=body.name,
+            description=body.description,
+            group_by=body.groupBy,
+            fixed=fixed,
+            now=now,
+        ),
+    )
+    return json_response(openmeter_meter(meter))
+
+
 @routes.get(
     "/api/v1/meters/{meter}/query",
     access=USER,
@@ -261,10 +355,11 @@ async def delete_meter(request: web.Request) -> web.Response:
     op=Op(
         "Query a meter (OpenMeter)",
         "openmeter",
-        response=ref("QueryResult"),
+        responses=_QUERY_ANSWERS,
         path=METER_PATH,
         query=QUERY_PARAMS,
         errors=(400, 404),
+        description=_CSV_NOTE,
     ),
 )
 @routes.post(
@@ -274,8 +369,9 @@ async def delete_meter(request: web.Request) -> web.Response:
     op=Op(
         "Query a meter (OpenMeter)",
         "openmeter",
-        response=ref("QueryResult"),
+        responses=_QUERY_ANSWERS,
         path=METER_PATH,
+        description=_CSV_NOTE,
         body=ref("OpenMeterQueryIn"),
         body_required=False,
         errors=(400, 404),
@@ -312,7 +408,23 @@ async def query_meter(request: web.Request) -> web.Response:
     # Every subject's rows come from one read of the subjects' pages (store.query).
     query.by_subject = by_subject
     result = await execute(request, meter, query, read_budget(request))
+    if _wants_csv(request):
+        return web.Response(
+            body=openmeter_csv(result.data, body.groupBy), content_type="text/csv", charset="utf-8"
+        )
     return json_response(msgspec.structs.replace(result, windowTimeZone=None))  # not OpenMeter's
+
+
+def _wants_csv(request: web.Request) -> bool:
+    """Whether the Accept header asks for CSV before JSON (the SDK's query_csv sends
+    ``Accept: text/csv``)."""
+    for part in request.headers.get("Accept", "").split(","):
+        media = part.split(";", 1)[0].strip().lower()
+        if media == "text/csv":
+            return True
+        if media in ("application/json", "application/*", "*/*"):
+            return False
+    return False
 
 
 async def _subjects(request: web.Request, meter: Meter, budget: ReadBudget) -> list[str]:
@@ -349,3 +461,222 @@ async def list_subjects(request: web.Request) -> web.Response:
     if scope is not None:
         subjects = [s for s in subjects if s == scope]
     return json_response(subjects)
+
+
+def _time_param(request: web.Request, name: str) -> datetime | None:
+    """An RFC 3339 query parameter (with an offset), or None when absent."""
+    value = request.query.get(name)
+    if value is None:
+        return None
+    try:
+        return parse_time(name, value)
+    except QueryError as exc:
+        raise InvalidInput(str(exc), field=exc.field) from None
+
+
+_VALUES_PARAMS = (
+    Param("from", TIME, "readings with an event at or after this time (default: 24 hours ago)"),
+    Param("to", TIME, "readings with an event at or before this time"),
+)
+
+
+@routes.get(
+    "/api/v1/meters/{meter}/group-by/{groupByKey}/values",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "Values of a group-by key (OpenMeter)",
+        "openmeter",
+        response=array(STR),
+        path=(*METER_PATH, "a group-by key of the meter"),
+        query=_VALUES_PARAMS,
+        errors=(400, 404),
+    ),
+)
+async def list_group_by_values(request: web.Request) -> web.Response:
+    """GET /api/v1/meters/{idOrSlug}/group-by/{groupByKey}/values: the distinct values of the
+    key in the meter's readings (its current generation), sorted; a user sees its own subject's.
+
+    ``from`` (default 24 hours ago, as OpenMeter) keeps readings with an event at or after
+    it, ``to`` those with one at or before it (a reading keeps its first and last event
+    times): each bound alone is exact; with both, a value whose events all fall before
+    ``from`` and after ``to`` is listed too. An absent value (the path found nothing) is not
+    listed. Cost: one read of the meter's readings (a user's: its subject's only)."""
+    meter = await request.app[METERS].get(request.match_info["meter"])
+    key = request.match_info["groupByKey"]
+    if key not in meter.groupBy:
+        keys = ", ".join(sorted(meter.groupBy)) or "none"
+        raise InvalidInput(
+            f"groupByKey: {key!r} is not a group-by key of meter {meter.id!r} (its keys: {keys})",
+            field="groupByKey",
+        )
+    start = _time_param(request, "from") or datetime.now(UTC) - timedelta(hours=24)
+    end = _time_param(request, "to")
+    scope = tenant_of(request)
+    pattern = encode_token(meter.id)
+    pattern += ".>" if scope is None else f".{encode_token(scope)}.>"
+    budget = read_budget(request)
+    values: set[str] = set()
+    js, bucket = request.app[JS], request.app[LAYOUT].readings_bucket
+    for _, raw in await scan(js, bucket, pattern, budget=budget):
+        await budget.tick()
+        reading = reading_decoder.decode(raw)
+        if reading.meterStartSeq != meter.startSeq:
+            continue
+        if scope is not None and reading.subject != scope:
+            continue
+        if reading.lastTime is not None and reading.lastTime < start:
+            continue
+        if end is not None and reading.firstTime is not None and reading.firstTime > end:
+            continue
+        value = reading.groupBy.get(key)
+        if value is not None:
+            values.add(value)
+    return json_response(sorted(values))
+
+
+class OpenMeterEvent(msgspec.Struct, omit_defaults=True):
+    """A stored event as a CloudEvent (OpenMeter's Event): a KloudMeter event's source is
+    ``kloudmeter``; its time is when JetStream stored it if it was sent without one."""
+
+    id: str
+    source: str
+    specversion: str
+    type: str
+    subject: str
+    time: datetime
+    data: dict[str, Any] = {}
+
+
+class OpenMeterIngestedEvent(msgspec.Struct, omit_defaults=True):
+    """An entry of GET /api/v1/events (OpenMeter's IngestedEvent): ``ingestedAt`` and
+    ``storedAt`` are both when JetStream stored it."""
+
+    event: OpenMeterEvent
+    ingestedAt: datetime
+    storedAt: datetime
+
+
+KLOUDMETER_SOURCE = "kloudmeter"
+EVENTS_LIMIT = 100  # OpenMeter's default and maximum
+EVENTS_DEFAULT_SPAN = timedelta(hours=72)  # OpenMeter's: from, when not given
+_EVENTS_PARAMS = (
+    Param("from", TIME, "event time at or after (default: 72 hours ago, unless ingestedAtFrom)"),
+    Param("to", TIME, "event time at or before"),
+    Param("ingestedAtFrom", TIME, "stored at or after"),
+    Param("ingestedAtTo", TIME, "stored at or before"),
+    Param("id", STR, "a part of the event id (a CloudEvent's own id)"),
+    Param("subject", STR, "a part of the subject"),
+    Param(
+        "limit",
+        {"type": "integer", "minimum": 1, "maximum": EVENTS_LIMIT},
+        f"events to answer, 1 to {EVENTS_LIMIT} (default {EVENTS_LIMIT})",
+    ),
+    Param("clientId", STR, "ignored (OpenMeter's progress tracking)"),
+)
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return EVENTS_LIMIT
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= EVENTS_LIMIT:
+        raise InvalidInput(
+            f"limit: {raw!r} is not an integer from 1 to {EVENTS_LIMIT}", field="limit"
+        )
+    return limit
+
+
+def _cloud_view(stored: Stored) -> OpenMeterIngestedEvent:
+    e = stored.event
+    if stored.source is not None and stored.cloud_id is not None:
+        source, event_id = stored.source, stored.cloud_id
+    else:
+        source, event_id = KLOUDMETER_SOURCE, e.id
+    event = OpenMeterEvent(
+        id=event_id,
+        source=source,
+        specversion="1.0",
+        type=e.eventType,
+        subject=e.subject,
+        time=e.time or stored.time,
+        data=e.data,
+    )
+    return OpenMeterIngestedEvent(event=event, ingestedAt=stored.time, storedAt=stored.time)
+
+
+@routes.get(
+    "/api/v1/events",
+    access=USER,
+    tenant=CALLER,
+    op=Op(
+        "List stored events, newest first (OpenMeter)",
+        "openmeter",
+        response=array(ref("OpenMeterIngestedEvent")),
+        query=_EVENTS_PARAMS,
+        errors=(400,),
+        description="Newest first by when they were stored; a user's token: its own "
+        "subject's only. Corrections are not listed (GET /api/events/{id} shows them).",
+    ),
+)
+async def list_events(request: web.Request) -> web.Response:
+    """GET /api/v1/events: the newest stored events that pass the filters, newest first by
+    stream order (when JetStream stored them; OpenMeter orders by event time, the same for
+    events sent as they happen), at most ``limit``.
+
+    Filters as OpenMeter's: ``from``/``to`` on the event time (inclusive; ``from`` defaults
+    to 72 hours ago unless ``ingestedAtFrom`` is given), ``ingestedAtFrom``/``ingestedAtTo`` on
+    the stored time, ``id`` and ``subject`` a part of the value. A user's token lists only
+    its own subject's events (the scan is narrowed to that subject on the server).
+
+    Cost (store.events.newest_events): the stream is read backwards from its end, a range of
+    sequences per direct-get request, until ``limit`` events pass; it grows with the stored
+    messages newer than the oldest one answered, so a page of recent events is one or two
+    requests, and a filter that matches nothing reads every message under the subject
+    filter (all events for an admin, the subject's for a user) unless ``ingestedAtFrom``
+    ends it, within METER_READ_TIMEOUT_MS (503 past it). Measured on this machine: see the
+    README (OpenMeter compatibility)."""
+    start = _time_param(request, "from")
+    end = _time_param(request, "to")
+    stored_from = _time_param(request, "ingestedAtFrom")
+    stored_to = _time_param(request, "ingestedAtTo")
+    if start is None and stored_from is None:
+        start = datetime.now(UTC) - EVENTS_DEFAULT_SPAN
+    limit = _limit(request)
+    id_part = request.query.get("id")
+    subject_part = request.query.get("subject")
+    scope = tenant_of(request)
+    layout = request.app[LAYOUT]
+    if scope is None:
+        filter_subject = f"{layout.stream}.events.>"
+    else:
+        filter_subject = layout.stored_subject("*", encode_token(scope))
+
+    def keep(stored: Stored) -> bool:
+        e = stored.event
+        if e.correction is not None or (scope is not None and e.subject != scope):
+            return False
+        when = e.time or stored.time
+        if (start is not None and when < start) or (end is not None and when > end):
+            return False
+        if stored_to is not None and stored.time > stored_to:
+            return False
+        if subject_part and subject_part not in e.subject:
+            return False
+        return not id_part or id_part in (stored.cloud_id or e.id)
+
+    found = await newest_events(
+        await request.app[LEAN].wire(),
+        request.app[JS],
+        layout.stream,
+        filter_subject,
+        keep,
+        limit,
+        stored_from=stored_from,
+        budget=read_budget(request),
+    )
+    return json_response([_cloud_view(s) for s in found.events])

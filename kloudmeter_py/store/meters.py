@@ -13,8 +13,16 @@ from nats.js.kv import KeyValue
 
 from kloudmeter_py.core.keys import ROLLUP, decode_token, encode_token
 from kloudmeter_py.core.meters import CompiledMeter
-from kloudmeter_py.core.models import Meter, MeterIn, encoder, meter_decoder, validate_meter
-from kloudmeter_py.errors import Conflict, NotFound
+from kloudmeter_py.core.models import (
+    InvalidField,
+    Meter,
+    MeterIn,
+    encoder,
+    meter_decoder,
+    validate_meter,
+)
+from kloudmeter_py.errors import Conflict, InvalidInput, NotFound
+from kloudmeter_py.store.backfill import events_after
 from kloudmeter_py.store.kv import get_with_revision, scan
 from kloudmeter_py.store.layout import Layout
 
@@ -48,6 +56,70 @@ class MeterStore:
             raise Conflict(f"meter {meter.id!r} already exists", field="id") from None
         log.info("meter.created", meter=meter.id, aggregation=meter.aggregation)
         return meter
+
+    async def update(self, meter_id: str, change: Callable[[Meter], Meter]) -> Meter:
+        """Store ``change(meter)`` in place of the meter (compare-and-set on its revision:
+        a concurrent change is a Conflict). ``change`` may alter the name, description and
+        add group-by keys (core.models.update_meter decides what else may not change).
+
+        New group-by keys change the keys of the readings and summaries of the events
+        counted from then on (core.keys.reading_key: one token per group, in the sorted order
+        of the group names), and a reader takes the pages of a meter generation (its
+        ``startSeq``) with exactly as many tokens as the meter has groups. So a meter that
+        has counted events cannot take a new key in place: its counts so far would drop out
+        of every query (and the readings would hold two shapes). Keys are added only while the
+        meter has counted nothing: no event of its type stored since its ``startSeq``. The
+        meter then also starts a new generation at the stream's last sequence, read before
+        that check: it counts exactly the events the old one would (none up to there, all
+        after), and an event a worker folds meanwhile with the old groups is written for
+        the old generation, which every reader skips (the worker replays it for the new one).
+        When the stream stored nothing at all since the meter began, the generation cannot
+        move and the key is refused too. Otherwise: a new meter (with the key) and a
+        backfill."""
+        kv = await self.kv()
+        key = encode_token(meter_id)
+        value, revision = await get_with_revision(kv, key)
+        if value is None:
+            raise NotFound(f"meter {meter_id!r} not found", field="key")
+        current = meter_decoder.decode(value)
+        try:
+            new = change(current)
+        except InvalidField as exc:
+            raise InvalidInput(f"invalid meter update: {exc}", field=exc.field) from None
+        if new.groupBy != current.groupBy:
+            new = await self._new_generation(current, new)
+        try:
+            await kv.update(key, encoder.encode(new), last=revision)
+        except KeyWrongLastSequenceError:
+            raise Conflict(
+                f"meter {meter_id!r} changed meanwhile; try again", field="key"
+            ) from None
+        log.info("meter.updated", meter=new.id, start_seq=new.startSeq)
+        return new
+
+    async def _new_generation(self, current: Meter, new: Meter) -> Meter:
+        """``new`` (with more group-by keys) as a new generation, if the meter has counted
+        nothing (see :meth:`update`); else InvalidInput naming ``groupBy``."""
+        added = sorted(set(new.groupBy) - set(current.groupBy))
+        last = int((await self.js.stream_info(self.layout.stream)).state.last_seq or 0)
+        stored = await events_after(self.js, self.layout, current, current.startSeq)
+        if stored:
+            raise InvalidInput(
+                f"groupBy: cannot add {', '.join(added)} to meter {current.id!r}: it has "
+                f"counted {stored} stored event(s) of type {current.eventType!r}, whose "
+                "readings and summaries are keyed by its groups as they are; a new key needs "
+                "a new meter (create one with the key and backfill it)",
+                field="groupBy",
+            )
+        if last <= current.startSeq:
+            raise InvalidInput(
+                f"groupBy: cannot add {', '.join(added)} to meter {current.id!r} yet: the "
+                "stream has stored nothing since the meter began, so it cannot start a new "
+                "generation; store any event (of any type) and try again, or create a new "
+                "meter with the key",
+                field="groupBy",
+            )
+        return msgspec.structs.replace(new, startSeq=last)
 
     async def get(self, meter_id: str) -> Meter:
         value, _ = await get_with_revision(await self.kv(), encode_token(meter_id))

@@ -38,8 +38,11 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
         duplicate_window=float(settings.dedup_window),
         num_replicas=settings.replicas,
         discard=DiscardPolicy.OLD,
+        # Direct gets: OpenMeter's event list reads the newest events in ranges (store.events).
+        allow_direct=True,
     )
     await _ensure_stream(js, events, check_transform=True)
+    await _allow_direct(js, layout.stream)
     errors = StreamConfig(
         name=layout.errors_stream,
         description="kloudmeter dead letters: events that could not be applied, with the reason",
@@ -188,6 +191,16 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, **kw: Any) 
         info.config.max_age = config.max_age
         await js.update_stream(info.config)
         log.info("setup.stream_updated", stream=config.name)
+
+
+async def _allow_direct(js: JetStreamContext, stream: str) -> None:
+    """Direct gets on a stream set up before they were asked for."""
+    info = await js.stream_info(stream)
+    if info.config.allow_direct:
+        return
+    info.config.allow_direct = True
+    await js.update_stream(info.config)
+    log.info("setup.stream_updated", stream=stream, allow_direct=True)
 
 
 async def _allow_atomic_and_direct(js: JetStreamContext, stream: str) -> None:
