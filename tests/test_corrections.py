@@ -153,16 +153,17 @@ def _stored(ops: list[Op], through: int) -> list[tuple[int, int, Event, str | No
 
 
 def _by_hand(ops: list[Op]) -> list[tuple[int, int, dict[str, Any]]]:
-    """The events as they count after every correction: (seq, at, data)."""
-    current: dict[int, tuple[int, dict[str, Any]] | None] = {}
+    """The events as they count after every correction: (seq, at, data), an amended one at
+    its amendment's seq (what orders a latest value among equal times)."""
+    current: dict[int, tuple[int, int, dict[str, Any]] | None] = {}
     for op in ops:
         if op[0] == "event":
-            current[op[1]] = (op[2], op[3])
+            current[op[1]] = (op[1], op[2], op[3])
         elif op[0] == "cancel":
             current[op[2]] = None
         else:
-            current[op[2]] = (op[3], op[4])
-    return [(seq, v[0], v[1]) for seq, v in sorted(current.items()) if v is not None]
+            current[op[2]] = (op[1], op[3], op[4])
+    return sorted(v for v in current.values() if v is not None)
 
 
 def _round(
@@ -186,9 +187,9 @@ def _round(
     rebuilt = []
     for _, seq, cm, removed, added in rebuilds:
         versions = [(v[0], v[1]) for v in (removed, added) if v is not None]
-        targets = rebuild_targets(cm, versions, LEVELS)
+        targets = rebuild_targets(cm, versions, LEVELS, 2)
         stored = _stored(history + ops, seq)
-        rebuilt += rebuilt_states(seq, cm, counted(stored), targets, LEVELS)
+        rebuilt += rebuilt_states(seq, cm, counted(stored), targets, LEVELS, 2)
     work = spread(series, LEVELS, 60, partitions=2)
     items = exact_items(
         [(r[1], r[2], r[3]) for r in rows], by_type, LEVELS, 2, corrections, rebuilt
@@ -214,7 +215,11 @@ def _values(states: dict[tuple[int, str], KeyState]) -> dict[tuple[int, str, int
         for start, acc in accs.items():
             if acc.count or acc.sum:
                 distinct = len(acc.distinct) if acc.distinct is not None else None
-                out[(store, key, start)] = (acc.count, acc.sum, distinct)
+                value: tuple[Any, ...] = (acc.count, acc.sum, distinct)
+                if key.split(".")[0].split("/")[0] in ("min", "max", "latest"):
+                    # (count, sum and avg meters take a version out of count and sum only)
+                    value += (acc.min, acc.max, acc.latest, acc.latest_at, acc.latest_seq)
+                out[(store, key, start)] = value
     return out
 
 
@@ -230,6 +235,9 @@ _METERS = [
     _meter("sum", groupBy={"r": "$.r"}),
     _meter("avg"),
     _meter("unique", value="$.u", groupBy={"r": "$.r"}),
+    _meter("min"),
+    _meter("max", groupBy={"r": "$.r"}),
+    _meter("latest"),
 ]
 
 
@@ -289,14 +297,21 @@ def test_corrections_fold_to_the_events_corrected_by_hand(seed: int) -> None:
     assert _values(crashed) == expected
 
 
-def test_a_correction_for_a_meter_it_cannot_apply_to_fails_for_that_meter_only() -> None:
-    ops: list[Op] = [("event", 1, NOW, {"v": 3}), ("cancel", 2, 1)]
+def test_a_cancelled_maximum_is_rebuilt_from_the_rest() -> None:
+    """A max meter cannot take a value out: its states are rebuilt from the events as they
+    count (the next largest value); without a rebuild the correction fails for the meter."""
+    ops: list[Op] = [
+        ("event", 1, NOW, {"v": 3}),
+        ("event", 2, NOW, {"v": 9}),
+        ("cancel", 3, 2),
+    ]
     states: dict[tuple[int, str], KeyState] = {}
-    failures = _round(states, ops, [_meter("count"), _meter("max")], [])
-    assert [(f[1], f[2]) for f in failures] == [(2, "max")]
+    assert _round(states, ops, [_meter("count"), _meter("max")], []) == []
+    assert states[(0, "max.s")].acc.max == 3 and states[(0, "count.s")].acc.count == 1
+    _, corrections = _resolve(ops)
+    failures = fold_corrections({}, corrections, {"t": [_meter("max")]}, 60)
+    assert [(f[1], f[2]) for f in failures] == [(3, "max")]
     assert "max meters" in failures[0][3]
-    assert states[(0, "count.s")].acc.count == 0  # taken out of the count
-    assert states[(0, "max.s")].acc.max == 3  # kept by the max meter
 
 
 def test_a_version_before_a_meters_start_is_not_taken_out_of_it() -> None:

@@ -19,13 +19,13 @@ from tests.conftest import eventually
 from tests.load import METERS as LOAD_METERS
 from tests.load import WorkerProcess, actual, day_totals
 
-# load.METERS' count and sum meters, an avg, a unique (rebuilt from the subject's events at
-# each correction) and a max (which corrections do not apply to).
+# load.METERS' count and sum meters, an avg, and a unique and a max (whose states are rebuilt
+# from the stream at each correction).
 METERS: list[dict[str, Any]] = [
     *(m for m in LOAD_METERS if m["aggregation"] in ("count", "sum")),
     {"id": "mean", "eventType": "req", "aggregation": "avg", "valueProperty": "$.v"},
     {"id": "who", "eventType": "req", "aggregation": "unique", "valueProperty": "$.u"},
-    {"id": "top", "eventType": "req", "aggregation": "max", "valueProperty": "$.v"},
+    {"id": "top", "eventType": "req", "aggregation": "max", "valueProperty": "$.w"},
 ]
 BASE = 1_795_341_600  # 2026-11-22T10:00:00Z
 
@@ -51,6 +51,7 @@ class Corrected:
                     "v": rng.randint(1, 100),
                     "region": rng.choice(["eu", "us"]),
                     "u": f"u{rng.randrange(300)}",
+                    "w": rng.randrange(100_000),
                 },
             }
             for i in range(n)
@@ -71,6 +72,7 @@ class Corrected:
                     "v": rng.randint(1, 100),
                     "region": rng.choice(["eu", "us"]),
                     "u": f"u{rng.randrange(300)}",
+                    "w": rng.randrange(100_000),
                 }
                 op = ("amend", {"of": i, "data": data, "time": _time(rng)})
             op[1]["by_seq"] = rng.random() < 0.5  # else the worker finds it by id
@@ -141,13 +143,23 @@ class Corrected:
             total[(e["time"][:10], "")] += 1
         return dict(per), dict(total)
 
+    def top_by_day(self) -> dict[tuple[str, str], int]:
+        """The largest w per UTC day over all subjects."""
+        top: dict[tuple[str, str], int] = {}
+        for e in self.current():
+            day = (e["time"][:10], "")
+            top[day] = max(top.get(day, -1), e["data"]["w"])
+        return top
+
     def expected(self) -> dict[tuple[str, str, tuple[Any, ...]], Any]:
         count: Counter[str] = Counter()
         total: Counter[tuple[str, str]] = Counter()
         values: dict[str, int] = Counter()
         who: dict[str, set[str]] = {}
+        top: dict[str, int] = {}
         for e in self.current():
             who.setdefault(e["subject"], set()).add(e["data"]["u"])
+            top[e["subject"]] = max(top.get(e["subject"], -1), e["data"]["w"])
             count[e["subject"]] += 1
             total[(e["subject"], e["data"]["region"])] += e["data"]["v"]
             values[e["subject"]] += e["data"]["v"]
@@ -156,6 +168,7 @@ class Corrected:
             out[("calls", s, ())] = c
             out[("mean", s, ())] = values[s] / c
             out[("who", s, ())] = len(who[s])
+            out[("top", s, ())] = top[s]
         for (s, r), v in total.items():
             out[("bytes", s, (r,))] = v
         return out
@@ -164,7 +177,7 @@ class Corrected:
 def _comparable(readings: dict[tuple[str, str, tuple[Any, ...]], Any]) -> dict[Any, Any]:
     """Readings of the corrected meters that count something (a fully cancelled series
     reads 0 / no average)."""
-    return {k: v for k, v in readings.items() if k[0] != "top" and v}
+    return {k: v for k, v in readings.items() if v}
 
 
 async def _meters(nc: Client) -> None:
@@ -178,9 +191,9 @@ async def test_corrections_apply_once_through_shuffles_repeats_and_worker_kills(
     nc: Client, settings: Settings, tmp_path: Path, http: Any
 ) -> None:
     """1,500 events, 300 corrections (cancels, amendments moving time and group, several of
-    one event, some repeated), published while a worker is SIGKILLed 3 times: readings and
-    the day summaries equal the corrected events; the max meter dead-letters each correction
-    applied and keeps what it had."""
+    one event, some repeated), published while a worker is SIGKILLed 3 times: the readings
+    of every meter (count, sum, avg, unique, max), the day summaries and the query API equal
+    the corrected events."""
     await _meters(nc)
     load = Corrected(1500, 300, seed=18)
     env = {"NATS_URL": settings.nats_url, "METER_PARTITIONS": "2", "METER_BATCH_SIZE": "200"}
@@ -215,6 +228,8 @@ async def test_corrections_apply_once_through_shuffles_repeats_and_worker_kills(
         by_day, totals = load.by_day()
         assert await _queried(http, "calls", "subject") == by_day
         assert await _queried(http, "calls", None) == totals
+        # a max meter's meter-wide windows, rebuilt from the partitions' events
+        assert await _queried(http, "top", None) == load.top_by_day()
     finally:
         await worker.stop()
 

@@ -43,8 +43,8 @@ Action = Literal["cancel", "amend"]
 # Aggregations whose state a correction can take an event out of exactly (an inverse fold:
 # count and sum less the event's; a duration meter's reading counts its events, and its
 # resources follow corrections point by point, core.lifecycle). The others (min, max,
-# unique, latest) would need the remaining events read again; their corrections are
-# dead-lettered for those meters.
+# unique, latest) need the remaining events read again: the worker rebuilds their states
+# from the stream (core.plan.rebuilt_states).
 INVERTIBLE = frozenset({"count", "sum", "avg", "duration"})
 
 
@@ -123,28 +123,31 @@ Counted = tuple[int, int, "Event"]
 
 def counted(rows: Iterable[tuple[int, int, "Event", str | None]]) -> list[Counted]:
     """The events of stored rows ``(seq, stored-at ms, event, CloudEvent id or None)`` of one
-    subject, in stream order, as they count after the corrections among them: each version
-    the last correction of its original left (an amendment at its own seq, at its time or
-    else the original's), cancelled ones left out, in the originals' order. A correction is
-    resolved as the worker resolves it: its original at ``seq``, or the one earlier event
-    of its id; one that names none (the worker dead-lettered it) changes nothing."""
+    subject's or one partition's events of a type, in stream order, as they count after the
+    corrections among them: each version the last correction of its original left (an
+    amendment at its own seq, at its time or else the original's), cancelled ones left out,
+    in the originals' order. A correction is resolved as the worker resolves it: its original
+    at ``seq``, or the one earlier event of its id, of its own subject; one that names none
+    (the worker dead-lettered it) changes nothing."""
     current: dict[int, Counted | None] = {}
     at_of: dict[int, int] = {}
-    ids: dict[str, list[int]] = {}
+    subject_of: dict[int, str] = {}
+    ids: dict[tuple[str, str], list[int]] = {}
     for seq, stored_ms, event, cloud_id in rows:
         corr = event.correction
         if corr is None:
             at = event_ms(event, stored_ms)
             current[seq] = (seq, at, event)
             at_of[seq] = at
-            ids.setdefault(event.id, []).append(seq)
+            subject_of[seq] = event.subject
+            ids.setdefault((event.subject, event.id), []).append(seq)
             if cloud_id is not None and cloud_id != event.id:
-                ids.setdefault(cloud_id, []).append(seq)
+                ids.setdefault((event.subject, cloud_id), []).append(seq)
             continue
         if corr.seq is not None:
-            target = corr.seq if corr.seq in at_of else None
+            target = corr.seq if subject_of.get(corr.seq) == event.subject else None
         else:
-            named = ids.get(corr.of, [])
+            named = ids.get((event.subject, corr.of), [])
             target = named[0] if len(named) == 1 else None
         if target is None:
             continue

@@ -45,12 +45,12 @@ Row = tuple[Any, int, int, Event]
 # (tag, stream seq, meter id, reason) of an event a meter cannot use
 Failure = tuple[Any, int, str, str]
 # (stream seq, event time ms, number, distinct key, too old for every summary level,
-# 1 to fold in or -1 to take out: a correction's replaced version, or 0: a unique meter's
-# state rebuilt at a correction, number its count and the distinct keys all its values)
-Item = tuple[int, int, Number | None, str | frozenset[str] | None, bool, int]
-# A unique meter's state rebuilt at a correction: (its seq, key, window start in seconds or
-# 0 for a reading, count, distinct values)
-Rebuilt = tuple[int, "WKey", int, int, frozenset[str]]
+# 1 to fold in or -1 to take out: a correction's replaced version, or 0: a state rebuilt at
+# a correction, the distinct key then being the whole state)
+Item = tuple[int, int, Number | None, "str | Acc | None", bool, int]
+# A state rebuilt at a correction (min, max, latest and unique meters): (its seq, key,
+# window start in seconds or 0 for a reading, the state)
+Rebuilt = tuple[int, "WKey", int, Acc]
 # A correction a unique meter's keys are rebuilt for: (tag, seq, meter, removed, added)
 # A correction as the worker resolved it (core.corrections): (tag, its stream seq, the
 # version it takes out as (event time ms, event, that version's stream seq) or None, the
@@ -275,9 +275,10 @@ def fold_corrections(
     correction is too; what the taken-out version's values cannot be read from (its event
     failed for this meter) was never folded and is skipped; an amendment a meter cannot use
     fails like an event. A meter whose aggregation a correction cannot be taken out of
-    (``core.corrections.invertible``) fails the correction instead; with ``rebuilds``, a
-    unique meter's does not: the keys and windows of both versions are marked to be rebuilt
-    (``rebuilt_states``) and the correction is added to ``rebuilds``.
+    (``core.corrections.invertible``) fails the correction instead; with ``rebuilds`` it
+    does not: the keys and windows of both versions (their rollups' too, through ``spread``)
+    are marked to be rebuilt (``rebuilt_states``) and the correction is added to
+    ``rebuilds``.
     """
     failures: list[Failure] = []
     for tag, seq, removed, added in rows:
@@ -288,7 +289,7 @@ def fold_corrections(
             if seq <= cm.meter.startSeq:
                 continue
             if not invertible(cm.agg.name):
-                if rebuilds is not None and cm.agg.uses_distinct:
+                if rebuilds is not None:
                     failures.extend(_mark_rebuild(series, cm, tag, seq, removed, added, interval))
                     rebuilds.append((tag, seq, cm, removed, added))
                     continue
@@ -344,19 +345,34 @@ def _mark_rebuild(
 
 
 def rebuild_targets(
-    cm: CompiledMeter, versions: Iterable[tuple[int, Event]], levels: Levels
+    cm: CompiledMeter, versions: Iterable[tuple[int, Event]], levels: Levels, partitions: int
 ) -> set[tuple[int, str, int]]:
-    """(store, key, window start or 0) of the reading and each kept window of the versions."""
+    """(store, key, window start or 0) of the reading and each kept window of the versions,
+    and of their rollup's windows (``partitions``: as in ``spread``)."""
     targets: set[tuple[int, str, int]] = set()
     for at_ms, event in versions:
-        try:
-            key, _, _, _ = cm.extract(event.subject, event.data)
-        except ValueError_:
-            continue
-        targets.add((0, key, 0))
-        for store, start, width in kept_windows(at_ms // 1000, levels):
-            targets.add((store, f"{key}.{page_token(width, start)}", start))
+        targets.update(_places(cm, at_ms, event, levels, partitions))
     return targets
+
+
+def _places(
+    cm: CompiledMeter, at_ms: int, event: Event, levels: Levels, partitions: int
+) -> list[tuple[int, str, int]]:
+    """(store, key, window start or 0) an event falls in for a meter; none if it cannot."""
+    try:
+        key, groups, _, _ = cm.extract(event.subject, event.data)
+    except ValueError_:
+        return []
+    windows = kept_windows(at_ms // 1000, levels)
+    places = [(0, key, 0)] + [
+        (store, f"{key}.{page_token(width, start)}", start) for store, start, width in windows
+    ]
+    if partitions and rolled(cm):
+        rkey = rollup_key(cm.meter.id, subject_partition(event.subject, partitions), groups)
+        places += [
+            (store, f"{rkey}.{page_token(width, start)}", start) for store, start, width in windows
+        ]
+    return places
 
 
 def rebuilt_states(
@@ -365,33 +381,23 @@ def rebuilt_states(
     counted: Iterable[tuple[int, int, Event]],
     targets: set[tuple[int, str, int]],
     levels: Levels,
+    partitions: int = 0,
 ) -> list[Rebuilt]:
-    """A unique meter's states at correction ``seq`` for ``targets``: the count and the
-    distinct values of the events as they count (core.corrections.counted, up to ``seq``)
-    that fall in each reading or window. Versions at or before the meter's start are not its;
-    values it could not read failed when they were folded."""
-    found: dict[tuple[int, str, int], tuple[int, set[str]]] = {t: (0, set()) for t in targets}
-    for version_seq, at_ms, event in counted:
+    """A meter's states at correction ``seq`` for ``targets``: the events as they count
+    (core.corrections.counted, up to ``seq``, in stream order) that fall in each reading,
+    window or rollup window, folded anew at their versions' seqs. Versions at or before the
+    meter's start are not its; values it could not read failed when they were folded."""
+    found: dict[tuple[int, str, int], Acc] = {t: Acc() for t in targets}
+    for version_seq, at_ms, event in sorted(counted, key=lambda c: c[0]):
         if version_seq <= cm.meter.startSeq:
             continue
-        try:
-            key, _, _, dkey = cm.extract(event.subject, event.data)
-        except ValueError_:
+        places = [p for p in _places(cm, at_ms, event, levels, partitions) if p in found]
+        if not places:
             continue
-        places = [(0, key, 0)] + [
-            (store, f"{key}.{page_token(width, start)}", start)
-            for store, start, width in kept_windows(at_ms // 1000, levels)
-        ]
+        _, _, number, dkey = cm.extract(event.subject, event.data)
         for place in places:
-            if place in found:
-                count, values = found[place]
-                if dkey is not None:
-                    values.add(dkey)
-                found[place] = (count + 1, values)
-    return [
-        (seq, (store, key), start, count, frozenset(values))
-        for (store, key, start), (count, values) in sorted(found.items())
-    ]
+            fold(found[place], number, dkey, at_ms, version_seq, NO_LIMIT)
+    return [(seq, (store, key), start, acc) for (store, key, start), acc in sorted(found.items())]
 
 
 def _part(
@@ -527,9 +533,9 @@ def exact_items(
                 add(seq, removed[0], removed[1], cm, -1)
             if added is not None:
                 add(seq, added[0], added[1], cm, 1)
-    for seq, wkey, start, count, values in rebuilt:
+    for seq, wkey, start, acc in rebuilt:
         corrected = True
-        items.setdefault(wkey, []).append((seq, start * 1000, count, values, False, 0))
+        items.setdefault(wkey, []).append((seq, start * 1000, None, acc, False, 0))
     if corrected:
         for key_items in items.values():
             key_items.sort(key=lambda item: item[0])  # stable: a correction's two in order
@@ -597,9 +603,8 @@ def apply(
                 seconds = at_ms // 1000
                 target = _window(windows, seconds - seconds % width)
             limit = unique_limit if windows is None else NO_LIMIT
-            if isinstance(dkey, frozenset):  # a rebuilt state
-                target.count = int(number or 0)
-                target.distinct = set(dkey)
+            if isinstance(dkey, Acc):  # a state rebuilt at a correction
+                _assign(target, dkey)
             elif sign < 0:
                 unfold(target, number)
             else:
@@ -616,6 +621,14 @@ def apply(
         _prune(windows, width, kw.oldest)
     state.last_seq = last_seq
     return True, failures
+
+
+def _assign(target: Acc, rebuilt: Acc) -> None:
+    """``target`` made equal to ``rebuilt`` in place (a copy of its distinct values)."""
+    for name in Acc.__slots__:
+        setattr(target, name, getattr(rebuilt, name))
+    if rebuilt.distinct is not None:
+        target.distinct = set(rebuilt.distinct)
 
 
 def _window(windows: dict[int, Window], start: int) -> Acc:
