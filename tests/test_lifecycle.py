@@ -673,12 +673,16 @@ async def test_a_consumer_deleted_under_a_running_worker_is_made_again(
     assert now == values and now_revisions == revisions
 
 
+@pytest.mark.parametrize("corrected", [False, True], ids=["events", "with-corrections"])
 async def test_a_worker_killed_while_folding_loses_and_doubles_nothing(
-    nc: Client, settings: Settings, tmp_path: Path
+    nc: Client, settings: Settings, tmp_path: Path, corrected: bool
 ) -> None:
     """300 resources' lifecycles (1,500 events, shuffled) arrive while the worker process is
     SIGKILLed three times at random moments after the lifecycle consumer made progress: every
-    resource ends with each of its five events once, in event-time order."""
+    resource ends with each of its five events once, in event-time order. With corrections
+    among them (some time after their originals): a third of the resizes moved from 11:00 to
+    11:30 and a third of the power-ons cancelled, each applied once."""
+    from kloudmeter_py.core.corrections import correction_id
     from kloudmeter_py.core.keys import event_subject
     from kloudmeter_py.core.models import MeterIn
     from kloudmeter_py.store.meters import MeterStore
@@ -697,6 +701,11 @@ async def test_a_worker_killed_while_folding_loses_and_doubles_nothing(
     rng = random.Random(13)
     rng.shuffle(rows)
 
+    # (resource, action index) -> the correction made of it: 1 (resize) amended, 3 cancelled
+    fixes = {(vm, 1): "amend" for vm in range(0, 300, 3)} if corrected else {}
+    fixes.update({(vm, 3): "cancel" for vm in range(1, 300, 3)} if corrected else {})
+    later: list[tuple[int, dict[str, Any]]] = []  # (publish after row n, correction body)
+
     async def publish() -> None:
         for n, (vm, i) in enumerate(rows):
             body = {
@@ -706,9 +715,28 @@ async def test_a_worker_killed_while_folding_loses_and_doubles_nothing(
                 "time": f"2026-11-20T1{i}:00:00Z",
                 "data": {"event_type": actions[i], "resource_id": f"vm-{vm}", "vcpus": i + 1},
             }
-            await js.publish(
-                event_subject("meters", VM, body["subject"]), msgspec.json.encode(body)
-            )
+            subject = event_subject("meters", VM, body["subject"])
+            ack = await js.publish(subject, msgspec.json.encode(body))
+            action = fixes.get((vm, i))
+            if action is not None:
+                fix: dict[str, Any] = {
+                    "eventType": VM,
+                    "subject": body["subject"],
+                    "correction": {"action": action, "of": body["id"], "seq": ack.seq},
+                }
+                when = None
+                if action == "amend":
+                    when = datetime(2026, 11, 20, 11, 30, tzinfo=UTC)
+                    fix["time"] = "2026-11-20T11:30:00Z"
+                    fix["data"] = body["data"]
+                fix["id"] = correction_id(ack.seq, action, fix.get("data"), when)
+                later.append((rng.randrange(n, len(rows)), fix))
+            for fix in [f for at, f in later if at == n]:
+                await js.publish(
+                    event_subject("meters", VM, fix["subject"]),
+                    msgspec.json.encode(fix),
+                    headers={"Nats-Msg-Id": fix["id"]},
+                )
             if n % 25 == 24:
                 await asyncio.sleep(
                     0.2
@@ -746,8 +774,16 @@ async def test_a_worker_killed_while_folding_loses_and_doubles_nothing(
     ]
     assert kills == 3 and len(states) == 300
     for s in states:
-        assert [p.kind for p in s.points] == ["start", "change", "stop", "start", "end"]
-        assert len({p.seq for p in s.points}) == 5
+        vm = int(s.resource.removeprefix("vm-"))
+        kinds = ["start", "change", "stop", "start", "end"]
+        hours = [10, 11, 12, 13, 14]
+        if fixes.get((vm, 3)) == "cancel":
+            del kinds[3], hours[3]
+        assert [p.kind for p in s.points] == kinds
+        assert [p.at.hour for p in s.points] == hours
+        assert len({p.seq for p in s.points}) == len(kinds)
+        resize = s.points[1]
+        assert resize.at.minute == (30 if fixes.get((vm, 1)) == "amend" else 0)
 
 
 async def test_records_charges_and_usage_follow_corrections(
