@@ -23,7 +23,7 @@ original: the worker keeps the corrections it has applied per original (``Histor
 
 import hashlib
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -107,6 +107,17 @@ def with_applied(history: History | None, of: str, correction_seq: int, action: 
         applied.append((correction_seq, action))
         applied.sort()
     return History(of=history.of if history is not None else of, applied=applied)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def epoch_ms(at: datetime) -> int:
+    """An aware time in epoch ms, floored in integers as the worker floors a stored time's
+    nanoseconds (no float in between: the original's stored time must give the window its
+    own fold gave it)."""
+    return (at - _EPOCH) // _MS
 
 
 def event_ms(event: "Event", stored_ms: int) -> int:

@@ -25,11 +25,12 @@ from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from kloudmeter_py.core.corrections import (
     History,
+    epoch_ms,
     event_ms,
     history_decoder,
     replaced,
@@ -37,6 +38,8 @@ from kloudmeter_py.core.corrections import (
 )
 from kloudmeter_py.core.models import Event, encoder, event_decoder
 from kloudmeter_py.core.plan import CorrectionRow, Version
+from kloudmeter_py.store.events import find_events
+from kloudmeter_py.store.kv import get_with_revision
 
 # (tag, correction seq, correction event, the correction's stored-at ms)
 Pending = tuple[Any, int, Event, int]
@@ -51,7 +54,7 @@ class NotYet(Exception):
 
 
 def _ms(at: datetime | None) -> int:
-    return int(at.timestamp() * 1000) if at is not None else 0
+    return epoch_ms(at) if at is not None else 0
 
 
 class Corrector:
@@ -73,7 +76,8 @@ class Corrector:
             try:
                 rows.append(await self._one(tag, seq, event, subjects[seq]))
             except Unresolved as exc:
-                failed.append((tag, seq, f"correction of {event.correction.of!r}: {exc}"))  # type: ignore[union-attr]
+                of = event.correction.of if event.correction is not None else ""
+                failed.append((tag, seq, f"correction of {of!r}: {exc}"))
         return rows, failed
 
     async def versions(self, tag: Any, seq: int, event: Event, subject: str) -> CorrectionRow:
@@ -147,8 +151,6 @@ class Corrector:
     async def _find(
         self, event_id: str, subject: str, before_seq: int
     ) -> tuple[int, tuple[Event, str, int]]:
-        from kloudmeter_py.store.events import find_events
-
         found = await find_events(self.js, self.stream, subject, event_id, before_seq=before_seq)
         originals = [e for e in found.events if e.event.correction is None]
         if not originals:
@@ -159,13 +161,8 @@ class Corrector:
         return one.seq, (one.event, one.subject, _ms(one.time))
 
     async def _history(self, original_seq: int) -> tuple[History | None, int]:
-        try:
-            entry = await self.history.get(str(original_seq))
-        except KeyNotFoundError:
-            return None, 0
-        if entry.value is None:
-            return None, entry.revision or 0
-        return history_decoder.decode(entry.value), entry.revision or 0
+        value, revision = await get_with_revision(self.history, str(original_seq))
+        return (history_decoder.decode(value) if value is not None else None), revision
 
     async def _record(
         self,

@@ -29,7 +29,7 @@ import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
-from kloudmeter_py.core.corrections import counted
+from kloudmeter_py.core.corrections import counted, epoch_ms, event_ms
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.meters import CompiledMeter, to_reading
 from kloudmeter_py.core.models import Event, encoder, event_decoder
@@ -69,11 +69,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _Dead = dict[tuple[int, str], tuple[WireMsg, str | None, str]]
-
-
-def _event_ms(event: Event, stored_ms: int) -> int:
-    """The event's own time in epoch ms, or the time the stream stored it."""
-    return int(event.time.timestamp() * 1000) if event.time is not None else stored_ms
 
 
 class Restart(Exception):
@@ -431,7 +426,7 @@ class Runner:
                 if event.correction is not None:
                     rnd.corrections.append((msg, seq, event, stored_ms))
                     continue
-                decoded.append((msg, seq, _event_ms(event, stored_ms), event))
+                decoded.append((msg, seq, event_ms(event, stored_ms), event))
         if decoded:
             self._fold(rnd, decoded)
         # Folded before the round ends, and not in stream order across subjects: a meter
@@ -451,7 +446,7 @@ class Runner:
             for msg, seq, stored_ms in rnd.rows:
                 event = decode(msg, seq, dead)
                 if event is not None:
-                    decoded.append((msg, seq, _event_ms(event, stored_ms), event))
+                    decoded.append((msg, seq, event_ms(event, stored_ms), event))
             if decoded:
                 kept = await self._dedup(decoded)
                 if len(kept) < len(decoded):
@@ -724,7 +719,7 @@ class Runner:
                     self.w.js, self.layout.stream, stored_subject, through
                 )
                 rows = scans[stored_subject] = [
-                    (s.seq, int(s.time.timestamp() * 1000), s.event, s.cloud_id) for s in stored
+                    (s.seq, epoch_ms(s.time), s.event, s.cloud_id) for s in stored
                 ]
             upto = [row for row in rows if row[0] <= seq]
             versions = [(v[0], v[1]) for v in (removed, added) if v is not None]
@@ -750,7 +745,7 @@ class Runner:
                         continue
                     event = self._decode(msg, seq, scratch)
                     if event is not None:
-                        yield seq, _event_ms(event, stored_ms), event
+                        yield seq, event_ms(event, stored_ms), event
 
             rnd.items = exact_items(
                 decoded(),
