@@ -28,6 +28,10 @@ class Layout:
         self.resources_bucket = f"{prefix}resources"
         # Corrections applied per stored event (core.corrections.History), by stream seq.
         self.corrections_bucket = f"{prefix}corrections"
+        # Entitlements (OpenMeter's features, subject entitlements and their grants).
+        self.features_bucket = f"{prefix}features"
+        self.entitlements_bucket = f"{prefix}entitlements"
+        self.grants_bucket = f"{prefix}grants"
         self.summary_buckets = {
             level: f"{prefix}summaries_{level}" for level in ("minute", "hour", "day")
         }
