@@ -90,6 +90,8 @@ PATH_VALUES = {
     "id": "zz-id",
     "name": "app.js",
     "groupByKey": "zz-key",
+    "customerIdOrKey": "zz-customer",
+    "subjectIdOrKey": "zz-subject",
 }
 
 

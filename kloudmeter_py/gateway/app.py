@@ -17,6 +17,7 @@ from kloudmeter_py.errors import KloudmeterError, PayloadTooLarge, Unavailable
 from kloudmeter_py.gateway import (
     auth,
     corrections,
+    customers,
     dashboard,
     export,
     kloudmeter,
@@ -31,6 +32,7 @@ from kloudmeter_py.gateway import (
 from kloudmeter_py.gateway.helpers import Handler, error_response, problem_response, stop_reads
 from kloudmeter_py.gateway.keys import (
     AUTH,
+    CUSTOMERS,
     JS,
     LAYOUT,
     LEAN,
@@ -43,6 +45,7 @@ from kloudmeter_py.gateway.keys import (
 from kloudmeter_py.gateway.routes import check_declared, ingest_routes
 from kloudmeter_py.metrics import METRICS, Metrics
 from kloudmeter_py.store.auth import AuthStore
+from kloudmeter_py.store.customers import CustomerStore
 from kloudmeter_py.store.kv import LeanLink
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
@@ -140,6 +143,7 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     app[LAYOUT] = layout
     app[METERS] = MeterStore(js, layout)
     app[AUTH] = AuthStore(js, layout, settings.admin_token)
+    app[CUSTOMERS] = CustomerStore(js, layout)
     app[OPENAPI_CACHE] = []
     app[READS] = weakref.WeakSet()
     app[LEAN] = LeanLink(settings, name="kloudmeter-gateway-reads")
@@ -151,6 +155,7 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
         query,
         export,
         openmeter,
+        customers,
         perf,
         auth,
         usage,

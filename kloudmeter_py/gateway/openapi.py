@@ -22,6 +22,7 @@ import msgspec
 from aiohttp import web
 
 from kloudmeter_py import __version__
+from kloudmeter_py.core import customers as customer_models
 from kloudmeter_py.core.aggregate import AGGREGATIONS
 from kloudmeter_py.core.corrections import CORRECTION_SOURCE
 from kloudmeter_py.core.models import CloudEvent, Event, Meter, MeterIn, Reading, encoder
@@ -52,11 +53,13 @@ from kloudmeter_py.gateway.routes import (
 from kloudmeter_py.gateway.schemas import (
     EVENT_YEAR,
     OBJ,
+    RFC3339,
     STR,
     TENANT,
     Schema,
     meter_rules,
     ref,
+    with_pattern,
 )
 from kloudmeter_py.metrics import METRICS, METRICS_PATH
 from kloudmeter_py.store.deadletters import DeadLetter, ReplayReport
@@ -93,6 +96,11 @@ MODELS: list[type[msgspec.Struct]] = [
     openmeter.OpenMeterMeter,
     openmeter.OpenMeterMeterUpdate,
     openmeter.OpenMeterIngestedEvent,
+    customer_models.CustomerIn,
+    customer_models.Customer,
+    customer_models.CustomerPage,
+    customer_models.Subject,
+    customer_models.SubjectUpsert,
     perf.PerfAccepted,
     perf.PerfSummary,
     auth.UserIn,
@@ -139,6 +147,22 @@ def _model_schemas() -> dict[str, Schema]:
     out["Event"]["not"] = {"anyOf": [{"required": ["correction"]}, _reserved("id", "#")]}
     out["CloudEvent"]["not"] = {"anyOf": [{"required": ["correction"]}, _reserved("source", "")]}
     out["OpenMeterMeterIn"].update(meter_rules(lifecycle_fields=False))
+    # A customer is named by its key or at least one subject key (core.customers).
+    out["CustomerIn"]["anyOf"] = [
+        {"required": ["key"], "properties": {"key": {"type": "string"}}},
+        {
+            "required": ["usageAttribution"],
+            "properties": {
+                "usageAttribution": {
+                    "type": "object",
+                    "properties": {"subjectKeys": {"minItems": 1}},
+                }
+            },
+        },
+    ]
+    for name in ("currentPeriodStart", "currentPeriodEnd"):
+        props = out["SubjectUpsert"]["properties"]
+        props[name] = with_pattern(props[name], RFC3339)
     out["AmendIn"]["anyOf"] = [{"required": ["data"]}, {"required": ["time"]}]
     out["AmendIn"]["properties"]["time"]["pattern"] = EVENT_YEAR
     for name in ("MeterIn", "MeterBody", "OpenMeterMeterIn"):

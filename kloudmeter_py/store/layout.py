@@ -28,6 +28,10 @@ class Layout:
         self.resources_bucket = f"{prefix}resources"
         # Corrections applied per stored event (core.corrections.History), by stream seq.
         self.corrections_bucket = f"{prefix}corrections"
+        # OpenMeter's customers (their subjects' claims) and subject entities.
+        self.customers_bucket = f"{prefix}customers"
+        # Portal tokens (hashes only) for a customer's own page.
+        self.portal_bucket = f"{prefix}portal"
         self.summary_buckets = {
             level: f"{prefix}summaries_{level}" for level in ("minute", "hour", "day")
         }

@@ -60,6 +60,8 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
         (layout.auth_bucket, 1, "kloudmeter API users and token hashes"),
         (layout.prices_bucket, 5, "kloudmeter price book"),
         (layout.templates_bucket, 1, "kloudmeter rating templates"),
+        (layout.customers_bucket, 1, "kloudmeter customers, their subjects, subject entities"),
+        (layout.portal_bucket, 1, "kloudmeter portal tokens (hashes)"),
     ):
         await _ensure_bucket(
             js,
