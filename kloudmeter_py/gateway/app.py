@@ -24,6 +24,7 @@ from kloudmeter_py.gateway import (
     openapi,
     openmeter,
     perf,
+    portal,
     query,
     rating,
     templates,
@@ -39,6 +40,7 @@ from kloudmeter_py.gateway.keys import (
     METERS,
     NC,
     OPENAPI_CACHE,
+    PORTAL,
     READS,
     SETTINGS,
 )
@@ -49,6 +51,7 @@ from kloudmeter_py.store.customers import CustomerStore
 from kloudmeter_py.store.kv import LeanLink
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
+from kloudmeter_py.store.portal import PortalStore
 
 log = structlog.get_logger(__name__)
 
@@ -144,6 +147,7 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     app[METERS] = MeterStore(js, layout)
     app[AUTH] = AuthStore(js, layout, settings.admin_token)
     app[CUSTOMERS] = CustomerStore(js, layout)
+    app[PORTAL] = PortalStore(js, layout)
     app[OPENAPI_CACHE] = []
     app[READS] = weakref.WeakSet()
     app[LEAN] = LeanLink(settings, name="kloudmeter-gateway-reads")
@@ -156,6 +160,7 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
         export,
         openmeter,
         customers,
+        portal,
         perf,
         auth,
         usage,

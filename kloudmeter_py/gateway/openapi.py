@@ -23,6 +23,7 @@ from aiohttp import web
 
 from kloudmeter_py import __version__
 from kloudmeter_py.core import customers as customer_models
+from kloudmeter_py.core import portal as portal_models
 from kloudmeter_py.core.aggregate import AGGREGATIONS
 from kloudmeter_py.core.corrections import CORRECTION_SOURCE
 from kloudmeter_py.core.models import CloudEvent, Event, Meter, MeterIn, Reading, encoder
@@ -101,6 +102,9 @@ MODELS: list[type[msgspec.Struct]] = [
     customer_models.CustomerPage,
     customer_models.Subject,
     customer_models.SubjectUpsert,
+    portal_models.PortalTokenIn,
+    portal_models.PortalToken,
+    portal_models.InvalidateIn,
     perf.PerfAccepted,
     perf.PerfSummary,
     auth.UserIn,
@@ -160,6 +164,11 @@ def _model_schemas() -> dict[str, Schema]:
             },
         },
     ]
+    out["InvalidateIn"]["anyOf"] = [
+        {"required": [f], "properties": {f: {"type": "string"}}} for f in ("id", "subject")
+    ]
+    props = out["PortalTokenIn"]["properties"]
+    props["expiresAt"] = with_pattern(props["expiresAt"], RFC3339)
     for name in ("currentPeriodStart", "currentPeriodEnd"):
         props = out["SubjectUpsert"]["properties"]
         props[name] = with_pattern(props[name], RFC3339)
@@ -191,7 +200,7 @@ _ERROR_SCHEMAS = {422: "TemplateFailure"}
 
 _REASONS = {
     400: "Invalid input: bad JSON, a missing or wrong-typed field or parameter",
-    401: "No token, a wrong one or a revoked one",
+    401: "No token, a wrong one or a revoked one (a portal route: an expired or invalidated one)",
     403: "The token's role or tenant may not do this",
     404: "Not found",
     409: "Conflict: it exists already",
@@ -291,6 +300,8 @@ def _operation(
         errors.add(400)
     if op.nats:
         errors.add(503)
+    if spec.access is Access.PORTAL:
+        errors |= {401, 403}  # a portal token is needed, tokens on or off
     if auth and spec.access is not Access.OPEN:
         errors |= {401, 403}
         out["security"] = [{"bearer": []}]

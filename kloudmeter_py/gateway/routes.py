@@ -32,7 +32,7 @@ from typing import Any, Final, TypeVar
 from aiohttp import web
 
 from kloudmeter_py.errors import Forbidden
-from kloudmeter_py.gateway.keys import CUSTOMERS, PRINCIPAL
+from kloudmeter_py.gateway.keys import CUSTOMERS, PORTAL_TOKEN, PRINCIPAL
 from kloudmeter_py.store.auth import check_tenant
 
 Schema = dict[str, Any]
@@ -46,11 +46,14 @@ class Access(enum.Enum):
     OPEN = "open"  # no token needed: the dashboard's files, health
     USER = "user"  # any valid token; a user acts for its own tenant only
     ADMIN = "admin"  # an admin token
+    # A portal token only (always, tokens on or off): the route acts for its subject alone.
+    PORTAL = "portal"
 
 
 OPEN: Final = Access.OPEN
 USER: Final = Access.USER
 ADMIN: Final = Access.ADMIN
+PORTAL: Final = Access.PORTAL
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,12 @@ async def own_subject(request: web.Request, named: str | None, field: str) -> st
 
 def _declared(handler: Handler, spec: RouteSpec) -> Handler:
     async def route(request: web.Request) -> web.StreamResponse:
-        if spec.tenant.data:
+        if spec.access is PORTAL:
+            # The portal token's subject, exactly: never widened to a customer's subjects.
+            subject = request[PORTAL_TOKEN].subject
+            request[_TENANT] = subject
+            request[_SUBJECTS] = [subject]
+        elif spec.tenant.data:
             tenant = resolve_tenant(request, spec.tenant)
             request[_TENANT] = _ALL_TENANTS if tenant is None else tenant
         return await handler(request)
