@@ -17,12 +17,14 @@ from kloudmeter_py.errors import KloudmeterError, PayloadTooLarge, Unavailable
 from kloudmeter_py.gateway import (
     auth,
     corrections,
+    customers,
     dashboard,
     export,
     kloudmeter,
     openapi,
     openmeter,
     perf,
+    portal,
     query,
     rating,
     templates,
@@ -31,21 +33,25 @@ from kloudmeter_py.gateway import (
 from kloudmeter_py.gateway.helpers import Handler, error_response, problem_response, stop_reads
 from kloudmeter_py.gateway.keys import (
     AUTH,
+    CUSTOMERS,
     JS,
     LAYOUT,
     LEAN,
     METERS,
     NC,
     OPENAPI_CACHE,
+    PORTAL,
     READS,
     SETTINGS,
 )
 from kloudmeter_py.gateway.routes import check_declared, ingest_routes
 from kloudmeter_py.metrics import METRICS, Metrics
 from kloudmeter_py.store.auth import AuthStore
+from kloudmeter_py.store.customers import CustomerStore
 from kloudmeter_py.store.kv import LeanLink
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
+from kloudmeter_py.store.portal import PortalStore
 
 log = structlog.get_logger(__name__)
 
@@ -140,6 +146,8 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     app[LAYOUT] = layout
     app[METERS] = MeterStore(js, layout)
     app[AUTH] = AuthStore(js, layout, settings.admin_token)
+    app[CUSTOMERS] = CustomerStore(js, layout)
+    app[PORTAL] = PortalStore(js, layout)
     app[OPENAPI_CACHE] = []
     app[READS] = weakref.WeakSet()
     app[LEAN] = LeanLink(settings, name="kloudmeter-gateway-reads")
@@ -151,6 +159,8 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
         query,
         export,
         openmeter,
+        customers,
+        portal,
         perf,
         auth,
         usage,
