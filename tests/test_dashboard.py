@@ -61,7 +61,7 @@ async def test_dashboard_shows_meters_and_live_readings(
             )
             assert await page.text_content("#meter-count") == "1"
             # The windows chart (redrawn every few seconds) shows the subject's hour window.
-            await page.wait_for_selector("#chart polyline", state="attached", timeout=15_000)
+            await page.wait_for_selector("#chart rect.bar", state="attached", timeout=15_000)
             assert "acme" in (await page.text_content("#legend") or "")
             await page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
             assert errors == []

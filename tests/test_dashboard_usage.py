@@ -1,0 +1,225 @@
+"""The dashboard's usage chart, entitlement bars and alerts panel in a real headless Chromium:
+what it draws is read back from the page and compared with the APIs' JSON."""
+
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kloudmeter_py.worker import Worker
+from tests.conftest import eventually
+from tests.helpers import Http, create_meter, post_event
+from tests.test_dashboard import CHROMIUM, chromium  # noqa: F401 (the fixture)
+
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+# Everything the chart drew, read in one go (the page redraws every few seconds).
+READ_CHART = """() => {
+  const chart = document.getElementById("chart");
+  const num = (n, a) => Number(n.getAttribute(a));
+  return {
+    query: chart.dataset.query || null,
+    range: chart.dataset.range,
+    subject: chart.dataset.subject,
+    bars: [...chart.querySelectorAll("rect.bar")].map((r) => ({
+      series: r.dataset.series,
+      windowStart: r.dataset.windowStart,
+      windowEnd: r.dataset.windowEnd,
+      value: Number(r.dataset.value),
+      // as rendered (attributes and style), in the chart's own units
+      x: r.getBBox().x,
+      y: r.getBBox().y,
+      width: r.getBBox().width,
+      height: r.getBBox().height,
+      title: r.querySelector("title").textContent,
+    })),
+    valueTicks: [...chart.querySelectorAll("g.value-tick")].map((g) => ({
+      value: Number(g.dataset.value),
+      y: num(g.querySelector("line"), "y1"),
+      label: g.querySelector("text").textContent,
+    })),
+    timeTicks: [...chart.querySelectorAll("g.time-tick")].map((g) => ({
+      time: g.dataset.time,
+      x: num(g.querySelector("line"), "x1"),
+      label: g.querySelector("text").textContent,
+    })),
+    titles: [...chart.querySelectorAll("text.axis-title")].map((t) => t.textContent),
+    legend: [...document.querySelectorAll("#legend span")].map((s) => s.dataset.series),
+  };
+}"""
+
+
+def _sums(rows: list[Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for series, *_, value in rows:
+        out[series] = out.get(series, 0) + value
+    return out
+
+
+def _ms(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000
+
+
+def _scale(pairs: list[tuple[float, float]]) -> tuple[float, float]:
+    """(slope, intercept) of the line through the first and last (position, quantity)."""
+    (p0, q0), (p1, q1) = pairs[0], pairs[-1]
+    slope = (q1 - q0) / (p1 - p0)
+    return slope, q0 - slope * p0
+
+
+async def check_drawn(http: Http, drawn: dict[str, Any], series_of: Any) -> list[Any]:
+    """The bars drawn are the rows the chart's query answers (same windows, same values), and
+    each stands where the axes say: from 0 up to its value, inside its window."""
+    assert drawn["query"], drawn
+    resp = await http.get(drawn["query"])
+    assert resp.status == 200, await resp.text()
+    rows = [r for r in (await resp.json())["data"] if r["value"] is not None]
+    want = sorted((series_of(r), r["windowStart"], r["windowEnd"], r["value"]) for r in rows)
+    got = sorted((b["series"], b["windowStart"], b["windowEnd"], b["value"]) for b in drawn["bars"])
+    assert got == want
+    # Readable axes: labelled value ticks (0 among them) and time ticks, axis titles, a legend.
+    values = drawn["valueTicks"]
+    assert len(values) >= 3 and 0 in [t["value"] for t in values]
+    assert all(re.fullmatch(r"-?[\d,]+(\.\d+)?", t["label"]) for t in values), values
+    times = drawn["timeTicks"]
+    assert len(times) >= 4
+    label = r"\d\d:\d\d|[A-Z][a-z]{2} \d{1,2}"
+    assert all(re.fullmatch(label, t["label"]) for t in times), times
+    assert any(t.startswith("time (UTC)") for t in drawn["titles"])
+    assert sorted(drawn["legend"]) == sorted({s for s, *_ in want})
+    # Positions: the value axis maps the bar's ends to 0 and its value, the time axis puts
+    # it inside its window.
+    v_slope, v_zero = _scale([(t["y"], t["value"]) for t in values])
+    t_slope, t_zero = _scale([(t["x"], _ms(t["time"])) for t in times])
+    span = values[-1]["value"] - values[0]["value"]
+    for b in drawn["bars"]:
+        ends = sorted(v_slope * y + v_zero for y in (b["y"], b["y"] + b["height"]))
+        assert abs(ends[0] - min(0, b["value"])) < span * 1e-6, b
+        assert abs(ends[1] - max(0, b["value"])) < span * 1e-6, b
+        left, right = (t_slope * x + t_zero for x in (b["x"], b["x"] + b["width"]))
+        assert _ms(b["windowStart"]) <= left < right <= _ms(b["windowEnd"]), b
+        assert b["series"] in b["title"] and b["windowStart"] in b["title"]
+    return want
+
+
+@pytest.fixture
+async def page(http: Http, chromium: str) -> AsyncIterator[Any]:  # noqa: F811
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=chromium, args=ARGS)
+        try:
+            pg = await browser.new_page()
+            errors: list[str] = []
+            pg.on("pageerror", lambda exc: errors.append(str(exc)))
+            yield pg
+            assert errors == []
+        finally:
+            await browser.close()
+
+
+async def _wait_drawn(page: Any, range_: str, subject: str) -> dict[str, Any]:
+    await page.wait_for_function(
+        "([r, s]) => { const c = document.getElementById('chart');"
+        " return c.dataset.range === r && c.dataset.subject === s"
+        " && c.querySelector('rect.bar') !== null; }",
+        arg=[range_, subject],
+        timeout=15_000,
+    )
+    drawn: dict[str, Any] = await page.evaluate(READ_CHART)
+    return drawn
+
+
+async def test_chart_draws_the_query_per_range_and_subject(
+    http: Http, worker: Worker, page: Any, tmp_path: Path
+) -> None:
+    """Each range (hour / day / month) and subject picked redraws the chart with exactly
+    the windows and values the query API answers, on labelled axes with a legend."""
+    await create_meter(
+        http, id="tokens", eventType="llm", aggregation="sum", valueProperty="$.tokens"
+    )
+    now = datetime.now(UTC)
+    sent = [
+        ("alice", 5, timedelta(minutes=3)),
+        ("alice", 7.5, timedelta(minutes=25)),
+        ("alice", 11, timedelta(hours=5)),
+        ("alice", 13, timedelta(days=10)),
+        ("bob", 3, timedelta(minutes=4)),
+        ("bob", 40, timedelta(hours=20)),
+        ("bob", 17, timedelta(days=3)),
+    ]
+    for n, (subject, tokens, ago) in enumerate(sent):
+        when = (now - ago).isoformat()
+        await post_event(
+            http, id=f"e{n}", eventType="llm", subject=subject, time=when, data={"tokens": tokens}
+        )
+    resp = await http.post(
+        "/api/v1/customers",
+        json={"key": "acme", "name": "ACME", "usageAttribution": {"subjectKeys": ["alice", "bob"]}},
+    )
+    assert resp.status == 201, await resp.text()
+
+    async def total() -> float:
+        r = await http.get("/api/v1/meters/tokens/query")
+        return float(sum(row["value"] for row in (await r.json())["data"]))
+
+    await eventually(total, lambda v: v == sum(t for _, t, _ in sent))
+
+    await page.goto(str(http.make_url("/")))
+    by_subject = lambda r: r["subject"]  # noqa: E731
+    # The default: the last day by hour, every subject.
+    drawn = await _wait_drawn(page, "day", "")
+    want = await check_drawn(http, drawn, by_subject)
+    assert _sums(want) == {"alice": 5 + 7.5 + 11, "bob": 3 + 40}
+    # The last hour by minute.
+    await page.select_option("#chart-range", "hour")
+    want = await check_drawn(http, await _wait_drawn(page, "hour", ""), by_subject)
+    assert sorted(v for *_, v in want) == [3, 5, 7.5]
+    # One subject: its own line only.
+    await page.wait_for_selector('#chart-subject option[value="s:bob"]', state="attached")
+    await page.select_option("#chart-subject", "s:bob")
+    drawn = await _wait_drawn(page, "hour", "s:bob")
+    want = await check_drawn(http, drawn, lambda r: "bob")
+    assert [(s, v) for s, *_, v in want] == [("bob", 3)] and drawn["legend"] == ["bob"]
+    # The last 30 days by day.
+    await page.select_option("#chart-range", "month")
+    want = await check_drawn(http, await _wait_drawn(page, "month", "s:bob"), lambda r: "bob")
+    assert sum(v for *_, v in want) == 3 + 40 + 17
+    # A customer: its subjects' usage merged into one line.
+    option = await page.get_attribute('#chart-subject option[value^="c:"]', "value")
+    assert option is not None
+    await page.select_option("#chart-subject", option)
+    want = await check_drawn(
+        http, await _wait_drawn(page, "month", option), lambda r: "customer acme"
+    )
+    assert sum(v for *_, v in want) == sum(t for _, t, _ in sent)
+    await page.select_option("#chart-subject", "")
+    await page.select_option("#chart-range", "day")
+    await _wait_drawn(page, "day", "")
+    await page.screenshot(path=str(tmp_path / "usage.png"), full_page=True)
+
+
+async def test_panels_show_none_cleanly(http: Http, worker: Worker, page: Any) -> None:
+    """A subject with no entitlements and no alerts shows so, without an error."""
+    await create_meter(http, id="calls", eventType="req", aggregation="count")
+    await post_event(http, id="e1", eventType="req", subject="carol")
+    await page.goto(str(http.make_url("/")))
+    await page.wait_for_selector("#entitlements .note", state="attached")
+    assert "Pick a subject" in (await page.text_content("#entitlements") or "")
+    await page.wait_for_selector('#chart-subject option[value="s:carol"]', state="attached")
+    await page.select_option("#chart-subject", "s:carol")
+    await page.wait_for_selector('#entitlements[data-subject="carol"]', state="attached")
+    await page.wait_for_selector('#alerts[data-subject="carol"]', state="attached")
+    assert await page.text_content("#entitlements") == "No entitlements for carol."
+    assert await page.text_content("#alerts") == "No recent alerts."
