@@ -366,14 +366,21 @@ async function drawEntitlements() {
       });
       const bar = document.createElement("div");
       bar.className = "bar" + (v.overage > 0 ? " over" : "");
+      // The bar spans the limit, or the usage when it went past it; a mark shows the limit.
+      const scale = Math.max(limit, v.usage);
       const fill = document.createElement("div");
       fill.className = "fill";
-      fill.style.width = (limit > 0 ? Math.min(1, v.usage / limit) : v.usage > 0 ? 1 : 0) * 100 + "%";
-      bar.append(fill);
+      fill.style.width = (scale > 0 ? v.usage / scale : 0) * 100 + "%";
+      const mark = document.createElement("div");
+      mark.className = "limit";
+      mark.style.left = (scale > 0 ? limit / scale : 1) * 100 + "%";
+      mark.title = "limit " + num(limit);
+      bar.append(fill, mark);
       const figures = document.createElement("div");
       figures.className = "figures";
       let words = `${num(v.usage)} used of ${num(limit)}, balance ${num(v.balance)}`;
       if (v.overage > 0) words += `, over by ${num(v.overage)}`;
+      if (!v.hasAccess) words += ", no access";
       if (e.currentUsagePeriod) {
         words += ` (this ${(e.usagePeriod?.interval || "period").toLowerCase()}: from `;
         words += e.currentUsagePeriod.from.slice(0, 10) + ")";
