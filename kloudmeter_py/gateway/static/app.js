@@ -322,11 +322,12 @@ function note(message) {
 }
 
 async function optional(path, empty) {
-  // A missing list (404: unknown subject, or the API is not served) shows as empty.
+  // A list that is missing (404: an unknown subject, or an API not served) or not for this
+  // token (403) shows as empty.
   try {
     return await api(path);
   } catch (e) {
-    if (e.status === 404) return empty;
+    if (e.status === 404 || e.status === 403) return empty;
     throw e;
   }
 }
@@ -420,8 +421,9 @@ async function drawAlerts() {
       const unit = data.threshold.type === "PERCENT" ? "%" : "";
       parts.push("crossed " + num(data.threshold.value) + unit);
     } else {
-      parts.push(ev.type || "");
+      parts.push(ev.type === "entitlements.reset" ? "usage reset" : ev.type || "");
     }
+    if (data.value && typeof data.value.usage === "number") parts.push("usage " + num(data.value.usage));
     const delivery = (ev.deliveryStatus || []).map((d) => d.state).join(", ");
     if (delivery) parts.push("(" + delivery + ")");
     li.textContent = parts.filter(Boolean).join(" · ");
