@@ -225,6 +225,16 @@ async def _seed(http: Http) -> dict[str, Any]:
     assert resp.status == 202, await resp.text()
     resp = await http.post("/api/users", json={"tenant": "acme"})
     assert resp.status == 201, await resp.text()
+    customer = {"name": "Customer one", "key": "cust-1"}
+    resp = await http.post(
+        "/api/v1/customers", json={**customer, "usageAttribution": {"subjectKeys": ["customer-1"]}}
+    )
+    assert resp.status == 201, await resp.text()
+    resp = await http.post("/api/v1/subjects", json=[{"key": "customer-1", "displayName": "One"}])
+    assert resp.status == 200, await resp.text()
+    resp = await http.post("/api/v1/portal/tokens", json={"subject": "customer-1"})
+    assert resp.status == 200, await resp.text()
+    portal_token = (await resp.json())["token"]
     rs = await eventually(
         lambda: readings(http, meter="api-calls"),
         lambda r: len(r) == 2 and total_count(r) == 3,
@@ -239,6 +249,7 @@ async def _seed(http: Http) -> dict[str, Any]:
     await eventually(lambda: http.get("/api/perf/host-1"), lambda r: r.status == 200)
     hour = now.replace(minute=0, second=0)
     return {
+        "portal_token": portal_token,
         "reading_key": rs[0]["key"],
         "start": hour.isoformat(),
         "end": (hour + timedelta(hours=1)).isoformat(),
@@ -282,6 +293,32 @@ def _explicit(seeded: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
         ),
         ("/api/v1/events", "GET", {"query": {"limit": 5, "subject": "customer"}}),
         ("/api/v1/meters/{meter}", "PUT", {**meter, "body": {"description": "API calls"}}),
+        ("/api/v1/customers", "GET", {"query": {"subject": "customer"}}),
+        (
+            "/api/v1/customers/{customerIdOrKey}",
+            "GET",
+            {"path_parameters": {"customerIdOrKey": "cust-1"}},
+        ),
+        ("/api/v1/subjects", "GET", {}),
+        (
+            "/api/v1/subjects/{subjectIdOrKey}",
+            "GET",
+            {"path_parameters": {"subjectIdOrKey": "customer-1"}},
+        ),
+        (
+            "/api/v1/meters/{meter}/query",
+            "GET",
+            {**meter, "query": {"filterCustomerId": ["cust-1"]}},
+        ),
+        ("/api/v1/portal/tokens", "GET", {}),
+        (
+            "/api/v1/portal/meters/{meterSlug}/query",
+            "GET",
+            {
+                "path_parameters": {"meterSlug": "api-calls"},
+                "headers": {"Authorization": f"Bearer {seeded['portal_token']}"},
+            },
+        ),
         ("/api/dead-letters", "GET", {}),
         ("/api/dead-letters/list", "GET", {"query": {"limit": 10}}),
         ("/api/perf", "GET", {}),
