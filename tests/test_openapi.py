@@ -59,6 +59,28 @@ BEYOND_SCHEMA: dict[str, str] = {
     "GET /api/v1/meters/{meter}/group-by/{groupByKey}/values": "a group-by key the meter "
     "has; times Python reads (no leap second)",
     "GET /api/v1/events": "times Python reads (no leap second)",
+    "POST /api/v1/features": "meterSlug names a meter; meterGroupByFilters its groups",
+    **{
+        f"{method} /api/v1/subjects/{{subjectIdOrKey}}/entitlements{tail}": "featureKey or "
+        "featureId of a feature; a metered one: usagePeriod and a count, sum or duration "
+        "meter; a static one: config holds JSON"
+        for method, tail in (
+            ("POST", ""),
+            ("PUT", "/{entitlementIdOrFeatureKey}/override"),
+        )
+    },
+    "POST /api/v1/subjects/{subjectIdOrKey}/entitlements/{entitlementIdOrFeatureKey}/grants": (
+        "a metered entitlement; maxRolloverAmount at least minRolloverAmount; effectiveAt "
+        "not before the last reset"
+    ),
+    "POST /api/v1/subjects/{subjectIdOrKey}/entitlements/{entitlementId}/reset": "a metered "
+    "entitlement; effectiveAt not in the future and after the last reset",
+    "GET /api/v1/subjects/{subjectIdOrKey}/entitlements/{entitlementId}/history": "a metered "
+    "entitlement; from before to; an IANA time zone; times Python reads",
+    "GET /api/v1/subjects/{subjectIdOrKey}/entitlements/{entitlementIdOrFeatureKey}/value": (
+        "times Python reads (no leap second)"
+    ),
+    "DELETE /api/v1/grants/{grantId}": "times Python reads (no leap second)",
 }
 
 

@@ -29,6 +29,7 @@ from kloudmeter_py.core.rating import Price
 from kloudmeter_py.gateway import (
     auth,
     corrections,
+    entitlements,
     kloudmeter,
     openmeter,
     perf,
@@ -60,6 +61,7 @@ from kloudmeter_py.gateway.schemas import (
 )
 from kloudmeter_py.metrics import METRICS, METRICS_PATH
 from kloudmeter_py.store.deadletters import DeadLetter, ReplayReport
+from kloudmeter_py.store.entitlements import EntitlementValue
 
 OPENAPI_PATH = "/api/openapi.json"
 _PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
@@ -93,6 +95,15 @@ MODELS: list[type[msgspec.Struct]] = [
     openmeter.OpenMeterMeter,
     openmeter.OpenMeterMeterUpdate,
     openmeter.OpenMeterIngestedEvent,
+    entitlements.FeatureIn,
+    entitlements.Feature,
+    entitlements.EntitlementIn,
+    entitlements.Entitlement,
+    entitlements.GrantIn,
+    entitlements.Grant,
+    entitlements.ResetIn,
+    EntitlementValue,
+    entitlements.BalanceHistory,
     perf.PerfAccepted,
     perf.PerfSummary,
     auth.UserIn,
