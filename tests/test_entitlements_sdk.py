@@ -11,12 +11,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from corehttp.exceptions import HttpResponseError, ResourceNotFoundError
 from corehttp.rest import HttpRequest
+from nats.aio.client import Client
 from openmeter._generated.operations import _operations as ops
 from openmeter.aio import Client as OpenMeter
 from openmeter.models import EntitlementGrant, EntitlementMetered, EntitlementValue
 
+from kloudmeter_py.config import Settings
+from kloudmeter_py.gateway import create_app
+from kloudmeter_py.store.server import NatsServer
 from kloudmeter_py.worker import Worker
 from tests.conftest import eventually
 from tests.helpers import Http, readings, total_count
@@ -282,3 +287,69 @@ async def test_bad_entitlement_input_names_the_field(http: Http) -> None:
         "/api/v1/features/zz",
     ):
         assert (await http.get(path)).status == 404, path
+
+
+ADMIN_TOKEN = "admin-token-for-entitlements-0123456789"
+
+
+async def test_a_user_reads_only_its_own_subjects_entitlements(
+    nc: Client, nats_server: NatsServer
+) -> None:
+    """With tokens on: an admin manages; a user reads its own subject's entitlements, grants,
+    value and history, and gets 404 for another subject's, exactly as for an unknown one."""
+    settings = Settings(nats_url=nats_server.url, partitions=2, admin_token=ADMIN_TOKEN)
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with TestClient(TestServer(create_app(settings, nc))) as http:
+        for path, body in (
+            ("/api/v1/meters", {"slug": "m", "aggregation": "COUNT", "eventType": "t"}),
+            ("/api/v1/features", {"key": "calls", "name": "Calls", "meterSlug": "m"}),
+        ):
+            resp = await http.post(path, json=body, headers=admin)
+            assert resp.status == 201, await resp.text()
+        ids = {}
+        for subject in ("acme", "globex"):
+            resp = await http.post(
+                f"/api/v1/subjects/{subject}/entitlements",
+                json={
+                    "type": "metered",
+                    "featureKey": "calls",
+                    "usagePeriod": {"interval": "DAY"},
+                    "issueAfterReset": 10,
+                },
+                headers=admin,
+            )
+            assert resp.status == 201, await resp.text()
+            ids[subject] = (await resp.json())["id"]
+        resp = await http.post("/api/users", json={"tenant": "acme"}, headers=admin)
+        user = {"Authorization": f"Bearer {(await resp.json())['token']}"}
+
+        own = "/api/v1/subjects/acme/entitlements"
+        for path in (
+            own,
+            f"{own}/calls",
+            f"{own}/calls/value",
+            f"{own}/calls/grants",
+            f"{own}/{ids['acme']}/history?windowSize=DAY",
+            f"/api/v1/entitlements/{ids['acme']}",
+        ):
+            resp = await http.get(path, headers=user)
+            assert resp.status == 200, (path, await resp.text())
+        assert (await (await http.get(f"{own}/calls/value", headers=user)).json())["balance"] == 10
+        listed = await (await http.get("/api/v1/entitlements", headers=user)).json()
+        assert [e["subjectKey"] for e in listed] == ["acme"]
+        for subject, ent in (("globex", ids["globex"]), ("nobody", "01NOSUCHENTITLEMENT0000000")):
+            for path in (
+                f"/api/v1/subjects/{subject}/entitlements",
+                f"/api/v1/subjects/{subject}/entitlements/calls/value",
+                f"/api/v1/entitlements/{ent}",
+            ):
+                resp = await http.get(path, headers=user)
+                assert resp.status == 404, (path, resp.status)
+        for method, path in (
+            ("POST", f"{own}/calls/grants"),
+            ("POST", f"{own}/{ids['acme']}/reset"),
+            ("DELETE", f"{own}/{ids['acme']}"),
+            ("POST", "/api/v1/features"),
+        ):
+            resp = await http.request(method, path, json={}, headers=user)
+            assert resp.status == 403, (method, path, resp.status)
