@@ -185,6 +185,8 @@ async def test_monthly_limit_with_two_grants_through_the_sdk(http: Http, worker:
             201,
         )
         assert override["id"] != ent.id
+        # No anchor given: the periods run from measureUsageFrom.
+        assert override["usagePeriod"]["anchor"] == _iso(now)
         replaced = await sdk.value("acme", "gpt_tokens")
         assert (replaced.balance, replaced.usage) == (493, 7)
         with pytest.raises(ResourceNotFoundError):

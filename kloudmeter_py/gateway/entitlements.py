@@ -100,7 +100,8 @@ class Feature(msgspec.Struct, omit_defaults=True):
 
 
 class PeriodIn(msgspec.Struct):
-    """A recurring period: ``interval`` from ``anchor`` (default: now)."""
+    """A recurring period: ``interval`` from ``anchor`` (an entitlement's default: its
+    ``measureUsageFrom``; a grant's: its ``effectiveAt``)."""
 
     interval: Interval
     anchor: datetime | None = None
@@ -380,8 +381,15 @@ async def new_entitlement(
     step = _step(request)
     period = None
     if body.usagePeriod is not None:
+        # No anchor: the periods run from when usage is measured (from now by default).
         anchor = body.usagePeriod.anchor or now
         period = Period(body.usagePeriod.interval, floor_time(anchor.astimezone(UTC), step))
+        if body.usagePeriod.anchor is None and body.measureUsageFrom not in (
+            None,
+            "NOW",
+            "CURRENT_PERIOD_START",
+        ):
+            period.anchor = _measure_from(body.measureUsageFrom, period, now, step)
     record = EntitlementRecord(
         id=new_id(),
         type=body.type,
