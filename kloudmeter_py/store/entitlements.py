@@ -6,7 +6,11 @@ Keys (every token encoded by core.keys.encode_token, so any value is a legal key
 - ``features``: ``<feature id>``; value: :class:`FeatureRecord` (a deleted feature is kept,
   archived, for the entitlements that name it).
 - ``entitlements``: ``<subject>.<entitlement id>``; value: :class:`EntitlementRecord`, its
-  manual resets inside (each added by compare-and-set).
+  manual resets inside (each added by compare-and-set). ``<subject>.<feature id>.live``:
+  the claim of the subject's one entitlement to a feature (``{"id", "at"}``), created by
+  compare-and-set before the entitlement, so two concurrent creations cannot both succeed;
+  a claim whose entitlement is gone (a crash between the two writes, or a delete between
+  its two deletes) is taken over once ``CLAIM_GRACE_S`` old.
 - ``grants``: ``<entitlement id>.<grant id>``; value: :class:`GrantRecord` (voiding sets
   ``voidedAt`` by compare-and-set).
 
@@ -113,7 +117,14 @@ class GrantRecord(msgspec.Struct, omit_defaults=True):
     metadata: dict[str, str] | None = None
 
 
+class Claim(msgspec.Struct):
+    id: str
+    at: float
+
+
+CLAIM_GRACE_S = 30.0
 _feature_decoder = msgspec.json.Decoder(FeatureRecord)
+_claim_decoder = msgspec.json.Decoder(Claim)
 _entitlement_decoder = msgspec.json.Decoder(EntitlementRecord)
 _grant_decoder = msgspec.json.Decoder(GrantRecord)
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -231,7 +242,7 @@ class EntitlementStore:
         """Every entitlement (of ``subjects``), oldest first."""
         bucket = self.layout.entitlements_bucket
         if subjects is None:
-            pairs = await scan(self.js, bucket, budget=budget)
+            pairs = await scan(self.js, bucket, "*.*", budget=budget)  # not the claims
         else:
             pairs = []
             for s in dict.fromkeys(subjects):
@@ -261,23 +272,51 @@ class EntitlementStore:
         raise NotFound(f"entitlement {id_or_feature!r} not found", field="entitlementId")
 
     async def create_entitlement(self, ent: EntitlementRecord) -> EntitlementRecord:
-        for e in await self.entitlements([ent.subjectKey]):
-            if e.featureId == ent.featureId:
-                raise Conflict(
-                    f"subject {ent.subjectKey!r} already has an entitlement to feature "
-                    f"{ent.featureKey!r} ({e.id}); override it instead",
-                    field="featureKey",
-                )
+        """Store ``ent``: its claim of (subject, feature) first (409 when another live
+        entitlement holds it), then the record."""
         kv = await self._kv(self.layout.entitlements_bucket)
+        claim_key = _claim_key(ent.subjectKey, ent.featureId)
+        claim = msgspec.json.encode(Claim(ent.id, time.time()))
+        try:
+            await kv.create(claim_key, claim)
+        except KeyWrongLastSequenceError:
+            value, revision = await get_with_revision(kv, claim_key)
+            held = _claim_decoder.decode(value) if value is not None else None
+            if held is not None:
+                alive, _ = await get_with_revision(
+                    kv, f"{encode_token(ent.subjectKey)}.{encode_token(held.id)}"
+                )
+                if alive is not None or time.time() - held.at < CLAIM_GRACE_S:
+                    raise Conflict(
+                        f"subject {ent.subjectKey!r} already has an entitlement to feature "
+                        f"{ent.featureKey!r} ({held.id}); override it instead",
+                        field="featureKey",
+                    ) from None
+            try:  # an abandoned claim, or one deleted since: taken over
+                await kv.update(claim_key, claim, last=revision)
+            except KeyWrongLastSequenceError:
+                raise Conflict(
+                    f"subject {ent.subjectKey!r} got an entitlement to feature "
+                    f"{ent.featureKey!r} meanwhile",
+                    field="featureKey",
+                ) from None
         await kv.create(_ent_key(ent), msgspec.json.encode(ent))
         return ent
 
     async def delete_entitlement(self, ent: EntitlementRecord) -> None:
-        """The entitlement and its grants, gone."""
+        """The entitlement and its grants, gone; then its claim (if still its own)."""
         grants = await self._kv(self.layout.grants_bucket)
         for g in await self.grants(ent.id):
             await grants.delete(f"{encode_token(ent.id)}.{encode_token(g.id)}")
-        await (await self._kv(self.layout.entitlements_bucket)).delete(_ent_key(ent))
+        kv = await self._kv(self.layout.entitlements_bucket)
+        await kv.delete(_ent_key(ent))
+        claim_key = _claim_key(ent.subjectKey, ent.featureId)
+        value, revision = await get_with_revision(kv, claim_key)
+        if value is not None and _claim_decoder.decode(value).id == ent.id:
+            try:
+                await kv.delete(claim_key, last=revision)
+            except KeyWrongLastSequenceError:
+                pass  # taken over meanwhile: no longer ours to remove
 
     async def change_entitlement(
         self, ent: EntitlementRecord, change: Callable[[EntitlementRecord], EntitlementRecord]
@@ -341,6 +380,10 @@ class EntitlementStore:
 
 def _ent_key(ent: EntitlementRecord) -> str:
     return f"{encode_token(ent.subjectKey)}.{encode_token(ent.id)}"
+
+
+def _claim_key(subject: str, feature_id: str) -> str:
+    return f"{encode_token(subject)}.{encode_token(feature_id)}.live"
 
 
 # --- the value ------------------------------------------------------------------------------
