@@ -355,3 +355,26 @@ async def test_a_user_reads_only_its_own_subjects_entitlements(
         ):
             resp = await http.request(method, path, json={}, headers=user)
             assert resp.status == 403, (method, path, resp.status)
+
+
+async def test_v2_issue_and_grants_come_with_the_entitlement(http: Http) -> None:
+    """An entitlement created with v2's ``issue`` and ``grants`` holds both at once."""
+    await http.post("/api/v1/meters", json={"slug": "m", "aggregation": "COUNT", "eventType": "t"})
+    await http.post("/api/v1/features", json={"key": "calls", "name": "C", "meterSlug": "m"})
+    now = _iso(datetime.now(UTC).replace(second=0, microsecond=0))
+    resp = await http.post(
+        "/api/v1/subjects/acme/entitlements",
+        json={
+            "type": "metered",
+            "featureKey": "calls",
+            "usagePeriod": {"interval": "WEEK"},
+            "issue": {"amount": 5, "priority": 3},
+            "grants": [{"amount": 7, "effectiveAt": now}, {"amount": 1, "effectiveAt": now}],
+        },
+    )
+    assert resp.status == 201, await resp.text()
+    assert (await resp.json())["issueAfterResetPriority"] == 3
+    grants = await (await http.get("/api/v1/subjects/acme/entitlements/calls/grants")).json()
+    assert sorted(g["amount"] for g in grants) == [1, 7]
+    value = await (await http.get("/api/v1/subjects/acme/entitlements/calls/value")).json()
+    assert value["balance"] == 13

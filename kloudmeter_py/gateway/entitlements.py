@@ -123,13 +123,21 @@ class ExpirationIn(msgspec.Struct):
     count: Annotated[int, Meta(ge=1, le=1000)]
 
 
+class IssueIn(msgspec.Struct):
+    """v2's ``issue``: a grant of ``amount`` after every reset (``issueAfterReset``)."""
+
+    amount: Amount
+    priority: Priority = 1
+
+
 class EntitlementIn(msgspec.Struct):
     """Body of POST .../entitlements and PUT .../override (OpenMeter's
     EntitlementCreateInputs: metered, boolean or static; other fields ignored).
 
     ``measureUsageFrom``: ``NOW`` (default), ``CURRENT_PERIOD_START`` or an RFC 3339 time.
     ``usagePeriod`` is required for a metered entitlement, ``config`` (a JSON text) for a
-    static one."""
+    static one. v2's ``issue`` is ``issueAfterReset`` with its priority, and ``grants`` are
+    granted with the entitlement."""
 
     type: Literal["metered", "boolean", "static"]
     featureKey: str | None = None
@@ -142,6 +150,8 @@ class EntitlementIn(msgspec.Struct):
     issueAfterResetPriority: Priority = 1
     preserveOverageAtReset: bool = False
     config: str | None = None
+    issue: IssueIn | None = None
+    grants: Annotated[list["GrantIn"], Meta(max_length=100)] | None = None
 
 
 class Entitlement(msgspec.Struct, omit_defaults=True):
@@ -426,6 +436,9 @@ async def new_entitlement(
         record.isSoftLimit = body.isSoftLimit
         record.issueAfterReset = body.issueAfterReset
         record.issueAfterResetPriority = body.issueAfterResetPriority
+        if body.issue is not None:
+            record.issueAfterReset = body.issue.amount
+            record.issueAfterResetPriority = body.issue.priority
         record.preserveOverageAtReset = body.preserveOverageAtReset
     return record
 
@@ -635,6 +648,19 @@ async def entitlement_history(
     return BalanceHistory(windowedHistory=windows, burndownHistory=segments)
 
 
+async def create_with_grants(
+    request: web.Request, body: EntitlementIn, owner: str, customer_id: str | None = None
+) -> EntitlementRecord:
+    """A new entitlement from ``body``, stored, with the grants it names (checked first)."""
+    record = await new_entitlement(request, body, owner, customer_id)
+    grants = [await new_grant(request, record, g) for g in body.grants or []]
+    store = store_of(request)
+    created = await store.create_entitlement(record)
+    for grant in grants:
+        await store.create_grant(grant)
+    return created
+
+
 async def override_entitlement(
     request: web.Request,
     owner: str,
@@ -644,9 +670,13 @@ async def override_entitlement(
 ) -> EntitlementRecord:
     """``existing`` replaced by a new entitlement from ``body`` (its grants go with it)."""
     record = await new_entitlement(request, body, owner, customer_id)
+    grants = [await new_grant(request, record, g) for g in body.grants or []]
     store = store_of(request)
     await store.delete_entitlement(existing)
-    return await store.create_entitlement(record)
+    created = await store.create_entitlement(record)
+    for grant in grants:
+        await store.create_grant(grant)
+    return created
 
 
 # --- features ---------------------------------------------------------------------------------
@@ -913,8 +943,7 @@ async def _subject_entitlement(request: web.Request, name: str) -> EntitlementRe
 async def create_entitlement(request: web.Request) -> web.Response:
     subject = _subject(request)
     body = decode_body(await request.read(), _entitlement_decoder)
-    record = await new_entitlement(request, body, subject)
-    created = await store_of(request).create_entitlement(record)
+    created = await create_with_grants(request, body, subject)
     return json_response(entitlement_view(created), status=201)
 
 
