@@ -17,6 +17,8 @@ from kloudmeter_py.errors import KloudmeterError, PayloadTooLarge, Unavailable
 from kloudmeter_py.gateway import (
     auth,
     corrections,
+    customer_entitlements,
+    customers,
     dashboard,
     entitlements,
     export,
@@ -24,6 +26,7 @@ from kloudmeter_py.gateway import (
     openapi,
     openmeter,
     perf,
+    portal,
     query,
     rating,
     templates,
@@ -32,21 +35,25 @@ from kloudmeter_py.gateway import (
 from kloudmeter_py.gateway.helpers import Handler, error_response, problem_response, stop_reads
 from kloudmeter_py.gateway.keys import (
     AUTH,
+    CUSTOMERS,
     JS,
     LAYOUT,
     LEAN,
     METERS,
     NC,
     OPENAPI_CACHE,
+    PORTAL,
     READS,
     SETTINGS,
 )
 from kloudmeter_py.gateway.routes import check_declared, ingest_routes
 from kloudmeter_py.metrics import METRICS, Metrics
 from kloudmeter_py.store.auth import AuthStore
+from kloudmeter_py.store.customers import CustomerStore
 from kloudmeter_py.store.kv import LeanLink
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
+from kloudmeter_py.store.portal import PortalStore
 
 log = structlog.get_logger(__name__)
 
@@ -141,6 +148,8 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     app[LAYOUT] = layout
     app[METERS] = MeterStore(js, layout)
     app[AUTH] = AuthStore(js, layout, settings.admin_token)
+    app[CUSTOMERS] = CustomerStore(js, layout)
+    app[PORTAL] = PortalStore(js, layout)
     app[OPENAPI_CACHE] = []
     app[READS] = weakref.WeakSet()
     app[LEAN] = LeanLink(settings, name="kloudmeter-gateway-reads")
@@ -153,6 +162,9 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
         export,
         openmeter,
         entitlements,
+        customer_entitlements,
+        customers,
+        portal,
         perf,
         auth,
         usage,

@@ -8,8 +8,9 @@ much of it is left.
 - ``/api/v1/entitlements`` and ``/api/v1/grants``: every subject's.
 
 Access: an admin manages features, entitlements and grants (ADMIN routes). A user token may
-read its own subject's entitlements, grants, values and history (its tenant is its subject);
-any other subject, known or not, answers 404 as an unknown one does. Features are
+read its own subjects' entitlements, grants, values and history (its tenant is its subject,
+or a customer's key: then every subject of that customer); any other subject, known or not,
+answers 404 as an unknown one does. Features are
 definitions, like meters: any token may list them.
 
 Values are computed by store.entitlements.value_at from the window summaries
@@ -40,7 +41,7 @@ from kloudmeter_py.gateway.routes import (
     Op,
     Param,
     Routes,
-    tenant_of,
+    tenant_subjects,
 )
 from kloudmeter_py.gateway.schemas import STR, TIME, array, ref
 from kloudmeter_py.store.entitlements import (
@@ -342,11 +343,12 @@ def store_of(request: web.Request) -> EntitlementStore:
     return EntitlementStore(request.app[JS], request.app[LAYOUT])
 
 
-def own_subject(request: web.Request, subject: str) -> str:
-    """The subject a request may act on: a user token its own only (any other: 404, as an
-    unknown one answers)."""
-    scope = tenant_of(request)
-    if scope is not None and subject != scope:
+async def visible_subject(request: web.Request, subject: str) -> str:
+    """The subject a request may act on: a user token one of its tenant's subjects only
+    (routes.tenant_subjects: the tenant, or the subjects of the customer whose key it is);
+    any other, known or not, is 404 as an unknown one."""
+    subjects = await tenant_subjects(request)
+    if subjects is not None and subject not in subjects:
         raise NotFound(f"subject {subject!r} not found", field="subjectIdOrKey")
     return subject
 
@@ -811,10 +813,10 @@ _LIST_PARAMS = (
     ),
 )
 async def list_entitlements(request: web.Request) -> web.Response:
-    scope = tenant_of(request)
+    scope = await tenant_subjects(request)
     subjects = request.query.getall("subject", [])
     if scope is not None:
-        subjects = [scope] if not subjects or scope in subjects else []
+        subjects = [s for s in subjects or scope if s in scope]
         if not subjects:
             return json_response([])
     found = await store_of(request).entitlements(subjects or None, budget=read_budget(request))
@@ -848,7 +850,7 @@ ENTITLEMENT_PATH = ("the entitlement's id",)
 )
 async def get_any_entitlement(request: web.Request) -> web.Response:
     ent = await store_of(request).entitlement(None, request.match_info["entitlementId"])
-    own_subject(request, ent.subjectKey)
+    await visible_subject(request, ent.subjectKey)
     return json_response(entitlement_view(ent))
 
 
@@ -916,12 +918,12 @@ SUBJECT = "the subject's key"
 ENT_OR_FEATURE = "the entitlement's id, or its feature's key"
 
 
-def _subject(request: web.Request) -> str:
-    return own_subject(request, request.match_info["subjectIdOrKey"])
+async def _subject(request: web.Request) -> str:
+    return await visible_subject(request, request.match_info["subjectIdOrKey"])
 
 
 async def _subject_entitlement(request: web.Request, name: str) -> EntitlementRecord:
-    subject = _subject(request)
+    subject = await _subject(request)
     return await store_of(request).entitlement(subject, request.match_info[name])
 
 
@@ -941,7 +943,7 @@ async def _subject_entitlement(request: web.Request, name: str) -> EntitlementRe
     ),
 )
 async def create_entitlement(request: web.Request) -> web.Response:
-    subject = _subject(request)
+    subject = await _subject(request)
     body = decode_body(await request.read(), _entitlement_decoder)
     created = await create_with_grants(request, body, subject)
     return json_response(entitlement_view(created), status=201)
@@ -960,7 +962,7 @@ async def create_entitlement(request: web.Request) -> web.Response:
     ),
 )
 async def list_subject_entitlements(request: web.Request) -> web.Response:
-    subject = _subject(request)
+    subject = await _subject(request)
     found = await store_of(request).entitlements([subject], budget=read_budget(request))
     now = datetime.now(UTC)
     return json_response([entitlement_view(e, now) for e in found])

@@ -36,11 +36,13 @@ from nats.js.kv import KeyValue
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core import entitlements as core
 from kloudmeter_py.core.budget import ReadBudget
+from kloudmeter_py.core.customers import subjects_of
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.models import Meter
 from kloudmeter_py.core.query import Query
 from kloudmeter_py.core.windows import DAY, HOUR, MINUTE, widths
 from kloudmeter_py.errors import Conflict, InvalidInput, NotFound
+from kloudmeter_py.store.customers import CustomerStore
 from kloudmeter_py.store.kv import get_with_revision, new_budget, scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
@@ -459,6 +461,19 @@ async def measured_usage(
     return dict(zip(stretches, figures, strict=True))
 
 
+async def usage_subjects(js: JetStreamContext, layout: Layout, ent: EntitlementRecord) -> list[str]:
+    """Whose usage an entitlement counts: every subject of its customer (the one named by
+    ``customerId``, else the customer whose key is the entitlement's subject key), or its
+    subject alone when no customer has it. Read each time (a customer's subjects change)."""
+    customers = CustomerStore(js, layout)
+    if ent.customerId is not None:
+        found = await customers.subjects_of(ent.customerId)
+    else:
+        customer = await customers.by_key(ent.subjectKey)
+        found = subjects_of(customer) if customer is not None else None
+    return found or [ent.subjectKey]
+
+
 async def metered_run(
     js: JetStreamContext,
     settings: Settings,
@@ -475,9 +490,11 @@ async def metered_run(
 ) -> core.Run:
     """The burn-down of a metered entitlement up to ``at`` (ceiled to METER_INTERVAL: the
     usage of the interval holding ``at`` counts), its usage read from the summaries of
-    ``subjects`` (default: the entitlement's subject)."""
+    ``subjects`` (default: :func:`usage_subjects`)."""
     if budget is None:
         budget = new_budget(settings.read_timeout_ms / 1000)
+    if subjects is None:
+        subjects = await usage_subjects(js, Layout(settings), ent)
     at = ceil_time(at, settings.interval)
     metered = metered_of(ent)
     core_grants = [grant_of(g) for g in grants]
@@ -489,7 +506,7 @@ async def metered_run(
         settings,
         meter,
         stretches,
-        list(subjects) if subjects is not None else [ent.subjectKey],
+        list(subjects),
         feature.meterGroupByFilters,
         budget,
         wire,

@@ -32,6 +32,10 @@ class Layout:
         self.features_bucket = f"{prefix}features"
         self.entitlements_bucket = f"{prefix}entitlements"
         self.grants_bucket = f"{prefix}grants"
+        # OpenMeter's customers (their subjects' claims) and subject entities.
+        self.customers_bucket = f"{prefix}customers"
+        # Portal tokens (hashes only) for a customer's own page.
+        self.portal_bucket = f"{prefix}portal"
         self.summary_buckets = {
             level: f"{prefix}summaries_{level}" for level in ("minute", "hour", "day")
         }

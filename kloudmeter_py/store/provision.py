@@ -63,6 +63,8 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
         (layout.features_bucket, 5, "kloudmeter features (OpenMeter entitlements)"),
         (layout.entitlements_bucket, 5, "kloudmeter entitlements with their resets"),
         (layout.grants_bucket, 5, "kloudmeter entitlement grants"),
+        (layout.customers_bucket, 1, "kloudmeter customers, their subjects, subject entities"),
+        (layout.portal_bucket, 1, "kloudmeter portal tokens (hashes)"),
     ):
         await _ensure_bucket(
             js,
