@@ -1,11 +1,13 @@
 """An entitlement's value from the window summaries (store.entitlements.value_at), against a
 real nats-server and worker."""
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 from nats.aio.client import Client
 
 from kloudmeter_py.config import Settings
+from kloudmeter_py.errors import Conflict
 from kloudmeter_py.store.entitlements import (
     EntitlementRecord,
     EntitlementStore,
@@ -99,3 +101,34 @@ def test_edges_round_down_where_fine_summaries_have_expired(settings: Settings) 
     assert stored_edge(older, settings, ts) == datetime(2026, 3, 9, 20, tzinfo=UTC)
     oldest = datetime(2026, 3, 1, 20, 37, tzinfo=UTC)
     assert stored_edge(oldest, settings, ts) == datetime(2026, 3, 1, tzinfo=UTC)
+
+
+async def test_one_entitlement_per_subject_and_feature_under_concurrency(
+    nc: Client, settings: Settings
+) -> None:
+    """Ten creations at once for one subject and feature: one succeeds, nine are 409; after
+    a delete the feature can be entitled again."""
+    store = EntitlementStore(nc.jetstream(), Layout(settings))
+    now = datetime.now(UTC)
+
+    def record() -> EntitlementRecord:
+        return EntitlementRecord(
+            id=new_id(),
+            type="boolean",
+            subjectKey="acme",
+            featureId="F1",
+            featureKey="sso",
+            createdAt=now,
+            updatedAt=now,
+        )
+
+    results = await asyncio.gather(
+        *(store.create_entitlement(record()) for _ in range(10)), return_exceptions=True
+    )
+    made = [r for r in results if isinstance(r, EntitlementRecord)]
+    assert len(made) == 1
+    assert all(isinstance(r, Conflict) for r in results if r not in made)
+    assert [e.id for e in await store.entitlements(["acme"])] == [made[0].id]
+    await store.delete_entitlement(made[0])
+    again = await store.create_entitlement(record())
+    assert [e.id for e in await store.entitlements()] == [again.id]

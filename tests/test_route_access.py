@@ -43,6 +43,8 @@ NO_TENANT_USER_ROUTES = {
     ("GET", "/api/meter/"),
     ("GET", "/api/v1/meters"),
     ("GET", "/api/v1/meters/{meter}"),
+    ("GET", "/api/v1/features"),
+    ("GET", "/api/v1/features/{featureId}"),
 }
 # User routes that write: what each is sent to write for the other tenant (a 403 each).
 WRITES_FOR_OTHER: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
@@ -92,8 +94,13 @@ PATH_VALUES = {
     "name": "app.js",
     "groupByKey": "zz-key",
     "customerIdOrKey": "zz-customer",
-    "subjectIdOrKey": "zz-subject",
     "meterSlug": "m",
+    # Entitlements: the other tenant's subject (a user token: 404 as for an unknown one).
+    "featureId": "zz-feature",
+    "subjectIdOrKey": OTHER,
+    "entitlementId": "zz-entitlement",
+    "entitlementIdOrFeatureKey": "zz-feature",
+    "grantId": "zz-grant",
 }
 
 

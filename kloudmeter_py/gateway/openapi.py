@@ -31,6 +31,8 @@ from kloudmeter_py.core.rating import Price
 from kloudmeter_py.gateway import (
     auth,
     corrections,
+    customer_entitlements,
+    entitlements,
     kloudmeter,
     openmeter,
     perf,
@@ -64,6 +66,7 @@ from kloudmeter_py.gateway.schemas import (
 )
 from kloudmeter_py.metrics import METRICS, METRICS_PATH
 from kloudmeter_py.store.deadletters import DeadLetter, ReplayReport
+from kloudmeter_py.store.entitlements import EntitlementValue
 
 OPENAPI_PATH = "/api/openapi.json"
 _PARAM = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
@@ -97,6 +100,17 @@ MODELS: list[type[msgspec.Struct]] = [
     openmeter.OpenMeterMeter,
     openmeter.OpenMeterMeterUpdate,
     openmeter.OpenMeterIngestedEvent,
+    entitlements.FeatureIn,
+    entitlements.Feature,
+    entitlements.EntitlementIn,
+    entitlements.Entitlement,
+    entitlements.GrantIn,
+    entitlements.Grant,
+    entitlements.ResetIn,
+    EntitlementValue,
+    entitlements.BalanceHistory,
+    customer_entitlements.EntitlementPage,
+    customer_entitlements.GrantPage,
     customer_models.CustomerIn,
     customer_models.Customer,
     customer_models.CustomerPage,

@@ -6,7 +6,11 @@ Keys (every token encoded by core.keys.encode_token, so any value is a legal key
 - ``features``: ``<feature id>``; value: :class:`FeatureRecord` (a deleted feature is kept,
   archived, for the entitlements that name it).
 - ``entitlements``: ``<subject>.<entitlement id>``; value: :class:`EntitlementRecord`, its
-  manual resets inside (each added by compare-and-set).
+  manual resets inside (each added by compare-and-set). ``<subject>.<feature id>.live``:
+  the claim of the subject's one entitlement to a feature (``{"id", "at"}``), created by
+  compare-and-set before the entitlement, so two concurrent creations cannot both succeed;
+  a claim whose entitlement is gone (a crash between the two writes, or a delete between
+  its two deletes) is taken over once ``CLAIM_GRACE_S`` old.
 - ``grants``: ``<entitlement id>.<grant id>``; value: :class:`GrantRecord` (voiding sets
   ``voidedAt`` by compare-and-set).
 
@@ -32,11 +36,13 @@ from nats.js.kv import KeyValue
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core import entitlements as core
 from kloudmeter_py.core.budget import ReadBudget
+from kloudmeter_py.core.customers import subjects_of
 from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.models import Meter
 from kloudmeter_py.core.query import Query
 from kloudmeter_py.core.windows import DAY, HOUR, MINUTE, widths
 from kloudmeter_py.errors import Conflict, InvalidInput, NotFound
+from kloudmeter_py.store.customers import CustomerStore
 from kloudmeter_py.store.kv import get_with_revision, new_budget, scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
@@ -113,7 +119,14 @@ class GrantRecord(msgspec.Struct, omit_defaults=True):
     metadata: dict[str, str] | None = None
 
 
+class Claim(msgspec.Struct):
+    id: str
+    at: float
+
+
+CLAIM_GRACE_S = 30.0
 _feature_decoder = msgspec.json.Decoder(FeatureRecord)
+_claim_decoder = msgspec.json.Decoder(Claim)
 _entitlement_decoder = msgspec.json.Decoder(EntitlementRecord)
 _grant_decoder = msgspec.json.Decoder(GrantRecord)
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -231,7 +244,7 @@ class EntitlementStore:
         """Every entitlement (of ``subjects``), oldest first."""
         bucket = self.layout.entitlements_bucket
         if subjects is None:
-            pairs = await scan(self.js, bucket, budget=budget)
+            pairs = await scan(self.js, bucket, "*.*", budget=budget)  # not the claims
         else:
             pairs = []
             for s in dict.fromkeys(subjects):
@@ -261,23 +274,51 @@ class EntitlementStore:
         raise NotFound(f"entitlement {id_or_feature!r} not found", field="entitlementId")
 
     async def create_entitlement(self, ent: EntitlementRecord) -> EntitlementRecord:
-        for e in await self.entitlements([ent.subjectKey]):
-            if e.featureId == ent.featureId:
-                raise Conflict(
-                    f"subject {ent.subjectKey!r} already has an entitlement to feature "
-                    f"{ent.featureKey!r} ({e.id}); override it instead",
-                    field="featureKey",
-                )
+        """Store ``ent``: its claim of (subject, feature) first (409 when another live
+        entitlement holds it), then the record."""
         kv = await self._kv(self.layout.entitlements_bucket)
+        claim_key = _claim_key(ent.subjectKey, ent.featureId)
+        claim = msgspec.json.encode(Claim(ent.id, time.time()))
+        try:
+            await kv.create(claim_key, claim)
+        except KeyWrongLastSequenceError:
+            value, revision = await get_with_revision(kv, claim_key)
+            held = _claim_decoder.decode(value) if value is not None else None
+            if held is not None:
+                alive, _ = await get_with_revision(
+                    kv, f"{encode_token(ent.subjectKey)}.{encode_token(held.id)}"
+                )
+                if alive is not None or time.time() - held.at < CLAIM_GRACE_S:
+                    raise Conflict(
+                        f"subject {ent.subjectKey!r} already has an entitlement to feature "
+                        f"{ent.featureKey!r} ({held.id}); override it instead",
+                        field="featureKey",
+                    ) from None
+            try:  # an abandoned claim, or one deleted since: taken over
+                await kv.update(claim_key, claim, last=revision)
+            except KeyWrongLastSequenceError:
+                raise Conflict(
+                    f"subject {ent.subjectKey!r} got an entitlement to feature "
+                    f"{ent.featureKey!r} meanwhile",
+                    field="featureKey",
+                ) from None
         await kv.create(_ent_key(ent), msgspec.json.encode(ent))
         return ent
 
     async def delete_entitlement(self, ent: EntitlementRecord) -> None:
-        """The entitlement and its grants, gone."""
+        """The entitlement and its grants, gone; then its claim (if still its own)."""
         grants = await self._kv(self.layout.grants_bucket)
         for g in await self.grants(ent.id):
             await grants.delete(f"{encode_token(ent.id)}.{encode_token(g.id)}")
-        await (await self._kv(self.layout.entitlements_bucket)).delete(_ent_key(ent))
+        kv = await self._kv(self.layout.entitlements_bucket)
+        await kv.delete(_ent_key(ent))
+        claim_key = _claim_key(ent.subjectKey, ent.featureId)
+        value, revision = await get_with_revision(kv, claim_key)
+        if value is not None and _claim_decoder.decode(value).id == ent.id:
+            try:
+                await kv.delete(claim_key, last=revision)
+            except KeyWrongLastSequenceError:
+                pass  # taken over meanwhile: no longer ours to remove
 
     async def change_entitlement(
         self, ent: EntitlementRecord, change: Callable[[EntitlementRecord], EntitlementRecord]
@@ -341,6 +382,10 @@ class EntitlementStore:
 
 def _ent_key(ent: EntitlementRecord) -> str:
     return f"{encode_token(ent.subjectKey)}.{encode_token(ent.id)}"
+
+
+def _claim_key(subject: str, feature_id: str) -> str:
+    return f"{encode_token(subject)}.{encode_token(feature_id)}.live"
 
 
 # --- the value ------------------------------------------------------------------------------
@@ -416,6 +461,19 @@ async def measured_usage(
     return dict(zip(stretches, figures, strict=True))
 
 
+async def usage_subjects(js: JetStreamContext, layout: Layout, ent: EntitlementRecord) -> list[str]:
+    """Whose usage an entitlement counts: every subject of its customer (the one named by
+    ``customerId``, else the customer whose key is the entitlement's subject key), or its
+    subject alone when no customer has it. Read each time (a customer's subjects change)."""
+    customers = CustomerStore(js, layout)
+    if ent.customerId is not None:
+        found = await customers.subjects_of(ent.customerId)
+    else:
+        customer = await customers.by_key(ent.subjectKey)
+        found = subjects_of(customer) if customer is not None else None
+    return found or [ent.subjectKey]
+
+
 async def metered_run(
     js: JetStreamContext,
     settings: Settings,
@@ -432,9 +490,11 @@ async def metered_run(
 ) -> core.Run:
     """The burn-down of a metered entitlement up to ``at`` (ceiled to METER_INTERVAL: the
     usage of the interval holding ``at`` counts), its usage read from the summaries of
-    ``subjects`` (default: the entitlement's subject)."""
+    ``subjects`` (default: :func:`usage_subjects`)."""
     if budget is None:
         budget = new_budget(settings.read_timeout_ms / 1000)
+    if subjects is None:
+        subjects = await usage_subjects(js, Layout(settings), ent)
     at = ceil_time(at, settings.interval)
     metered = metered_of(ent)
     core_grants = [grant_of(g) for g in grants]
@@ -446,7 +506,7 @@ async def metered_run(
         settings,
         meter,
         stretches,
-        list(subjects) if subjects is not None else [ent.subjectKey],
+        list(subjects),
         feature.meterGroupByFilters,
         budget,
         wire,
