@@ -223,3 +223,121 @@ async def test_panels_show_none_cleanly(http: Http, worker: Worker, page: Any) -
     await page.wait_for_selector('#alerts[data-subject="carol"]', state="attached")
     assert await page.text_content("#entitlements") == "No entitlements for carol."
     assert await page.text_content("#alerts") == "No recent alerts."
+
+
+READ_ENTITLEMENTS = """() => [...document.querySelectorAll("#entitlements .entitlement")]
+.map((e) => {
+  const bar = e.querySelector(".bar")?.getBoundingClientRect();
+  const fill = e.querySelector(".bar .fill")?.getBoundingClientRect();
+  const mark = e.querySelector(".bar .limit")?.getBoundingClientRect();
+  return {
+    feature: e.dataset.feature,
+    type: e.dataset.type,
+    usage: e.dataset.usage === undefined ? null : Number(e.dataset.usage),
+    limit: e.dataset.limit === undefined ? null : Number(e.dataset.limit),
+    balance: e.dataset.balance === undefined ? null : Number(e.dataset.balance),
+    overage: e.dataset.overage === undefined ? null : Number(e.dataset.overage),
+    // as rendered: the fill's width and the limit mark's middle, as fractions of the bar
+    filled: bar ? fill.width / bar.width : null,
+    mark: bar ? (mark.left + mark.width / 2 - bar.left) / bar.width : null,
+    over: bar ? e.querySelector(".bar").classList.contains("over") : null,
+    text: e.textContent,
+  };
+})"""
+
+
+async def _bar_shown(page: Any, option: str, want: dict[str, Any]) -> dict[str, Any]:
+    """Pick ``option`` (again: the panels redraw at once) and wait for the usage the value
+    API answered; the entitlements shown, by feature key."""
+    await page.wait_for_selector(f'#chart-subject option[value="{option}"]', state="attached")
+    await page.select_option("#chart-subject", "")
+    await page.select_option("#chart-subject", option)
+    await page.wait_for_function(
+        "u => document.querySelector('#entitlements .entitlement[data-usage]')"
+        "?.dataset.usage === String(u)",
+        arg=want["usage"],
+        timeout=15_000,
+    )
+    shown = {e["feature"]: e for e in await page.evaluate(READ_ENTITLEMENTS)}
+    bar = shown["gpt_tokens"]
+    assert (bar["usage"], bar["limit"], bar["balance"], bar["overage"]) == (
+        want["usage"],
+        want["totalAvailableGrantAmount"],
+        want["balance"],
+        want["overage"],
+    )
+    # The bar spans the limit, or the usage past it; the mark stands at the limit.
+    used, limit = want["usage"], want["totalAvailableGrantAmount"]
+    scale = max(limit, used)
+    assert abs(bar["filled"] - used / scale) < 0.01, bar
+    assert abs(bar["mark"] - limit / scale) < 0.01, bar
+    assert bar["over"] == (used > limit)
+    assert f"{used:g} used of {limit:g}" in bar["text"]
+    return shown
+
+
+async def test_entitlement_bar_shows_the_value_api(http: Http, worker: Worker, page: Any) -> None:
+    """A subject's metered entitlement is drawn as its usage against its limit (the grants
+    available), equal to the value API's, as usage grows past the limit; a boolean one is
+    listed without a bar; a customer's entitlement counts all its subjects."""
+    await create_meter(
+        http, id="tokens", eventType="llm", aggregation="sum", valueProperty="$.tokens"
+    )
+    for body in (
+        {"key": "gpt_tokens", "name": "GPT tokens", "meterSlug": "tokens"},
+        {"key": "sso", "name": "SSO"},
+    ):
+        resp = await http.post("/api/v1/features", json=body)
+        assert resp.status == 201, await resp.text()
+    resp = await http.post(
+        "/api/v1/customers",
+        json={"key": "acme", "name": "ACME", "usageAttribution": {"subjectKeys": ["alice", "bob"]}},
+    )
+    assert resp.status == 201, await resp.text()
+    start = (datetime.now(UTC) - timedelta(days=1)).replace(second=0, microsecond=0)
+    metered = {
+        "type": "metered",
+        "featureKey": "gpt_tokens",
+        "usagePeriod": {"interval": "MONTH", "anchor": start.isoformat()},
+        "measureUsageFrom": start.isoformat(),
+    }
+    alice = "/api/v1/subjects/alice/entitlements"
+    acme = "/api/v2/customers/acme/entitlements"
+    for path, body in ((alice, metered), (alice, {"type": "boolean", "featureKey": "sso"})):
+        resp = await http.post(path, json=body)
+        assert resp.status == 201, await resp.text()
+    resp = await http.post(acme, json=metered)
+    assert resp.status == 201, await resp.text()
+    for path, amount, priority in ((alice, 100, 1), (alice, 50, 2), (acme, 500, 1)):
+        grant = {"amount": amount, "priority": priority, "effectiveAt": start.isoformat()}
+        resp = await http.post(f"{path}/gpt_tokens/grants", json=grant)
+        assert resp.status == 201, await resp.text()
+
+    def value(base: str) -> Any:
+        async def get() -> dict[str, Any]:
+            resp = await http.get(f"{base}/gpt_tokens/value")
+            assert resp.status == 200, await resp.text()
+            out: dict[str, Any] = await resp.json()
+            return out
+
+        return get
+
+    await page.goto(str(http.make_url("/")))
+    sent = 0.0
+    for n, tokens in enumerate((30, 90, 60)):
+        await post_event(
+            http, id=f"e{n}", eventType="llm", subject="alice", data={"tokens": tokens}
+        )
+        sent += tokens
+        want = await eventually(value(alice), lambda v, s=sent: v["usage"] == s)  # type: ignore[misc]
+        assert want["totalAvailableGrantAmount"] == 150
+        shown = await _bar_shown(page, "s:alice", want)
+        assert shown["sso"]["type"] == "boolean" and shown["sso"]["filled"] is None
+    # The customer's: alice's usage and bob's against the customer's grant.
+    await post_event(http, id="e3", eventType="llm", subject="bob", data={"tokens": 25})
+    want = await eventually(value(acme), lambda v: v["usage"] == sent + 25)
+    assert want["totalAvailableGrantAmount"] == 500
+    option = await page.get_attribute('#chart-subject option[value^="c:"]', "value")
+    assert option is not None
+    shown = await _bar_shown(page, option, want)
+    assert list(shown) == ["gpt_tokens"]

@@ -341,8 +341,13 @@ async function drawEntitlements() {
     box.dataset.subject = "";
     return;
   }
-  const base = "/api/v1/subjects/" + encodeURIComponent(who.key) + "/entitlements";
-  const found = await optional(base, []);
+  // A customer's entitlements (their usage counts every subject it owns) on the customer
+  // paths, a subject's on the subject paths.
+  const base = who.customer
+    ? "/api/v2/customers/" + encodeURIComponent(who.customer.id) + "/entitlements"
+    : "/api/v1/subjects/" + encodeURIComponent(who.key) + "/entitlements";
+  const listed = await optional(base + (who.customer ? "?pageSize=100" : ""), []);
+  const found = Array.isArray(listed) ? listed : listed.items || [];
   const values = await Promise.all(
     found.map((e) =>
       e.type === "metered" ? api(base + "/" + encodeURIComponent(e.id) + "/value") : null,
