@@ -90,6 +90,9 @@ PATH_VALUES = {
     "id": "zz-id",
     "name": "app.js",
     "groupByKey": "zz-key",
+    "channel": "zz-channel",
+    "rule": "zz-rule",
+    "event": "zz-event",
 }
 
 

@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.budget import ReadBudget
+from kloudmeter_py.store.alerts import AlertStore
 from kloudmeter_py.store.auth import AuthStore, Principal
 from kloudmeter_py.store.kv import LeanLink
 from kloudmeter_py.store.layout import Layout
@@ -25,6 +26,7 @@ JS = web.AppKey("js", JetStreamContext)
 LAYOUT = web.AppKey("layout", Layout)
 METERS = web.AppKey("meters", MeterStore)
 AUTH = web.AppKey("auth", AuthStore)
+ALERTS = web.AppKey("alerts", AlertStore)
 # The OpenAPI document, built at its first request.
 OPENAPI_CACHE = web.AppKey("openapi_cache", list[bytes])
 # The reads in progress (helpers.read_budget), stopped when the app shuts down.

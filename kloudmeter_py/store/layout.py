@@ -28,6 +28,9 @@ class Layout:
         self.resources_bucket = f"{prefix}resources"
         # Corrections applied per stored event (core.corrections.History), by stream seq.
         self.corrections_bucket = f"{prefix}corrections"
+        # Usage alerts: channels, rules and events; and each event's delivery per channel.
+        self.notifications_bucket = f"{prefix}notifications"
+        self.deliveries_bucket = f"{prefix}deliveries"
         self.summary_buckets = {
             level: f"{prefix}summaries_{level}" for level in ("minute", "hour", "day")
         }

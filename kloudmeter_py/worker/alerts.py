@@ -1,0 +1,184 @@
+"""Usage alerts, detected by the worker in the round that crosses a threshold.
+
+The runner calls :meth:`Alerter.after_round` when a round's keys (readings and summaries)
+are stored and before its checkpoint is written, with the (meter, subject) pairs the rounds
+since the last checkpoint touched. For each enabled ``entitlements.balance.threshold`` rule
+that applies, the standing of the subject's usage (:class:`UsageSource`) is compared with
+the rule's thresholds (core.alerts) and each threshold reached makes its event, created
+under its one id with a create-if-absent, and a delivery per channel of the rule.
+
+Crashes: a worker that dies after storing a round but before the events exist has not
+written the round's checkpoint, so the round is read again, folds nothing new, touches the
+same pairs, and the events are made from the stored usage; an event already there is left
+as it is. So each (rule, subject, period, threshold) has exactly one event.
+"""
+
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import structlog
+from nats.js import JetStreamContext
+
+from kloudmeter_py.config import Settings
+from kloudmeter_py.core.alerts import (
+    BALANCE_THRESHOLD,
+    Standing,
+    Threshold,
+    crossed,
+    threshold_event_id,
+)
+from kloudmeter_py.core.models import Meter
+from kloudmeter_py.core.query import QueryRow, build_query
+from kloudmeter_py.store.alerts import AlertStore, Rule, StoredEvent, now, rule_view
+from kloudmeter_py.store.meters import MeterRegistry
+from kloudmeter_py.store.query import run_query
+
+log = structlog.get_logger(__name__)
+
+# Rules are read again at most this often (a rule made meanwhile fires at the next round).
+_RULES_FOR_S = 1.0
+
+
+@dataclass(frozen=True)
+class Found:
+    """A subject's standing on one feature: what alerts compare with thresholds, and what
+    their payload shows (the entitlement and its value, in OpenMeter's shapes)."""
+
+    feature: str
+    standing: Standing
+    value: dict[str, Any]
+    entitlement: dict[str, Any] | None = None
+    feature_view: dict[str, Any] = field(default_factory=dict)
+
+
+class UsageSource(Protocol):
+    """Where a subject's standing on the features of a meter comes from."""
+
+    async def standings(self, meter: Meter, subject: str, at: datetime) -> list[Found]: ...
+
+
+def month_start(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+class MeterMonth:
+    """The standing of a subject on a meter's own feature (feature key = meter slug): its
+    usage this calendar month (UTC), from the window summaries; nothing granted."""
+
+    def __init__(self, js: JetStreamContext, settings: Settings) -> None:
+        self.js = js
+        self.settings = settings
+
+    async def standings(self, meter: Meter, subject: str, at: datetime) -> list[Found]:
+        start = month_start(at)
+        usage = await meter_usage(self.js, self.settings, meter, subject, start, at)
+        value = {"usage": usage, "balance": 0.0, "overage": 0.0, "hasAccess": True}
+        view = {"id": meter.id, "key": meter.id, "name": meter.name or meter.id}
+        return [Found(meter.id, Standing(start, usage), value, feature_view=view)]
+
+
+async def meter_usage(
+    js: JetStreamContext,
+    settings: Settings,
+    meter: Meter,
+    subject: str,
+    start: datetime,
+    at: datetime,
+) -> float:
+    """A subject's usage of ``meter`` from ``start`` up to the window that holds ``at``."""
+    q = build_query(
+        meter,
+        start=start.isoformat(),
+        end=None,
+        window_size=None,
+        tz=None,
+        subjects=[subject],
+        group_by=[],
+        filter_group_by={},
+        interval=settings.interval,
+        now=at,
+        day_retention_days=settings.day_retention_days,
+    )
+    answer = await run_query(js, settings, meter, q)
+    rows: list[QueryRow] = answer["data"]
+    return float(sum(row.value or 0 for row in rows))
+
+
+class Alerter:
+    """Makes the threshold events of the (meter, subject) pairs a round touched."""
+
+    def __init__(self, store: AlertStore, registry: MeterRegistry, usage: UsageSource) -> None:
+        self.store = store
+        self.registry = registry
+        self.usage = usage
+        self._rules: list[Rule] = []
+        self._rules_at = -_RULES_FOR_S
+        # The last standing seen per (rule, subject, feature), and the events known to exist:
+        # both only spare work (an event made twice is refused by its id).
+        self._last: dict[tuple[str, str, str, str], Standing] = {}
+        self._made: set[str] = set()
+        self.created = 0  # events this worker created (tests, logs)
+
+    async def rules(self) -> list[Rule]:
+        if time.monotonic() - self._rules_at >= _RULES_FOR_S:
+            every = await self.store.rules()
+            self._rules = [r for r in every if r.type == BALANCE_THRESHOLD and not r.disabled]
+            self._rules_at = time.monotonic()
+        return self._rules
+
+    async def after_round(self, touched: set[tuple[str, str]]) -> None:
+        """Make the events of the thresholds the touched pairs reach (see the module doc)."""
+        if not touched:
+            return
+        rules = await self.rules()
+        if not rules:
+            return
+        at = datetime.now(UTC)
+        for meter_id, subject in sorted(touched):
+            cm = self.registry.by_id.get(meter_id)
+            if cm is None:
+                continue
+            for found in await self.usage.standings(cm.meter, subject, at):
+                for rule in rules:
+                    if rule.features and found.feature not in rule.features:
+                        continue
+                    await self._check(rule, subject, found)
+
+    async def _check(self, rule: Rule, subject: str, found: Found) -> None:
+        key = (rule.id, rule.updatedAt.isoformat(), subject, found.feature)
+        thresholds = [Threshold(t.type, t.value) for t in rule.thresholds]
+        for t in crossed(thresholds, self._last.get(key), found.standing):
+            eid = threshold_event_id(rule.id, subject, found.standing.period_start, t)
+            if eid in self._made:
+                continue
+            made = await self.store.create_event(self._event(eid, rule, subject, found, t))
+            await self.store.open_deliveries(eid, rule.channels)
+            self._made.add(eid)
+            if made:
+                self.created += 1
+                log.info("alert.created", event=eid, rule=rule.id, subject=subject)
+        self._last[key] = found.standing
+
+    @staticmethod
+    def _event(eid: str, rule: Rule, subject: str, found: Found, t: Threshold) -> StoredEvent:
+        created = now()
+        data = {
+            "entitlement": found.entitlement,
+            "feature": found.feature_view or {"id": found.feature, "key": found.feature},
+            "subject": {"key": subject},
+            "value": found.value,
+            "threshold": {"value": t.value, "type": t.type},
+        }
+        return StoredEvent(
+            id=eid,
+            type=BALANCE_THRESHOLD,
+            createdAt=created,
+            ruleId=rule.id,
+            subject=subject,
+            feature=found.feature,
+            channels=list(rule.channels),
+            rule=rule_view(rule),
+            payload={"id": eid, "type": BALANCE_THRESHOLD, "timestamp": created, "data": data},
+        )
