@@ -66,7 +66,7 @@ async def test_setup_moves_each_window_into_its_page_once(nc: Client, settings: 
     page_key = f"m.s.{page_token(DAY, first)}"
     assert [k for k, _ in days] == [page_key]
     page = decode_page(days[0][1])
-    assert {s: as_acc(a).sum for s, a in page.windows.items()} == {first: 7, first + DAY: 5}
+    assert {s: as_acc(a, s).sum for s, a in page.windows.items()} == {first: 7, first + DAY: 5}
     assert (page.last_seq, page.meter_start_seq) == (150, 7)
     hours = await scan(js, "summaries_hour")
     assert [k for k, _ in hours] == [f"m.s.{page_token(3600, hour)}"]

@@ -63,6 +63,7 @@ BEYOND_SCHEMA: dict[str, str] = {
     "GET /api/v1/meters/{meter}/group-by/{groupByKey}/values": "a group-by key the meter "
     "has; times Python reads (no leap second)",
     "GET /api/v1/events": "times Python reads (no leap second)",
+    "POST /api/v1/portal/tokens": "expiresAt in the future, within 366 days",
 }
 
 

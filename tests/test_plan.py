@@ -161,7 +161,7 @@ def test_a_closed_page_opens_into_windows_of_its_own() -> None:
     close_page(a, encode_page(a.windows, a.last_seq, 0, None))
     assert a.windows is CLOSED and a.raw is not None
     windows = open_page(a)
-    assert {s: as_acc(w).count for s, w in windows.items()} == {NOW: 1, NOW + 60: 1}
+    assert {s: as_acc(w, s).count for s, w in windows.items()} == {NOW: 1, NOW + 60: 1}
     assert a.raw is None and CLOSED == {}
     assert open_page(b) == {}
 

@@ -16,6 +16,7 @@ from kloudmeter_py.gateway import create_app
 from kloudmeter_py.gateway.routes import (
     ADMIN,
     OPEN,
+    PORTAL,
     USER,
     Access,
     RouteSpec,
@@ -93,6 +94,9 @@ PATH_VALUES = {
     "channel": "zz-channel",
     "rule": "zz-rule",
     "event": "zz-event",
+    "customerIdOrKey": "zz-customer",
+    "subjectIdOrKey": "zz-subject",
+    "meterSlug": "m",
 }
 
 
@@ -227,8 +231,12 @@ async def test_every_route_answers_each_token_kind_as_declared(http: Http, worke
     resp = await http.delete(f"/api/users/{revoked_id}", headers=_h(ADMIN_TOKEN))
     assert resp.status == 204
     _, user = await _user(http, "t1")
+    resp = await http.post("/api/v1/portal/tokens", json={"subject": "t1"}, headers=_h(ADMIN_TOKEN))
+    assert resp.status == 200, await resp.text()
+    portal = (await resp.json())["token"]
     refused = ({}, _h("km_garbage"), _h(revoked), {"Authorization": "Basic eDp5"})
     routes = _routes(http)
+    assert any(spec.access is PORTAL for _, _, spec in routes)
     for method, canonical, spec in routes:
         path = _path(canonical)
         for headers in refused:
@@ -238,13 +246,22 @@ async def test_every_route_answers_each_token_kind_as_declared(http: Http, worke
             else:
                 assert status == 401, (method, canonical, headers, status)
         status = await _status(http, method, path, _h(user))
-        if spec.access is ADMIN:
+        if spec.access in (ADMIN, PORTAL):
             assert status == 403, (method, canonical, status)
         else:
             assert status not in (401, 403), (method, canonical, status)
-    for method, canonical, _spec in routes:  # last: admins may delete what others read
+        # A portal token opens its portal routes and nothing else (it is no API token).
+        status = await _status(http, method, path, _h(portal))
+        if spec.access is PORTAL:
+            assert status not in (401, 403), (method, canonical, status)
+        elif spec.access is not OPEN:
+            assert status == 401, (method, canonical, status)
+    for method, canonical, spec in routes:  # last: admins may delete what others read
         status = await _status(http, method, _path(canonical), _h(ADMIN_TOKEN))
-        assert status not in (401, 403), (method, canonical, status)
+        if spec.access is PORTAL:
+            assert status == 403, (method, canonical, status)
+        else:
+            assert status not in (401, 403), (method, canonical, status)
 
 
 async def test_another_tenants_data_answers_exactly_like_none(http: Http, worker: Worker) -> None:

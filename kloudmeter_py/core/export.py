@@ -181,29 +181,35 @@ def json_chunks(
     yield b"]}"
 
 
-def openmeter_columns(group_by: Sequence[str]) -> list[str]:
+def openmeter_columns(group_by: Sequence[str], customers: bool = False) -> list[str]:
     """The CSV header of OpenMeter's query answer (``Accept: text/csv``): window_start,
-    window_end, subject, the groups asked for (by their names), value."""
-    return ["window_start", "window_end", "subject", *group_by, "value"]
+    window_end, subject, customer_id (with ``customers``: a query by filterCustomerId), the
+    groups asked for (by their names), value."""
+    customer = ["customer_id"] if customers else []
+    return ["window_start", "window_end", "subject", *customer, *group_by, "value"]
 
 
-def openmeter_csv(rows: Iterable[Row], group_by: Sequence[str]) -> bytes:
-    """A query's rows as OpenMeter's CSV (RFC 4180, CRLF), by window, then subject and
-    groups; an empty cell for a subject the rows are not split by, or an absent group."""
+def openmeter_csv(rows: Iterable[Row], group_by: Sequence[str], customers: bool = False) -> bytes:
+    """A query's rows as OpenMeter's CSV (RFC 4180, CRLF), by window, then subject (or
+    customer) and groups; an empty cell for a subject the rows are not split by, or an
+    absent group."""
 
     def key(row: Row) -> tuple[Any, ...]:
         groups = tuple(_none_first(row.groupBy.get(g)) for g in group_by)
-        return (row.windowStart, _none_first(row.subject), groups)
+        customer = _none_first(getattr(row, "customerId", None))
+        return (row.windowStart, _none_first(row.subject), customer, groups)
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerow(openmeter_columns(group_by))
+    writer.writerow(openmeter_columns(group_by, customers))
     for row in sorted(rows, key=key):
+        customer = [cell(getattr(row, "customerId", None))] if customers else []
         writer.writerow(
             [
                 time_text(row.windowStart),
                 time_text(row.windowEnd),
                 cell(row.subject),
+                *customer,
                 *(cell(row.groupBy.get(g)) for g in group_by),
                 cell(row.value),
             ]

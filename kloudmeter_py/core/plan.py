@@ -639,7 +639,7 @@ def _window(windows: dict[int, Window], start: int) -> Acc:
         return acc
     if isinstance(window, Acc):
         return window
-    acc = windows[start] = as_acc(window)
+    acc = windows[start] = as_acc(window, start)
     return acc
 
 

@@ -55,6 +55,11 @@ class Query:
     # Rows split by subject even when ``subjects`` names none (every subject: the export).
     # A read must then bring every subject's summaries, never a meter-wide rollup.
     by_subject: bool = False
+    # OpenMeter's filterCustomerId: subject -> the customer owning it (``subjects`` are
+    # then those subjects). Unless split by subject, each customer's subjects are merged
+    # into one row per customer, its id in the row's subject slot (the gateway moves it to
+    # ``customerId``).
+    customers: dict[str, str] = field(default_factory=dict)
 
 
 def parse_time(field_name: str, value: str) -> datetime:
@@ -209,6 +214,10 @@ class PageMerge:
         self.feeds = feeds
         self.subjects = set(q.subjects)
         self.split = bool(self.subjects) or q.by_subject
+        # Rows by customer: each subject's windows go to its customer's row.
+        self.series: dict[str, str] | None = (
+            q.customers if q.customers and not q.by_subject else None
+        )
         names = sorted(meter.groupBy)
         self.ngroups = len(names)
         self.pick = [names.index(g) for g in q.group_by]
@@ -284,6 +293,10 @@ class PageMerge:
         if starts is None:
             return 0
         rk_subject = subject if self.split else None
+        if self.series is not None and subject is not None:
+            rk_subject = self.series.get(subject)
+            if rk_subject is None:
+                return 0
         whole = self.whole_pages.get(level)
         if self.counts is not None:
             return self._add_counts(starts, whole, cells, (rk_subject, groups))
@@ -486,11 +499,13 @@ def _comparable(key: RowKey) -> tuple[int, str, tuple[str, ...]]:
     return index, subject or "", tuple(g or "" for g in groups)
 
 
-class QueryRow(msgspec.Struct):
-    """One window (or the total) of one subject and group combination."""
+class QueryRow(msgspec.Struct, omit_defaults=True):
+    """One window (or the total) of one subject (or customer) and group combination."""
 
     value: int | float | None
     windowStart: datetime
     windowEnd: datetime
     subject: str | None
     groupBy: dict[str, str | None]
+    # OpenMeter's: the customer the value is counted for (filterCustomerId), else absent.
+    customerId: str | None = None

@@ -18,12 +18,14 @@ from kloudmeter_py.gateway import (
     alerts,
     auth,
     corrections,
+    customers,
     dashboard,
     export,
     kloudmeter,
     openapi,
     openmeter,
     perf,
+    portal,
     query,
     rating,
     templates,
@@ -34,12 +36,14 @@ from kloudmeter_py.gateway.helpers import Handler, error_response, problem_respo
 from kloudmeter_py.gateway.keys import (
     ALERTS,
     AUTH,
+    CUSTOMERS,
     JS,
     LAYOUT,
     LEAN,
     METERS,
     NC,
     OPENAPI_CACHE,
+    PORTAL,
     READS,
     SETTINGS,
 )
@@ -47,9 +51,11 @@ from kloudmeter_py.gateway.routes import check_declared, ingest_routes
 from kloudmeter_py.metrics import METRICS, Metrics
 from kloudmeter_py.store.alerts import AlertStore
 from kloudmeter_py.store.auth import AuthStore
+from kloudmeter_py.store.customers import CustomerStore
 from kloudmeter_py.store.kv import LeanLink
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
+from kloudmeter_py.store.portal import PortalStore
 
 log = structlog.get_logger(__name__)
 
@@ -144,6 +150,8 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     app[LAYOUT] = layout
     app[METERS] = MeterStore(js, layout)
     app[AUTH] = AuthStore(js, layout, settings.admin_token)
+    app[CUSTOMERS] = CustomerStore(js, layout)
+    app[PORTAL] = PortalStore(js, layout)
     app[OPENAPI_CACHE] = []
     app[READS] = weakref.WeakSet()
     app[LEAN] = LeanLink(settings, name="kloudmeter-gateway-reads")
@@ -159,6 +167,8 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
         export,
         openmeter,
         alerts,
+        customers,
+        portal,
         perf,
         auth,
         usage,

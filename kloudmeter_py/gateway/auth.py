@@ -14,12 +14,13 @@ from msgspec import Meta
 
 from kloudmeter_py.errors import Forbidden, Unauthorized
 from kloudmeter_py.gateway.helpers import Handler, decode_body, json_response
-from kloudmeter_py.gateway.keys import AUTH, PRINCIPAL, SETTINGS
+from kloudmeter_py.gateway.keys import AUTH, PORTAL, PORTAL_TOKEN, PRINCIPAL, SETTINGS
 from kloudmeter_py.gateway.routes import (
     ADMIN,
     NO_TENANT_DATA,
     OPEN,
     USER,
+    Access,
     Op,
     Routes,
     spec_of,
@@ -33,17 +34,17 @@ routes = Routes()
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Who may call what, from the route's declaration (``routes.py``): open routes need no
-    token, user routes any valid one, admin routes an admin's."""
+    token, user routes any valid one, admin routes an admin's, portal routes a portal
+    token (always, since the token names the subject they read; a user's or an admin's
+    token there: 403). A portal token is no API token: elsewhere it answers 401."""
+    spec = spec_of(request.match_info.handler)
+    if spec is not None and spec.access is Access.PORTAL:
+        return await _portal(request, handler)
     if not request.app[SETTINGS].auth_enabled:
         return await handler(request)
-    spec = spec_of(request.match_info.handler)
     if request.match_info.route.resource is None or (spec is not None and spec.access is OPEN):
         return await handler(request)  # no route (404, 405), or an open one
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
-    found = await request.app[AUTH].authenticate(token.strip())
+    found = await request.app[AUTH].authenticate(_bearer(request))
     if found is None:
         raise Unauthorized("the token is not valid")
     # A route without a declaration is refused when the app is made; admin-only if it slips.
@@ -51,6 +52,27 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if not found.is_admin and access is not USER:
         raise Forbidden("this needs an admin token")
     request[PRINCIPAL] = found
+    return await handler(request)
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+    return token.strip()
+
+
+async def _portal(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A portal route: a usable portal token (401: none, unknown, expired or invalidated;
+    403: an API token, which is not for this route)."""
+    token = _bearer(request)
+    found = await request.app[PORTAL].authenticate(token)
+    if found is None:
+        if await request.app[AUTH].authenticate(token) is not None:
+            raise Forbidden("this needs a portal token")
+        raise Unauthorized("the portal token is not valid (unknown, expired or invalidated)")
+    request[PORTAL_TOKEN] = found
     return await handler(request)
 
 

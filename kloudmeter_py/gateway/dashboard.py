@@ -12,7 +12,15 @@ from nats.js.api import DeliverPolicy
 from kloudmeter_py.core.models import encoder, reading_decoder
 from kloudmeter_py.gateway.keys import JS, LAYOUT
 from kloudmeter_py.gateway.kloudmeter import reading_view
-from kloudmeter_py.gateway.routes import CALLER, NO_TENANT_DATA, OPEN, USER, Op, Routes, tenant_of
+from kloudmeter_py.gateway.routes import (
+    CALLER,
+    NO_TENANT_DATA,
+    OPEN,
+    USER,
+    Op,
+    Routes,
+    tenant_subjects,
+)
 from kloudmeter_py.gateway.schemas import STR
 
 routes = Routes()
@@ -76,7 +84,7 @@ async def stream_readings(request: web.Request) -> web.StreamResponse:
     """text/event-stream: one `reading` event per reading write, as it happens."""
     js = request.app[JS]
     bucket = request.app[LAYOUT].readings_bucket
-    scope = tenant_of(request)
+    scope = await tenant_subjects(request)
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=10_000)
 
     async def on_msg(msg: Msg) -> None:
@@ -86,7 +94,7 @@ async def stream_readings(request: web.Request) -> web.StreamResponse:
             reading = reading_decoder.decode(msg.data)
         except ValueError:
             return
-        if scope is not None and reading.subject != scope:
+        if scope is not None and reading.subject not in scope:
             return
         key = msg.subject[len(f"$KV.{bucket}.") :]
         with contextlib.suppress(asyncio.QueueFull):

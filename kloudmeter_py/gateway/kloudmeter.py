@@ -37,8 +37,9 @@ from kloudmeter_py.gateway.routes import (
     Op,
     Param,
     Routes,
-    own_tenant,
+    own_subject,
     tenant_of,
+    tenant_subjects,
 )
 from kloudmeter_py.gateway.schemas import PLAIN_PATH, any_case, array, ref
 from kloudmeter_py.store import deadletters
@@ -121,13 +122,16 @@ _READING_KEY = Param(
 _object_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
-def stamp_tenant(request: web.Request, raw: bytes) -> bytes:
-    """A user's events are its tenant's: the subject is set to the tenant (or must be it)."""
+async def stamp_tenant(request: web.Request, raw: bytes) -> bytes:
+    """A user's events are its tenant's: the subject is set to the tenant when absent, and
+    must be one of the tenant's subjects (routes.own_subject: a customer's) otherwise."""
     if tenant_of(request) is None:
         return raw
     body = decode_body(raw, _object_decoder)
     subject = body.get("subject")
-    body["subject"] = own_tenant(request, None if subject is None else str(subject), "subject")
+    body["subject"] = await own_subject(
+        request, None if subject is None else str(subject), "subject"
+    )
     return encoder.encode(body)
 
 
@@ -151,7 +155,7 @@ def stamp_tenant(request: web.Request, raw: bytes) -> bytes:
     ),
 )
 async def register_event(request: web.Request) -> web.Response:
-    raw = stamp_tenant(request, await request.read())
+    raw = await stamp_tenant(request, await request.read())
     refuse_correction(raw)
     event = decode_body(raw, event_decoder)
     layout = request.app[LAYOUT]
@@ -247,23 +251,27 @@ def _current(reading: Reading, meters: dict[str, Meter]) -> bool:
 async def list_readings(request: web.Request) -> web.Response:
     meter_id = request.query.get("meter")
     subject = request.query.get("subject")
-    scope = tenant_of(request)
+    # A user's: its tenant's subjects only (several for a customer's tenant).
+    scope = await tenant_subjects(request)
+    subjects: list[str | None] = [subject]
     if scope is not None:
-        if subject is not None and subject != scope:
+        if subject is not None and subject not in scope:
             return json_response([])
-        subject = scope
+        subjects = [subject] if subject is not None else list(scope)
     meters = {m.id: m for m in await request.app[METERS].list()}
     if meter_id is not None and meter_id not in meters:
         return json_response([])
     m_tok = encode_token(meter_id) if meter_id is not None else "*"
-    s_tok = encode_token(subject) if subject is not None else "*"
-    if meter_id is not None:
-        groups = len(meters[meter_id].groupBy)
-        patterns = [".".join([m_tok, s_tok, *["*"] * groups])]
-    elif subject is not None:
-        patterns = [f"*.{s_tok}", f"*.{s_tok}.>"]
-    else:
-        patterns = [">"]
+    patterns = []
+    for one in subjects:
+        s_tok = encode_token(one) if one is not None else "*"
+        if meter_id is not None:
+            groups = len(meters[meter_id].groupBy)
+            patterns.append(".".join([m_tok, s_tok, *["*"] * groups]))
+        elif one is not None:
+            patterns += [f"*.{s_tok}", f"*.{s_tok}.>"]
+        else:
+            patterns.append(">")
     out = []
     js = request.app[JS]
     bucket = request.app[LAYOUT].readings_bucket
@@ -299,8 +307,8 @@ async def get_reading(request: web.Request) -> web.Response:
     if value is None:
         raise NotFound(f"reading {key!r} not found", field="key")
     reading = reading_decoder.decode(value)
-    scope = tenant_of(request)
-    if scope is not None and reading.subject != scope:
+    scope = await tenant_subjects(request)
+    if scope is not None and reading.subject not in scope:
         raise NotFound(f"reading {key!r} not found", field="key")
     meters = request.app[METERS]
     try:

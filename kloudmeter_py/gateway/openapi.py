@@ -22,6 +22,8 @@ import msgspec
 from aiohttp import web
 
 from kloudmeter_py import __version__
+from kloudmeter_py.core import customers as customer_models
+from kloudmeter_py.core import portal as portal_models
 from kloudmeter_py.core.aggregate import AGGREGATIONS
 from kloudmeter_py.core.corrections import CORRECTION_SOURCE
 from kloudmeter_py.core.models import CloudEvent, Event, Meter, MeterIn, Reading, encoder
@@ -53,11 +55,13 @@ from kloudmeter_py.gateway.routes import (
 from kloudmeter_py.gateway.schemas import (
     EVENT_YEAR,
     OBJ,
+    RFC3339,
     STR,
     TENANT,
     Schema,
     meter_rules,
     ref,
+    with_pattern,
 )
 from kloudmeter_py.metrics import METRICS, METRICS_PATH
 from kloudmeter_py.store.deadletters import DeadLetter, ReplayReport
@@ -94,6 +98,14 @@ MODELS: list[type[msgspec.Struct]] = [
     openmeter.OpenMeterMeter,
     openmeter.OpenMeterMeterUpdate,
     openmeter.OpenMeterIngestedEvent,
+    customer_models.CustomerIn,
+    customer_models.Customer,
+    customer_models.CustomerPage,
+    customer_models.Subject,
+    customer_models.SubjectUpsert,
+    portal_models.PortalTokenIn,
+    portal_models.PortalToken,
+    portal_models.InvalidateIn,
     perf.PerfAccepted,
     perf.PerfSummary,
     auth.UserIn,
@@ -141,6 +153,27 @@ def _model_schemas() -> dict[str, Schema]:
     out["Event"]["not"] = {"anyOf": [{"required": ["correction"]}, _reserved("id", "#")]}
     out["CloudEvent"]["not"] = {"anyOf": [{"required": ["correction"]}, _reserved("source", "")]}
     out["OpenMeterMeterIn"].update(meter_rules(lifecycle_fields=False))
+    # A customer is named by its key or at least one subject key (core.customers).
+    out["CustomerIn"]["anyOf"] = [
+        {"required": ["key"], "properties": {"key": {"type": "string"}}},
+        {
+            "required": ["usageAttribution"],
+            "properties": {
+                "usageAttribution": {
+                    "type": "object",
+                    "properties": {"subjectKeys": {"minItems": 1}},
+                }
+            },
+        },
+    ]
+    out["InvalidateIn"]["anyOf"] = [
+        {"required": [f], "properties": {f: {"type": "string"}}} for f in ("id", "subject")
+    ]
+    props = out["PortalTokenIn"]["properties"]
+    props["expiresAt"] = with_pattern(props["expiresAt"], RFC3339)
+    for name in ("currentPeriodStart", "currentPeriodEnd"):
+        props = out["SubjectUpsert"]["properties"]
+        props[name] = with_pattern(props[name], RFC3339)
     out["AmendIn"]["anyOf"] = [{"required": ["data"]}, {"required": ["time"]}]
     out["AmendIn"]["properties"]["time"]["pattern"] = EVENT_YEAR
     for name in ("MeterIn", "MeterBody", "OpenMeterMeterIn"):
@@ -169,7 +202,7 @@ _ERROR_SCHEMAS = {422: "TemplateFailure"}
 
 _REASONS = {
     400: "Invalid input: bad JSON, a missing or wrong-typed field or parameter",
-    401: "No token, a wrong one or a revoked one",
+    401: "No token, a wrong one or a revoked one (a portal route: an expired or invalidated one)",
     403: "The token's role or tenant may not do this",
     404: "Not found",
     409: "Conflict: it exists already",
@@ -269,6 +302,8 @@ def _operation(
         errors.add(400)
     if op.nats:
         errors.add(503)
+    if spec.access is Access.PORTAL:
+        errors |= {401, 403}  # a portal token is needed, tokens on or off
     if auth and spec.access is not Access.OPEN:
         errors |= {401, 403}
         out["security"] = [{"bearer": []}]

@@ -14,6 +14,7 @@ from aiohttp import web
 from msgspec import Meta
 
 from kloudmeter_py.core.budget import ReadBudget
+from kloudmeter_py.core.customers import subjects_of
 from kloudmeter_py.core.export import openmeter_csv
 from kloudmeter_py.core.keys import encode_token, event_subject
 from kloudmeter_py.core.models import (
@@ -30,10 +31,10 @@ from kloudmeter_py.core.models import (
 from kloudmeter_py.core.models import update_meter as update_meter_fields
 from kloudmeter_py.core.query import parse_time
 from kloudmeter_py.core.windows import QueryError
-from kloudmeter_py.errors import InvalidInput
+from kloudmeter_py.errors import InvalidInput, NotFound
 from kloudmeter_py.gateway.corrections import refuse_correction
 from kloudmeter_py.gateway.helpers import decode_body, json_response, read_budget
-from kloudmeter_py.gateway.keys import JS, LAYOUT, LEAN, METERS
+from kloudmeter_py.gateway.keys import CUSTOMERS, JS, LAYOUT, LEAN, METERS
 from kloudmeter_py.gateway.kloudmeter import Aggregation, JsonPath
 from kloudmeter_py.gateway.query import (
     METER_PATH,
@@ -51,8 +52,9 @@ from kloudmeter_py.gateway.routes import (
     Op,
     Param,
     Routes,
-    own_tenant,
+    own_subject,
     tenant_of,
+    tenant_subjects,
 )
 from kloudmeter_py.gateway.schemas import STR, TIME, array, ref
 from kloudmeter_py.store.events import Stored, newest_events
@@ -101,6 +103,9 @@ class OpenMeterMeterUpdate(msgspec.Struct):
 _update_decoder = msgspec.json.Decoder(OpenMeterMeterUpdate)
 
 
+MAX_CUSTOMERS = 100  # filterCustomerId values of one query (OpenMeter's maximum)
+
+
 class OpenMeterQueryIn(msgspec.Struct, rename={"start": "from", "end": "to"}):
     """Body of POST /api/v1/meters/{id}/query; unknown fields are ignored, null is absent."""
 
@@ -113,6 +118,7 @@ class OpenMeterQueryIn(msgspec.Struct, rename={"start": "from", "end": "to"}):
     filterGroupBy: (
         dict[str, str | Annotated[list[str], Meta(min_length=1, max_length=1)]] | None
     ) = None
+    filterCustomerId: Annotated[list[str], Meta(max_length=MAX_CUSTOMERS)] | None = None
 
 
 _query_decoder = msgspec.json.Decoder(OpenMeterQueryIn)
@@ -191,7 +197,8 @@ async def ingest(request: web.Request) -> web.Response:
     if not events:
         raise InvalidInput("the batch holds no events", field="body")
     for e in events:
-        own_tenant(request, e.subject, "subject")
+        # A user's: only its tenant's subjects (a customer's: any it owns; 403 otherwise).
+        await own_subject(request, e.subject, "subject")
     js = request.app[JS]
     stream = request.app[LAYOUT].stream
     await asyncio.gather(
@@ -280,6 +287,11 @@ async def delete_meter(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+_CUSTOMERS_PARAM = Param(
+    "filterCustomerId",
+    {**array(STR), "maxItems": MAX_CUSTOMERS},
+    "customers (ids or keys) whose subjects to read; each row carries its customerId",
+)
 _QUERY_ANSWERS = (("application/json", ref("QueryResult")), ("text/csv", STR))
 _CSV_NOTE = (
     "With Accept: text/csv, the rows as CSV: window_start, window_end, subject, the groups "
@@ -357,7 +369,7 @@ async def update_meter(request: web.Request) -> web.Response:
         "openmeter",
         responses=_QUERY_ANSWERS,
         path=METER_PATH,
-        query=QUERY_PARAMS,
+        query=(*QUERY_PARAMS, _CUSTOMERS_PARAM),
         errors=(400, 404),
         description=_CSV_NOTE,
     ),
@@ -399,20 +411,74 @@ async def query_meter(request: web.Request) -> web.Response:
             groupBy=raw.groupBy or [],
             filterGroupBy=filters,
         )
+        customer_ids = raw.filterCustomerId or []
     else:
         body = body_from_params(request)
+        customer_ids = request.query.getall("filterCustomerId", [])
+    return await answer_query(request, meter, body, customer_ids)
+
+
+async def answer_query(
+    request: web.Request, meter: Meter, body: QueryBody, customer_ids: list[str]
+) -> web.Response:
+    """An OpenMeter query's answer (JSON, or CSV on ``Accept: text/csv``), for the
+    request's tenant (gateway.query.execute narrows it).
+
+    ``customer_ids`` (filterCustomerId, ids or keys): only those customers' subjects
+    (store.customers), each row one customer's with its ``customerId``, merged over its
+    subjects - or, split by subject (``groupBy=subject`` or ``subject``), one subject's
+    with the customer owning it. An unknown customer answers 404 naming filterCustomerId,
+    and so does another tenant's for a user (its tenant names the one customer it may ask
+    for). ``groupBy=customer_id`` is OpenMeter's name of that split, refused without
+    filterCustomerId as OpenMeter does."""
+    if len(customer_ids) > MAX_CUSTOMERS:
+        raise InvalidInput(
+            f"filterCustomerId: at most {MAX_CUSTOMERS} customers", field="filterCustomerId"
+        )
+    if "customer_id" in body.groupBy and not customer_ids:
+        raise InvalidInput(
+            "groupBy: customer_id needs filterCustomerId (the customers to split by)",
+            field="groupBy",
+        )
     # OpenMeter lets "subject" be a group: it splits the rows by subject.
     by_subject = "subject" in body.groupBy
-    body.groupBy = [g for g in body.groupBy if g != "subject"]
+    body.groupBy = [g for g in body.groupBy if g not in ("subject", "customer_id")]
+    owners = await customer_subjects(request, customer_ids)
+    named = set(body.subject)
+    if customer_ids:
+        body.subject = [s for s in owners if not named or s in named]
     query = _build(request, meter, body)
     # Every subject's rows come from one read of the subjects' pages (store.query).
-    query.by_subject = by_subject
-    result = await execute(request, meter, query, read_budget(request))
+    query.by_subject = by_subject or bool(customer_ids and named)
+    query.customers = owners
+    empty = bool(customer_ids) and not query.subjects
+    result = await execute(request, meter, query, read_budget(request), empty=empty)
+    if customer_ids:
+        for row in result.data:
+            if query.by_subject:
+                row.customerId = owners.get(row.subject or "")
+            else:  # merged by customer: its id was in the subject's place
+                row.customerId, row.subject = row.subject, None
     if _wants_csv(request):
-        return web.Response(
-            body=openmeter_csv(result.data, body.groupBy), content_type="text/csv", charset="utf-8"
-        )
+        csv = openmeter_csv(result.data, body.groupBy, customers=bool(customer_ids))
+        return web.Response(body=csv, content_type="text/csv", charset="utf-8")
     return json_response(msgspec.structs.replace(result, windowTimeZone=None))  # not OpenMeter's
+
+
+async def customer_subjects(request: web.Request, customer_ids: list[str]) -> dict[str, str]:
+    """subject -> customer id of each customer named (by id or key), for the request's
+    tenant: an unknown customer, or for a user another tenant's, answers 404 naming
+    filterCustomerId (store.customers.CustomerStore.get)."""
+    tenant = tenant_of(request)
+    owners: dict[str, str] = {}
+    for named in dict.fromkeys(customer_ids):
+        try:
+            customer = await request.app[CUSTOMERS].get(named, tenant=tenant)
+        except NotFound:
+            raise NotFound(f"customer {named!r} not found", field="filterCustomerId") from None
+        for subject in subjects_of(customer):
+            owners[subject] = customer.id
+    return owners
 
 
 def _wants_csv(request: web.Request) -> bool:
@@ -457,9 +523,9 @@ async def _subjects(request: web.Request, meter: Meter, budget: ReadBudget) -> l
 async def list_subjects(request: web.Request) -> web.Response:
     meter = await request.app[METERS].get(request.match_info["meter"])
     subjects = await _subjects(request, meter, read_budget(request))
-    scope = tenant_of(request)
+    scope = await tenant_subjects(request)
     if scope is not None:
-        subjects = [s for s in subjects if s == scope]
+        subjects = [s for s in subjects if s in scope]
     return json_response(subjects)
 
 
@@ -512,18 +578,19 @@ async def list_group_by_values(request: web.Request) -> web.Response:
         )
     start = _time_param(request, "from") or datetime.now(UTC) - timedelta(hours=24)
     end = _time_param(request, "to")
-    scope = tenant_of(request)
-    pattern = encode_token(meter.id)
-    pattern += ".>" if scope is None else f".{encode_token(scope)}.>"
+    scope = await tenant_subjects(request)
+    m_tok = encode_token(meter.id)
+    patterns = [f"{m_tok}.>"] if scope is None else [f"{m_tok}.{encode_token(s)}.>" for s in scope]
     budget = read_budget(request)
     values: set[str] = set()
     js, bucket = request.app[JS], request.app[LAYOUT].readings_bucket
-    for _, raw in await scan(js, bucket, pattern, budget=budget):
+    found = [kv for pattern in patterns for kv in await scan(js, bucket, pattern, budget=budget)]
+    for _, raw in found:
         await budget.tick()
         reading = reading_decoder.decode(raw)
         if reading.meterStartSeq != meter.startSeq:
             continue
-        if scope is not None and reading.subject != scope:
+        if scope is not None and reading.subject not in scope:
             continue
         if reading.lastTime is not None and reading.lastTime < start:
             continue
@@ -649,16 +716,18 @@ async def list_events(request: web.Request) -> web.Response:
     limit = _limit(request)
     id_part = request.query.get("id")
     subject_part = request.query.get("subject")
-    scope = tenant_of(request)
+    scope = await tenant_subjects(request)
     layout = request.app[LAYOUT]
     if scope is None:
-        filter_subject = f"{layout.stream}.events.>"
+        filters = [f"{layout.stream}.events.>"]
     else:
-        filter_subject = layout.stored_subject("*", encode_token(scope))
+        # One narrowed scan per subject of the tenant (a customer's: each it owns).
+        filters = [layout.stored_subject("*", encode_token(s)) for s in scope]
+    owned = None if scope is None else set(scope)
 
     def keep(stored: Stored) -> bool:
         e = stored.event
-        if e.correction is not None or (scope is not None and e.subject != scope):
+        if e.correction is not None or (owned is not None and e.subject not in owned):
             return False
         when = e.time or stored.time
         if (start is not None and when < start) or (end is not None and when > end):
@@ -669,14 +738,20 @@ async def list_events(request: web.Request) -> web.Response:
             return False
         return not id_part or id_part in (stored.cloud_id or e.id)
 
-    found = await newest_events(
-        await request.app[LEAN].wire(),
-        request.app[JS],
-        layout.stream,
-        filter_subject,
-        keep,
-        limit,
-        stored_from=stored_from,
-        budget=read_budget(request),
-    )
-    return json_response([_cloud_view(s) for s in found.events])
+    budget = read_budget(request)
+    wire = await request.app[LEAN].wire()
+    newest: list[Stored] = []
+    for filter_subject in filters:
+        found = await newest_events(
+            wire,
+            request.app[JS],
+            layout.stream,
+            filter_subject,
+            keep,
+            limit,
+            stored_from=stored_from,
+            budget=budget,
+        )
+        newest.extend(found.events)
+    newest.sort(key=lambda s: s.seq, reverse=True)
+    return json_response([_cloud_view(s) for s in newest[:limit]])

@@ -16,7 +16,7 @@ from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import InvalidInput
 from kloudmeter_py.gateway.helpers import decode_body, json_response, read_budget
 from kloudmeter_py.gateway.keys import JS, LEAN, METERS, SETTINGS
-from kloudmeter_py.gateway.routes import CALLER, USER, Op, Param, Routes, tenant_of
+from kloudmeter_py.gateway.routes import CALLER, USER, Op, Param, Routes, tenant_subjects
 from kloudmeter_py.gateway.schemas import STR, TIME, array, ref
 from kloudmeter_py.store.query import run_query, utc_now
 
@@ -126,18 +126,27 @@ def _build(request: web.Request, meter: Meter, body: QueryBody) -> Query:
 
 
 async def execute(
-    request: web.Request, meter: Meter, q: Query, budget: ReadBudget | None = None
+    request: web.Request,
+    meter: Meter,
+    q: Query,
+    budget: ReadBudget | None = None,
+    *,
+    empty: bool = False,
 ) -> QueryResult:
-    """Run ``q`` for this request's tenant, within ``budget`` (default: a new read's)."""
-    scope = tenant_of(request)
+    """Run ``q`` for this request's tenant, within ``budget`` (default: a new read's);
+    ``empty``: no subject is asked for (the answer has no rows)."""
+    scope = await tenant_subjects(request)
     if scope is not None:
-        # A user sees its own tenant's subject and nothing else, asked for or not.
-        wanted = set(q.subjects)
-        q.subjects = [scope] if not wanted or scope in wanted else []
-        if not q.subjects:
-            size = q.window_size.upper() if q.window_size else None
-            empty: dict[str, Any] = {"from": q.start, "to": q.end, "windowSize": size, "data": []}
-            return msgspec.convert({**empty, "windowTimeZone": q.tz.key}, QueryResult)
+        # A user sees its own tenant's subjects (a customer's: all it owns) and nothing
+        # else, asked for or not.
+        q.subjects = [s for s in q.subjects if s in scope] if q.subjects else list(scope)
+        if q.customers:
+            q.customers = {s: c for s, c in q.customers.items() if s in scope}
+        empty = empty or not q.subjects
+    if empty:
+        size = q.window_size.upper() if q.window_size else None
+        none: dict[str, Any] = {"from": q.start, "to": q.end, "windowSize": size, "data": []}
+        return msgspec.convert({**none, "windowTimeZone": q.tz.key}, QueryResult)
     try:
         result = await run_query(
             request.app[JS],

@@ -14,6 +14,14 @@ and the OpenAPI document (``openapi.py``) are derived from the declarations of t
 and the one tenant a request acts for is decided here, before the handler runs, from the
 caller and the declared scope (:func:`resolve_tenant`). Handlers read it with
 :func:`tenant_of` and compare tenants named in a body with :func:`own_tenant`.
+
+A tenant may name a customer (OpenMeter's, by its key: store.customers): the tenant then
+stands for every subject the customer owns - its key, which is one of them, and its subject
+keys. Routes that read or write by subject ask :func:`tenant_subjects` (and
+:func:`own_subject` for a subject named in a body) and act for all of them; the others act
+for the tenant alone, that is for the customer's key, which the customer owns too, so no
+route shows a customer's user a subject it does not own. A tenant that is no customer's key
+is one subject, as before.
 """
 
 import enum
@@ -24,7 +32,7 @@ from typing import Any, Final, TypeVar
 from aiohttp import web
 
 from kloudmeter_py.errors import Forbidden
-from kloudmeter_py.gateway.keys import PRINCIPAL
+from kloudmeter_py.gateway.keys import CUSTOMERS, PORTAL_TOKEN, PRINCIPAL
 from kloudmeter_py.store.auth import check_tenant
 
 Schema = dict[str, Any]
@@ -38,11 +46,14 @@ class Access(enum.Enum):
     OPEN = "open"  # no token needed: the dashboard's files, health
     USER = "user"  # any valid token; a user acts for its own tenant only
     ADMIN = "admin"  # an admin token
+    # A portal token only (always, tokens on or off): the route acts for its subject alone.
+    PORTAL = "portal"
 
 
 OPEN: Final = Access.OPEN
 USER: Final = Access.USER
 ADMIN: Final = Access.ADMIN
+PORTAL: Final = Access.PORTAL
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,7 @@ class RouteSpec:
 
 
 _TENANT = web.RequestKey("tenant", str)
+_SUBJECTS = web.RequestKey("tenant_subjects", list[str])
 _ALL_TENANTS = ""  # request[_TENANT] when the route acts for every tenant (never a tenant name)
 _SPEC_ATTR = "__kloudmeter_route__"
 
@@ -166,9 +178,46 @@ def own_tenant(request: web.Request, named: str | None, field: str) -> str | Non
     return tenant
 
 
+async def tenant_subjects(request: web.Request) -> list[str] | None:
+    """The subjects this request acts for (None: every subject): the tenant's, which are
+    the subjects of the customer whose key is the tenant, or the tenant alone. Read once
+    a request, from the customers bucket (no cache across requests: a customer's subjects
+    change)."""
+    tenant = tenant_of(request)
+    if tenant is None:
+        return None
+    subjects = request.get(_SUBJECTS)
+    if subjects is None:
+        subjects = await request.app[CUSTOMERS].tenant_subjects(tenant)
+        request[_SUBJECTS] = subjects
+    return subjects
+
+
+async def own_subject(request: web.Request, named: str | None, field: str) -> str | None:
+    """A subject named in a request body, checked against the request's tenant: a user may
+    name only one of its tenant's subjects (403 otherwise); none named: the tenant itself
+    (a customer's key is one of its subjects). The result is the subject to act for."""
+    subjects = await tenant_subjects(request)
+    if subjects is None:
+        return named
+    if named is None:
+        return tenant_of(request)
+    if named not in subjects:
+        raise Forbidden(
+            f"this token may only act for tenant {tenant_of(request)!r} and its subjects",
+            field=field,
+        )
+    return named
+
+
 def _declared(handler: Handler, spec: RouteSpec) -> Handler:
     async def route(request: web.Request) -> web.StreamResponse:
-        if spec.tenant.data:
+        if spec.access is PORTAL:
+            # The portal token's subject, exactly: never widened to a customer's subjects.
+            subject = request[PORTAL_TOKEN].subject
+            request[_TENANT] = subject
+            request[_SUBJECTS] = [subject]
+        elif spec.tenant.data:
             tenant = resolve_tenant(request, spec.tenant)
             request[_TENANT] = _ALL_TENANTS if tenant is None else tenant
         return await handler(request)

@@ -38,6 +38,21 @@ def meter_rules(*, lifecycle_fields: bool) -> Schema:
 EVENT_YEAR = r"^(000[2-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9])-"
 
 
+# An RFC 3339 time msgspec reads (a subset: days 01-28, offsets on the hour), for schemas of
+# time fields whose "format" a generator does not honour.
+RFC3339 = (
+    r"^(19|20)[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]0[0-9]:00)$"
+)
+
+
+def with_pattern(schema: Schema, pattern: str) -> Schema:
+    """``schema`` (a string, or anyOf with a string) with ``pattern`` on its string."""
+    if "anyOf" in schema:
+        return {**schema, "anyOf": [with_pattern(s, pattern) for s in schema["anyOf"]]}
+    return {**schema, "pattern": pattern} if schema.get("type") == "string" else schema
+
+
 # What store.auth.check_tenant accepts.
 TENANT_PATTERN = "^[A-Za-z0-9_-]{1,128}$"
 TENANT: Schema = {"type": "string", "pattern": TENANT_PATTERN}

@@ -31,6 +31,14 @@ class Layout:
         # Usage alerts: channels, rules and events; and each event's delivery per channel.
         self.notifications_bucket = f"{prefix}notifications"
         self.deliveries_bucket = f"{prefix}deliveries"
+        # Entitlements (OpenMeter's features, subject entitlements and their grants).
+        self.features_bucket = f"{prefix}features"
+        self.entitlements_bucket = f"{prefix}entitlements"
+        self.grants_bucket = f"{prefix}grants"
+        # OpenMeter's customers (their subjects' claims) and subject entities.
+        self.customers_bucket = f"{prefix}customers"
+        # Portal tokens (hashes only) for a customer's own page.
+        self.portal_bucket = f"{prefix}portal"
         self.summary_buckets = {
             level: f"{prefix}summaries_{level}" for level in ("minute", "hour", "day")
         }

@@ -60,6 +60,11 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
         (layout.auth_bucket, 1, "kloudmeter API users and token hashes"),
         (layout.prices_bucket, 5, "kloudmeter price book"),
         (layout.templates_bucket, 1, "kloudmeter rating templates"),
+        (layout.features_bucket, 5, "kloudmeter features (OpenMeter entitlements)"),
+        (layout.entitlements_bucket, 5, "kloudmeter entitlements with their resets"),
+        (layout.grants_bucket, 5, "kloudmeter entitlement grants"),
+        (layout.customers_bucket, 1, "kloudmeter customers, their subjects, subject entities"),
+        (layout.portal_bucket, 1, "kloudmeter portal tokens (hashes)"),
     ):
         await _ensure_bucket(
             js,
