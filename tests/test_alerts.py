@@ -23,6 +23,15 @@ from kloudmeter_py.core.alerts import Threshold, threshold_event_id, verify
 from kloudmeter_py.gateway import create_app
 from kloudmeter_py.gateway.deliveries import DELIVERER, Deliverer
 from kloudmeter_py.store.alerts import AlertStore
+from kloudmeter_py.store.entitlements import (
+    EntitlementRecord,
+    EntitlementStore,
+    FeatureRecord,
+    GrantRecord,
+    Period,
+    new_id,
+)
+from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.worker import Worker
 from kloudmeter_py.worker.alerts import month_start
 from tests.conftest import eventually
@@ -110,40 +119,82 @@ def _event(i: int, subject: str, tokens: int) -> dict[str, Any]:
     }
 
 
-async def _setup(om: Any, r: Receiver, values: list[int]) -> str:
-    """The meter, a channel to ``r`` and a rule with NUMBER thresholds: the rule's id."""
+async def _setup(
+    om: Any, r: Receiver, nc: Client, settings: Settings, thresholds: list[Threshold], grant: float
+) -> str:
+    """The meter, feature "tokens" with a monthly entitlement of acme granted ``grant``, a
+    channel to ``r`` and a rule with ``thresholds``: the rule's id."""
     await om.meters.create(
         {"slug": "tokens", "aggregation": "SUM", "eventType": "prompt", "valueProperty": "$.tokens"}
+    )
+    now = datetime.now(UTC)
+    store = EntitlementStore(nc.jetstream(), Layout(settings))
+    feature = await store.create_feature(
+        FeatureRecord(
+            id=new_id(),
+            key="tokens",
+            name="Tokens",
+            createdAt=now,
+            updatedAt=now,
+            meterSlug="tokens",
+        )
+    )
+    ent = await store.create_entitlement(
+        EntitlementRecord(
+            id=new_id(),
+            type="metered",
+            subjectKey="acme",
+            featureId=feature.id,
+            featureKey=feature.key,
+            createdAt=now,
+            updatedAt=now,
+            usagePeriod=Period("MONTH", month_start(now)),
+            measureUsageFrom=month_start(now),
+        )
+    )
+    await store.create_grant(
+        GrantRecord(
+            id=new_id(),
+            entitlementId=ent.id,
+            amount=grant,
+            priority=1,
+            effectiveAt=month_start(now),
+            createdAt=now,
+            updatedAt=now,
+        )
     )
     channel = await om.notification_channels.create(
         {"type": "WEBHOOK", "name": "ops", "url": r.url, "customHeaders": {"X-Tenant": "ops"}}
     )
-    assert channel["signingSecret"] and channel["signingSecret"].startswith("whsec_")
+    assert channel["signingSecret"].startswith("whsec_")
     r.secret = channel["signingSecret"]
     rule = await om.notification_rules.create(
         {
             "type": "entitlements.balance.threshold",
             "name": "tokens used",
             "channels": [channel["id"]],
-            "thresholds": [{"type": "NUMBER", "value": v} for v in values],
+            "thresholds": [{"type": t.type, "value": t.value} for t in thresholds],
             "features": ["tokens"],
         }
     )
     return str(rule["id"])
 
 
-def _ids(rule: str, subject: str, values: list[int]) -> set[str]:
+def _ids(rule: str, subject: str, thresholds: list[Threshold]) -> set[str]:
     start = month_start(datetime.now(UTC))
-    return {threshold_event_id(rule, subject, start, Threshold("NUMBER", v)) for v in values}
+    return {threshold_event_id(rule, subject, start, t) for t in thresholds}
+
+
+THREE = [Threshold("NUMBER", 10), Threshold("PERCENT", 50), Threshold("NUMBER", 30)]
 
 
 async def test_channels_rules_and_events_through_the_sdk(
-    http: Http, worker: Worker, receiver: Receiver
+    http: Http, worker: Worker, receiver: Receiver, nc: Client, settings: Settings
 ) -> None:
     """Channel and rule CRUD, an alert per threshold crossed (two in one round), signed and
     delivered once each, listed and fetched as events, resent on request."""
     async with _sdk(http) as om:
-        rule_id = await _setup(om, receiver, [10, 20, 30])
+        rule_id = await _setup(om, receiver, nc, settings, THREE, grant=40)
         channels = await om.notification_channels.list()
         assert channels["totalCount"] == 1
         channel = channels["items"][0]
@@ -160,7 +211,7 @@ async def test_channels_rules_and_events_through_the_sdk(
         rule = await om.notification_rules.get(rule_id)
         assert [(t["type"], t["value"]) for t in rule["thresholds"]] == [
             ("NUMBER", 10),
-            ("NUMBER", 20),
+            ("PERCENT", 50),
             ("NUMBER", 30),
         ]
         assert [c["id"] for c in rule["channels"]] == [channel["id"]]
@@ -189,7 +240,7 @@ async def test_channels_rules_and_events_through_the_sdk(
         await om.events.ingest_event(_event(2, "acme", 7))  # 12: past 10
         await eventually(receiver.delivered, lambda d: len(d) == 1)
         await om.events.ingest_events([_event(3, "acme", 20), _event(4, "globex", 3)])  # 32
-        expected = _ids(rule_id, "acme", [10, 20, 30])
+        expected = _ids(rule_id, "acme", THREE)
         await eventually(receiver.delivered, lambda d: d == expected)
 
         events = await eventually(
@@ -204,6 +255,16 @@ async def test_channels_rules_and_events_through_the_sdk(
         assert first["payload"]["data"]["feature"]["key"] == "tokens"
         assert first["deliveryStatus"][0]["channel"]["id"] == channel["id"]
         assert (await om.notification_events.list(subject=["globex"]))["totalCount"] == 0
+        assert (await om.notification_events.list(feature=["tokens"]))["totalCount"] == 3
+        # The PERCENT 50 alert (20 of the 40 granted) was made in the round that reached 32.
+        half = threshold_event_id(rule_id, "acme", month_start(datetime.now(UTC)), THREE[1])
+        data = (await om.notification_events.get(half))["payload"]["data"]
+        assert data["threshold"] == {"type": "PERCENT", "value": 50}
+        assert (data["value"]["usage"], data["value"]["balance"]) == (32, 8)
+        assert data["value"]["totalAvailableGrantAmount"] == 40
+        assert data["entitlement"]["subjectKey"] == "acme"
+        sent = [body for eid, _, _, body in receiver.got if eid == half]
+        assert sent and sent[0]["data"]["value"]["usage"] == 32
         assert all(valid for _, _, valid, _ in receiver.got)
         assert len(receiver.got) == 3  # one delivery each
 
@@ -223,7 +284,7 @@ async def _count(r: Receiver) -> int:
 
 
 async def test_a_crash_before_the_alerts_are_made_reads_the_round_again(
-    http: Http, worker: Worker, receiver: Receiver
+    http: Http, worker: Worker, receiver: Receiver, nc: Client, settings: Settings
 ) -> None:
     """The worker fails after storing a round and before making its alerts: the round is read
     again from the checkpoint (the alert hook runs before it is written) and the alert is
@@ -242,9 +303,9 @@ async def test_a_crash_before_the_alerts_are_made_reads_the_round_again(
 
     alerts.after_round = fail_once  # type: ignore[method-assign]
     async with _sdk(http) as om:
-        rule_id = await _setup(om, receiver, [10])
+        rule_id = await _setup(om, receiver, nc, settings, [Threshold("NUMBER", 10)], 100)
         await om.events.ingest_event(_event(1, "acme", 15))
-        expected = _ids(rule_id, "acme", [10])
+        expected = _ids(rule_id, "acme", [Threshold("NUMBER", 10)])
         await eventually(receiver.delivered, lambda d: d == expected)
         assert failures == 1 and worker.stats.restarts >= 1
         assert (await om.notification_events.list())["totalCount"] == 1
@@ -269,10 +330,12 @@ async def test_each_alert_once_through_worker_kills_failures_and_a_gateway_resta
     env = {"NATS_URL": settings.nats_url, "METER_PARTITIONS": "2", "METER_BATCH_SIZE": "200"}
     log = tmp_path / "worker.log"
     worker = await WorkerProcess(env, log, "--partitions", "0,1").start()
-    values = [100, 200, 300, 400, 500]
+    values = [Threshold("NUMBER", 100), Threshold("NUMBER", 200)] + [
+        Threshold("PERCENT", p) for p in (60, 80, 100)
+    ]
     try:
         async with _sdk(gateway) as om:
-            rule_id = await _setup(om, receiver, values)
+            rule_id = await _setup(om, receiver, nc, settings, values, grant=500)
             n = 0
             for step in range(6):
                 await om.events.ingest_events([_event(n + i, "acme", 10) for i in range(10)])

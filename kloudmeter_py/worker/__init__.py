@@ -139,11 +139,11 @@ class Worker:
         await self.registry.start()
         self.registry.on_meter_added.append(self._meter_added)
         from kloudmeter_py.store.alerts import AlertStore
-        from kloudmeter_py.worker.alerts import Alerter, MeterMonth
+        from kloudmeter_py.worker.alerts import Alerter, Entitled
 
         alert_store = AlertStore(self.js, self.settings)
         await alert_store.buckets()
-        self.alerts = Alerter(alert_store, self.registry, MeterMonth(self.js, self.settings))
+        self.alerts = Alerter(alert_store, self.registry, Entitled(self.js, self.settings))
         from kloudmeter_py.worker.lifecycle import LifecycleFolder
 
         self.lifecycle = LifecycleFolder(self.js, self.settings, self.layout, self.registry)

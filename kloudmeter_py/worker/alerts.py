@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import msgspec
 import structlog
 from nats.js import JetStreamContext
 
@@ -30,10 +31,10 @@ from kloudmeter_py.core.alerts import (
     threshold_event_id,
 )
 from kloudmeter_py.core.models import Meter
-from kloudmeter_py.core.query import QueryRow, build_query
 from kloudmeter_py.store.alerts import AlertStore, Rule, StoredEvent, now, rule_view
+from kloudmeter_py.store.entitlements import EntitlementStore, metered_run
+from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterRegistry
-from kloudmeter_py.store.query import run_query
 
 log = structlog.get_logger(__name__)
 
@@ -52,6 +53,10 @@ class Found:
     entitlement: dict[str, Any] | None = None
     feature_view: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def feature_id(self) -> str:
+        return str(self.feature_view.get("id", self.feature))
+
 
 class UsageSource(Protocol):
     """Where a subject's standing on the features of a meter comes from."""
@@ -63,47 +68,50 @@ def month_start(at: datetime) -> datetime:
     return at.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
-class MeterMonth:
-    """The standing of a subject on a meter's own feature (feature key = meter slug): its
-    usage this calendar month (UTC), from the window summaries; nothing granted."""
+class Entitled:
+    """The standing of a subject on each of its metered entitlements whose feature counts
+    the meter: its usage in the current usage period and what its grants make available
+    there (store.entitlements.metered_run: the burn-down over the window summaries), so
+    PERCENT thresholds are shares of the grants.
+
+    Cost, for each (meter, subject) a round touched while balance-threshold rules exist:
+    a listing of the subject's entitlements, and for each one counting the meter its
+    feature, grants and one summary read per stretch of its burn-down."""
 
     def __init__(self, js: JetStreamContext, settings: Settings) -> None:
         self.js = js
         self.settings = settings
+        self.store = EntitlementStore(js, Layout(settings))
 
     async def standings(self, meter: Meter, subject: str, at: datetime) -> list[Found]:
-        start = month_start(at)
-        usage = await meter_usage(self.js, self.settings, meter, subject, start, at)
-        value = {"usage": usage, "balance": 0.0, "overage": 0.0, "hasAccess": True}
-        view = {"id": meter.id, "key": meter.id, "name": meter.name or meter.id}
-        return [Found(meter.id, Standing(start, usage), value, feature_view=view)]
-
-
-async def meter_usage(
-    js: JetStreamContext,
-    settings: Settings,
-    meter: Meter,
-    subject: str,
-    start: datetime,
-    at: datetime,
-) -> float:
-    """A subject's usage of ``meter`` from ``start`` up to the window that holds ``at``."""
-    q = build_query(
-        meter,
-        start=start.isoformat(),
-        end=None,
-        window_size=None,
-        tz=None,
-        subjects=[subject],
-        group_by=[],
-        filter_group_by={},
-        interval=settings.interval,
-        now=at,
-        day_retention_days=settings.day_retention_days,
-    )
-    answer = await run_query(js, settings, meter, q)
-    rows: list[QueryRow] = answer["data"]
-    return float(sum(row.value or 0 for row in rows))
+        out = []
+        for ent in await self.store.entitlements([subject]):
+            if ent.type != "metered" or ent.subjectKey != subject:
+                continue
+            feature = await self.store.feature(ent.featureId, include_archived=True)
+            if feature.meterSlug != meter.id:
+                continue
+            grants = await self.store.grants(ent.id)
+            run = await metered_run(self.js, self.settings, meter, feature, ent, grants, at)
+            v = run.value
+            value = {
+                "hasAccess": v.has_access,
+                "balance": v.balance,
+                "usage": v.usage,
+                "overage": v.overage,
+                "totalAvailableGrantAmount": v.total_available_grant_amount,
+            }
+            standing = Standing(v.period_start, v.usage, v.total_available_grant_amount)
+            out.append(
+                Found(
+                    feature.key,
+                    standing,
+                    value,
+                    entitlement=msgspec.to_builtins(ent),
+                    feature_view=msgspec.to_builtins(feature),
+                )
+            )
+        return out
 
 
 class Alerter:
@@ -142,7 +150,7 @@ class Alerter:
                 continue
             for found in await self.usage.standings(cm.meter, subject, at):
                 for rule in rules:
-                    if rule.features and found.feature not in rule.features:
+                    if rule.features and not {found.feature, found.feature_id} & set(rule.features):
                         continue
                     await self._check(rule, subject, found)
 
