@@ -153,7 +153,7 @@ class Deliverer:
             d.state, d.reason, d.nextAttempt = "SUCCESS", "", None
             await store.finish(d, claimed)
             self.sent += 1
-            log.info("alert.delivered", event=d.event, channel=d.channel, status=status)
+            log.info("alert.delivered", notification=d.event, channel=d.channel, status=status)
             return
         self.failed += 1
         failures = sum(1 for a in d.attempts if a.state == "FAILED")
@@ -162,7 +162,11 @@ class Deliverer:
         d.nextAttempt = at + timedelta(seconds=retry_in(failures, self.first_retry))
         await store.update_open(d, claimed)
         log.info(
-            "alert.delivery_failed", event=d.event, channel=d.channel, status=status, tries=failures
+            "alert.delivery_failed",
+            notification=d.event,
+            channel=d.channel,
+            status=status,
+            tries=failures,
         )
 
 

@@ -166,7 +166,7 @@ class Alerter:
             self._made.add(eid)
             if made:
                 self.created += 1
-                log.info("alert.created", event=eid, rule=rule.id, subject=subject)
+                log.info("alert.created", notification=eid, rule=rule.id, subject=subject)
         self._last[key] = found.standing
 
     @staticmethod
