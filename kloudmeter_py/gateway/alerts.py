@@ -28,7 +28,7 @@ from kloudmeter_py.gateway.routes import (
     Op,
     Param,
     Routes,
-    tenant_of,
+    tenant_subjects,
 )
 from kloudmeter_py.gateway.schemas import STR, TIME, array, ref
 from kloudmeter_py.store.alerts import (
@@ -493,8 +493,8 @@ async def _view(request: web.Request, ev: StoredEvent) -> NotificationEventView:
 
 async def _own_event(request: web.Request, eid: str) -> StoredEvent:
     ev = await request.app[ALERTS].event(eid)
-    tenant = tenant_of(request)
-    if tenant is not None and ev.subject != tenant:
+    subjects = await tenant_subjects(request)
+    if subjects is not None and ev.subject not in subjects:
         raise NotFound(f"event {eid!r} not found")
     return ev
 
@@ -525,9 +525,9 @@ _EVENT_PATH = ("event id",)
 async def list_events(request: web.Request) -> web.Response:
     q = request.query
     events = await request.app[ALERTS].events()
-    tenant = tenant_of(request)
-    if tenant is not None:
-        events = [e for e in events if e.subject == tenant]
+    subjects = await tenant_subjects(request)
+    if subjects is not None:
+        events = [e for e in events if e.subject in subjects]
     start = _time(q, "from")
     end = _time(q, "to")
     for name, attr in (("subject", "subject"), ("feature", "feature"), ("rule", "ruleId")):
