@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from openmeter.aio import Client as OpenMeter
 
 from kloudmeter_py.config import Settings
-from kloudmeter_py.core.alerts import Threshold, threshold_event_id, verify
+from kloudmeter_py.core.alerts import Threshold, reset_event_id, threshold_event_id, verify
 from kloudmeter_py.gateway import create_app
 from kloudmeter_py.gateway.deliveries import DELIVERER, Deliverer
 from kloudmeter_py.store.alerts import AlertStore
@@ -29,6 +29,7 @@ from kloudmeter_py.store.entitlements import (
     FeatureRecord,
     GrantRecord,
     Period,
+    ResetRecord,
     new_id,
 )
 from kloudmeter_py.store.layout import Layout
@@ -310,6 +311,55 @@ async def test_a_crash_before_the_alerts_are_made_reads_the_round_again(
         await eventually(receiver.delivered, lambda d: d == expected)
         assert failures == 1 and worker.stats.restarts >= 1
         assert (await om.notification_events.list())["totalCount"] == 1
+
+
+async def test_a_reset_alerts_once_and_thresholds_start_over(
+    http: Http, worker: Worker, receiver: Receiver, nc: Client, settings: Settings
+) -> None:
+    """A manual reset makes one entitlements.reset event (at the subject's next usage), and
+    starts a new usage period whose thresholds alert again under new ids."""
+    ten = [Threshold("NUMBER", 10)]
+    async with _sdk(http) as om:
+        rule_id = await _setup(om, receiver, nc, settings, ten, 100)
+        channel_id = (await om.notification_channels.list())["items"][0]["id"]
+        resets = await om.notification_rules.create(
+            {
+                "type": "entitlements.reset",
+                "name": "resets",
+                "channels": [channel_id],
+                "features": ["tokens"],
+            }
+        )
+        assert "thresholds" not in resets
+        await om.events.ingest_event(_event(1, "acme", 15))
+        before = _ids(rule_id, "acme", ten)
+        await eventually(receiver.delivered, lambda d: d == before)
+
+        store = EntitlementStore(nc.jetstream(), Layout(settings))
+        ent = await store.entitlement("acme", "tokens")
+        reset_at = datetime.now(UTC).replace(second=0, microsecond=0)  # on a minute
+        await store.change_entitlement(
+            ent,
+            lambda e: msgspec.structs.replace(e, resets=[*e.resets, ResetRecord(at=reset_at)]),
+        )
+        await om.events.ingest_event(_event(2, "acme", 12))
+        reset_id = reset_event_id(resets["id"], "acme", ent.id, reset_at)
+        again = threshold_event_id(rule_id, "acme", reset_at, ten[0])
+        await eventually(receiver.delivered, lambda d: d == before | {reset_id, again})
+        got = await om.notification_events.get(reset_id)
+        assert got["type"] == "entitlements.reset"
+        assert got["payload"]["data"]["entitlement"]["id"] == ent.id
+        assert "threshold" not in got["payload"]["data"]
+        await om.events.ingest_event(_event(3, "acme", 1))
+        await eventually(worker_rounds(worker), lambda n: n >= 3)
+        assert (await om.notification_events.list())["totalCount"] == 3
+
+
+def worker_rounds(worker: Worker) -> Any:
+    async def rounds() -> int:
+        return worker.stats.batches
+
+    return rounds
 
 
 async def _positions(nc: Client) -> int:

@@ -98,7 +98,7 @@ class FeatureMeta(msgspec.Struct):
     key: str
 
 
-class RuleView(msgspec.Struct, kw_only=True):
+class RuleView(msgspec.Struct, kw_only=True, omit_defaults=True):
     id: str
     type: str
     name: str

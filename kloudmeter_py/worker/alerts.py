@@ -25,12 +25,16 @@ from nats.js import JetStreamContext
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.alerts import (
     BALANCE_THRESHOLD,
+    RESET,
     Standing,
     Threshold,
     crossed,
+    reset_event_id,
     threshold_event_id,
 )
 from kloudmeter_py.core.models import Meter
+from kloudmeter_py.core.windows import QueryError
+from kloudmeter_py.errors import InvalidInput, NotFound
 from kloudmeter_py.store.alerts import AlertStore, Rule, StoredEvent, now, rule_view
 from kloudmeter_py.store.entitlements import EntitlementStore, metered_run
 from kloudmeter_py.store.layout import Layout
@@ -52,6 +56,7 @@ class Found:
     value: dict[str, Any]
     entitlement: dict[str, Any] | None = None
     feature_view: dict[str, Any] = field(default_factory=dict)
+    resets: tuple[datetime, ...] = ()  # the entitlement's manual resets
 
     @property
     def feature_id(self) -> str:
@@ -109,13 +114,14 @@ class Entitled:
                     value,
                     entitlement=msgspec.to_builtins(ent),
                     feature_view=msgspec.to_builtins(feature),
+                    resets=tuple(r.at for r in ent.resets),
                 )
             )
         return out
 
 
 class Alerter:
-    """Makes the threshold events of the (meter, subject) pairs a round touched."""
+    """Makes the threshold and reset events of the (meter, subject) pairs a round touched."""
 
     def __init__(self, store: AlertStore, registry: MeterRegistry, usage: UsageSource) -> None:
         self.store = store
@@ -132,7 +138,8 @@ class Alerter:
     async def rules(self) -> list[Rule]:
         if time.monotonic() - self._rules_at >= _RULES_FOR_S:
             every = await self.store.rules()
-            self._rules = [r for r in every if r.type == BALANCE_THRESHOLD and not r.disabled]
+            kinds = (BALANCE_THRESHOLD, RESET)
+            self._rules = [r for r in every if r.type in kinds and not r.disabled]
             self._rules_at = time.monotonic()
         return self._rules
 
@@ -148,45 +155,76 @@ class Alerter:
             cm = self.registry.by_id.get(meter_id)
             if cm is None:
                 continue
-            for found in await self.usage.standings(cm.meter, subject, at):
+            try:
+                standings = await self.usage.standings(cm.meter, subject, at)
+            except (InvalidInput, NotFound, QueryError) as exc:
+                # What the stored entitlements say cannot be valued (a bad record): no
+                # alert for it, rather than a round that never completes.
+                log.error("alert.standing_failed", meter=meter_id, subject=subject, error=str(exc))
+                continue
+            for found in standings:
                 for rule in rules:
                     if rule.features and not {found.feature, found.feature_id} & set(rule.features):
                         continue
-                    await self._check(rule, subject, found)
+                    if rule.type == RESET:
+                        await self._check_resets(rule, subject, found, at)
+                    else:
+                        await self._check(rule, subject, found)
+
+    async def _make(self, ev: StoredEvent, rule: Rule) -> None:
+        """Create ``ev`` unless it exists, and its deliveries."""
+        made = await self.store.create_event(ev)
+        await self.store.open_deliveries(ev.id, rule.channels)
+        self._made.add(ev.id)
+        if made:
+            self.created += 1
+            log.info("alert.created", notification=ev.id, rule=rule.id, subject=ev.subject)
+
+    async def _check_resets(self, rule: Rule, subject: str, found: Found, at: datetime) -> None:
+        """One ``entitlements.reset`` event per manual reset made since the rule exists,
+        noticed at the subject's next usage after it."""
+        ent_id = str((found.entitlement or {}).get("id", found.feature))
+        for reset_at in found.resets:
+            # Resets from the minute the rule was made (resets fall on minutes).
+            since = rule.createdAt.replace(second=0, microsecond=0)
+            if not since <= reset_at <= at:
+                continue
+            eid = reset_event_id(rule.id, subject, ent_id, reset_at)
+            if eid not in self._made:
+                await self._make(self._event(eid, rule, subject, found, None), rule)
 
     async def _check(self, rule: Rule, subject: str, found: Found) -> None:
         key = (rule.id, rule.updatedAt.isoformat(), subject, found.feature)
         thresholds = [Threshold(t.type, t.value) for t in rule.thresholds]
         for t in crossed(thresholds, self._last.get(key), found.standing):
             eid = threshold_event_id(rule.id, subject, found.standing.period_start, t)
-            if eid in self._made:
-                continue
-            made = await self.store.create_event(self._event(eid, rule, subject, found, t))
-            await self.store.open_deliveries(eid, rule.channels)
-            self._made.add(eid)
-            if made:
-                self.created += 1
-                log.info("alert.created", notification=eid, rule=rule.id, subject=subject)
+            if eid not in self._made:
+                await self._make(self._event(eid, rule, subject, found, t), rule)
         self._last[key] = found.standing
 
     @staticmethod
-    def _event(eid: str, rule: Rule, subject: str, found: Found, t: Threshold) -> StoredEvent:
+    def _event(
+        eid: str, rule: Rule, subject: str, found: Found, t: Threshold | None
+    ) -> StoredEvent:
+        """The event of threshold ``t``, or (None) of a reset."""
         created = now()
-        data = {
+        data: dict[str, Any] = {
             "entitlement": found.entitlement,
             "feature": found.feature_view or {"id": found.feature, "key": found.feature},
             "subject": {"key": subject},
             "value": found.value,
-            "threshold": {"value": t.value, "type": t.type},
         }
+        if t is not None:
+            data["threshold"] = {"value": t.value, "type": t.type}
+        kind = BALANCE_THRESHOLD if t is not None else RESET
         return StoredEvent(
             id=eid,
-            type=BALANCE_THRESHOLD,
+            type=kind,
             createdAt=created,
             ruleId=rule.id,
             subject=subject,
             feature=found.feature,
             channels=list(rule.channels),
             rule=rule_view(rule),
-            payload={"id": eid, "type": BALANCE_THRESHOLD, "timestamp": created, "data": data},
+            payload={"id": eid, "type": kind, "timestamp": created, "data": data},
         )
