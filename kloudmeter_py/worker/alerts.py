@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError as NoStream
 
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.alerts import (
@@ -66,6 +67,9 @@ class Found:
 class UsageSource(Protocol):
     """Where a subject's standing on the features of a meter comes from."""
 
+    async def prepare(self) -> None:
+        """Called once before the pairs of a round are looked at."""
+
     async def standings(self, meter: Meter, subject: str, at: datetime) -> list[Found]: ...
 
 
@@ -79,17 +83,46 @@ class Entitled:
     there (store.entitlements.metered_run: the burn-down over the window summaries), so
     PERCENT thresholds are shares of the grants.
 
-    Cost, for each (meter, subject) a round touched while balance-threshold rules exist:
-    a listing of the subject's entitlements, and for each one counting the meter its
-    feature, grants and one summary read per stretch of its burn-down."""
+    Cost, while rules exist: per check, the last sequences of the features and entitlements
+    buckets (which subjects have metered entitlements of which meter is read again only when
+    one of them moved); then, for each (meter, subject) a round touched that has one, a
+    listing of the subject's entitlements, and for each one counting the meter its feature,
+    grants and one summary read per stretch of its burn-down. Subjects without entitlements
+    cost nothing more."""
 
     def __init__(self, js: JetStreamContext, settings: Settings) -> None:
         self.js = js
         self.settings = settings
-        self.store = EntitlementStore(js, Layout(settings))
+        self.layout = Layout(settings)
+        self.store = EntitlementStore(js, self.layout)
+        self._seen: tuple[int, int] | None = None
+        self._by_meter: dict[str, set[str]] = {}
+
+    async def prepare(self) -> None:
+        """Read which subjects have metered entitlements of which meter again, when the
+        features or entitlements changed since it was last read."""
+        seqs = []
+        for bucket in (self.layout.features_bucket, self.layout.entitlements_bucket):
+            try:
+                info = await self.js.stream_info(f"KV_{bucket}")
+            except NoStream:  # set up before entitlements: none yet
+                self._by_meter, self._seen = {}, None
+                return
+            seqs.append(int(info.state.last_seq or 0))
+        seen = (seqs[0], seqs[1])
+        if seen != self._seen:
+            meters = {f.id: f.meterSlug for f in await self.store.features(include_archived=True)}
+            by_meter: dict[str, set[str]] = {}
+            for e in await self.store.entitlements():
+                counted = meters.get(e.featureId)
+                if e.type == "metered" and counted is not None:
+                    by_meter.setdefault(counted, set()).add(e.subjectKey)
+            self._by_meter, self._seen = by_meter, seen
 
     async def standings(self, meter: Meter, subject: str, at: datetime) -> list[Found]:
-        out = []
+        out: list[Found] = []
+        if subject not in self._by_meter.get(meter.id, ()):
+            return out
         for ent in await self.store.entitlements([subject]):
             if ent.type != "metered" or ent.subjectKey != subject:
                 continue
@@ -151,6 +184,7 @@ class Alerter:
         if not rules:
             return
         at = datetime.now(UTC)
+        await self.usage.prepare()
         for meter_id, subject in sorted(touched):
             cm = self.registry.by_id.get(meter_id)
             if cm is None:
