@@ -90,10 +90,12 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 def _gateway(settings: Settings, nc: Client) -> TestClient[Any, Any]:
-    """A gateway whose deliveries are tried often (tick 0.1 s, first retry after 0.2 s)."""
+    """A gateway whose deliveries are tried often: every 0.1 s, retries 0.2 s apart
+    doubling up to 1 s, and a claim (a send a stopped gateway may not have finished) lasting
+    2 s."""
     app = create_app(settings, nc)
     store = AlertStore(nc.jetstream(), settings, create=False)
-    app[DELIVERER] = Deliverer(store, tick=0.1, first_retry=0.2)
+    app[DELIVERER] = Deliverer(store, tick=0.1, first_retry=0.2, most_retry=1.0, lease=2.0)
     return TestClient(TestServer(app, host="127.0.0.1"))
 
 

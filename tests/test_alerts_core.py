@@ -114,3 +114,4 @@ def test_signature_is_hmac_sha256_over_id_timestamp_body() -> None:
 def test_retry_backs_off_to_an_hour(attempts: int, seconds: float) -> None:
     """Retries 1 s after the first failure, doubling, at most an hour apart."""
     assert retry_in(attempts) == seconds
+    assert retry_in(attempts, first=0.2, most=1.0) == min(seconds / 5, 1.0)

@@ -137,6 +137,6 @@ def verify(secret: str, event_id: str, timestamp: int, body: bytes, header: str)
     return any(hmac.compare_digest(want, given) for given in header.split())
 
 
-def retry_in(attempts: int, first: float = RETRY_FIRST_S) -> float:
+def retry_in(attempts: int, first: float = RETRY_FIRST_S, most: float = RETRY_MAX_S) -> float:
     """Seconds before the next try, after ``attempts`` failed ones (1 s, 2 s, 4 s ... 1 h)."""
-    return float(min(first * 2.0 ** min(max(attempts - 1, 0), 32), RETRY_MAX_S))
+    return float(min(first * 2.0 ** min(max(attempts - 1, 0), 32), most))

@@ -51,12 +51,14 @@ class Deliverer:
         lease: float = 30.0,
         timeout: float = 10.0,
         first_retry: float = 1.0,
+        most_retry: float = 3600.0,
     ) -> None:
         self.store = store
         self.tick = tick
         self.lease = lease
         self.timeout = timeout
         self.first_retry = first_retry
+        self.most_retry = most_retry
         self.sent = 0  # answered 2xx (tests, logs)
         self.failed = 0  # attempts that did not
         # The open deliveries are read again only when the bucket changed or one falls due.
@@ -159,7 +161,8 @@ class Deliverer:
         failures = sum(1 for a in d.attempts if a.state == "FAILED")
         d.state = "PENDING"
         d.reason = f"answered {status}" if status is not None else text
-        d.nextAttempt = at + timedelta(seconds=retry_in(failures, self.first_retry))
+        wait = retry_in(failures, self.first_retry, self.most_retry)
+        d.nextAttempt = at + timedelta(seconds=wait)
         await store.update_open(d, claimed)
         log.info(
             "alert.delivery_failed",
