@@ -40,6 +40,10 @@ KNOWN_ISSUES: dict[str, str] = {}
 # Operations whose valid input depends on more than JSON Schema can say; every other check
 # still runs on them, positive_data_acceptance does not.
 BEYOND_SCHEMA: dict[str, str] = {
+    "POST /api/v1/notification/rules": "its channels must exist",
+    "PUT /api/v1/notification/rules/{rule}": "its channels must exist; its type cannot change",
+    "DELETE /api/v1/notification/channels/{channel}": "no rule may send to the channel",
+    "POST /api/v1/notification/events/{event}/resend": "channels the event was sent to",
     "POST /template": "the source must compile as Starlark and define rate(data)",
     "POST /cost": "min_instances <= max_instances, and a price must apply to each group",
     "POST /charging": "end after start; filters' regular expressions must compile",

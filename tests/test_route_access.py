@@ -93,6 +93,9 @@ PATH_VALUES = {
     "id": "zz-id",
     "name": "app.js",
     "groupByKey": "zz-key",
+    "channel": "zz-channel",
+    "rule": "zz-rule",
+    "event": "zz-event",
     "customerIdOrKey": "zz-customer",
     "meterSlug": "m",
     # Entitlements: the other tenant's subject (a user token: 404 as for an unknown one).

@@ -15,6 +15,7 @@ from kloudmeter_py.config import Settings
 from kloudmeter_py.core.models import InvalidField
 from kloudmeter_py.errors import KloudmeterError, PayloadTooLarge, Unavailable
 from kloudmeter_py.gateway import (
+    alerts,
     auth,
     corrections,
     customer_entitlements,
@@ -32,8 +33,10 @@ from kloudmeter_py.gateway import (
     templates,
     usage,
 )
+from kloudmeter_py.gateway.deliveries import DELIVERER, Deliverer, delivery_ctx
 from kloudmeter_py.gateway.helpers import Handler, error_response, problem_response, stop_reads
 from kloudmeter_py.gateway.keys import (
+    ALERTS,
     AUTH,
     CUSTOMERS,
     JS,
@@ -48,6 +51,7 @@ from kloudmeter_py.gateway.keys import (
 )
 from kloudmeter_py.gateway.routes import check_declared, ingest_routes
 from kloudmeter_py.metrics import METRICS, Metrics
+from kloudmeter_py.store.alerts import AlertStore
 from kloudmeter_py.store.auth import AuthStore
 from kloudmeter_py.store.customers import CustomerStore
 from kloudmeter_py.store.kv import LeanLink
@@ -153,6 +157,9 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     app[OPENAPI_CACHE] = []
     app[READS] = weakref.WeakSet()
     app[LEAN] = LeanLink(settings, name="kloudmeter-gateway-reads")
+    app[ALERTS] = AlertStore(js, settings)
+    app[DELIVERER] = Deliverer(AlertStore(js, settings, create=False))
+    app.cleanup_ctx.append(delivery_ctx)
     app.on_shutdown.append(_stop_reads)
     app.on_cleanup.append(_close_lean)
     for module in (
@@ -163,6 +170,7 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
         openmeter,
         entitlements,
         customer_entitlements,
+        alerts,
         customers,
         portal,
         perf,

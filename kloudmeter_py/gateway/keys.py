@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.budget import ReadBudget
 from kloudmeter_py.core.portal import PortalTokenRecord
+from kloudmeter_py.store.alerts import AlertStore
 from kloudmeter_py.store.auth import AuthStore, Principal
 from kloudmeter_py.store.customers import CustomerStore
 from kloudmeter_py.store.kv import LeanLink
@@ -28,6 +29,7 @@ JS = web.AppKey("js", JetStreamContext)
 LAYOUT = web.AppKey("layout", Layout)
 METERS = web.AppKey("meters", MeterStore)
 AUTH = web.AppKey("auth", AuthStore)
+ALERTS = web.AppKey("alerts", AlertStore)
 CUSTOMERS = web.AppKey("customers", CustomerStore)
 PORTAL = web.AppKey("portal", PortalStore)
 # The OpenAPI document, built at its first request.

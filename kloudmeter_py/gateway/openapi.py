@@ -29,6 +29,7 @@ from kloudmeter_py.core.corrections import CORRECTION_SOURCE
 from kloudmeter_py.core.models import CloudEvent, Event, Meter, MeterIn, Reading, encoder
 from kloudmeter_py.core.rating import Price
 from kloudmeter_py.gateway import (
+    alerts,
     auth,
     corrections,
     customer_entitlements,
@@ -138,6 +139,7 @@ MODELS: list[type[msgspec.Struct]] = [
     templates.TemplateSummary,
     templates.Rated,
     templates.TemplateFailure,
+    *alerts.SCHEMA_MODELS,
 ]
 
 # -- schemas -------------------------------------------------------------------------------

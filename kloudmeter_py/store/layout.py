@@ -28,6 +28,9 @@ class Layout:
         self.resources_bucket = f"{prefix}resources"
         # Corrections applied per stored event (core.corrections.History), by stream seq.
         self.corrections_bucket = f"{prefix}corrections"
+        # Usage alerts: channels, rules and events; and each event's delivery per channel.
+        self.notifications_bucket = f"{prefix}notifications"
+        self.deliveries_bucket = f"{prefix}deliveries"
         # Entitlements (OpenMeter's features, subject entitlements and their grants).
         self.features_bucket = f"{prefix}features"
         self.entitlements_bucket = f"{prefix}entitlements"

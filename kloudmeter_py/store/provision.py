@@ -78,6 +78,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> Layout:
         )
     await ensure_resources_bucket(js, settings)
     await ensure_corrections_bucket(js, settings)
+    await ensure_alert_buckets(js, settings)
     widths = {"minute": settings.interval, "hour": 3600, "day": 86400}
     for level, bucket in layout.summary_buckets.items():
         # A window is written while it is open (and by late events); it expires this long
@@ -147,6 +148,21 @@ async def ensure_corrections_bucket(js: JetStreamContext, settings: Settings) ->
         Layout(settings).corrections_bucket,
         "kloudmeter corrections applied per stored event",
     )
+
+
+async def ensure_alert_buckets(
+    js: JetStreamContext, settings: Settings
+) -> tuple[KeyValue, KeyValue]:
+    """The ``notifications`` bucket (alert channels, rules and events) and the ``deliveries``
+    bucket (each event's delivery per channel), created when missing."""
+    layout = Layout(settings)
+    notifications = await _kept_bucket(
+        js, settings, layout.notifications_bucket, "kloudmeter alert channels, rules and events"
+    )
+    deliveries = await _kept_bucket(
+        js, settings, layout.deliveries_bucket, "kloudmeter alert deliveries per channel"
+    )
+    return notifications, deliveries
 
 
 async def _kept_bucket(

@@ -36,6 +36,7 @@ from kloudmeter_py.worker.leases import Leases
 
 if TYPE_CHECKING:
     from kloudmeter_py.metrics import Metrics
+    from kloudmeter_py.worker.alerts import Alerter
     from kloudmeter_py.worker.lifecycle import LifecycleFolder
     from kloudmeter_py.worker.runner import Runner
 
@@ -97,6 +98,8 @@ class Worker:
         self._owned: set[int] = set()
         self.runner: Runner | None = None
         self.lifecycle: LifecycleFolder | None = None
+        # Usage alerts made after each stored round (worker.alerts); None: none are made.
+        self.alerts: Alerter | None = None
         self._task: asyncio.Task[None] | None = None
         self._runs = 0  # runners started: each one's consumer has its own name
         # Meters added while no runner was reading, and replays a stopped runner had not yet
@@ -135,6 +138,12 @@ class Worker:
         )
         await self.registry.start()
         self.registry.on_meter_added.append(self._meter_added)
+        from kloudmeter_py.store.alerts import AlertStore
+        from kloudmeter_py.worker.alerts import Alerter, Entitled
+
+        alert_store = AlertStore(self.js, self.settings)
+        await alert_store.buckets()
+        self.alerts = Alerter(alert_store, self.registry, Entitled(self.js, self.settings))
         from kloudmeter_py.worker.lifecycle import LifecycleFolder
 
         self.lifecycle = LifecycleFolder(self.js, self.settings, self.layout, self.registry)

@@ -217,6 +217,9 @@ class Runner:
         self._load_slots = asyncio.Semaphore(_LOADS_IN_FLIGHT)
         self._flush_slots = asyncio.Semaphore(_FLUSHES_IN_FLIGHT)
         self._bytes_per_event = 0  # key state bytes per event of the last round written
+        # (meter, subject) of the readings the rounds since the last checkpoint touched, read
+        # again or not: the alerts are made from them before the checkpoint (worker.alerts).
+        self._touched: set[tuple[str, str]] = set()
 
     def meter_added(self, cm: CompiledMeter) -> None:
         """A meter that should have seen events already applied: replay them. Before the
@@ -478,6 +481,10 @@ class Runner:
             # round of 20,000 events touches ~16,000 of them). Caught up, they are written
             # with their round, so a reading trails its events by one round only.
             await self._write(rnd, dead, defer_readings=pending >= _BACKLOG)
+            if self.w.alerts is not None:
+                self._touched.update(
+                    (kw.meter.meter.id, kw.subject) for wkey, kw in rnd.work.items() if not wkey[0]
+                )
             if rnd.rows:
                 cache = self.keys.cache
                 # Pages only: a round's readings are the series it touches, which the next
@@ -532,6 +539,7 @@ class Runner:
 
     def _forget_unflushed(self) -> None:
         self._dirty.clear()
+        self._touched.clear()
         self._unacked = None
 
     async def _flush(self, puller: RawPuller) -> None:
@@ -547,6 +555,11 @@ class Runner:
             chunks = _in_turn(_chunks(list(self._dirty)))
             await _all(self._flush_chunk(chunk) for chunk in chunks)
             self._dirty.clear()
+        if self._touched and self.w.alerts is not None:
+            # Every key up to here is stored and the checkpoint is not yet: a crash before
+            # the alerts exist reads these rounds again, and they are made then.
+            await self.w.alerts.after_round(self._touched)
+            self._touched = set()
         await self.cp.commit()
         if self._unacked is not None:
             puller.ack(self._unacked)
