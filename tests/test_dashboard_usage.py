@@ -8,7 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from nats.aio.client import Client
 
+from kloudmeter_py.config import Settings
+from kloudmeter_py.store.entitlements import (
+    EntitlementRecord,
+    EntitlementStore,
+    FeatureRecord,
+    GrantRecord,
+    Period,
+    new_id,
+)
+from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.worker import Worker
 from tests.conftest import eventually
 from tests.helpers import Http, create_meter, post_event
@@ -341,3 +353,101 @@ async def test_entitlement_bar_shows_the_value_api(http: Http, worker: Worker, p
     assert option is not None
     shown = await _bar_shown(page, option, want)
     assert list(shown) == ["gpt_tokens"]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[str]:
+    """A webhook receiver that takes every delivery: its URL."""
+    app = web.Application()
+    app.router.add_post("/hook", _ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    yield f"http://{host}:{port}/hook"
+    await runner.cleanup()
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(status=204)
+
+
+async def test_alerts_panel_lists_the_subjects_notification_events(
+    http: Http, worker: Worker, page: Any, nc: Client, settings: Settings, receiver: str
+) -> None:
+    """The picked subject's threshold alerts are listed newest first, as the notification
+    events API answers them (same ids, same order), each naming its threshold."""
+    await create_meter(
+        http, id="tokens", eventType="llm", aggregation="sum", valueProperty="$.tokens"
+    )
+    now = datetime.now(UTC)
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    store = EntitlementStore(nc.jetstream(), Layout(settings))
+    feature = await store.create_feature(
+        FeatureRecord(
+            id=new_id(), key="gpt", name="GPT", createdAt=now, updatedAt=now, meterSlug="tokens"
+        )
+    )
+    ent = await store.create_entitlement(
+        EntitlementRecord(
+            id=new_id(),
+            type="metered",
+            subjectKey="acme",
+            featureId=feature.id,
+            featureKey=feature.key,
+            createdAt=now,
+            updatedAt=now,
+            usagePeriod=Period("MONTH", start),
+            measureUsageFrom=start,
+        )
+    )
+    await store.create_grant(
+        GrantRecord(
+            id=new_id(),
+            entitlementId=ent.id,
+            amount=40,
+            priority=1,
+            effectiveAt=start,
+            createdAt=now,
+            updatedAt=now,
+        )
+    )
+    resp = await http.post(
+        "/api/v1/notification/channels", json={"type": "WEBHOOK", "name": "ops", "url": receiver}
+    )
+    assert resp.status == 201, await resp.text()
+    channel = (await resp.json())["id"]
+    rule = {
+        "type": "entitlements.balance.threshold",
+        "name": "tokens used",
+        "channels": [channel],
+        "thresholds": [{"type": "NUMBER", "value": 10}, {"type": "PERCENT", "value": 75}],
+        "features": ["gpt"],
+    }
+    resp = await http.post("/api/v1/notification/rules", json=rule)
+    assert resp.status == 201, await resp.text()
+
+    async def listed() -> list[dict[str, Any]]:
+        query = {"subject": "acme", "order": "DESC", "orderBy": "createdAt", "pageSize": "10"}
+        r = await http.get("/api/v1/notification/events", params=query)
+        assert r.status == 200, await r.text()
+        items: list[dict[str, Any]] = (await r.json())["items"]
+        return items
+
+    await page.goto(str(http.make_url("/")))
+    for n, tokens in enumerate((12, 20)):
+        await post_event(http, id=f"e{n}", eventType="llm", subject="acme", data={"tokens": tokens})
+        events = await eventually(listed, lambda items, n=n: len(items) == n + 1)  # type: ignore[misc]
+        await page.wait_for_selector('#chart-subject option[value="s:acme"]', state="attached")
+        await page.select_option("#chart-subject", "")
+        await page.select_option("#chart-subject", "s:acme")
+        await page.wait_for_function(
+            "n => document.querySelectorAll('#alerts li').length === n", arg=n + 1
+        )
+        shown = await page.eval_on_selector_all(
+            "#alerts li", "lis => lis.map((li) => [li.dataset.eventId, li.textContent])"
+        )
+        assert [eid for eid, _ in shown] == [e["id"] for e in events]
+        assert "gpt" in shown[-1][1] and "crossed 10" in shown[-1][1]
+    assert "crossed 75%" in shown[0][1]
