@@ -123,10 +123,16 @@ def _event(i: int, subject: str, tokens: int) -> dict[str, Any]:
 
 
 async def _setup(
-    om: Any, r: Receiver, nc: Client, settings: Settings, thresholds: list[Threshold], grant: float
+    om: Any,
+    r: Receiver,
+    nc: Client,
+    settings: Settings,
+    thresholds: list[Threshold],
+    grant: float,
+    subject: str = "acme",
 ) -> str:
-    """The meter, feature "tokens" with a monthly entitlement of acme granted ``grant``, a
-    channel to ``r`` and a rule with ``thresholds``: the rule's id."""
+    """The meter, feature "tokens" with a monthly entitlement of ``subject`` granted
+    ``grant``, a channel to ``r`` and a rule with ``thresholds``: the rule's id."""
     await om.meters.create(
         {"slug": "tokens", "aggregation": "SUM", "eventType": "prompt", "valueProperty": "$.tokens"}
     )
@@ -146,7 +152,7 @@ async def _setup(
         EntitlementRecord(
             id=new_id(),
             type="metered",
-            subjectKey="acme",
+            subjectKey=subject,
             featureId=feature.id,
             featureKey=feature.key,
             createdAt=now,
@@ -189,6 +195,33 @@ def _ids(rule: str, subject: str, thresholds: list[Threshold]) -> set[str]:
 
 
 THREE = [Threshold("NUMBER", 10), Threshold("PERCENT", 50), Threshold("NUMBER", 30)]
+
+
+async def test_a_customers_entitlement_alerts_on_the_usage_of_all_its_subjects(
+    http: Http, worker: Worker, receiver: Receiver, nc: Client, settings: Settings
+) -> None:
+    """A customer's entitlement counts every subject the customer owns: usage split over two
+    of them crosses its threshold, and the one alert is the customer's (none per subject)."""
+    async with _sdk(http) as om:
+        await om.customers.create(
+            {
+                "key": "acme-co",
+                "name": "Acme",
+                "usageAttribution": {"subjectKeys": ["acme-eu", "acme-us"]},
+            }
+        )
+        ten = [Threshold("NUMBER", 10)]
+        rule_id = await _setup(om, receiver, nc, settings, ten, grant=20, subject="acme-co")
+        await om.events.ingest_event(_event(1, "acme-eu", 6))
+        await eventually(worker_rounds(worker), lambda n: n >= 1)
+        await om.events.ingest_event(_event(2, "acme-us", 6))  # 12 for the customer: past 10
+        expected = _ids(rule_id, "acme-co", ten)
+        await eventually(receiver.delivered, lambda d: d == expected)
+        await om.events.ingest_event(_event(3, "acme-eu", 1))
+        await eventually(lambda: _checkpointed(nc), bool)  # its alert check is done too
+        events = await om.notification_events.list()
+        assert [e["payload"]["data"]["subject"]["key"] for e in events["items"]] == ["acme-co"]
+        assert events["items"][0]["payload"]["data"]["value"]["usage"] == 12
 
 
 async def test_channels_rules_and_events_through_the_sdk(

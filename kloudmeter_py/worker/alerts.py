@@ -37,7 +37,7 @@ from kloudmeter_py.core.models import Meter
 from kloudmeter_py.core.windows import QueryError
 from kloudmeter_py.errors import InvalidInput, NotFound
 from kloudmeter_py.store.alerts import AlertStore, Rule, StoredEvent, now, rule_view
-from kloudmeter_py.store.entitlements import EntitlementStore, metered_run
+from kloudmeter_py.store.entitlements import EntitlementStore, metered_run, usage_subjects
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterRegistry
 
@@ -58,6 +58,9 @@ class Found:
     entitlement: dict[str, Any] | None = None
     feature_view: dict[str, Any] = field(default_factory=dict)
     resets: tuple[datetime, ...] = ()  # the entitlement's manual resets
+    # Whose entitlement it is, when not the touched subject's own: a customer's key, its
+    # usage being that of every subject the customer owns (the alert is the customer's).
+    holder: str | None = None
 
     @property
     def feature_id(self) -> str:
@@ -95,34 +98,51 @@ class Entitled:
         self.settings = settings
         self.layout = Layout(settings)
         self.store = EntitlementStore(js, self.layout)
-        self._seen: tuple[int, int] | None = None
-        self._by_meter: dict[str, set[str]] = {}
+        self._seen: tuple[int, ...] | None = None
+        # meter -> subject whose usage counts -> the subject keys holding such entitlements
+        # (the subject itself, or the key of the customer owning it: usage_subjects)
+        self._by_meter: dict[str, dict[str, set[str]]] = {}
 
     async def prepare(self) -> None:
         """Read which subjects have metered entitlements of which meter again, when the
         features or entitlements changed since it was last read."""
         seqs = []
-        for bucket in (self.layout.features_bucket, self.layout.entitlements_bucket):
+        buckets = (
+            self.layout.features_bucket,
+            self.layout.entitlements_bucket,
+            self.layout.customers_bucket,  # a customer's subjects count for its entitlements
+        )
+        for bucket in buckets:
             try:
                 info = await self.js.stream_info(f"KV_{bucket}")
             except NoStream:  # set up before entitlements: none yet
                 self._by_meter, self._seen = {}, None
                 return
             seqs.append(int(info.state.last_seq or 0))
-        seen = (seqs[0], seqs[1])
+        seen = tuple(seqs)
         if seen != self._seen:
             meters = {f.id: f.meterSlug for f in await self.store.features(include_archived=True)}
-            by_meter: dict[str, set[str]] = {}
+            by_meter: dict[str, dict[str, set[str]]] = {}
             for e in await self.store.entitlements():
                 counted = meters.get(e.featureId)
                 if e.type == "metered" and counted is not None:
-                    by_meter.setdefault(counted, set()).add(e.subjectKey)
+                    by_subject = by_meter.setdefault(counted, {})
+                    for subject in await usage_subjects(self.js, self.layout, e):
+                        by_subject.setdefault(subject, set()).add(e.subjectKey)
             self._by_meter, self._seen = by_meter, seen
 
     async def standings(self, meter: Meter, subject: str, at: datetime) -> list[Found]:
+        """The standings of the entitlements ``subject``'s usage counts for: its own, and
+        those of the customer owning it (each found once per round: ``Alerter``)."""
         out: list[Found] = []
-        if subject not in self._by_meter.get(meter.id, ()):
-            return out
+        for holder in sorted(self._by_meter.get(meter.id, {}).get(subject, ())):
+            out.extend(await self._standings(meter, holder, at, subject))
+        return out
+
+    async def _standings(
+        self, meter: Meter, subject: str, at: datetime, touched: str
+    ) -> list[Found]:
+        out: list[Found] = []
         for ent in await self.store.entitlements([subject]):
             if ent.type != "metered" or ent.subjectKey != subject:
                 continue
@@ -148,6 +168,7 @@ class Entitled:
                     entitlement=msgspec.to_builtins(ent),
                     feature_view=msgspec.to_builtins(feature),
                     resets=tuple(r.at for r in ent.resets),
+                    holder=None if subject == touched else subject,
                 )
             )
         return out
@@ -185,18 +206,28 @@ class Alerter:
             return
         at = datetime.now(UTC)
         await self.usage.prepare()
-        for meter_id, subject in sorted(touched):
+        valued: set[tuple[str, str, str]] = set()  # a customer's standing, once a round
+        for meter_id, touched_subject in sorted(touched):
             cm = self.registry.by_id.get(meter_id)
             if cm is None:
                 continue
             try:
-                standings = await self.usage.standings(cm.meter, subject, at)
+                standings = await self.usage.standings(cm.meter, touched_subject, at)
             except (InvalidInput, NotFound, QueryError) as exc:
                 # What the stored entitlements say cannot be valued (a bad record): no
                 # alert for it, rather than a round that never completes.
-                log.error("alert.standing_failed", meter=meter_id, subject=subject, error=str(exc))
+                log.error(
+                    "alert.standing_failed",
+                    meter=meter_id,
+                    subject=touched_subject,
+                    error=str(exc),
+                )
                 continue
             for found in standings:
+                subject = found.holder or touched_subject
+                if (meter_id, subject, found.feature) in valued:
+                    continue
+                valued.add((meter_id, subject, found.feature))
                 for rule in rules:
                     if rule.features and not {found.feature, found.feature_id} & set(rule.features):
                         continue
