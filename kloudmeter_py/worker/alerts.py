@@ -58,9 +58,6 @@ class Found:
     entitlement: dict[str, Any] | None = None
     feature_view: dict[str, Any] = field(default_factory=dict)
     resets: tuple[datetime, ...] = ()  # the entitlement's manual resets
-    # Whose entitlement it is, when not the touched subject's own: a customer's key, its
-    # usage being that of every subject the customer owns (the alert is the customer's).
-    holder: str | None = None
 
     @property
     def feature_id(self) -> str:
@@ -73,7 +70,11 @@ class UsageSource(Protocol):
     async def prepare(self) -> None:
         """Called once before the pairs of a round are looked at."""
 
-    async def standings(self, meter: Meter, subject: str, at: datetime) -> list[Found]: ...
+    def holders(self, meter_id: str, subject: str) -> set[str]:
+        """The subject keys holding entitlements that ``subject``'s usage of the meter
+        counts for: its own, and the key of the customer owning it."""
+
+    async def standings(self, meter: Meter, holder: str, at: datetime) -> list[Found]: ...
 
 
 def month_start(at: datetime) -> datetime:
@@ -102,6 +103,7 @@ class Entitled:
         # meter -> subject whose usage counts -> the subject keys holding such entitlements
         # (the subject itself, or the key of the customer owning it: usage_subjects)
         self._by_meter: dict[str, dict[str, set[str]]] = {}
+        self._usage: dict[str, list[str]] = {}  # entitlement id -> whose usage it counts
 
     async def prepare(self) -> None:
         """Read which subjects have metered entitlements of which meter again, when the
@@ -123,34 +125,40 @@ class Entitled:
         if seen != self._seen:
             meters = {f.id: f.meterSlug for f in await self.store.features(include_archived=True)}
             by_meter: dict[str, dict[str, set[str]]] = {}
+            usage: dict[str, list[str]] = {}
             for e in await self.store.entitlements():
                 counted = meters.get(e.featureId)
                 if e.type == "metered" and counted is not None:
                     by_subject = by_meter.setdefault(counted, {})
-                    for subject in await usage_subjects(self.js, self.layout, e):
+                    usage[e.id] = await usage_subjects(self.js, self.layout, e)
+                    for subject in usage[e.id]:
                         by_subject.setdefault(subject, set()).add(e.subjectKey)
-            self._by_meter, self._seen = by_meter, seen
+            self._by_meter, self._usage, self._seen = by_meter, usage, seen
 
-    async def standings(self, meter: Meter, subject: str, at: datetime) -> list[Found]:
-        """The standings of the entitlements ``subject``'s usage counts for: its own, and
-        those of the customer owning it (each found once per round: ``Alerter``)."""
-        out: list[Found] = []
-        for holder in sorted(self._by_meter.get(meter.id, {}).get(subject, ())):
-            out.extend(await self._standings(meter, holder, at, subject))
-        return out
+    def holders(self, meter_id: str, subject: str) -> set[str]:
+        return self._by_meter.get(meter_id, {}).get(subject, set())
 
-    async def _standings(
-        self, meter: Meter, subject: str, at: datetime, touched: str
-    ) -> list[Found]:
+    async def standings(self, meter: Meter, holder: str, at: datetime) -> list[Found]:
+        """The standings of ``holder``'s metered entitlements of the meter, each over the
+        usage of the subjects it counts (read by ``prepare``)."""
         out: list[Found] = []
-        for ent in await self.store.entitlements([subject]):
-            if ent.type != "metered" or ent.subjectKey != subject:
+        for ent in await self.store.entitlements([holder]):
+            if ent.type != "metered" or ent.subjectKey != holder:
                 continue
             feature = await self.store.feature(ent.featureId, include_archived=True)
             if feature.meterSlug != meter.id:
                 continue
             grants = await self.store.grants(ent.id)
-            run = await metered_run(self.js, self.settings, meter, feature, ent, grants, at)
+            run = await metered_run(
+                self.js,
+                self.settings,
+                meter,
+                feature,
+                ent,
+                grants,
+                at,
+                subjects=self._usage.get(ent.id),
+            )
             v = run.value
             value = {
                 "hasAccess": v.has_access,
@@ -168,7 +176,6 @@ class Entitled:
                     entitlement=msgspec.to_builtins(ent),
                     feature_view=msgspec.to_builtins(feature),
                     resets=tuple(r.at for r in ent.resets),
-                    holder=None if subject == touched else subject,
                 )
             )
         return out
@@ -206,28 +213,24 @@ class Alerter:
             return
         at = datetime.now(UTC)
         await self.usage.prepare()
-        valued: set[tuple[str, str, str]] = set()  # a customer's standing, once a round
-        for meter_id, touched_subject in sorted(touched):
+        # Each holder once: a customer's subjects touched together make one valuation.
+        pairs = {
+            (meter_id, holder)
+            for meter_id, touched_subject in touched
+            for holder in self.usage.holders(meter_id, touched_subject)
+        }
+        for meter_id, subject in sorted(pairs):
             cm = self.registry.by_id.get(meter_id)
             if cm is None:
                 continue
             try:
-                standings = await self.usage.standings(cm.meter, touched_subject, at)
+                standings = await self.usage.standings(cm.meter, subject, at)
             except (InvalidInput, NotFound, QueryError) as exc:
                 # What the stored entitlements say cannot be valued (a bad record): no
                 # alert for it, rather than a round that never completes.
-                log.error(
-                    "alert.standing_failed",
-                    meter=meter_id,
-                    subject=touched_subject,
-                    error=str(exc),
-                )
+                log.error("alert.standing_failed", meter=meter_id, subject=subject, error=str(exc))
                 continue
             for found in standings:
-                subject = found.holder or touched_subject
-                if (meter_id, subject, found.feature) in valued:
-                    continue
-                valued.add((meter_id, subject, found.feature))
                 for rule in rules:
                     if rule.features and not {found.feature, found.feature_id} & set(rule.features):
                         continue
