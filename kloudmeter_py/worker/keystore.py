@@ -70,8 +70,28 @@ def state_size(state: KeyState) -> int:
     return size
 
 
+# Estimated bytes a parked page takes besides its value: its key string and dict entry.
+PARKED_SIZE = 150
+
+
+def _parked(revision: int, raw: bytes) -> bytes:
+    return revision.to_bytes(8, "big") + raw
+
+
 class KeyStore:
-    """The cache of key states of one runner, and how they are read and written."""
+    """The cache of key states of one runner, and how they are read and written.
+
+    Two tiers: ``cache`` holds a ``KeyState`` per key (every reading, and the pages a round
+    is folding), ``pages`` the rest of the pages, each as one bytes object (its KV revision
+    and its stored bytes) in a dict per bucket keyed by the key's string. A round that
+    touches a parked page takes it back into ``cache`` (``load``, no server read) and parks
+    it again once it is encoded, written or waiting for the flush (``park``).
+
+    Why: a page held as a ``KeyState`` cost ~450 bytes besides its value (the state, its
+    (store, key) tuple, three int objects over 256 and the cache entry), parked ~150. On the
+    wide bench shape most cached keys are pages (~160,000 of ~230,000 on a 500,000-event
+    backlog), so the same ``METER_CACHE_MB`` holds about twice as many of them.
+    """
 
     def __init__(self, worker: "Worker", log: Any) -> None:
         self.w = worker
@@ -80,18 +100,55 @@ class KeyStore:
         self.batch_prefix = uuid.uuid4().hex[:8]
         self.log = log
         self.cache: dict[WKey, KeyState] = {}
-        self.cache_bytes = 0  # estimated (see state_size)
+        self.pages: dict[int, dict[str, bytes]] = {}  # store -> key -> revision + value
+        self.cache_bytes = 0  # estimated (see state_size, PARKED_SIZE)
         self.cache_budget = worker.settings.cache_mb << 20
         self._batch_counter = 0
         self._batch_slots: dict[int, asyncio.Semaphore] = {}
 
     def clear(self) -> None:
         self.cache.clear()
+        self.pages.clear()
         self.cache_bytes = 0
 
     def forget(self, wkey: WKey) -> None:
         gone = self.cache.pop(wkey, None)
         self.cache_bytes -= gone.size if gone else 0
+        parked = self.pages.get(wkey[0], {}).pop(wkey[1], None)
+        self.cache_bytes -= PARKED_SIZE + len(parked) if parked is not None else 0
+
+    def park(self, wkey: WKey, state: KeyState) -> None:
+        """Hold a closed page (``state.raw`` set) as its bytes and revision only."""
+        assert wkey[0] and state.raw is not None
+        if self.cache.pop(wkey, None) is not None:
+            self.cache_bytes -= state.size
+        value = _parked(state.revision, state.raw)
+        pages = self.pages.get(wkey[0])
+        if pages is None:
+            pages = self.pages[wkey[0]] = {}
+        old = pages.pop(wkey[1], None)  # popped: a page parked again goes last (trim order)
+        if old is not None:
+            self.cache_bytes -= PARKED_SIZE + len(old)
+        pages[wkey[1]] = value
+        self.cache_bytes += PARKED_SIZE + len(value)
+
+    def parked(self, wkey: WKey) -> tuple[bytes, int]:
+        """A parked page's stored bytes and revision."""
+        value = self.pages[wkey[0]][wkey[1]]
+        return value[8:], int.from_bytes(value[:8], "big")
+
+    def written(self, wkey: WKey, revision: int) -> None:
+        """A parked page was stored: its new revision."""
+        pages = self.pages[wkey[0]]
+        pages[wkey[1]] = _parked(revision, pages[wkey[1]][8:])
+
+    def page_size(self, wkey: WKey) -> int:
+        """Estimated bytes a page takes in either tier (0: not held)."""
+        state = self.cache.get(wkey)
+        if state is not None:
+            return state.size
+        parked = self.pages.get(wkey[0], {}).get(wkey[1])
+        return 0 if parked is None else PARKED_SIZE + len(parked)
 
     def replace(self, wkey: WKey, state: KeyState) -> None:
         old = self.cache.get(wkey)
@@ -104,7 +161,12 @@ class KeyStore:
         results: dict[tuple[int, str], tuple[bytes | None, int]] = {}
         by_store: dict[int, list[str]] = {}
         for store, key in keys:
-            by_store.setdefault(store, []).append(key)
+            parked = self.pages.get(store, {}).pop(key, None) if store else None
+            if parked is not None:
+                self.cache_bytes -= PARKED_SIZE + len(parked)
+                results[(store, key)] = (parked[8:], int.from_bytes(parked[:8], "big"))
+            else:
+                by_store.setdefault(store, []).append(key)
         one_by_one: list[tuple[int, str]] = []
 
         async def direct(store: int, chunk: list[str]) -> None:
@@ -130,7 +192,7 @@ class KeyStore:
                 )
             )
         else:
-            one_by_one = keys
+            one_by_one = [(store, k) for store, names in by_store.items() for k in names]
         if one_by_one:
             kvs = self.w.stores
             limit = asyncio.Semaphore(64)
@@ -170,10 +232,11 @@ class KeyStore:
         cached.size = size
 
     def trim(self) -> None:
-        """Keep the cache within METER_CACHE_MB (estimated): drop the oldest summaries first,
-        then the oldest readings, down to half of it (the runner flushes once the cache,
-        what waits to be written included, reaches the budget: the other half is room for
-        what the next rounds change).
+        """Keep the cache within METER_CACHE_MB (estimated): park the pages still held as
+        states, then drop the pages parked longest ago (the buckets in turn), then the
+        oldest readings, down to half of it (the runner flushes once the cache, what waits
+        to be written included, reaches the budget: the other half is room for what the
+        next rounds change).
 
         Called after a flush, when nothing in the cache waits to be written. Memory then
         grows with the budget, not with the number of keys: on the wide bench shape a round
@@ -184,11 +247,25 @@ class KeyStore:
             return
         goal = self.cache_budget // 2
         cache = self.cache
-        for summaries in (True, False):
-            for wkey in [k for k in cache if bool(k[0]) == summaries]:
+        for wkey in [k for k in cache if k[0]]:
+            state = cache[wkey]
+            if state.raw is not None:
+                self.park(wkey, state)
+            else:  # open (a replay that changed nothing) or empty: read again when needed
                 self.cache_bytes -= cache.pop(wkey).size
-                if self.cache_bytes <= goal:
-                    return
+        if self.cache_bytes <= goal:
+            return
+        stores = [(pages, list(pages)) for pages in self.pages.values()]
+        for n in range(max((len(names) for _, names in stores), default=0)):
+            for pages, names in stores:
+                if n < len(names):
+                    self.cache_bytes -= PARKED_SIZE + len(pages.pop(names[n]))
+            if self.cache_bytes <= goal:
+                return
+        for wkey in list(cache):
+            self.cache_bytes -= cache.pop(wkey).size
+            if self.cache_bytes <= goal:
+                return
 
     async def _cas(self, wkey: tuple[int, str], body: bytes, revision: int) -> int:
         kv: KeyValue = self.w.stores[wkey[0]]

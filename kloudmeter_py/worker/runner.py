@@ -34,6 +34,7 @@ from kloudmeter_py.core.keys import encode_token
 from kloudmeter_py.core.meters import CompiledMeter, to_reading
 from kloudmeter_py.core.models import Event, encoder, event_decoder
 from kloudmeter_py.core.plan import (
+    CLOSED,
     CorrectionRow,
     Failure,
     Item,
@@ -209,7 +210,8 @@ class Runner:
         # and since when: all are flushed together with the checkpoint.
         self._defer = self.settings.summary_flush_ms > 0
         # (meter, subject, group values) of each key to write at the next flush
-        self._dirty: dict[WKey, tuple[CompiledMeter, str, tuple[str | None, ...]]] = {}
+        # (pages: None, a parked page is written as it is)
+        self._dirty: dict[WKey, tuple[CompiledMeter, str, tuple[str | None, ...]] | None] = {}
         self._unacked: WireMsg | None = None
         self._behind = False  # the last round left a backlog (_BACKLOG events or more) waiting
         self._unflushed_at = 0.0
@@ -354,6 +356,9 @@ class Runner:
                     self._bytes_per_event,
                     self.keys.cache_budget // 2,
                 )
+                # Pull ahead about one round (its parts bound a round of the wide shape to
+                # ~13,000 events; 50,000 pulled ahead held ~18 MB more there).
+                puller.max_buffer = max(round_limit, self._pull_batch)
                 if writing is not None:
                     await writing
                 writing = asyncio.create_task(self._process(puller, rnd, started))
@@ -486,11 +491,10 @@ class Runner:
                     (kw.meter.meter.id, kw.subject) for wkey, kw in rnd.work.items() if not wkey[0]
                 )
             if rnd.rows:
-                cache = self.keys.cache
                 # Pages only: a round's readings are the series it touches, which the next
                 # rounds touch again however large they are (and a unique reading's distinct
                 # values, ~100 a subject on the wide shape, would shrink rounds to nothing).
-                held = sum(cache[k].size for k in rnd.work if k[0] and k in cache)
+                held = sum(self.keys.page_size(k) for k in rnd.work if k[0])
                 self._bytes_per_event = held // len(rnd.rows) + 1
             if dead:
                 seqs = {seq for seq, _ in dead}
@@ -579,12 +583,18 @@ class Runner:
         dirty = self._dirty
         now = datetime.now(UTC)
         for wkey in chunk:
-            cached = self.keys.cache[wkey]
-            cm, subject, groups = dirty[wkey]
-            meter = cm.meter
+            cached = self.keys.cache.get(wkey)
+            if cached is None:  # a parked page, encoded when the round folded into it
+                body, revision = self.keys.parked(wkey)
+                writes.append((wkey, body, revision))
+                continue
             if cached.raw is not None:
                 body = cached.raw  # a page, encoded when the round folded into it
             else:
+                series = dirty[wkey]
+                assert series is not None  # a reading (a page is encoded and parked)
+                cm, subject, groups = series
+                meter = cm.meter
                 body = encoder.encode(
                     to_reading(
                         cached.acc,
@@ -601,9 +611,12 @@ class Runner:
         results = await self.keys.store_many(writes)
         for (wkey, _body, _), result in zip(writes, results, strict=True):
             if isinstance(result, int):
-                cached = self.keys.cache[wkey]
-                cached.revision = result
-                self.keys.resize(cached)
+                cached = self.keys.cache.get(wkey)
+                if cached is None:
+                    self.keys.written(wkey, result)
+                else:
+                    cached.revision = result
+                    self.keys.resize(cached)
                 self.w.stats.writes += 1
             elif isinstance(result, KeyWrongLastSequenceError):
                 # The events behind this state are no longer at hand: start again from
@@ -847,6 +860,8 @@ class Runner:
                 cached = empty_state(wkey[0], cached.revision, meter.startSeq)
                 self.keys.replace(wkey, cached)
             if not self._apply(rnd, wkey, cached, dead):
+                if wkey[0]:
+                    self._close(wkey, cached)  # (opened, by a replay, or as it was read)
                 continue
             if wkey[0]:
                 # A page is encoded at once and held as its bytes (windows closed).
@@ -857,9 +872,12 @@ class Runner:
                 )
             if self._defer and (wkey[0] or defer_readings):
                 # Written by _flush, with the checkpoint; its size counts towards the flush.
-                self._dirty[wkey] = (kw.meter, kw.subject, kw.groups)
-                self.keys.resize(cached)
-                if not wkey[0]:
+                if wkey[0]:
+                    self._dirty[wkey] = None
+                    self.keys.park(wkey, cached)
+                else:
+                    self._dirty[wkey] = (kw.meter, kw.subject, kw.groups)
+                    self.keys.resize(cached)
                     self.w.stats.applied += kw.events
                 continue
             if cached.raw is not None:
@@ -885,10 +903,12 @@ class Runner:
         for (wkey, _body, _, cached), result in zip(writes, results, strict=True):
             if isinstance(result, int):
                 cached.revision = result
-                self.keys.resize(cached)
-                self.w.stats.writes += 1
-                if wkey[0] == 0:
+                if wkey[0]:
+                    self.keys.park(wkey, cached)
+                else:
+                    self.keys.resize(cached)
                     self.w.stats.applied += work[wkey].events
+                self.w.stats.writes += 1
                 # Deferred by an earlier round (a reading under a backlog): written now.
                 self._dirty.pop(wkey, None)
             elif isinstance(result, KeyWrongLastSequenceError):
@@ -905,6 +925,19 @@ class Runner:
                 assert isinstance(result, BaseException)
                 raise result
         return failed
+
+    def _close(self, wkey: WKey, cached: KeyState) -> None:
+        """Encode a page whose windows are open and park it (KeyStore.park)."""
+        assert cached.windows is not None
+        if cached.raw is None and cached.windows is not CLOSED:
+            close_page(
+                cached,
+                encode_page(
+                    cached.windows, cached.last_seq, cached.meter_start_seq, cached.replayed
+                ),
+            )
+        if cached.raw is not None:
+            self.keys.park(wkey, cached)
 
     async def _dead_letter(self, dead: _Dead, stored_ms: dict[int, int]) -> None:
         js = self.w.js

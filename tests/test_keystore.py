@@ -1,0 +1,105 @@
+"""The worker's key cache: pages parked as bytes, trimmed within METER_CACHE_MB, and exact
+when the cache is far smaller than what the events make."""
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from kloudmeter_py import bench
+from kloudmeter_py.core.aggregate import Acc
+from kloudmeter_py.core.plan import CLOSED, PAGE_ACC, KeyState
+from kloudmeter_py.worker.keystore import PARKED_SIZE, KeyStore, state_size
+
+
+def _store(cache_mb: int = 1) -> KeyStore:
+    worker: Any = SimpleNamespace(settings=SimpleNamespace(cache_mb=cache_mb))
+    return KeyStore(worker, None)
+
+
+def _page(revision: int, raw: bytes) -> KeyState:
+    state = KeyState(PAGE_ACC, 7, revision, 0, windows=CLOSED, raw=raw)
+    state.size = state_size(state)
+    return state
+
+
+def _reading() -> KeyState:
+    state = KeyState(Acc(), 7, 3, 0)
+    state.size = state_size(state)
+    return state
+
+
+def test_a_parked_page_keeps_its_bytes_and_revision_and_its_size_is_counted() -> None:
+    keys = _store()
+    state = _page(5, b"page-bytes")
+    keys.replace((2, "k"), state)
+    keys.park((2, "k"), state)
+    assert (2, "k") not in keys.cache
+    assert keys.parked((2, "k")) == (b"page-bytes", 5)
+    assert keys.cache_bytes == PARKED_SIZE + 8 + len(b"page-bytes")
+    assert keys.page_size((2, "k")) == keys.cache_bytes
+    keys.written((2, "k"), 9)
+    assert keys.parked((2, "k")) == (b"page-bytes", 9)
+    # parked again after a later round: the new bytes, counted once
+    keys.park((2, "k"), _page(10, b"longer-page-bytes"))
+    assert keys.parked((2, "k")) == (b"longer-page-bytes", 10)
+    assert keys.cache_bytes == PARKED_SIZE + 8 + len(b"longer-page-bytes")
+    keys.forget((2, "k"))
+    assert keys.cache_bytes == 0 and keys.page_size((2, "k")) == 0
+
+
+async def test_a_parked_page_comes_back_as_its_state_without_a_read() -> None:
+    from kloudmeter_py.core.summaries import encode_page
+
+    keys = _store()
+    raw = encode_page({}, 41, 3, [17])
+    keys.park((1, "p"), _page(12, raw))
+    # the worker has no connection: a read from the server would fail
+    await keys.load([(1, "p")])
+    state = keys.cache[(1, "p")]
+    assert (state.raw, state.revision, state.last_seq, state.meter_start_seq) == (raw, 12, 41, 3)
+    assert state.replayed == [17] and keys.page_size((1, "p")) == state.size == keys.cache_bytes
+
+
+def test_trim_parks_pages_then_drops_the_oldest_parked_then_readings() -> None:
+    keys = _store(cache_mb=1)
+    budget = keys.cache_budget
+    raw = b"x" * 2000
+    n = 0
+    while keys.cache_bytes <= budget:  # pages of two buckets, and readings, over the budget
+        for store in (1, 3):
+            keys.replace((store, f"p{n}"), _page(n + 1, raw))
+        keys.replace((0, f"r{n}"), _reading())
+        n += 1
+    keys.trim()
+    assert keys.cache_bytes <= budget // 2
+    assert all(store == 0 for store, _ in keys.cache)  # pages are parked, readings kept
+    for store in (1, 3):
+        held = list(keys.pages[store])
+        assert held and held == [f"p{i}" for i in range(n - len(held), n)]  # newest kept
+    assert abs(len(keys.pages[1]) - len(keys.pages[3])) <= 1  # the buckets in turn
+    total = sum(s.size for s in keys.cache.values()) + sum(
+        PARKED_SIZE + len(v) for pages in keys.pages.values() for v in pages.values()
+    )
+    assert total == keys.cache_bytes
+
+
+async def test_wide_backlog_through_a_two_megabyte_cache_is_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every reading and window exact when the worker's cache (METER_CACHE_MB=2) holds a
+    small part of the keys: pages are parked, dropped and read again, flush after flush;
+    rounds of 400 events, so that a page is folded by several rounds between two flushes."""
+    monkeypatch.setenv("METER_CACHE_MB", "2")
+    monkeypatch.setenv("METER_BATCH_SIZE", "200")
+    results: dict[str, Any] = await bench.run(
+        nats_url=None,
+        shape="wide",
+        events_n=8000,
+        subjects=300,
+        http_seconds=0.2,
+        lag_rate=100,
+        lag_seconds=0.2,
+        quiet=True,
+    )
+    assert results["correct"] is True, results.get("wrong")
