@@ -9,7 +9,7 @@ import pytest
 from kloudmeter_py import bench
 from kloudmeter_py.core.aggregate import Acc
 from kloudmeter_py.core.plan import CLOSED, PAGE_ACC, KeyState
-from kloudmeter_py.worker.keystore import PARKED_SIZE, KeyStore, state_size
+from kloudmeter_py.worker.keystore import HEAD, PARKED_SIZE, KeyStore, state_size
 
 
 def _store(cache_mb: int = 1) -> KeyStore:
@@ -17,8 +17,10 @@ def _store(cache_mb: int = 1) -> KeyStore:
     return KeyStore(worker, None)
 
 
-def _page(revision: int, raw: bytes) -> KeyState:
-    state = KeyState(PAGE_ACC, 7, revision, 0, windows=CLOSED, raw=raw)
+def _page(
+    revision: int, raw: bytes, last_seq: int = 7, start: int = 0, replayed: list[int] | None = None
+) -> KeyState:
+    state = KeyState(PAGE_ACC, last_seq, revision, start, replayed, windows=CLOSED, raw=raw)
     state.size = state_size(state)
     return state
 
@@ -33,32 +35,38 @@ def test_a_parked_page_keeps_its_bytes_and_revision_and_its_size_is_counted() ->
     keys = _store()
     state = _page(5, b"page-bytes")
     keys.replace((2, "k"), state)
-    keys.park((2, "k"), state)
+    assert keys.park((2, "k"), state) == PARKED_SIZE + HEAD + len(b"page-bytes")
     assert (2, "k") not in keys.cache
     assert keys.parked((2, "k")) == (b"page-bytes", 5)
-    assert keys.cache_bytes == PARKED_SIZE + 8 + len(b"page-bytes")
-    assert keys.page_size((2, "k")) == keys.cache_bytes
+    assert keys.cache_bytes == PARKED_SIZE + HEAD + len(b"page-bytes")
     keys.written((2, "k"), 9)
     assert keys.parked((2, "k")) == (b"page-bytes", 9)
     # parked again after a later round: the new bytes, counted once
     keys.park((2, "k"), _page(10, b"longer-page-bytes"))
     assert keys.parked((2, "k")) == (b"longer-page-bytes", 10)
-    assert keys.cache_bytes == PARKED_SIZE + 8 + len(b"longer-page-bytes")
+    assert keys.cache_bytes == PARKED_SIZE + HEAD + len(b"longer-page-bytes")
     keys.forget((2, "k"))
-    assert keys.cache_bytes == 0 and keys.page_size((2, "k")) == 0
+    assert keys.cache_bytes == 0 and keys.pages[2] == {}
 
 
 async def test_a_parked_page_comes_back_as_its_state_without_a_read() -> None:
     from kloudmeter_py.core.summaries import encode_page
 
     keys = _store()
-    raw = encode_page({}, 41, 3, [17])
-    keys.park((1, "p"), _page(12, raw))
-    # the worker has no connection: a read from the server would fail
-    await keys.load([(1, "p")])
-    state = keys.cache[(1, "p")]
-    assert (state.raw, state.revision, state.last_seq, state.meter_start_seq) == (raw, 12, 41, 3)
-    assert state.replayed == [17] and keys.page_size((1, "p")) == state.size == keys.cache_bytes
+    for replayed in (None, [17]):
+        raw = encode_page({}, 41, 3, replayed)
+        keys.park((1, "p"), _page(12, raw, 41, 3, replayed))
+        # the worker has no connection: a read from the server would fail
+        await keys.load([(1, "p")])
+        state = keys.cache.pop((1, "p"))
+        assert (state.raw, state.revision, state.last_seq) == (raw, 12, 41)
+        assert (state.meter_start_seq, state.replayed) == (3, replayed)
+        assert keys.cache_bytes == state.size
+        keys.cache_bytes = 0
+    # a generation of -1 (nothing stored for the meter) survives the head
+    keys.park((1, "q"), _page(0, b"{}", 0, -1))
+    await keys.load([(1, "q")])
+    assert keys.cache[(1, "q")].meter_start_seq == -1
 
 
 def test_trim_parks_pages_then_drops_the_oldest_parked_then_readings() -> None:

@@ -300,3 +300,28 @@ def test_rollups_sum_a_partitions_subjects_per_group_and_replay_exactly() -> Non
         assert apply(wkey, rollups[wkey], one_by_one, 10, lambda: items)[0]
         done = sum(a.sum for a in one_by_one.windows.values())  # type: ignore[union-attr]
         assert done == want - sum(i[2] or 0 for i in first_two)
+
+
+@pytest.mark.parametrize(
+    ("distinct", "page"),
+    [({"a", "b", "c"}, False), (None, False), (set(), False), ({"a"}, True)],
+    ids=["reading", "no-distinct", "empty", "page"],
+)
+def test_freeze_holds_a_readings_distinct_values_as_a_tuple_and_thaw_restores_them(
+    distinct: set[str] | None, page: bool
+) -> None:
+    from kloudmeter_py.core.plan import freeze, thaw
+
+    acc = Acc()
+    acc.distinct = None if distinct is None else set(distinct)
+    state = KeyState(acc, 5, 2, 0, windows={} if page else None)
+    freeze(state)
+    if distinct is None or page:  # nothing to freeze (a page folds into its windows)
+        assert state.frozen is None and acc.distinct == distinct
+    else:
+        assert acc.distinct is None and state.frozen is not None
+        assert sorted(state.frozen) == sorted(distinct)
+    thaw(state)
+    assert state.frozen is None and acc.distinct == distinct
+    thaw(state)  # twice: nothing changes
+    assert acc.distinct == distinct

@@ -141,6 +141,9 @@ class KeyState:
     # A page's stored bytes while its windows are closed (``windows`` then empty): a page is
     # held as the bytes last read or written until a round folds into it (``open_page``).
     raw: bytes | None = None
+    # A reading's distinct values while no round folds into it (``acc.distinct`` then None):
+    # a tuple takes 8 bytes a value, a set ~40 (see freeze).
+    frozen: tuple[str, ...] | None = None
 
 
 # What every page state shares instead of objects of its own: its ``acc`` (a page folds
@@ -167,6 +170,27 @@ def close_page(state: KeyState, raw: bytes) -> None:
     """Hold a page as its encoded bytes (written or about to be) until a round opens it."""
     state.raw = raw
     state.windows = CLOSED
+
+
+def freeze(state: KeyState) -> None:
+    """Hold a reading's distinct values as a tuple until a round folds into it again (thaw).
+
+    A unique meter's reading holds every distinct value of its series: on the wide bench
+    shape ~100 a subject for 10,000 subjects, whose sets (~4 KB each, a 256-slot table)
+    took ~40 MB of the worker at the end of a million events; as tuples ~9 MB. A round
+    thaws only the readings it touches (~2 us for 100 values).
+    """
+    distinct = state.acc.distinct
+    if distinct is not None and state.windows is None:
+        state.frozen = tuple(distinct)
+        state.acc.distinct = None
+
+
+def thaw(state: KeyState) -> None:
+    """A frozen reading's distinct values back as the set that folding adds to."""
+    if state.frozen is not None:
+        state.acc.distinct = set(state.frozen)
+        state.frozen = None
 
 
 def empty_state(store: int, revision: int, meter_start_seq: int) -> KeyState:

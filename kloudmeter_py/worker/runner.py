@@ -50,10 +50,12 @@ from kloudmeter_py.core.plan import (
     exact_items,
     fold_corrections,
     fold_rows,
+    freeze,
     rebuild_targets,
     rebuilt_states,
     rolled,
     spread,
+    thaw,
 )
 from kloudmeter_py.core.summaries import encode_page
 from kloudmeter_py.store.events import subject_events
@@ -173,6 +175,7 @@ class _Round:
         self.corrections: list[Pending] = []
         self.correction_rows: list[CorrectionRow] = []
         self.rebuilt: list[Rebuilt] = []  # unique meters' states rebuilt at corrections
+        self.held = 0  # estimated bytes of the pages the round parked (KeyStore.park)
 
     def release(self) -> None:
         """Drop what only the round's write needed (its messages, keys and parts)."""
@@ -494,8 +497,7 @@ class Runner:
                 # Pages only: a round's readings are the series it touches, which the next
                 # rounds touch again however large they are (and a unique reading's distinct
                 # values, ~100 a subject on the wide shape, would shrink rounds to nothing).
-                held = sum(self.keys.page_size(k) for k in rnd.work if k[0])
-                self._bytes_per_event = held // len(rnd.rows) + 1
+                self._bytes_per_event = rnd.held // len(rnd.rows) + 1
             if dead:
                 seqs = {seq for seq, _ in dead}
                 stored = {seq: at for _, seq, at in rnd.rows if seq in seqs}
@@ -595,6 +597,7 @@ class Runner:
                 assert series is not None  # a reading (a page is encoded and parked)
                 cm, subject, groups = series
                 meter = cm.meter
+                thaw(cached)
                 body = encoder.encode(
                     to_reading(
                         cached.acc,
@@ -607,6 +610,7 @@ class Runner:
                         late=cached.late,
                     )
                 )
+                freeze(cached)
             writes.append((wkey, body, cached.revision))
         results = await self.keys.store_many(writes)
         for (wkey, _body, _), result in zip(writes, results, strict=True):
@@ -859,9 +863,13 @@ class Runner:
                 # Written for an earlier meter of this id (or new): start from zero.
                 cached = empty_state(wkey[0], cached.revision, meter.startSeq)
                 self.keys.replace(wkey, cached)
+            if not wkey[0]:
+                thaw(cached)
             if not self._apply(rnd, wkey, cached, dead):
                 if wkey[0]:
-                    self._close(wkey, cached)  # (opened, by a replay, or as it was read)
+                    rnd.held += self._close(wkey, cached)  # (opened by a replay, or as read)
+                else:
+                    freeze(cached)
                 continue
             if wkey[0]:
                 # A page is encoded at once and held as its bytes (windows closed).
@@ -874,9 +882,10 @@ class Runner:
                 # Written by _flush, with the checkpoint; its size counts towards the flush.
                 if wkey[0]:
                     self._dirty[wkey] = None
-                    self.keys.park(wkey, cached)
+                    rnd.held += self.keys.park(wkey, cached)
                 else:
                     self._dirty[wkey] = (kw.meter, kw.subject, kw.groups)
+                    freeze(cached)
                     self.keys.resize(cached)
                     self.w.stats.applied += kw.events
                 continue
@@ -895,6 +904,7 @@ class Runner:
                         late=cached.late,
                     )
                 )
+                freeze(cached)
             writes.append((wkey, body, cached.revision, cached))
         if not writes:
             return []
@@ -904,7 +914,7 @@ class Runner:
             if isinstance(result, int):
                 cached.revision = result
                 if wkey[0]:
-                    self.keys.park(wkey, cached)
+                    rnd.held += self.keys.park(wkey, cached)
                 else:
                     self.keys.resize(cached)
                     self.w.stats.applied += work[wkey].events
@@ -926,8 +936,8 @@ class Runner:
                 raise result
         return failed
 
-    def _close(self, wkey: WKey, cached: KeyState) -> None:
-        """Encode a page whose windows are open and park it (KeyStore.park)."""
+    def _close(self, wkey: WKey, cached: KeyState) -> int:
+        """Encode a page whose windows are open and park it (KeyStore.park); its bytes."""
         assert cached.windows is not None
         if cached.raw is None and cached.windows is not CLOSED:
             close_page(
@@ -936,8 +946,7 @@ class Runner:
                     cached.windows, cached.last_seq, cached.meter_start_seq, cached.replayed
                 ),
             )
-        if cached.raw is not None:
-            self.keys.park(wkey, cached)
+        return self.keys.park(wkey, cached) if cached.raw is not None else 0
 
     async def _dead_letter(self, dead: _Dead, stored_ms: dict[int, int]) -> None:
         js = self.w.js
