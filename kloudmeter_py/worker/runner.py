@@ -97,8 +97,11 @@ _T = TypeVar("_T")
 # of 50,000 events, 353 MB with rounds of 25,000 (KV writes per event 4.16 -> 4.64). Since
 # summaries are flushed every METER_SUMMARY_FLUSH_MS whatever the rounds, 75,000 -> 40,000
 # parts (rounds of ~25,000 -> ~13,000 wide events) took a 500,000-event wide backlog's worker
-# from 533 to 492 MB at the same rate, with 7% more KV writes.
-_ROUND_PARTS = 40_000
+# from 533 to 492 MB at the same rate, with 7% more KV writes. With pages parked (see
+# worker.keystore) the rounds were the larger part: on a million-event wide backlog 40,000
+# parts peaked at 438 MB, 28,000 at ~425, 20,000 at 380-383 (KV writes an event 1.16 ->
+# 1.26-1.27, worker CPU ~8% more: more rounds for the same events).
+_ROUND_PARTS = 20_000
 
 
 def _round_limit(
