@@ -134,15 +134,15 @@ def _chunks(keys: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
     ]
 
 
-def _in_turn(chunks: list[list[tuple[int, str]]]) -> list[list[tuple[int, str]]]:
-    """The chunks (which come bucket by bucket) with the buckets taken in turn."""
-    placed: dict[int, int] = {}
-    order = []
-    for i, chunk in enumerate(chunks):
-        place = placed.get(chunk[0][0], 0)
-        placed[chunk[0][0]] = place + 1
-        order.append((place, i))
-    return [chunks[i] for _, i in sorted(order)]
+def _in_turn(by_store: dict[int, list[str]]) -> list[tuple[int, list[str]]]:
+    """Each bucket's keys in chunks of up to CHUNK, the buckets taken in turn."""
+    chunks = [
+        (n, store, names[i : i + CHUNK])
+        for store, names in by_store.items()
+        for n, i in enumerate(range(0, len(names), CHUNK))
+    ]
+    chunks.sort(key=lambda c: c[0])  # (stable: the buckets keep their order in each turn)
+    return [(store, names) for _, store, names in chunks]
 
 
 async def _all(coros: Iterable[Coroutine[Any, Any, _T]]) -> list[_T]:
@@ -216,8 +216,10 @@ class Runner:
         # and since when: all are flushed together with the checkpoint.
         self._defer = self.settings.summary_flush_ms > 0
         # (meter, subject, group values) of each key to write at the next flush
-        # (pages: None, a parked page is written as it is)
-        self._dirty: dict[WKey, tuple[CompiledMeter, str, tuple[str | None, ...]] | None] = {}
+        # (readings; a page is written as it is parked, and its key kept as a string only:
+        # ~100 bytes less a page than a (store, key) tuple in a dict, ~150,000 pages at once)
+        self._dirty: dict[WKey, tuple[CompiledMeter, str, tuple[str | None, ...]]] = {}
+        self._dirty_pages: dict[int, set[str]] = {}  # store -> keys of pages to write
         self._unacked: WireMsg | None = None
         self._behind = False  # the last round left a backlog (_BACKLOG events or more) waiting
         self._unflushed_at = 0.0
@@ -520,7 +522,7 @@ class Runner:
             waited = time.monotonic() - self._unflushed_at
             caught_up = pending == 0
             if (
-                not self._dirty
+                not self._has_dirty()
                 or waited >= self.settings.summary_flush_ms / 1000
                 or (caught_up and (self._behind or waited >= self.settings.flush_ms / 1000))
                 or self.keys.cache_bytes >= self.keys.cache_budget
@@ -546,24 +548,34 @@ class Runner:
         if self.w.metrics is not None:
             self.w.metrics.observe_round(events, seconds, pending, self.w.worker_id)
 
+    def _has_dirty(self) -> bool:
+        return bool(self._dirty) or any(self._dirty_pages.values())
+
+    def _is_dirty(self, wkey: WKey) -> bool:
+        return wkey in self._dirty or wkey[1] in self._dirty_pages.get(wkey[0], ())
+
     def _forget_unflushed(self) -> None:
         self._dirty.clear()
+        self._dirty_pages.clear()
         self._touched.clear()
         self._unacked = None
 
     async def _flush(self, puller: RawPuller) -> None:
         """Write the summaries changed since the last flush, then the checkpoint, then ack."""
-        if self._dirty:
+        if self._has_dirty():
+            by_store = {store: list(keys) for store, keys in self._dirty_pages.items() if keys}
+            if self._dirty:
+                by_store[0] = [key for _, key in self._dirty]
             self.log.debug(
                 "summaries.flush",
-                keys=len(self._dirty),
+                keys=sum(len(keys) for keys in by_store.values()),
                 cached=len(self.keys.cache),
                 cache_mb=self.keys.cache_bytes >> 20,
             )
             # Buckets taken in turn, so that each has batches in flight from the start.
-            chunks = _in_turn(_chunks(list(self._dirty)))
-            await _all(self._flush_chunk(chunk) for chunk in chunks)
+            await _all(self._flush_chunk(store, keys) for store, keys in _in_turn(by_store))
             self._dirty.clear()
+            self._dirty_pages.clear()
         if self._touched and self.w.alerts is not None:
             # Every key up to here is stored and the checkpoint is not yet: a crash before
             # the alerts exist reads these rounds again, and they are made then.
@@ -575,13 +587,13 @@ class Runner:
             self._unacked = None
         self.keys.trim()
 
-    async def _flush_chunk(self, chunk: list[tuple[int, str]]) -> None:
+    async def _flush_chunk(self, store: int, keys: list[str]) -> None:
         """Encode and store one chunk of deferred summaries (one bucket), at most
         _FLUSHES_IN_FLIGHT chunks at once: a chunk's readings are encoded only when its turn
         to be stored comes (the stores are BATCHES_IN_FLIGHT a bucket anyway), not all the
         flush's at once (~70,000 readings, tens of MB, on a wide backlog)."""
         async with self._flush_slots:
-            await self._flush_chunk_now(chunk)
+            await self._flush_chunk_now([(store, key) for key in keys])
 
     async def _flush_chunk_now(self, chunk: list[tuple[int, str]]) -> None:
         writes = []
@@ -596,9 +608,7 @@ class Runner:
             if cached.raw is not None:
                 body = cached.raw  # a page, encoded when the round folded into it
             else:
-                series = dirty[wkey]
-                assert series is not None  # a reading (a page is encoded and parked)
-                cm, subject, groups = series
+                cm, subject, groups = dirty[wkey]  # a reading (a page is encoded and parked)
                 meter = cm.meter
                 thaw(cached)
                 body = encoder.encode(
@@ -884,7 +894,10 @@ class Runner:
             if self._defer and (wkey[0] or defer_readings):
                 # Written by _flush, with the checkpoint; its size counts towards the flush.
                 if wkey[0]:
-                    self._dirty[wkey] = None
+                    pages = self._dirty_pages.get(wkey[0])
+                    if pages is None:
+                        pages = self._dirty_pages[wkey[0]] = set()
+                    pages.add(wkey[1])
                     rnd.held += self.keys.park(wkey, cached)
                 else:
                     self._dirty[wkey] = (kw.meter, kw.subject, kw.groups)
@@ -924,9 +937,10 @@ class Runner:
                 self.w.stats.writes += 1
                 # Deferred by an earlier round (a reading under a backlog): written now.
                 self._dirty.pop(wkey, None)
+                self._dirty_pages.get(wkey[0], set()).discard(wkey[1])
             elif isinstance(result, KeyWrongLastSequenceError):
                 self.w.stats.conflicts += 1
-                if wkey in self._dirty:
+                if self._is_dirty(wkey):
                     # It held earlier rounds' events, no longer at hand to fold again:
                     # start again from the checkpoint (lastSeq makes the replay exact).
                     raise Restart("a deferred key was written by another worker")
