@@ -365,7 +365,7 @@ class Runner:
                     self.keys.cache_budget // 2,
                 )
                 # Pull ahead about one round (its parts bound a round of the wide shape to
-                # ~13,000 events; 50,000 pulled ahead held ~18 MB more there).
+                # ~6,700 events; 50,000 pulled ahead held ~18 MB more at ~13,000).
                 puller.max_buffer = max(round_limit, self._pull_batch)
                 if writing is not None:
                     await writing
