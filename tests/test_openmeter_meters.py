@@ -387,7 +387,9 @@ async def test_events_list_reads_back_across_many_ranges(
 async def test_query_answers_csv_on_accept_text_csv(http: Http, worker: Worker) -> None:
     """query_csv (GET) and query_csv_post: window_start, window_end, subject, the groups asked
     for, value; by window, then subject."""
-    base = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
+    # Two hours back, so that every event (the last at base + 61 min) is in the past whatever
+    # the minute: from one hour back, the total below missed it in each hour's first minute.
+    base = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
     async with _client(http) as om:
         await _tokens_meter(om)
         await om.events.ingest_events(
