@@ -8,10 +8,12 @@ import random
 from pathlib import Path
 
 import msgspec
+import nats
 import pytest
 from nats.aio.client import Client
 
 from kloudmeter_py.config import Settings
+from kloudmeter_py.store.provision import provision
 from kloudmeter_py.store.server import NatsServer
 from kloudmeter_py.worker import Worker
 from tests.conftest import eventually
@@ -47,6 +49,42 @@ async def test_two_live_owners_of_every_partition_do_not_double_count(
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_workers_of_some_partitions_each_count_only_their_own(
+    nats_server: NatsServer,
+) -> None:
+    """Four partitions, two workers with two each: their consumers are unfiltered (several
+    filter subjects are slow to deliver, see Runner._filter) and each skips the other's
+    events. Every event is read by one of them and counted once, in the readings and the
+    day summaries."""
+    settings = Settings(nats_url=nats_server.url, partitions=4, batch_size=200)
+    nc = await nats.connect(settings.nats_url)
+    try:
+        await provision(nc.jetstream(), settings)
+        await create_meters(nc)
+        a = Worker(nc, settings, partitions=[0, 1], worker_id="a")
+        b = Worker(nc, settings, partitions=[2, 3], worker_id="b")
+        await a.start()
+        await b.start()
+        try:
+            load = Load(3000, dup_ratio=0.1, seed=21)
+            await load.publish(nc)
+            await _settled(nc, load)
+            consumers = await nc.jetstream().consumers_info("meters")
+            ours = [c.config for c in consumers if c.name and c.name.startswith("meters-w")]
+            assert len(ours) == 2
+            assert all(not c.filter_subject and not c.filter_subjects for c in ours)
+            # Each event was read by one of them only (the other skipped it): with both
+            # reading every event the readings would be right too (lastSeq), but each worker
+            # would do the work of both.
+            assert a.stats.events > 0 and b.stats.events > 0
+            assert a.stats.events + b.stats.events == len(load.unique_events)
+        finally:
+            await a.stop()
+            await b.stop()
+    finally:
+        await nc.close()
 
 
 async def test_replaying_the_whole_stream_changes_nothing(nc: Client, settings: Settings) -> None:

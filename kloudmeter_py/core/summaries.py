@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import cast
 
 import msgspec
 
@@ -356,7 +357,8 @@ def page_head(data: bytes) -> PageHead:
 
 def open_windows(data: bytes) -> dict[int, Window]:
     """A stored page's windows, each as its bytes."""
-    return dict(_raw_page_decoder.decode(data).windows)
+    # (the decoded dict itself: a round puts Accs in it, never a page of its own)
+    return cast(dict[int, Window], _raw_page_decoder.decode(data).windows)
 
 
 class CountSum(msgspec.Struct, array_like=True):

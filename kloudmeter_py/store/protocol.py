@@ -95,15 +95,24 @@ def encode_pub(subject: str, payload: bytes, reply: str = "") -> bytes:
     return b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload)
 
 
-def encode_hpub(subject: str, headers: bytes, payload: bytes, reply: str = "") -> bytes:
-    """A message with a complete header block (``NATS/1.0\\r\\n`` ... ``\\r\\n\\r\\n``)."""
+def hpub_parts(
+    subject: str, headers: bytes, payload: "bytes | memoryview", reply: str = ""
+) -> tuple[bytes, bytes, "bytes | memoryview", bytes]:
+    """A message with a complete header block (``NATS/1.0\\r\\n`` ... ``\\r\\n\\r\\n``), as the
+    pieces that make it: a writer joins them once with whatever else it sends (a summary
+    flush sends ~1 KB pages by the thousand; ``line + headers + payload`` copied each twice)."""
     hlen = len(headers)
     total = hlen + len(payload)
     if reply:
         line = b"HPUB %s %s %d %d\r\n" % (subject.encode(), reply.encode(), hlen, total)
     else:
         line = b"HPUB %s %d %d\r\n" % (subject.encode(), hlen, total)
-    return line + headers + payload + b"\r\n"
+    return line, headers, payload, b"\r\n"
+
+
+def encode_hpub(subject: str, headers: bytes, payload: bytes, reply: str = "") -> bytes:
+    """A message with a complete header block (``NATS/1.0\\r\\n`` ... ``\\r\\n\\r\\n``)."""
+    return b"".join(hpub_parts(subject, headers, payload, reply))
 
 
 def status_of(headers: bytes, data: bytes) -> str | None:

@@ -29,10 +29,10 @@ from kloudmeter_py.store.credentials import NatsCredentials, NatsRefused
 from kloudmeter_py.store.protocol import (
     Parser,
     encode_connect,
-    encode_hpub,
     encode_pub,
     encode_sub,
     encode_unsub,
+    hpub_parts,
     status_of,
 )
 
@@ -69,7 +69,7 @@ class Wire(asyncio.Protocol):
         self._pongs: list[asyncio.Future[None]] = []
         self._info: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._transport: asyncio.Transport | None = None
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._writable = asyncio.Event()
         self._writable.set()
         self._inbox_prefix = ""
@@ -249,9 +249,16 @@ class Wire(asyncio.Protocol):
     def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
         self._write(encode_pub(subject, payload, reply))
 
-    def hpublish(self, subject: str, headers: bytes, payload: bytes, reply: str = "") -> None:
-        """Publish with a complete header block (``NATS/1.0\r\n`` ... ``\r\n\r\n``)."""
-        self._write(encode_hpub(subject, headers, payload, reply))
+    def hpublish(
+        self, subject: str, headers: bytes, payload: "bytes | memoryview", reply: str = ""
+    ) -> None:
+        """Publish with a complete header block (``NATS/1.0\r\n`` ... ``\r\n\r\n``): its
+        pieces are queued as they are and joined once, with the rest of the write."""
+        if self.error is not None:
+            raise self.error
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._send)
+        self._out.extend(hpub_parts(subject, headers, payload, reply))
 
     def new_inbox(self) -> str:
         return f"{self._inbox_prefix}x.{next(self._reply_ids)}"
