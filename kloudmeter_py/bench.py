@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -349,14 +349,15 @@ async def baseline(nc: Client, events: list[tuple[str, bytes, str]], p: Progress
 
 
 async def _unapplied(nc: Client, stream: str) -> int:
-    """Events the worker has not yet applied: its consumer's undelivered and unacknowledged
-    messages. The worker acknowledges a round only after its readings and its checkpoint are
-    stored, so 0 (from its one consumer, unfiltered: it owns every partition) means final."""
+    """Events the workers have not yet applied: their consumers' undelivered and
+    unacknowledged messages, added up (-1: no consumer yet). A worker acknowledges a round
+    only after its readings and its checkpoint are stored, and every partition is read by a
+    consumer (the bench waits for the leases before it publishes), so 0 means final."""
     infos = await nc.jetstream().consumers_info(stream)
     ours = [c for c in infos if c.name and c.name.startswith(f"{stream}-w")]
-    if len(ours) != 1 or ours[0].config.filter_subject or ours[0].config.filter_subjects:
+    if not ours:
         return -1
-    return (ours[0].num_pending or 0) + (ours[0].num_ack_pending or 0)
+    return sum((c.num_pending or 0) + (c.num_ack_pending or 0) for c in ours)
 
 
 async def bench_nats(
@@ -537,8 +538,10 @@ async def run(
     quiet: bool,
     shape: str = "live",
     secured: Settings | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """One bench run of a shape (``SHAPES``); ``events_n`` and ``subjects`` shrink it.
+    ``workers``: worker processes sharing the partitions (each with a cache of its own).
 
     ``secured``: the NATS credentials and client certificate (``NATS_CREDS`` ...) to use with
     ``nats_url``; the worker and gateway it starts get the same settings."""
@@ -555,23 +558,32 @@ async def run(
         expected = Expected(settings)
         events = make_events(events_n, subjects, shape=form)
         expected.add(events)
-        results: dict[str, Any] = {"shape": shape, "events": events_n, "subjects": subjects}
+        results: dict[str, Any] = {
+            "shape": shape,
+            "events": events_n,
+            "subjects": subjects,
+            "workers": workers,
+        }
         results["load_avg_1m"] = round(os.getloadavg()[0], 2)
         results["baseline_events_per_s"] = round(await baseline(nc, events, p))
         p.done(f"baseline: {results['baseline_events_per_s']:,} events/s")
 
         env = {"NATS_URL": nats_url, "METER_NATS_STREAM": stream}
         env.update({var: value for var, value in _auth_env(settings).items() if value})
-        worker = await stack.enter_async_context(_process(["worker"], env))
-        p.phase("end to end: waiting for the worker to own every partition")
+        procs = [await stack.enter_async_context(_process(["worker"], env)) for _ in range(workers)]
+        p.phase("end to end: waiting for the workers to share out every partition")
+        share = -(-settings.partitions // workers)
+        owners = min(workers, settings.partitions)
         ready_by = time.monotonic() + 60
         while time.monotonic() < ready_by:
             owned = await scan(nc.jetstream(), layout.leases_bucket, "partition.*")
-            if len(owned) == settings.partitions:
-                break
+            held = Counter(value for _, value in owned)
+            if len(owned) == settings.partitions and len(held) == owners:
+                if max(held.values()) <= share:
+                    break
             await asyncio.sleep(0.1)
         server_pid = server.pid if server is not None else None
-        cpu_before = cpu_seconds(worker.pid), cpu_seconds(server_pid)
+        cpu_before = [cpu_seconds(w.pid) for w in procs], cpu_seconds(server_pid)
         publisher = Publisher(nc)
         await publisher.start()
         items = [(event_subject(stream, "req", s), body, i) for s, body, i in events]
@@ -590,7 +602,9 @@ async def run(
             await asyncio.sleep(0.02)
         elapsed = time.perf_counter() - start
         await publishing
-        results["worker_cpu_s"] = round(cpu_seconds(worker.pid) - cpu_before[0], 2)
+        results["worker_cpu_s"] = round(
+            sum(cpu_seconds(w.pid) - c for w, c in zip(procs, cpu_before[0], strict=True)), 2
+        )
         results["nats_server_cpu_s"] = (
             round(cpu_seconds(server_pid) - cpu_before[1], 2) if server_pid else None
         )
@@ -623,7 +637,10 @@ async def run(
         lags = await measure_lag(nc, layout, stream, lag_rate, lag_seconds, p)
         results["lag_p50_ms"], results["lag_p99_ms"] = lags
         p.done(f"lag at {lag_rate:,} events/s: p50 {lags[0]} ms, p99 {lags[1]} ms")
-        results["worker_peak_rss_mb"] = round(peak_rss_mb(worker.pid), 1)
+        peaks = [round(peak_rss_mb(w.pid), 1) for w in procs]
+        results["worker_peak_rss_mb"] = max(peaks)
+        if workers > 1:
+            results["workers_peak_rss_mb"] = peaks
 
         port = _free_port()
         gateway_env = {**env, "HTTP_SERVER_PORT": str(port)}
@@ -816,7 +833,11 @@ def table(r: dict[str, Any]) -> str:
         return f" ({r[key]} of the baseline)" if r.get(key) is not None else ""
 
     rows = [
-        ("shape", f"{r['shape']}: {r['events']:,} events, {r['subjects']:,} subjects"),
+        (
+            "shape",
+            f"{r['shape']}: {r['events']:,} events, {r['subjects']:,} subjects"
+            + (f", {r['workers']} workers" if r.get("workers", 1) > 1 else ""),
+        ),
         ("baseline (raw JetStream publish + consume)", f"{r['baseline_events_per_s']:,} events/s"),
         ("end to end (publish -> readings final)", f"{r['e2e_events_per_s']:,} events/s"),
         ("end to end / baseline", f"{r['e2e_ratio']}"),
@@ -840,6 +861,11 @@ def table(r: dict[str, Any]) -> str:
         ),
         ("lag p50 / p99", f"{r['lag_p50_ms']} ms / {r['lag_p99_ms']} ms"),
         ("worker peak RSS", f"{r['worker_peak_rss_mb']} MB"),
+        *(
+            [("peak RSS of each worker", " / ".join(f"{m} MB" for m in r["workers_peak_rss_mb"]))]
+            if r.get("workers_peak_rss_mb")
+            else []
+        ),
     ]
     width = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)

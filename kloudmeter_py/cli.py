@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--events", type=int, help="events end to end (default: the shape's)")
     bench.add_argument("--subjects", type=int, help="subjects (default: the shape's)")
+    bench.add_argument(
+        "--workers", type=int, default=1, help="worker processes sharing the partitions"
+    )
     bench.add_argument("--http-seconds", type=float, default=5.0)
     bench.add_argument("--lag-rate", type=int, default=5000, help="offered events/s")
     bench.add_argument("--lag-seconds", type=float, default=5.0)
@@ -417,6 +420,8 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         args.subjects is not None and args.subjects < 1
     ):
         raise ConfigError("--events and --subjects must be positive")
+    if args.workers < 1:
+        raise ConfigError("--workers must be positive")
     if args.reads:
         return await _bench_reads(settings, args, url)
     results = await bench.run(
@@ -429,6 +434,7 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         lag_rate=args.lag_rate,
         lag_seconds=args.lag_seconds,
         quiet=False,
+        workers=args.workers,
     )
     print(bench.table(results))
     if args.json:

@@ -73,6 +73,27 @@ async def test_small_wide_bench_checks_every_reading_and_window() -> None:
     assert results["disk_bytes_per_event"] > 0 and results["nats_server_cpu_s"] > 0
 
 
+async def test_small_wide_bench_with_two_workers_is_correct() -> None:
+    """Two worker processes share the four partitions (two each: unfiltered consumers that
+    skip the other's events, see Runner._filter): every reading and window is right, and
+    each worker's figures are reported."""
+    results: dict[str, Any] = await bench.run(
+        nats_url=None,
+        shape="wide",
+        events_n=2000,
+        subjects=300,
+        http_seconds=0.3,
+        lag_rate=200,
+        lag_seconds=0.3,
+        quiet=True,
+        workers=2,
+    )
+    assert results["correct"] is True, results.get("wrong")
+    assert results["workers"] == 2 and len(results["workers_peak_rss_mb"]) == 2
+    assert results["worker_peak_rss_mb"] == max(results["workers_peak_rss_mb"])
+    assert "2 workers" in bench.table(results)
+
+
 def test_expected_totals_see_a_wrong_window() -> None:
     """The bench's check is not vacuous: one window off by one is reported."""
     from kloudmeter_py.config import Settings
