@@ -177,6 +177,15 @@ async def test_nats_server_killed_and_restarted_mid_run(tmp_path: Path) -> None:
     await create_meters(nc)
     env = {"NATS_URL": server.url, "METER_PARTITIONS": "2", "METER_LEASE_TTL": "2"}
     worker = await WorkerProcess(env, tmp_path / "worker.log").start()
+
+    async def consuming() -> bool:
+        infos = await nc.jetstream().consumers_info("meters")
+        return any(c.name and c.name.startswith("meters-w") for c in infos)
+
+    # Killed mid-run, not mid-start: a fresh-clone CI run killed the server while the worker
+    # was still making its buckets, and the worker exited with a timeout (then nothing was
+    # counted, and the test outran pytest's timeout).
+    await eventually(consuming, bool, timeout=30)
     load = Load(8000, dup_ratio=0.1, seed=5)
     publisher = asyncio.create_task(load.publish(nc))
     try:
