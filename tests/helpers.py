@@ -110,3 +110,22 @@ def compiled_meter(aggregation: str, **kw: Any) -> CompiledMeter:
             createdAt=datetime(2025, 1, 1, tzinfo=UTC),
         )
     )
+
+
+async def small_wide_bench(events: int = 2000, **kw: Any) -> dict[str, Any]:
+    """``kloudmeter bench --shape wide``, small: 300 subjects on an embedded nats-server (so
+    that disk and server CPU are known), short HTTP and lag phases; ``kw`` as bench.run's."""
+    from kloudmeter_py import bench
+
+    settings: dict[str, Any] = {
+        "nats_url": None,
+        "shape": "wide",
+        "events_n": events,
+        "subjects": 300,
+        "http_seconds": 0.3,
+        "lag_rate": 200,
+        "lag_seconds": 0.3,
+        "quiet": True,
+    }
+    results: dict[str, Any] = await bench.run(**{**settings, **kw})
+    return results

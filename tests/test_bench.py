@@ -8,6 +8,7 @@ from typing import Any
 
 from kloudmeter_py import bench
 from kloudmeter_py.store.server import NatsServer
+from tests.helpers import small_wide_bench
 
 KEYS = {
     "baseline_events_per_s",
@@ -50,16 +51,7 @@ async def test_small_bench_run_reports_every_figure(nats_server: NatsServer) -> 
 async def test_small_wide_bench_checks_every_reading_and_window() -> None:
     """The wide shape, small (embedded NATS, so that disk and server CPU are known): times
     over 30 days make mostly day windows, and every one of them is checked."""
-    results: dict[str, Any] = await bench.run(
-        nats_url=None,
-        shape="wide",
-        events_n=2000,
-        subjects=300,
-        http_seconds=0.3,
-        lag_rate=200,
-        lag_seconds=0.3,
-        quiet=True,
-    )
+    results = await small_wide_bench()
     assert KEYS <= set(results) and results["shape"] == "wide"
     assert results["correct"] is True, results.get("wrong")
     # 2,000 events over 30 days of 300 subjects: nearly every event has day windows of its
@@ -77,17 +69,7 @@ async def test_small_wide_bench_with_two_workers_is_correct() -> None:
     """Two worker processes share the four partitions (two each: unfiltered consumers that
     skip the other's events, see Runner._filter): every reading and window is right, and
     each worker's figures are reported."""
-    results: dict[str, Any] = await bench.run(
-        nats_url=None,
-        shape="wide",
-        events_n=2000,
-        subjects=300,
-        http_seconds=0.3,
-        lag_rate=200,
-        lag_seconds=0.3,
-        quiet=True,
-        workers=2,
-    )
+    results = await small_wide_bench(workers=2)
     assert results["correct"] is True, results.get("wrong")
     assert results["workers"] == 2 and len(results["workers_peak_rss_mb"]) == 2
     assert results["worker_peak_rss_mb"] == max(results["workers_peak_rss_mb"])

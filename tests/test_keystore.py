@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from kloudmeter_py import bench
 from kloudmeter_py.core.aggregate import Acc
 from kloudmeter_py.core.plan import CLOSED, PAGE_ACC, KeyState
 from kloudmeter_py.worker.keystore import HEAD, PARKED_SIZE, KeyStore, state_size
+from tests.helpers import small_wide_bench
 
 
 def _store(cache_mb: int = 1) -> KeyStore:
@@ -100,14 +100,5 @@ async def test_wide_backlog_through_a_two_megabyte_cache_is_exact(
     rounds of 400 events, so that a page is folded by several rounds between two flushes."""
     monkeypatch.setenv("METER_CACHE_MB", "2")
     monkeypatch.setenv("METER_BATCH_SIZE", "200")
-    results: dict[str, Any] = await bench.run(
-        nats_url=None,
-        shape="wide",
-        events_n=8000,
-        subjects=300,
-        http_seconds=0.2,
-        lag_rate=100,
-        lag_seconds=0.2,
-        quiet=True,
-    )
+    results = await small_wide_bench(8000)
     assert results["correct"] is True, results.get("wrong")

@@ -207,13 +207,13 @@ class Wire(asyncio.Protocol):
         if self._transport is not None:
             self._transport.close()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, *data: bytes | memoryview) -> None:
         """Queue ``data``; what is queued goes out in one write when the loop next turns."""
         if self.error is not None:
             raise self.error
         if not self._out:
             asyncio.get_running_loop().call_soon(self._send)
-        self._out.append(data)
+        self._out.extend(data)
 
     def _send(self) -> None:
         if self._out and self.error is None and self._transport is not None:
@@ -254,11 +254,7 @@ class Wire(asyncio.Protocol):
     ) -> None:
         """Publish with a complete header block (``NATS/1.0\r\n`` ... ``\r\n\r\n``): its
         pieces are queued as they are and joined once, with the rest of the write."""
-        if self.error is not None:
-            raise self.error
-        if not self._out:
-            asyncio.get_running_loop().call_soon(self._send)
-        self._out.extend(hpub_parts(subject, headers, payload, reply))
+        self._write(*hpub_parts(subject, headers, payload, reply))
 
     def new_inbox(self) -> str:
         return f"{self._inbox_prefix}x.{next(self._reply_ids)}"
