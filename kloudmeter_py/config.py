@@ -185,6 +185,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return cls(**values)
 
 
+def child_env(settings: "Settings") -> dict[str, str]:
+    """The environment variables that give a child process (``kloudmeter up --workers``'
+    extra workers) these settings, command-line overrides included."""
+    env: dict[str, str] = {}
+    for var, field, kind in _ENV:
+        value = getattr(settings, field)
+        if value is None:
+            continue
+        if kind is bool:
+            env[var] = "on" if value else "off"
+        else:
+            env[var] = str(value)
+    return env
+
+
 # The secured-NATS settings: environment variable and Settings field (all paths to files).
 NATS_AUTH: tuple[tuple[str, str], ...] = (
     ("NATS_CREDS", "nats_creds"),

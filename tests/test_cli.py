@@ -13,6 +13,7 @@ import pytest
 
 from kloudmeter_py.config import Settings
 from kloudmeter_py.errors import ConfigError
+from kloudmeter_py.store.server import NatsServer
 from tests.conftest import eventually
 
 
@@ -129,3 +130,98 @@ async def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
     assert (tmp_path / "data" / "nats" / "jetstream").is_dir()
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", nats_port), timeout=1):
         pass
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+async def test_up_with_two_workers_shares_the_partitions_and_stops_both(
+    tmp_path: Path, nats_server: NatsServer
+) -> None:
+    """`kloudmeter up --workers 2` (on a NATS that already runs) starts a second worker
+    process: the two share the partitions out, events of every partition are counted once,
+    and SIGINT stops the child cleanly with the rest: every lease is given back at once
+    (a worker that is killed leaves its leases to expire)."""
+    import nats
+
+    from kloudmeter_py.store.kv import scan
+    from kloudmeter_py.store.layout import Layout
+
+    http_port = _free_port()
+    env = dict(
+        os.environ,
+        NATS_URL=nats_server.url,
+        HTTP_SERVER_PORT=str(http_port),
+        LOG_LEVEL="warning",
+        METER_LEASE_TTL="6",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "kloudmeter_py",
+        "up",
+        "--workers",
+        "2",
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{http_port}"
+    layout = Layout(Settings.from_env(env))
+    nc = await nats.connect(nats_server.url)
+
+    async def owners() -> dict[str, int]:
+        owned = await scan(nc.jetstream(), layout.leases_bucket, "partition.*")
+        held: dict[str, int] = {}
+        for _, value in owned:
+            held[value.decode()] = held.get(value.decode(), 0) + 1
+        return held
+
+    workers: list[int] = []
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def health() -> int:
+                try:
+                    async with http.get(f"{base}/healthy") as r:
+                        return r.status
+                except aiohttp.ClientError:
+                    return 0
+
+            await eventually(health, lambda s: s == 200, timeout=30)
+            workers = [p for p in _children(proc.pid) if " worker" in _cmdline(p)]
+            assert len(workers) == 1
+            # every partition held, by two workers, two each
+            await eventually(owners, lambda h: sorted(h.values()) == [2, 2], timeout=30)
+            meter = {"id": "m", "eventType": "t", "aggregation": "count"}
+            async with http.post(f"{base}/api/create-meter", json=meter) as r:
+                assert r.status == 201
+            for n in range(40):
+                event = {"id": str(n), "eventType": "t", "subject": f"s{n}"}
+                async with http.post(f"{base}/api/register-event", json=event) as r:
+                    assert r.status == 202
+
+            async def count() -> int:
+                async with http.get(f"{base}/api/readings") as r:
+                    return sum(x["count"] for x in json.loads(await r.text()))
+
+            await eventually(count, lambda c: c == 40)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(30):
+            code = await proc.wait()
+    try:
+        assert code == 0
+        assert [p for p in workers if " worker" in _cmdline(p)] == []
+        assert await owners() == {}  # given back, not left to expire (METER_LEASE_TTL)
+    finally:
+        await nc.close()
