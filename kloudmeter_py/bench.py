@@ -12,7 +12,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +41,7 @@ from kloudmeter_py.store.kv import scan
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.provision import provision
 from kloudmeter_py.store.pull import RawPuller
-from kloudmeter_py.store.server import NatsServer, die_with_parent, stop_process
+from kloudmeter_py.store.server import NatsServer, python_child
 from kloudmeter_py.store.wire import Wire
 
 REGIONS = ("eu", "us", "ap")
@@ -289,26 +289,9 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-@contextlib.asynccontextmanager
-async def _child(argv: list[str], env: dict[str, str] | None = None) -> AsyncIterator[Any]:
-    """A Python child process (this interpreter), stopped when the block ends."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *argv,
-        env=None if env is None else {**os.environ, **env},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        preexec_fn=die_with_parent,
-    )
-    try:
-        yield proc
-    finally:
-        await stop_process(proc)
-
-
 def _process(args: list[str], env: dict[str, str]) -> contextlib.AbstractAsyncContextManager[Any]:
     """``kloudmeter <args>`` as a child process."""
-    return _child(["-m", "kloudmeter_py", "--log-level", "warning", *args], env)
+    return python_child(["-m", "kloudmeter_py", "--log-level", "warning", *args], env)
 
 
 async def baseline(nc: Client, events: list[tuple[str, bytes, str]], p: Progress) -> float:
@@ -693,7 +676,7 @@ async def null_http(port: int) -> None:
 def _null_http(port: int) -> contextlib.AbstractAsyncContextManager[Any]:
     code = "import asyncio, sys; from kloudmeter_py.bench import null_http; "
     code += "asyncio.run(null_http(int(sys.argv[1])))"
-    return _child(["-c", code, str(port)])
+    return python_child(["-c", code, str(port)])
 
 
 async def measure_lag(

@@ -304,33 +304,25 @@ async def _worker_process(settings: Settings, args: argparse.Namespace) -> Async
     ends. A worker is one Python process, so it folds on one core at most: on the wide bench
     shape two worker processes cleared a million events 1.6-1.8x as fast as one."""
     from kloudmeter_py.config import child_env
-    from kloudmeter_py.store.server import die_with_parent, stop_process
+    from kloudmeter_py.store.server import python_child
 
     flags = ["--log-level", args.log_level] + (["--log-json"] if args.log_json else [])
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "kloudmeter_py",
-        *flags,
-        "worker",
-        env={**os.environ, **child_env(settings)},
-        preexec_fn=die_with_parent,
-    )
-    log.info("worker.process_started", pid=proc.pid)
-    stopping = False
+    argv = ["-m", "kloudmeter_py", *flags, "worker"]
+    async with python_child(argv, child_env(settings), quiet=False) as proc:
+        log.info("worker.process_started", pid=proc.pid)
+        stopping = False
 
-    def exited(_: "asyncio.Task[int]") -> None:
-        if not stopping:  # its partitions move to the other workers after METER_LEASE_TTL
-            log.warning("worker.process_exited", pid=proc.pid, code=proc.returncode)
+        def exited(_: "asyncio.Task[int]") -> None:
+            if not stopping:  # its partitions move to the other workers after METER_LEASE_TTL
+                log.warning("worker.process_exited", pid=proc.pid, code=proc.returncode)
 
-    watch = asyncio.create_task(proc.wait())
-    watch.add_done_callback(exited)
-    try:
-        yield
-    finally:
-        stopping = True
-        await stop_process(proc)
-        await watch
+        watch = asyncio.create_task(proc.wait())
+        watch.add_done_callback(exited)
+        try:
+            yield
+        finally:
+            stopping = True  # python_child stops it next
+    await watch
 
 
 async def _up(settings: Settings, args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """Small helpers shared by the integration tests."""
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp.test_utils import TestClient
@@ -9,6 +9,9 @@ from nats.aio.client import Client
 from kloudmeter_py.core.keys import event_subject
 from kloudmeter_py.core.meters import CompiledMeter
 from kloudmeter_py.core.models import Meter
+
+if TYPE_CHECKING:
+    import aiohttp
 
 Http = TestClient[Any, Any]
 
@@ -129,3 +132,30 @@ async def small_wide_bench(events: int = 2000, **kw: Any) -> dict[str, Any]:
     }
     results: dict[str, Any] = await bench.run(**{**settings, **kw})
     return results
+
+
+async def until_serving(http: "aiohttp.ClientSession", base: str) -> None:
+    """Wait (up to 30 s) until a `kloudmeter up` process at ``base`` answers /healthy."""
+    import aiohttp
+
+    from tests.conftest import eventually
+
+    async def health() -> int:
+        try:
+            async with http.get(f"{base}/healthy") as r:
+                return r.status
+        except aiohttp.ClientError:
+            return 0
+
+    await eventually(health, lambda s: s == 200, timeout=30)
+
+
+async def until_counted(http: "aiohttp.ClientSession", base: str, count: int) -> None:
+    """Wait until the readings at ``base`` count ``count`` events in all."""
+    from tests.conftest import eventually
+
+    async def counted() -> int:
+        async with http.get(f"{base}/api/readings") as r:
+            return sum(x["count"] for x in await r.json())
+
+    await eventually(counted, lambda c: c == count)

@@ -1,7 +1,6 @@
 """The command line: settings from the environment, and `kloudmeter up` as a user runs it."""
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -15,6 +14,7 @@ from kloudmeter_py.config import Settings
 from kloudmeter_py.errors import ConfigError
 from kloudmeter_py.store.server import NatsServer
 from tests.conftest import eventually
+from tests.helpers import until_counted, until_serving
 
 
 def _free_port() -> int:
@@ -101,15 +101,7 @@ async def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
     base = f"http://127.0.0.1:{http_port}"
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def health() -> int:
-                try:
-                    async with http.get(f"{base}/healthy") as r:
-                        return r.status
-                except aiohttp.ClientError:
-                    return 0
-
-            await eventually(health, lambda s: s == 200, timeout=30)
+            await until_serving(http, base)
             meter = {"id": "m", "eventType": "t", "aggregation": "count"}
             async with http.post(f"{base}/api/create-meter", json=meter) as r:
                 assert r.status == 201
@@ -117,11 +109,7 @@ async def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
             async with http.post(f"{base}/api/register-event", json=event) as r:
                 assert r.status == 202
 
-            async def count() -> int:
-                async with http.get(f"{base}/api/readings") as r:
-                    return sum(x["count"] for x in json.loads(await r.text()))
-
-            await eventually(count, lambda c: c == 1)
+            await until_counted(http, base, 1)
     finally:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(20):
@@ -189,15 +177,7 @@ async def test_up_with_two_workers_shares_the_partitions_and_stops_both(
     workers: list[int] = []
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def health() -> int:
-                try:
-                    async with http.get(f"{base}/healthy") as r:
-                        return r.status
-                except aiohttp.ClientError:
-                    return 0
-
-            await eventually(health, lambda s: s == 200, timeout=30)
+            await until_serving(http, base)
             workers = [p for p in _children(proc.pid) if " worker" in _cmdline(p)]
             assert len(workers) == 1
             # every partition held, by two workers, two each
@@ -210,11 +190,7 @@ async def test_up_with_two_workers_shares_the_partitions_and_stops_both(
                 async with http.post(f"{base}/api/register-event", json=event) as r:
                     assert r.status == 202
 
-            async def count() -> int:
-                async with http.get(f"{base}/api/readings") as r:
-                    return sum(x["count"] for x in json.loads(await r.text()))
-
-            await eventually(count, lambda c: c == 40)
+            await until_counted(http, base, 40)
     finally:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(30):

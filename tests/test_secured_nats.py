@@ -25,7 +25,14 @@ from kloudmeter_py.store.wire import Wire, WireError
 from kloudmeter_py.worker import Worker
 from tests import secured
 from tests.conftest import SecuredNats, eventually
-from tests.helpers import create_meter, post_event, readings, total_count
+from tests.helpers import (
+    create_meter,
+    post_event,
+    readings,
+    total_count,
+    until_counted,
+    until_serving,
+)
 
 KINDS = ["nkey_nats", "operator_nats", "mtls_nats"]
 
@@ -292,15 +299,7 @@ async def test_up_command_counts_events_on_a_secured_server(
     base = f"http://127.0.0.1:{http_port}"
     try:
         async with aiohttp.ClientSession() as http:
-
-            async def health() -> int:
-                try:
-                    async with http.get(f"{base}/healthy") as r:
-                        return r.status
-                except aiohttp.ClientError:
-                    return 0
-
-            await eventually(health, lambda s: s == 200, timeout=30)
+            await until_serving(http, base)
             meter = {"id": "m", "eventType": "t", "aggregation": "count"}
             async with http.post(f"{base}/api/create-meter", json=meter) as r:
                 assert r.status == 201
@@ -309,11 +308,7 @@ async def test_up_command_counts_events_on_a_secured_server(
                 async with http.post(f"{base}/api/register-event", json=event) as r:
                     assert r.status == 202
 
-            async def count() -> int:
-                async with http.get(f"{base}/api/readings") as r:
-                    return sum(x["count"] for x in await r.json())
-
-            await eventually(count, lambda c: c == 2)
+            await until_counted(http, base, 2)
     finally:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(20):

@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Self
 
@@ -39,6 +40,28 @@ async def stop_process(proc: asyncio.subprocess.Process, grace: float = 10.0) ->
     except TimeoutError:
         proc.kill()
         await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def python_child(
+    argv: list[str], env: dict[str, str] | None = None, *, quiet: bool = True
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A child process of this interpreter (``argv`` after ``python``), ``env`` added to
+    this environment, dying with its parent (``die_with_parent``), stopped with
+    ``stop_process`` when the block ends; ``quiet``: its output dropped, else on ours."""
+    out = asyncio.subprocess.DEVNULL if quiet else None
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *argv,
+        env=None if env is None else {**os.environ, **env},
+        stdout=out,
+        stderr=out,
+        preexec_fn=die_with_parent,
+    )
+    try:
+        yield proc
+    finally:
+        await stop_process(proc)
 
 
 def nats_server_binary() -> str:
