@@ -55,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="worker processes sharing the partitions: this one and N-1 `kloudmeter worker`",
+        help="worker processes sharing the partitions: this one and N-1 `kloudmeter worker` "
+        "(default: one per CPU, at most METER_PARTITIONS)",
     )
     setup = sub.add_parser("setup", help="create the stream and buckets (idempotent)")
     common(setup)
@@ -113,7 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--events", type=int, help="events end to end (default: the shape's)")
     bench.add_argument("--subjects", type=int, help="subjects (default: the shape's)")
     bench.add_argument(
-        "--workers", type=int, default=1, help="worker processes sharing the partitions"
+        "--workers",
+        type=int,
+        help="worker processes sharing the partitions (default: one per CPU, at most "
+        "METER_PARTITIONS, as kloudmeter up)",
     )
     bench.add_argument("--http-seconds", type=float, default=5.0)
     bench.add_argument("--lag-rate", type=int, default=5000, help="offered events/s")
@@ -325,6 +328,17 @@ async def _worker_process(settings: Settings, args: argparse.Namespace) -> Async
     await watch
 
 
+def _workers(args: argparse.Namespace, settings: Settings) -> int:
+    """``--workers``, or one per CPU (config.default_workers)."""
+    from kloudmeter_py.config import default_workers
+
+    if args.workers is None:
+        return default_workers(settings.partitions)
+    if args.workers < 1:
+        raise ConfigError("--workers must be positive")
+    return int(args.workers)
+
+
 async def _up(settings: Settings, args: argparse.Namespace) -> int:
     from kloudmeter_py.metrics import Metrics
     from kloudmeter_py.store import credentials
@@ -333,8 +347,7 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
     from kloudmeter_py.worker import Worker, tune_gc
 
     settings.check_exposure()
-    if args.workers < 1:
-        raise ConfigError("--workers must be positive")
+    workers = _workers(args, settings)
     tune_gc()
     async with contextlib.AsyncExitStack() as stack:
         if await _nats_answers(settings.nats_host, settings.nats_port):
@@ -357,7 +370,7 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
         metrics.watch_worker(worker)
         await worker.start()
         stack.push_async_callback(worker.stop)
-        for _ in range(args.workers - 1):
+        for _ in range(workers - 1):
             await stack.enter_async_context(_worker_process(settings, args))
         await stack.enter_async_context(_serving(settings, nc, metrics))
         print(
@@ -458,8 +471,7 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         args.subjects is not None and args.subjects < 1
     ):
         raise ConfigError("--events and --subjects must be positive")
-    if args.workers < 1:
-        raise ConfigError("--workers must be positive")
+    workers = _workers(args, settings)
     if args.reads:
         return await _bench_reads(settings, args, url)
     results = await bench.run(
@@ -472,7 +484,7 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         lag_rate=args.lag_rate,
         lag_seconds=args.lag_seconds,
         quiet=False,
-        workers=args.workers,
+        workers=workers,
     )
     print(bench.table(results))
     if args.json:

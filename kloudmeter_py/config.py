@@ -1,5 +1,6 @@
 """Settings: one frozen value, built from the environment by the CLI and directly by tests."""
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -198,6 +199,23 @@ def child_env(settings: "Settings") -> dict[str, str]:
         else:
             env[var] = str(value)
     return env
+
+
+def default_workers(partitions: int) -> int:
+    """How many worker processes ``kloudmeter up`` and ``kloudmeter bench`` run unless told:
+    one per CPU this process may use, at most one per partition (a worker beyond them would
+    hold no lease), at least one.
+
+    A worker is one Python process and folds on one core at most. On the wide bench shape
+    (10,000 subjects, a month of event times) on a 2-core machine, one worker cleared a
+    million events at 7,625 events/s (0.123 of the raw JetStream baseline), two at 12,134
+    (0.213), the same hour; on the live shape two do as well as one (README, Performance).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, partitions))
 
 
 # The secured-NATS settings: environment variable and Settings field (all paths to files).

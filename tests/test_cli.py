@@ -78,6 +78,29 @@ def test_cli_exits_2_on_bad_settings(capsys: pytest.CaptureFixture[str]) -> None
     assert "METER_INTERVAL" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("cpus", "partitions", "expected"),
+    [({0}, 4, 1), ({0, 1}, 4, 2), (set(range(8)), 4, 4), (set(range(8)), 1, 1)],
+)
+def test_default_workers_one_per_cpu_at_most_one_per_partition(
+    monkeypatch: pytest.MonkeyPatch, cpus: set[int], partitions: int, expected: int
+) -> None:
+    """`up` and `bench` run one worker per CPU the process may use, no more than partitions."""
+    from kloudmeter_py.config import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: cpus)
+    assert default_workers(partitions) == expected
+
+
+@pytest.mark.parametrize("command", ["up", "bench"])
+def test_workers_below_one_exit_2(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--workers 0` is refused at start, naming the flag, before anything is started."""
+    from kloudmeter_py.cli import main
+
+    assert main([command, "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
+
+
 async def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     """`kloudmeter up` starts NATS, worker and gateway; an event becomes a reading; SIGINT stops
     it with exit code 0 and leaves no nats-server behind."""
