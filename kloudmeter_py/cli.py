@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--partitions", help="comma-separated partitions to own (default: all)", default=None
     )
+    # kloudmeter up's children: where to write their metrics reports (metrics.Reporter)
+    worker.add_argument("--report-fd", type=int, help=argparse.SUPPRESS)
     gateway = sub.add_parser("gateway", help="run the HTTP gateway against NATS_URL")
     common(gateway)
     gateway.add_argument("--port", type=int, help="HTTP port, overrides HTTP_SERVER_PORT")
@@ -285,11 +287,19 @@ async def _worker(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError("--partitions: expected numbers like 0,1,2") from None
     async with _connected(settings, "kloudmeter-worker") as nc:
         worker = Worker(nc, settings, partitions=parts)  # type: ignore[arg-type]
+        reporting = None
+        if args.report_fd is not None:
+            from kloudmeter_py.metrics import Reporter
+
+            reporting = asyncio.create_task(Reporter(args.report_fd, worker).run())
         await worker.start()
         try:
             await _wait_for_signal()
         finally:
             await worker.stop()
+            if reporting is not None:
+                reporting.cancel()
+                await asyncio.wait({reporting})
     return 0
 
 
@@ -301,31 +311,54 @@ async def _gateway(settings: Settings, args: argparse.Namespace) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _worker_process(settings: Settings, args: argparse.Namespace) -> AsyncIterator[None]:
-    """One more worker for ``kloudmeter up --workers``: ``kloudmeter worker`` as a child
-    process with these settings, its logs on this stderr, stopped (SIGTERM) when the block
-    ends. A worker is one Python process, so it folds on one core at most: on the wide bench
-    shape two worker processes cleared a million events 1.6-1.8x as fast as one."""
+async def _worker_process(
+    settings: Settings, args: argparse.Namespace, metrics: "Metrics"
+) -> AsyncIterator[None]:
+    """One more worker for ``kloudmeter up``: ``kloudmeter worker`` as a child process with
+    these settings, its logs on this stderr, its metrics reported to ``metrics`` through a
+    pipe (metrics.Reporter, metrics.follow), stopped (SIGTERM) when the block ends. A worker
+    is one Python process, so it folds on one core at most: on the wide bench shape two
+    worker processes cleared a million events 1.6-1.8x as fast as one."""
     from kloudmeter_py.config import child_env
+    from kloudmeter_py.metrics import follow
     from kloudmeter_py.store.server import python_child
 
     flags = ["--log-level", args.log_level] + (["--log-json"] if args.log_json else [])
-    argv = ["-m", "kloudmeter_py", *flags, "worker"]
-    async with python_child(argv, child_env(settings), quiet=False) as proc:
-        log.info("worker.process_started", pid=proc.pid)
-        stopping = False
+    read_fd, write_fd = os.pipe()
+    argv = ["-m", "kloudmeter_py", *flags, "worker", "--report-fd", str(write_fd)]
+    reader = asyncio.StreamReader()
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0)
+    )
+    following = asyncio.create_task(follow(metrics, reader))
+    spawned = False
+    try:
+        async with python_child(
+            argv, child_env(settings), quiet=False, pass_fds=(write_fd,)
+        ) as proc:
+            os.close(write_fd)  # the child's alone now: the pipe ends when the child does
+            spawned = True
+            log.info("worker.process_started", pid=proc.pid)
+            stopping = False
 
-        def exited(_: "asyncio.Task[int]") -> None:
-            if not stopping:  # its partitions move to the other workers after METER_LEASE_TTL
-                log.warning("worker.process_exited", pid=proc.pid, code=proc.returncode)
+            def exited(_: "asyncio.Task[int]") -> None:
+                if not stopping:  # its partitions move to the others after METER_LEASE_TTL
+                    log.warning("worker.process_exited", pid=proc.pid, code=proc.returncode)
 
-        watch = asyncio.create_task(proc.wait())
-        watch.add_done_callback(exited)
-        try:
-            yield
-        finally:
-            stopping = True  # python_child stops it next
-    await watch
+            watch = asyncio.create_task(proc.wait())
+            watch.add_done_callback(exited)
+            try:
+                yield
+            finally:
+                stopping = True  # python_child stops it next
+        await watch
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(following), 2)  # its last report
+    finally:
+        if not spawned:
+            os.close(write_fd)
+        following.cancel()
+        transport.close()
 
 
 def _workers(args: argparse.Namespace, settings: Settings) -> int:
@@ -371,7 +404,7 @@ async def _up(settings: Settings, args: argparse.Namespace) -> int:
         await worker.start()
         stack.push_async_callback(worker.stop)
         for _ in range(workers - 1):
-            await stack.enter_async_context(_worker_process(settings, args))
+            await stack.enter_async_context(_worker_process(settings, args, metrics))
         await stack.enter_async_context(_serving(settings, nc, metrics))
         print(
             f"kloudmeter is up: http://{settings.http_host}:{settings.http_port} "

@@ -15,11 +15,15 @@ several apps in one process do not clash. What it measures:
   (batch size) and its duration (flush latency); and the consumer lag of each owned partition:
   the ``num_pending`` of the last message of the partition's last write round.
 
-A gateway and a worker in one process (``kloudmeter up``) share one ``Metrics``; a gateway on
-its own shows the HTTP side only (a worker process would need a port of its own to be scraped).
+A gateway and a worker in one process (``kloudmeter up``) share one ``Metrics``; the worker
+processes ``kloudmeter up`` starts besides (one per CPU by default) report to it through a pipe
+(``Reporter`` in the child, ``Metrics.follow`` in ``up``), so its ``/metrics`` shows every
+worker it runs. A gateway on its own shows the HTTP side only (a worker process would need a
+port of its own to be scraped).
 """
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
@@ -90,12 +94,18 @@ _WORKER_COUNTERS = {
 }
 
 
+class RoundObserver(Protocol):
+    """What a worker tells of each write round it completes (``Metrics``, ``Reporter``)."""
+
+    def observe_round(self, events: int, seconds: float, pending: int, worker: str) -> None: ...
+
+
 class WatchedWorker(Protocol):
     """What :meth:`Metrics.watch_worker` needs of a worker (``kloudmeter_py.worker.Worker``)."""
 
     worker_id: str
     stats: "WorkerStats"
-    metrics: "Metrics | None"
+    metrics: RoundObserver | None
 
     @property
     def owned(self) -> list[int]: ...
@@ -223,6 +233,102 @@ class Metrics:
             if duplicates:
                 self.ingested_duplicates.labels(route).inc(duplicates)
         return response
+
+
+class WorkerReport(msgspec.Struct, array_like=True):
+    """One line a child worker process writes to ``kloudmeter up``: its counters so far
+    (``WorkerStats`` fields), the partitions it owns, its consumer lag as of its last round,
+    and the (events, seconds) of the rounds since its previous report."""
+
+    worker: str
+    stats: dict[str, int]
+    owned: list[int]
+    lag: int | None
+    rounds: list[tuple[int, float]]
+
+
+_report_decoder = msgspec.json.Decoder(WorkerReport)
+
+
+class RemoteWorker:
+    """A worker in a child process, as its reports show it (``Metrics.follow``)."""
+
+    def __init__(self, worker_id: str) -> None:
+        from kloudmeter_py.worker import WorkerStats
+
+        self.worker_id = worker_id
+        self.stats = WorkerStats()
+        self.metrics: RoundObserver | None = None
+        self.owned: list[int] = []
+
+
+async def follow(metrics: Metrics, reader: asyncio.StreamReader) -> None:
+    """Take a child worker's reports (``Reporter``) into ``metrics`` until its pipe closes:
+    its counters and lag under its own ``worker`` label, its rounds into the histograms."""
+    remote: RemoteWorker | None = None
+    while line := await reader.readline():
+        try:
+            report = _report_decoder.decode(line)
+        except msgspec.DecodeError:
+            log.warning("metrics.bad_worker_report", line=line[:200])
+            continue
+        if remote is None:
+            remote = RemoteWorker(report.worker)
+            metrics.workers.append(remote)
+        for attr, value in report.stats.items():
+            if attr in _WORKER_COUNTERS:
+                setattr(remote.stats, attr, value)
+        remote.owned = report.owned
+        for events, seconds in report.rounds:
+            metrics.round_events.observe(events)
+            metrics.round_seconds.observe(seconds)
+        if report.lag is not None:
+            metrics.lag[report.worker] = report.lag
+
+
+class Reporter:
+    """A child worker process's side of ``follow``: a report a second (and a last one when it
+    stops) written to a pipe that ``kloudmeter up`` reads.
+
+    The pipe is not blocking: a report the pipe has no room for is dropped (its counters come
+    again in the next one; only the dropped rounds are missing from the histograms), so a
+    parent that stopped reading never holds the worker up.
+    """
+
+    def __init__(self, fd: int, worker: WatchedWorker, period: float = 1.0) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.worker = worker
+        self.period = period
+        self.rounds: list[tuple[int, float]] = []
+        self.lag: int | None = None
+        worker.metrics = self
+
+    def observe_round(self, events: int, seconds: float, pending: int, worker: str) -> None:
+        self.rounds.append((events, round(seconds, 6)))
+        self.lag = pending
+
+    def report(self) -> None:
+        w = self.worker
+        stats = {attr: getattr(w.stats, attr) for attr in _WORKER_COUNTERS}
+        line = msgspec.json.encode(WorkerReport(w.worker_id, stats, w.owned, self.lag, self.rounds))
+        self.rounds = []
+        try:
+            os.write(self.fd, line + b"\n")
+        except BlockingIOError:
+            log.debug("metrics.report_dropped")
+        except OSError:  # the parent is gone
+            pass
+
+    async def run(self) -> None:
+        """Report every ``period`` seconds until cancelled, then once more."""
+        try:
+            while True:
+                await asyncio.sleep(self.period)
+                self.report()
+        finally:
+            self.report()
+            os.close(self.fd)
 
 
 METRICS = web.AppKey("metrics", Metrics)

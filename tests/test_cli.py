@@ -161,8 +161,9 @@ async def test_up_with_two_workers_shares_the_partitions_and_stops_both(
 ) -> None:
     """`kloudmeter up --workers 2` (on a NATS that already runs) starts a second worker
     process: the two share the partitions out, events of every partition are counted once,
-    and SIGINT stops the child cleanly with the rest: every lease is given back at once
-    (a worker that is killed leaves its leases to expire)."""
+    up's /metrics shows both workers' counts, and SIGINT stops the child cleanly with the
+    rest: every lease is given back at once (a worker that is killed leaves its leases to
+    expire)."""
     import nats
 
     from kloudmeter_py.store.kv import scan
@@ -214,6 +215,23 @@ async def test_up_with_two_workers_shares_the_partitions_and_stops_both(
                     assert r.status == 202
 
             await until_counted(http, base, 40)
+
+            async def applied() -> dict[str, float]:
+                """kloudmeter_events_applied_total by worker, from up's /metrics."""
+                async with http.get(f"{base}/metrics") as r:
+                    text = await r.text()
+                by_worker: dict[str, float] = {}
+                for line in text.splitlines():
+                    if line.startswith("kloudmeter_events_applied_total{"):
+                        labels, value = line.rsplit(" ", 1)
+                        by_worker[labels] = float(value)
+                return by_worker
+
+            # both workers' counts, the child's reported through its pipe (metrics.Reporter)
+            seen = await eventually(
+                applied, lambda b: len(b) == 2 and sum(b.values()) == 40, timeout=15
+            )
+            assert all(v > 0 for v in seen.values()), seen
     finally:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(30):

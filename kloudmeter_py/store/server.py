@@ -44,11 +44,16 @@ async def stop_process(proc: asyncio.subprocess.Process, grace: float = 10.0) ->
 
 @contextlib.asynccontextmanager
 async def python_child(
-    argv: list[str], env: dict[str, str] | None = None, *, quiet: bool = True
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    *,
+    quiet: bool = True,
+    pass_fds: tuple[int, ...] = (),
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """A child process of this interpreter (``argv`` after ``python``), ``env`` added to
     this environment, dying with its parent (``die_with_parent``), stopped with
-    ``stop_process`` when the block ends; ``quiet``: its output dropped, else on ours."""
+    ``stop_process`` when the block ends; ``quiet``: its output dropped, else on ours;
+    ``pass_fds``: file descriptors it inherits."""
     out = asyncio.subprocess.DEVNULL if quiet else None
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -57,6 +62,7 @@ async def python_child(
         stdout=out,
         stderr=out,
         preexec_fn=die_with_parent,
+        pass_fds=pass_fds,
     )
     try:
         yield proc

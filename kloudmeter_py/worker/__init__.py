@@ -36,7 +36,7 @@ from kloudmeter_py.worker.corrections import Corrector
 from kloudmeter_py.worker.leases import Leases
 
 if TYPE_CHECKING:
-    from kloudmeter_py.metrics import Metrics
+    from kloudmeter_py.metrics import RoundObserver
     from kloudmeter_py.worker.alerts import Alerter
     from kloudmeter_py.worker.lifecycle import LifecycleFolder
     from kloudmeter_py.worker.runner import Runner
@@ -99,7 +99,8 @@ class Worker:
         self.static_partitions = partitions
         self.registry = MeterRegistry(self.js, self.layout)
         self.stats = WorkerStats()
-        self.metrics: Metrics | None = None  # set by Metrics.watch_worker
+        # set by Metrics.watch_worker (in this process) or a metrics.Reporter (to kloudmeter up)
+        self.metrics: RoundObserver | None = None
         self._owned: set[int] = set()
         self.runner: Runner | None = None
         self.lifecycle: LifecycleFolder | None = None
