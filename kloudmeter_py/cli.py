@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -310,15 +311,64 @@ async def _gateway(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# A child worker of `kloudmeter up` that exits on its own is started again after this many
+# seconds, doubled while it keeps exiting within RESTART_RESET seconds of its start.
+RESTART_FIRST = 1.0
+RESTART_MAX = 30.0
+RESTART_RESET = 60.0
+
+
 @contextlib.asynccontextmanager
 async def _worker_process(
     settings: Settings, args: argparse.Namespace, metrics: "Metrics"
 ) -> AsyncIterator[None]:
-    """One more worker for ``kloudmeter up``: ``kloudmeter worker`` as a child process with
-    these settings, its logs on this stderr, its metrics reported to ``metrics`` through a
-    pipe (metrics.Reporter, metrics.follow), stopped (SIGTERM) when the block ends. A worker
-    is one Python process, so it folds on one core at most: on the wide bench shape two
-    worker processes cleared a million events 1.6-1.8x as fast as one."""
+    """One more worker for ``kloudmeter up``, kept running while the block runs: a
+    ``kloudmeter worker`` child process (``_one_child``), started again when it exits on its
+    own (after RESTART_FIRST seconds, doubling to RESTART_MAX while it keeps exiting soon
+    after it starts), stopped (SIGTERM) when the block ends. Its partitions move to the other
+    workers meanwhile (after METER_LEASE_TTL when it was killed). A worker is one Python
+    process, so it folds on one core at most: on the wide bench shape two worker processes
+    cleared a million events 1.6-1.8x as fast as one."""
+    stopping = asyncio.Event()
+
+    async def supervise() -> None:
+        delay = RESTART_FIRST
+        while True:
+            started = time.monotonic()
+            async with _one_child(settings, args, metrics) as proc:
+                exited = asyncio.create_task(proc.wait())
+                stop = asyncio.create_task(stopping.wait())
+                await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if stopping.is_set():
+                    exited.cancel()
+                    return  # leaving the block stops it
+                if time.monotonic() - started > RESTART_RESET:
+                    delay = RESTART_FIRST
+                log.warning(
+                    "worker.process_exited", pid=proc.pid, code=proc.returncode, restart_in=delay
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+            if stopping.is_set():
+                return
+            delay = min(delay * 2, RESTART_MAX)
+
+    supervisor = asyncio.create_task(supervise())
+    try:
+        yield
+    finally:
+        stopping.set()
+        await supervisor
+
+
+@contextlib.asynccontextmanager
+async def _one_child(
+    settings: Settings, args: argparse.Namespace, metrics: "Metrics"
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``kloudmeter worker`` as a child process with these settings, its logs on this stderr,
+    its metrics reported to ``metrics`` through a pipe (metrics.Reporter, metrics.follow),
+    stopped (SIGTERM) when the block ends."""
     from kloudmeter_py.config import child_env
     from kloudmeter_py.metrics import follow
     from kloudmeter_py.store.server import python_child
@@ -339,19 +389,7 @@ async def _worker_process(
             os.close(write_fd)  # the child's alone now: the pipe ends when the child does
             spawned = True
             log.info("worker.process_started", pid=proc.pid)
-            stopping = False
-
-            def exited(_: "asyncio.Task[int]") -> None:
-                if not stopping:  # its partitions move to the others after METER_LEASE_TTL
-                    log.warning("worker.process_exited", pid=proc.pid, code=proc.returncode)
-
-            watch = asyncio.create_task(proc.wait())
-            watch.add_done_callback(exited)
-            try:
-                yield
-            finally:
-                stopping = True  # python_child stops it next
-        await watch
+            yield proc
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(following), 2)  # its last report
     finally:
@@ -423,7 +461,6 @@ def _progress(done: int, total: int, width: int = 30) -> None:
 
 
 async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
-    import time
     from datetime import datetime
 
     from kloudmeter_py.store import backfill

@@ -284,6 +284,8 @@ async def follow(metrics: Metrics, reader: asyncio.StreamReader) -> None:
             metrics.round_seconds.observe(seconds)
         if report.lag is not None:
             metrics.lag[report.worker] = report.lag
+    if remote is not None:
+        remote.owned = []  # gone: its counters stay, it has no lag any more
 
 
 class Reporter:

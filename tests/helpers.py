@@ -150,7 +150,9 @@ async def until_serving(http: "aiohttp.ClientSession", base: str) -> None:
     await eventually(health, lambda s: s == 200, timeout=30)
 
 
-async def until_counted(http: "aiohttp.ClientSession", base: str, count: int) -> None:
+async def until_counted(
+    http: "aiohttp.ClientSession", base: str, count: int, timeout: float = 15.0
+) -> None:
     """Wait until the readings at ``base`` count ``count`` events in all."""
     from tests.conftest import eventually
 
@@ -158,4 +160,4 @@ async def until_counted(http: "aiohttp.ClientSession", base: str, count: int) ->
         async with http.get(f"{base}/api/readings") as r:
             return sum(x["count"] for x in await r.json())
 
-    await eventually(counted, lambda c: c == count)
+    await eventually(counted, lambda c: c == count, timeout=timeout)

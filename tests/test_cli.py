@@ -161,9 +161,9 @@ async def test_up_with_two_workers_shares_the_partitions_and_stops_both(
 ) -> None:
     """`kloudmeter up --workers 2` (on a NATS that already runs) starts a second worker
     process: the two share the partitions out, events of every partition are counted once,
-    up's /metrics shows both workers' counts, and SIGINT stops the child cleanly with the
-    rest: every lease is given back at once (a worker that is killed leaves its leases to
-    expire)."""
+    up's /metrics shows both workers' counts, a child killed is started again, and SIGINT
+    stops the child cleanly with the rest: every lease is given back at once (a worker that
+    is killed leaves its leases to expire)."""
     import nats
 
     from kloudmeter_py.store.kv import scan
@@ -232,6 +232,21 @@ async def test_up_with_two_workers_shares_the_partitions_and_stops_both(
                 applied, lambda b: len(b) == 2 and sum(b.values()) == 40, timeout=15
             )
             assert all(v > 0 for v in seen.values()), seen
+
+            # a child killed is started again; its partitions come back to it or the other
+            os.kill(workers[0], signal.SIGKILL)
+
+            async def new_child() -> list[int]:
+                return [p for p in _children(proc.pid) if " worker" in _cmdline(p)]
+
+            again = await eventually(new_child, lambda c: len(c) == 1 and c != workers)
+            workers += again
+            for n in range(40, 80):
+                event = {"id": str(n), "eventType": "t", "subject": f"s{n}"}
+                async with http.post(f"{base}/api/register-event", json=event) as r:
+                    assert r.status == 202
+            await until_counted(http, base, 80, timeout=30)  # after METER_LEASE_TTL
+            await eventually(owners, lambda h: sorted(h.values()) == [2, 2], timeout=30)
     finally:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(30):
