@@ -17,13 +17,14 @@ several apps in one process do not clash. What it measures:
 
 A gateway and a worker in one process (``kloudmeter up``) share one ``Metrics``; the worker
 processes ``kloudmeter up`` starts besides (one per CPU by default) report to it through a pipe
-(``Reporter`` in the child, ``Metrics.follow`` in ``up``), so its ``/metrics`` shows every
+(``Reporter`` in the child, ``follow`` in ``up``), so its ``/metrics`` shows every
 worker it runs. A gateway on its own shows the HTTP side only (a worker process would need a
 port of its own to be scraped).
 """
 
 import asyncio
 import os
+import select
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
@@ -294,7 +295,9 @@ class Reporter:
 
     The pipe is not blocking: a report the pipe has no room for is dropped (its counters come
     again in the next one; only the dropped rounds are missing from the histograms), so a
-    parent that stopped reading never holds the worker up.
+    parent that stopped reading never holds the worker up. A report is one write of at most
+    ``select.PIPE_BUF`` bytes, which a pipe takes whole or not at all: one with more rounds
+    than fit goes without them, so that no line ever arrives cut.
     """
 
     def __init__(self, fd: int, worker: WatchedWorker, period: float = 1.0) -> None:
@@ -313,10 +316,14 @@ class Reporter:
     def report(self) -> None:
         w = self.worker
         stats = {attr: getattr(w.stats, attr) for attr in _WORKER_COUNTERS}
-        line = msgspec.json.encode(WorkerReport(w.worker_id, stats, w.owned, self.lag, self.rounds))
+        report = WorkerReport(w.worker_id, stats, w.owned, self.lag, self.rounds)
+        line = msgspec.json.encode(report) + b"\n"
+        if len(line) > select.PIPE_BUF:
+            report.rounds = []
+            line = msgspec.json.encode(report) + b"\n"
         self.rounds = []
         try:
-            os.write(self.fd, line + b"\n")
+            os.write(self.fd, line)
         except BlockingIOError:
             log.debug("metrics.report_dropped")
         except OSError:  # the parent is gone

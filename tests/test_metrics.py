@@ -177,3 +177,57 @@ async def test_registries_are_separate() -> None:
     assert two.registry.get_sample_value("kloudmeter_write_round_events_sum") == 0
     assert one.registry.get_sample_value("process_cpu_seconds_total") is not None
     assert two.registry.get_sample_value("process_cpu_seconds_total") is None
+
+
+async def test_a_child_workers_reports_reach_metrics_through_a_pipe() -> None:
+    """metrics.Reporter (in a `kloudmeter up` child) -> metrics.follow (in up): the child's
+    counters and lag under its own label, its rounds in the histograms; a report with more
+    rounds than one atomic pipe write holds goes without them, never cut; once the pipe
+    closes the child has no lag any more."""
+    import asyncio
+    import os
+    import select
+    from dataclasses import dataclass, field
+
+    from kloudmeter_py.metrics import Reporter, follow
+    from kloudmeter_py.worker import WorkerStats
+
+    @dataclass
+    class Child:
+        worker_id: str = "child-1"
+        stats: WorkerStats = field(default_factory=WorkerStats)
+        metrics: Any = None
+        owned: list[int] = field(default_factory=lambda: [1, 3])
+
+    metrics = Metrics(process_collectors=False)
+    read_fd, write_fd = os.pipe()
+    reader = asyncio.StreamReader()
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0)
+    )
+    following = asyncio.create_task(follow(metrics, reader))
+    child = Child()
+    reporter = Reporter(write_fd, child, period=3600)
+    assert child.metrics is reporter
+    child.stats.applied = 40
+    reporter.observe_round(40, 0.25, 7, child.worker_id)
+    reporter.report()
+    many = select.PIPE_BUF // 10  # more rounds than one atomic write holds
+    for _ in range(many):
+        reporter.observe_round(1, 0.001, 0, child.worker_id)
+    child.stats.applied = 41
+    reporter.report()
+    os.close(write_fd)
+    await asyncio.wait_for(following, 5)
+    transport.close()
+
+    from prometheus_client import generate_latest
+
+    samples: Samples = {}
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    assert samples[("kloudmeter_events_applied_total", frozenset({("worker", "child-1")}))] == 41
+    assert samples[("kloudmeter_write_round_events_count", frozenset())] == 1  # not `many` more
+    assert samples[("kloudmeter_write_round_events_sum", frozenset())] == 40
+    assert ("kloudmeter_consumer_lag", frozenset({("worker", "child-1")})) not in samples
