@@ -51,12 +51,16 @@ def state_size(state: KeyState) -> int:
     """Estimated bytes a cached key state takes, key and cache entry included.
 
     From tracemalloc, 100,000 states of the wide bench shape's keys: a reading with its Acc
-    and key ~400 bytes; a page ~290 and its bytes while closed (~465 while each page had an
+    and key ~650 bytes as read from KV (50,000 sum readings decoded and held as the worker
+    holds them, with their stream sequences, times and sums as ints over 256 and floats:
+    575 bytes besides its key of ~70; 450 were counted before, which made 180,000 readings
+    at 30,000 subjects ~35 MB more than the cache counted); a page ~290 and its bytes while
+    closed (~465 while each page had an
     Acc and a dict of its own: core.plan.PAGE_ACC, CLOSED), or per window ~280 as an Acc and
     ~100 and its bytes while open but untouched. Distinct values are shared
     (core.aggregate.shared): a set of them ~200 bytes and ~40 a value.
     """
-    size = (450 if state.windows is None else 290) + 8 * len(state.replayed or ())
+    size = (650 if state.windows is None else 290) + 8 * len(state.replayed or ())
     if state.raw is not None:
         return size + len(state.raw)
     windows = state.windows
