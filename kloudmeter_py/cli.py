@@ -330,24 +330,34 @@ async def _worker_process(
     process, so it folds on one core at most: on the wide bench shape two worker processes
     cleared a million events 1.6-1.8x as fast as one."""
     stopping = asyncio.Event()
+    # The first start's outcome: a child that cannot be started stops `up` at start, as
+    # before; one that fails to start again later is logged and tried again.
+    first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def supervise() -> None:
         delay = RESTART_FIRST
         while True:
             started = time.monotonic()
-            async with _one_child(settings, args, metrics) as proc:
-                exited = asyncio.create_task(proc.wait())
-                stop = asyncio.create_task(stopping.wait())
-                await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
-                if stopping.is_set():
-                    exited.cancel()
-                    return  # leaving the block stops it
-                if time.monotonic() - started > RESTART_RESET:
-                    delay = RESTART_FIRST
-                log.warning(
-                    "worker.process_exited", pid=proc.pid, code=proc.returncode, restart_in=delay
-                )
+            try:
+                async with _one_child(settings, args, metrics) as proc:
+                    if not first.done():
+                        first.set_result(None)
+                    exited = asyncio.create_task(proc.wait())
+                    stop = asyncio.create_task(stopping.wait())
+                    await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    stop.cancel()
+                    if stopping.is_set():
+                        exited.cancel()
+                        return  # leaving the block stops it
+                    log.warning("worker.process_exited", pid=proc.pid, code=proc.returncode)
+            except Exception as exc:
+                if not first.done():
+                    first.set_exception(exc)
+                    return
+                log.error("worker.process_failed", error=str(exc))
+            if time.monotonic() - started > RESTART_RESET:
+                delay = RESTART_FIRST
+            log.info("worker.process_restarting", seconds=delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), delay)
             if stopping.is_set():
@@ -356,6 +366,7 @@ async def _worker_process(
 
     supervisor = asyncio.create_task(supervise())
     try:
+        await first
         yield
     finally:
         stopping.set()

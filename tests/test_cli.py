@@ -101,6 +101,31 @@ def test_workers_below_one_exit_2(command: str, capsys: pytest.CaptureFixture[st
     assert "--workers" in capsys.readouterr().err
 
 
+async def test_a_child_worker_that_cannot_start_stops_up_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`kloudmeter up`'s extra worker that cannot even be started fails `up` at start with
+    the cause, rather than leaving a supervisor that fails unseen (restarts are for a child
+    that ran and exited)."""
+    import argparse
+    import contextlib
+    from collections.abc import AsyncIterator
+
+    from kloudmeter_py import cli
+    from kloudmeter_py.metrics import Metrics
+
+    @contextlib.asynccontextmanager
+    async def cannot(*_: object) -> AsyncIterator[None]:
+        raise OSError("no such interpreter")
+        yield
+
+    monkeypatch.setattr(cli, "_one_child", cannot)
+    args = argparse.Namespace(log_level="warning", log_json=False)
+    with pytest.raises(OSError, match="no such interpreter"):
+        async with cli._worker_process(Settings(), args, Metrics(process_collectors=False)):
+            pass
+
+
 async def test_up_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     """`kloudmeter up` starts NATS, worker and gateway; an event becomes a reading; SIGINT stops
     it with exit code 0 and leaves no nats-server behind."""

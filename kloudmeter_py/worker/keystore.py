@@ -50,13 +50,12 @@ _ack_decoder = msgspec.json.Decoder(_BatchAck)
 def state_size(state: KeyState) -> int:
     """Estimated bytes a cached key state takes, key and cache entry included.
 
-    From tracemalloc, 100,000 states of the wide bench shape's keys: a reading with its Acc
-    and key ~650 bytes as read from KV (50,000 sum readings decoded and held as the worker
-    holds them, with their stream sequences, times and sums as ints over 256 and floats:
-    575 bytes besides its key of ~70; 450 were counted before, which made 180,000 readings
-    at 30,000 subjects ~35 MB more than the cache counted); a page ~290 and its bytes while
-    closed (~465 while each page had an
-    Acc and a dict of its own: core.plan.PAGE_ACC, CLOSED), or per window ~280 as an Acc and
+    From tracemalloc: a reading ~650 bytes (50,000 sum readings decoded from KV and held as
+    the worker holds them, their sequences, times and sums ints over 256 and floats: 575
+    besides a key of ~70; counted at 450 before, which left 180,000 readings at 30,000
+    subjects ~35 MB over what the cache counted). Of 100,000 states of the wide bench
+    shape's keys: a page ~290 and its bytes while closed (~465 while each page had an Acc
+    and a dict of its own: core.plan.PAGE_ACC, CLOSED), or per window ~280 as an Acc and
     ~100 and its bytes while open but untouched. Distinct values are shared
     (core.aggregate.shared): a set of them ~200 bytes and ~40 a value.
     """
