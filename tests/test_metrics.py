@@ -81,7 +81,15 @@ async def test_event_ingested_applied_and_timed(http: Http, worker: Worker) -> N
     assert latency_count(before, "POST", "/api/create-meter", 201) == 1
 
     await post_event(http, id="e1", eventType="api-request", subject="c1", data={"ms": 5})
-    after = await until(http, lambda s: value(s, "kloudmeter_events_applied_total") == 1)
+    # Applied counts move as a key is written, the round's events and histograms once the
+    # round is done (Runner._process): wait for the round, observed last.
+    after = await until(
+        http,
+        lambda s: (
+            value(s, "kloudmeter_events_applied_total") == 1
+            and value(s, "kloudmeter_write_round_events_count") >= 1
+        ),
+    )
     route = "/api/register-event"
     assert value(after, "kloudmeter_http_events_ingested_total", route=route) == 1
     assert value(after, "kloudmeter_http_events_duplicate_total") == 0
