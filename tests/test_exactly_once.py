@@ -54,10 +54,11 @@ async def test_two_live_owners_of_every_partition_do_not_double_count(
 async def test_workers_of_some_partitions_each_count_only_their_own(
     nats_server: NatsServer,
 ) -> None:
-    """Four partitions, two workers with two each: their consumers are unfiltered (several
-    filter subjects are slow to deliver, see Runner._filter) and each skips the other's
-    events. Every event is read by one of them and counted once, in the readings and the
-    day summaries."""
+    """Four partitions, two workers with two each: each reads its partitions through a
+    consumer per partition, filtered on the partition's prefix (one consumer with several
+    filter subjects is slow to deliver, and an unfiltered one delivers every event to both
+    workers: see Runner._config). Every event is read by one of them and counted once, in
+    the readings and the day summaries."""
     settings = Settings(nats_url=nats_server.url, partitions=4, batch_size=200)
     nc = await nats.connect(settings.nats_url)
     try:
@@ -72,12 +73,23 @@ async def test_workers_of_some_partitions_each_count_only_their_own(
             await load.publish(nc)
             await _settled(nc, load)
             consumers = await nc.jetstream().consumers_info("meters")
-            ours = [c.config for c in consumers if c.name and c.name.startswith("meters-w")]
-            assert len(ours) == 2
-            assert all(not c.filter_subject and not c.filter_subjects for c in ours)
-            # Each event was read by one of them only (the other skipped it): with both
-            # reading every event the readings would be right too (lastSeq), but each worker
-            # would do the work of both.
+            ours = {
+                c.config.name: c for c in consumers if c.name and c.name.startswith("meters-w")
+            }
+            assert sorted(ours) == [
+                "meters-wa-1-0",
+                "meters-wa-1-1",
+                "meters-wb-1-2",
+                "meters-wb-1-3",
+            ]
+            for name, info in ours.items():
+                assert info.config.filter_subject == f"meters.events.{name[-1]}.>"
+                assert not info.config.filter_subjects
+            # nats-server delivered each event once, to its partition's consumer: with every
+            # worker reading every event the readings would be right too (lastSeq), but each
+            # worker would do the work of both.
+            stored = (await nc.jetstream().stream_info("meters")).state.messages
+            assert sum(info.delivered.consumer_seq for info in ours.values()) == stored
             assert a.stats.events > 0 and b.stats.events > 0
             assert a.stats.events + b.stats.events == len(load.unique_events)
         finally:

@@ -33,6 +33,11 @@ def ack_fields(reply: str) -> tuple[int, int, int, int]:
     return int(t[o + 1]), int(t[o]), int(t[o + 3]), int(t[o + 4])
 
 
+def pending_after(marks: list[str]) -> int:
+    """Messages the consumers had still to deliver after the ones ``marks`` name."""
+    return sum(ack_fields(reply)[3] for reply in marks if reply)
+
+
 def _left_undelivered(headers: bytes) -> int:
     """What an ended pull request had still been due to deliver (its status's
     ``Nats-Pending-Messages``); all of a batch when the server does not say."""
@@ -65,6 +70,7 @@ class RawPuller:
         batch: int,
         expires: float = 1.0,
         max_buffer: int | None = None,
+        ready: asyncio.Event | None = None,
     ):
         self.wire = wire
         # No new request while this many messages wait to be taken: a worker slower than
@@ -79,11 +85,14 @@ class RawPuller:
         self.silence_limit = 3 * expires + 2
         self.last_heard = time.monotonic()
         self.buffer: deque[WireMsg] = deque()
-        self.ready = asyncio.Event()
+        self.ready = ready or asyncio.Event()  # shared by the pullers of a Pullers
         self.remaining = 0  # messages the outstanding requests may still deliver
         self.error: Exception | None = None
         self.sid: bytes | None = None
         self.inbox = ""
+        # The ack subject of the last message taken: acknowledging it (AckAll) acknowledges
+        # everything taken up to it, whatever became of the messages' own reply fields.
+        self.last_reply = ""
 
     async def start(self) -> None:
         self.inbox = self.wire.new_inbox()
@@ -124,17 +133,54 @@ class RawPuller:
         if self.remaining <= self.batch // 2 and len(self.buffer) < self.max_buffer:
             self._request()
 
-    def ack(self, msg: WireMsg) -> None:
-        """Acknowledge ``msg`` and, with AckAll, everything delivered before it."""
-        self.wire.publish(msg.reply, b"+ACK")
+    def marks(self) -> list[str]:
+        """The ack subject of the last message taken ("" before the first)."""
+        return [self.last_reply]
 
-    def in_progress(self, msg: WireMsg) -> None:
-        self.wire.publish(msg.reply, b"+WPI")
+    def acknowledge(self, marks: list[str]) -> None:
+        """Acknowledge, with AckAll, everything taken up to ``marks`` (see ``marks``)."""
+        for reply in marks:
+            if reply:
+                self.wire.publish(reply, b"+ACK")
+
+    def working(self, marks: list[str]) -> None:
+        """Tell the server the messages up to ``marks`` are still being worked on."""
+        for reply in marks:
+            if reply:
+                self.wire.publish(reply, b"+WPI")
+
+    @property
+    def buffered(self) -> int:
+        return len(self.buffer)
+
+    def check(self) -> None:
+        """Raise what ended the consumer or the connection, if anything has."""
+        if self.error is not None:
+            raise self.error
+        if self.wire.error is not None:
+            raise self.wire.error
+
+    def check_silence(self) -> None:
+        """After a wait with nothing delivered: raise if the server went silent."""
+        if self.wire.error is not None:
+            raise self.wire.error from None
+        if time.monotonic() - self.last_heard > self.silence_limit:
+            raise ConsumerGone("no answer to the pull request") from None
+
+    def take_now(self, limit: int) -> list[WireMsg]:
+        """Up to ``limit`` of the buffered messages, without waiting."""
+        out: list[WireMsg] = []
+        buffer = self.buffer
+        while buffer and len(out) < limit:
+            out.append(buffer.popleft())
+        if out:
+            self.last_reply = out[-1].reply
+        self._maybe_request()
+        return out
 
     async def take(self, limit: int, timeout: float) -> list[WireMsg]:
         """Up to ``limit`` buffered messages; waits up to ``timeout`` for the first one."""
-        if self.error is not None:
-            raise self.error
+        self.check()
         if not self.buffer:
             self.ready.clear()
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
@@ -143,18 +189,87 @@ class RawPuller:
                 async with asyncio.timeout(timeout):
                     await self.ready.wait()
             except TimeoutError:
-                if self.wire.error is not None:
-                    raise self.wire.error from None
-                if time.monotonic() - self.last_heard > self.silence_limit:
-                    raise ConsumerGone("no answer to the pull request") from None
+                self.check_silence()
                 return []
-            if self.error is not None:
-                raise self.error
-        if self.wire.error is not None:
-            raise self.wire.error
+            self.check()
+        self.check()
+        return self.take_now(limit)
+
+
+class Pullers:
+    """One runner's consumers, one per partition (filtered on its subjects), read as one.
+
+    A worker that reads some of the partitions but not all reads each through a consumer of
+    its own rather than one unfiltered consumer whose other partitions it skips: nats-server
+    then delivers each event once, to its owner, instead of to every worker. Messages come
+    in stream order within a partition; across partitions they interleave, which is all
+    exactness needs (every key belongs to one partition, and each partition has its own
+    checkpoint). A take shares its limit among the consumers with something buffered, so
+    that a partition with a backlog cannot hold back another.
+    """
+
+    def __init__(self, pullers: list[RawPuller]) -> None:
+        self.pullers = pullers
+        self.ready = pullers[0].ready
+        for puller in pullers:
+            assert puller.ready is self.ready
+
+    async def start(self) -> None:
+        for puller in self.pullers:
+            await puller.start()
+
+    async def stop(self) -> None:
+        for puller in self.pullers:
+            await puller.stop()
+
+    @property
+    def buffered(self) -> int:
+        return sum(len(p.buffer) for p in self.pullers)
+
+    @property
+    def max_buffer(self) -> int:
+        return sum(p.max_buffer for p in self.pullers)
+
+    @max_buffer.setter
+    def max_buffer(self, value: int) -> None:
+        each = max(1, -(-value // len(self.pullers)))
+        for puller in self.pullers:
+            puller.max_buffer = max(each, puller.batch)
+
+    def marks(self) -> list[str]:
+        """The ack subject of the last message taken from each consumer (none yet: "")."""
+        return [p.last_reply for p in self.pullers]
+
+    def acknowledge(self, marks: list[str]) -> None:
+        self.pullers[0].acknowledge(marks)
+
+    def working(self, marks: list[str]) -> None:
+        self.pullers[0].working(marks)
+
+    async def take(self, limit: int, timeout: float) -> list[WireMsg]:
+        """Up to ``limit`` buffered messages of all the consumers; waits up to ``timeout``
+        for the first one."""
+        pullers = self.pullers
+        for puller in pullers:
+            puller.check()
+        if not any(p.buffer for p in pullers):
+            self.ready.clear()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.ready.wait()
+            except TimeoutError:
+                for puller in pullers:
+                    puller.check_silence()
+                return []
+            for puller in pullers:
+                puller.check()
         out: list[WireMsg] = []
-        buffer = self.buffer
-        while buffer and len(out) < limit:
-            out.append(buffer.popleft())
-        self._maybe_request()
+        having = [p for p in pullers if p.buffer]
+        share = -(-limit // max(1, len(having)))
+        for puller in having:
+            out.extend(puller.take_now(min(share, limit - len(out))))
+        for puller in having:  # what a share left unused
+            if len(out) >= limit:
+                break
+            out.extend(puller.take_now(limit - len(out)))
         return out

@@ -43,6 +43,10 @@ class Checkpoint:
         self.partitions = partitions
         self.worker_id = worker_id
         self.position = 0  # last stream seq whose readings and dead letters are stored
+        # Per partition, the same: all equal to ``position`` for a runner with one consumer
+        # (it reads its partitions in one stream order), each partition's own for a runner
+        # with a consumer per partition (worker.runner.Runner.merged).
+        self.positions: dict[int, int] = {}
         self.folded = 0  # highest stream seq folded (into the round in progress or before)
         self.started = False  # checkpoints read: position and the floors are known
         # Per partition, the checkpoint read at the start: its messages at or below it are
@@ -99,9 +103,8 @@ class Checkpoint:
         checkpoints = await self.read()
         if self.restart_from is not None and self.restart_from <= max(checkpoints.values()):
             for p, c in checkpoints.items():
-                # Read before, up to here: the position covers every partition read, the
-                # checkpoint this one.
-                self.horizons[p] = max(self.horizons.get(p, 0), self.position, c)
+                # Read before, up to here: the partition's position, or its checkpoint.
+                self.horizons[p] = max(self.horizons.get(p, 0), self.positions.get(p, 0), c)
             self.replay_horizon = max(self.horizons.values())
             checkpoints = {p: min(c, self.restart_from - 1) for p, c in checkpoints.items()}
             # Lower the checkpoints first, so a crash during the replay resumes it.
@@ -114,8 +117,19 @@ class Checkpoint:
         self.skip = {p: c for p, c in checkpoints.items() if c > lowest}
         self.skip_below = max(checkpoints.values())
         self.position = self.folded = lowest
+        self.positions = dict(checkpoints)
         self.started = True
         return lowest
+
+    def advance(self, last: int, lasts: dict[int, int] | None = None) -> None:
+        """A round is stored: every partition up to ``last`` (one consumer), or each up to
+        its own in ``lasts`` (a consumer per partition; the others where they were)."""
+        self.position = max(self.position, last)
+        if lasts is None:
+            for p in self.partitions:
+                self.positions[p] = last
+        else:
+            self.positions.update(lasts)
 
     def covered(self, subject: str, seq: int) -> bool:
         """Step 2: applied before (its partition's checkpoint covers it)."""
@@ -137,7 +151,7 @@ class Checkpoint:
         # (not while a replay for another meter is asked for: its meter must stay listed)
         return (
             bool(self.replay_horizon)
-            and self.position >= self.replay_horizon
+            and all(self.positions.get(p, 0) >= h for p, h in self.horizons.items())
             and self.restart_from is None
         )
 
@@ -147,6 +161,6 @@ class Checkpoint:
         self.replay_meters.clear()
 
     async def commit(self) -> None:
-        """Step 4: every partition read is applied up to ``position`` (or its floor)."""
-        floor = self.floor
-        await self.write({p: max(self.position, floor.get(p, 0)) for p in self.partitions})
+        """Step 4: every partition read is applied up to its position (or its floor)."""
+        floor, positions = self.floor, self.positions
+        await self.write({p: max(positions.get(p, 0), floor.get(p, 0)) for p in self.partitions})

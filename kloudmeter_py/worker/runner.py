@@ -8,7 +8,9 @@ Exactness rests on three things:
   checkpoint of the partitions it reads and skips what a partition's own checkpoint already
   covers. Every reading key belongs to exactly one partition, since its subject is part of the
   key. A worker that owns every partition reads the stream unfiltered, which costs nats-server
-  far less than a filtered consumer per partition.
+  far less than a filtered consumer per partition; one that owns some reads each of them
+  through a consumer of its own, in one runner (``store.pull.Pullers``), and keeps a
+  checkpoint position per partition.
 * Each reading stores ``lastSeq``, the highest stream sequence folded into it. Folding skips
   events at or below it, so any replay (after a crash, a redelivery, a second owner, a backfill)
   changes nothing that was already applied.
@@ -60,7 +62,7 @@ from kloudmeter_py.core.plan import (
 from kloudmeter_py.core.summaries import encode_page
 from kloudmeter_py.store.events import subject_events
 from kloudmeter_py.store.kv import get_with_revision
-from kloudmeter_py.store.pull import RawPuller, ack_fields
+from kloudmeter_py.store.pull import Pullers, RawPuller, ack_fields, pending_after
 from kloudmeter_py.store.wire import WireMsg
 from kloudmeter_py.worker.checkpoint import Checkpoint, partition_of
 from kloudmeter_py.worker.corrections import Pending
@@ -162,7 +164,11 @@ class _Round:
     def __init__(self, levels: list[tuple[int, int, int]], position: int) -> None:
         self.levels = levels
         self.last = position  # highest stream sequence in the round
-        self.last_msg: WireMsg | None = None  # its message, acknowledged after the round
+        # The ack subjects of the last message taken from each consumer: acknowledged after
+        # the round (AckAll), and the position each partition's consumer has reached.
+        self.marks: list[str] = []
+        # With a consumer per partition: the last sequence taken from each partition.
+        self.lasts: dict[int, int] = {}
         self.rows: list[tuple[WireMsg, int, int]] = []  # (message, stream seq, stored-at ms)
         # the same rows by NATS subject (one event type and subject), until they are folded
         self.by_subject: dict[str, list[tuple[WireMsg, int, int]]] = {}
@@ -220,7 +226,7 @@ class Runner:
         # ~100 bytes less a page than a (store, key) tuple in a dict, ~150,000 pages at once)
         self._dirty: dict[WKey, tuple[CompiledMeter, str, tuple[str | None, ...]]] = {}
         self._dirty_pages: dict[int, set[str]] = {}  # store -> keys of pages to write
-        self._unacked: WireMsg | None = None
+        self._unacked: list[str] | None = None  # marks of the last round stored, not acked
         self._behind = False  # the last round left a backlog (_BACKLOG events or more) waiting
         self._unflushed_at = 0.0
         self._pull_batch = min(self.settings.batch_size, 1000)
@@ -230,11 +236,12 @@ class Runner:
         # (meter, subject) of the readings the rounds since the last checkpoint touched, read
         # again or not: the alerts are made from them before the checkpoint (worker.alerts).
         self._touched: set[tuple[str, str]] = set()
-        # Partitions another worker reads, whose events an unfiltered consumer delivers too
-        # and this runner skips (see _filter; none when it reads every partition).
-        self._others = (
-            set() if self._filter() else set(range(self.settings.partitions)) - set(partitions)
+        # A consumer per partition (some of the partitions, not all), else one for all.
+        self.merged = 1 < len(partitions) < self.settings.partitions
+        self._consumers = (
+            [f"{self.consumer}-{p}" for p in partitions] if self.merged else [self.consumer]
         )
+        self._lasts: dict[int, int] = {}  # per partition, the last sequence taken (merged)
 
     def meter_added(self, cm: CompiledMeter) -> None:
         """A meter that should have seen events already applied: replay them. Before the
@@ -270,34 +277,28 @@ class Runner:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 self.keys.clear()
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(2):
-                        await self.w.js.delete_consumer(self.layout.stream, self.consumer)
+                for name in self._consumers:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(2):
+                            await self.w.js.delete_consumer(self.layout.stream, name)
 
-    def _filter(self) -> dict[str, Any]:
-        """The consumer's filter: none for every partition, the partition's subjects for one.
+    def _config(self, name: str, partition: int | None, start: int) -> ConsumerConfig:
+        """A consumer of one partition (``partition``), or unfiltered, after ``start``.
 
-        For some partitions but not all, none either: the runner skips what is not its own
-        (``_others``). nats-server delivers slowly to a consumer with several filter subjects
-        on a stream of many subjects: 200,000 wide events (10,000 subjects) on nats-server
-        2.15.1, pulled 1,000 at a time by nats-py, came at ~780 a second to a consumer of
-        two of four partitions, against ~13,700 a second to a consumer of one and ~11,000
-        (all of them) to an unfiltered one; two workers, each with two partitions, then
-        worked rounds of ~200 events and the pair went ~7 times slower than one worker
-        alone. Each worker then receives every event, and drops the others' at ~1 us each.
+        Unfiltered is every partition (the stream holds only events): a worker that owns
+        them all reads them in one stream order. One with some but not all has a consumer
+        per partition (see ``Pullers``), filtered on its literal prefix. Not one consumer
+        with several filter subjects: nats-server delivers those slowly on a stream of many
+        subjects (200,000 wide events, 10,000 subjects, nats-server 2.15.1, pulled 1,000 at
+        a time by nats-py: ~780 a second to a consumer of two of four partitions, against
+        ~13,700 to a consumer of one and ~11,000, all of them, to an unfiltered one). Nor one
+        unfiltered consumer per worker that skips the others' events, as before: nats-server
+        then delivered every event to every worker (live bench shape, two workers: 3.8-4.1 s
+        of nats-server CPU and 3.8-4.0 s of the workers' against 2.3 s and 2.9 s for one
+        worker, and 0.49-0.61 of the raw baseline end to end).
         """
-        if len(self.partitions) > 1 or self.settings.partitions == 1:
-            return {}  # the stream holds only events: unfiltered is every partition
-        return {"filter_subject": self.layout.partition_filter(self.partitions[0])}
-
-    async def _consume(self) -> None:
-        checkpoint = await self.cp.begin()
-        self._forget_unflushed()
-        with contextlib.suppress(NotFoundError):
-            await self.w.js.delete_consumer(self.layout.stream, self.consumer)
         config = ConsumerConfig(
-            name=self.consumer,
-            **self._filter(),
+            name=name,
             ack_policy=AckPolicy.ALL,
             # Redelivery is never relied on: any out-of-order message restarts from checkpoint.
             ack_wait=120.0,
@@ -308,20 +309,58 @@ class Runner:
             num_replicas=1,
             mem_storage=True,
         )
-        if checkpoint > 0:
+        if partition is not None:
+            config.filter_subject = self.layout.partition_filter(partition)
+        if start > 0:
             config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
-            config.opt_start_seq = checkpoint + 1
+            config.opt_start_seq = start + 1
         else:
             config.deliver_policy = DeliverPolicy.ALL
-        await self.w.js.add_consumer(self.layout.stream, config)
+        return config
+
+    async def _consume(self) -> None:
+        lowest = await self.cp.begin()
+        self._forget_unflushed()
+        for name in self._consumers:
+            with contextlib.suppress(NotFoundError):
+                await self.w.js.delete_consumer(self.layout.stream, name)
         wire = await self.w.wire()
-        puller = RawPuller(
-            wire,
-            self.layout.stream,
-            self.consumer,
-            self._pull_batch,
-            max_buffer=self.settings.batch_size,
-        )
+        puller: RawPuller | Pullers
+        if self.merged:
+            # Each partition's consumer starts after its own checkpoint.
+            ready = asyncio.Event()
+            pullers = []
+            for name, p in zip(self._consumers, self.partitions, strict=True):
+                await self.w.js.add_consumer(
+                    self.layout.stream, self._config(name, p, self.cp.floor[p])
+                )
+                pullers.append(
+                    RawPuller(
+                        wire,
+                        self.layout.stream,
+                        name,
+                        self._pull_batch,
+                        max_buffer=self.settings.batch_size,
+                        ready=ready,
+                    )
+                )
+            puller = Pullers(pullers)
+        else:
+            one = self.partitions[0] if len(self.partitions) == 1 else None
+            if self.settings.partitions == 1:
+                one = None  # the stream holds only events: unfiltered is every partition
+            await self.w.js.add_consumer(
+                self.layout.stream, self._config(self.consumer, one, lowest)
+            )
+            puller = RawPuller(
+                wire,
+                self.layout.stream,
+                self.consumer,
+                self._pull_batch,
+                max_buffer=self.settings.batch_size,
+            )
+        checkpoint = lowest
+        self._lasts = dict(self.cp.floor)
         await puller.start()
         self.log.debug("partition.consuming", start=checkpoint + 1)
         # The first round is kept small until it is known how many parts events make.
@@ -333,7 +372,7 @@ class Runner:
         writing: asyncio.Task[None] | None = None
         try:
             while True:
-                if writing is not None and (writing.done() or not puller.buffer):
+                if writing is not None and (writing.done() or not puller.buffered):
                     await writing
                     writing = None
                 if self.cp.restart_from is not None:
@@ -357,18 +396,18 @@ class Runner:
                 started = time.monotonic()
                 await self.w.registry.catch_up()
                 rnd = _Round(self._levels, self.cp.folded)
-                self._add(rnd, msgs)
+                self._add(rnd, msgs, puller)
                 while len(rnd.rows) < round_limit:
                     # More waiting: gather up to METER_FLUSH_MS. Caught up: linger a moment
                     # for what is arriving, so a steady stream makes rounds of useful size.
-                    busy = ack_fields(msgs[-1].reply)[3] > 0
+                    busy = pending_after(rnd.marks) > 0
                     left = (flush_after if busy else linger) - (time.monotonic() - started)
                     if left <= 0:
                         break
                     msgs = await puller.take(round_limit - len(rnd.rows), timeout=left)
                     if not msgs:
                         break
-                    self._add(rnd, msgs)
+                    self._add(rnd, msgs, puller)
                 await self._fold_round(rnd)
                 round_limit = _round_limit(
                     self.settings.batch_size,
@@ -400,37 +439,41 @@ class Runner:
                 await puller.stop()
 
     @staticmethod
-    async def _keep_alive(puller: RawPuller, msg: WireMsg) -> None:
+    async def _keep_alive(puller: RawPuller | Pullers, marks: list[str]) -> None:
         """A long write round tells the server it is still working on the batch."""
         while True:
             await asyncio.sleep(20)
-            puller.in_progress(msg)
+            puller.working(marks)
 
-    def _add(self, rnd: _Round, msgs: list[WireMsg]) -> None:
+    def _add(self, rnd: _Round, msgs: list[WireMsg], puller: RawPuller | Pullers) -> None:
         """Check the order of newly arrived messages and add them to the round."""
         rows = rnd.rows
         by_subject = rnd.by_subject
         last = rnd.last
         covered = self.cp.covered
-        others = self._others
         early = self.w.dedup is None  # the long dedup looks at a whole round at once
-        final = msgs[-1]
+        # In stream order within a partition: across partitions only with one consumer.
+        lasts = self._lasts if self.merged else None
         for msg in msgs:
             seq, delivered, stored_ns, _ = ack_fields(msg.reply)
-            if delivered != 1 or seq <= last:
-                raise Restart(f"out of order at stream seq {seq}")
-            last = seq
+            if lasts is None:
+                if delivered != 1 or seq <= last:
+                    raise Restart(f"out of order at stream seq {seq}")
+                last = seq
+            else:
+                p = partition_of(msg.subject)
+                if delivered != 1 or seq <= lasts.get(p, 0):
+                    raise Restart(f"out of order at stream seq {seq} (partition {p})")
+                lasts[p] = seq
+                last = max(last, seq)
             if covered(msg.subject, seq):
                 continue  # applied before: its partition's checkpoint covers it
-            if others and partition_of(msg.subject) in others:
-                continue  # another worker's (see _filter)
             row = (msg, seq, stored_ns // 1_000_000)
             rows.append(row)
-            # A round holds its messages until it is written: keep them small. The ack
-            # subject is needed only on a take's last message (the one acknowledged), and one
+            # A round holds its messages until it is written: keep them small. The puller
+            # keeps the ack subject of each consumer's last message taken (marks), and one
             # subject string serves all the messages of a subject.
-            if msg is not final:
-                msg.reply = ""
+            msg.reply = ""
             same = by_subject.get(msg.subject)
             if same is None:
                 by_subject[msg.subject] = [row]
@@ -443,7 +486,9 @@ class Runner:
                     self._fold_rows(rnd, same)
                     del by_subject[msg.subject]
         rnd.last = last
-        rnd.last_msg = msgs[-1]
+        rnd.marks = puller.marks()
+        if lasts is not None:
+            rnd.lasts = dict(lasts)
         if self.cp.restart_from is not None:
             raise Restart("replay for a new meter")
 
@@ -496,14 +541,13 @@ class Runner:
         if self.cp.restart_from is not None:
             raise Restart("replay for a new meter")
 
-    async def _process(self, puller: RawPuller, rnd: _Round, started: float) -> None:
+    async def _process(self, puller: RawPuller | Pullers, rnd: _Round, started: float) -> None:
         self._spread(rnd)
         dead = rnd.dead
         last = rnd.last
-        last_msg = rnd.last_msg
-        assert last_msg is not None
-        pending = ack_fields(last_msg.reply)[3]
-        keepalive = asyncio.create_task(self._keep_alive(puller, last_msg))
+        marks = rnd.marks
+        pending = pending_after(marks)
+        keepalive = asyncio.create_task(self._keep_alive(puller, marks))
         try:
             # Under a backlog readings wait for the flush too: a series that several rounds
             # touch is then written once (the wide shape's sum meter has 50,000 series, a
@@ -527,10 +571,10 @@ class Runner:
             # The round's messages and work are stored: let them go before the flush, when
             # the cache is at its fullest and the next round is being folded beside it.
             rnd.release()
-            self.cp.position = last
+            self.cp.advance(last, rnd.lasts if self.merged else None)
             if self._unacked is None:
                 self._unflushed_at = time.monotonic()
-            self._unacked = last_msg
+            self._unacked = marks
             # Summaries are written at once when a backlog has just been cleared, else at
             # most METER_FLUSH_MS apart while caught up (or idle, see _consume), and every
             # METER_SUMMARY_FLUSH_MS under load; after them the checkpoint, then the
@@ -576,7 +620,7 @@ class Runner:
         self._touched.clear()
         self._unacked = None
 
-    async def _flush(self, puller: RawPuller) -> None:
+    async def _flush(self, puller: RawPuller | Pullers) -> None:
         """Write the summaries changed since the last flush, then the checkpoint, then ack."""
         if self._has_dirty():
             by_store = {store: list(keys) for store, keys in self._dirty_pages.items() if keys}
@@ -599,7 +643,7 @@ class Runner:
             self._touched = set()
         await self.cp.commit()
         if self._unacked is not None:
-            puller.ack(self._unacked)
+            puller.acknowledge(self._unacked)
             self._unacked = None
         self.keys.trim()
 
