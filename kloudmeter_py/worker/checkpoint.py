@@ -5,16 +5,19 @@ acknowledged (key ``partition.<n>`` in the offsets bucket). A runner's life with
 
 1. ``begin``: read the partitions' checkpoints. A replay asked for (a new meter that should
    have seen events already applied) lowers them to its start first, so that a crash during
-   the replay resumes it. The consumer starts after the lowest one.
+   the replay resumes it. One consumer for all the partitions starts after the lowest one, a
+   consumer per partition after its own.
 2. ``covered``: a message at or below its own partition's checkpoint was applied before (the
    consumer started lower for another partition): skip it.
 3. ``replaying``: a message read before this replay (at or below its partition's horizon)
    is folded again only for the meters the replay is for; other meters skip it by lastSeq
    and must not dead-letter it twice.
-4. ``commit``: after a round's keys and dead letters are stored and its summaries flushed,
-   every partition's checkpoint moves to the round's last sequence, never below where the
-   partition started (``floor``: a partition ahead of the others is not moved back while
-   they catch up). Only then is the round acknowledged.
+4. ``advance``, then ``commit``: after a round's keys and dead letters are stored and its
+   summaries flushed, every partition's checkpoint moves to the round's last sequence (one
+   consumer for all the partitions), or each to the last sequence its own consumer delivered
+   (a consumer per partition), never below where the partition started (``floor``: a
+   partition ahead of the others is not moved back while they catch up). Only then is the
+   round acknowledged.
 """
 
 import asyncio
