@@ -66,9 +66,9 @@ async def test_small_wide_bench_checks_every_reading_and_window() -> None:
 
 
 async def test_small_wide_bench_with_two_workers_is_correct() -> None:
-    """Two worker processes share the four partitions (two each: unfiltered consumers that
-    skip the other's events, see Runner._filter): every reading and window is right, and
-    each worker's figures are reported."""
+    """Two worker processes share the four partitions (two each, a consumer per partition,
+    see Runner._config): every reading and window is right, and each worker's figures are
+    reported."""
     results = await small_wide_bench(workers=2)
     assert results["correct"] is True, results.get("wrong")
     assert results["workers"] == 2 and len(results["workers_peak_rss_mb"]) == 2

@@ -415,11 +415,15 @@ async def test_a_scan_leaves_no_consumer_behind(http: Http, nc: Client) -> None:
 
 
 async def test_a_lookup_past_the_read_deadline_answers_503(nc: Client, settings: Settings) -> None:
-    """A scan longer than METER_READ_TIMEOUT_MS stops with 503 and deletes its consumer
-    (10,000 events take nats-py well over a 1 ms deadline to deliver)."""
+    """A scan longer than METER_READ_TIMEOUT_MS stops with 503 and deletes its consumer.
+
+    30,000 events: more than one pull request of the scan (store.events._BATCH), and the
+    deadline is looked at as each begins, after the first has taken well over 1 ms. With
+    10,000 (one request) a fast machine delivered them all inside the first 50 ms slice of
+    waiting, before the deadline was looked at again, and the lookup answered 404."""
     js = nc.jetstream()
     body = msgspec.json.encode({"id": "bulk", "eventType": "api-calls", "subject": "acme"})
-    for _ in range(10):
+    for _ in range(30):
         await asyncio.gather(
             *(js.publish(f"{STREAM}.events.api-calls.acme", body) for _ in range(1000))
         )
