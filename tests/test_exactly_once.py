@@ -73,9 +73,7 @@ async def test_workers_of_some_partitions_each_count_only_their_own(
             await load.publish(nc)
             await _settled(nc, load)
             consumers = await nc.jetstream().consumers_info("meters")
-            ours = {
-                c.config.name: c for c in consumers if c.name and c.name.startswith("meters-w")
-            }
+            ours = {c.config.name: c for c in consumers if c.name and c.name.startswith("meters-w")}
             assert sorted(ours) == [
                 "meters-wa-1-0",
                 "meters-wa-1-1",
