@@ -97,6 +97,74 @@ async def test_workers_of_some_partitions_each_count_only_their_own(
         await nc.close()
 
 
+async def _last_seq_by_partition(nc: Client) -> dict[int, int]:
+    """The last stream sequence stored in each partition (from each stored subject's last)."""
+    js = nc.jetstream()
+    info = await js.stream_info("meters", subjects_filter="meters.events.>")
+    lasts: dict[int, int] = {}
+    for subject in info.state.subjects or {}:
+        p = int(subject.split(".")[2])
+        seq = (await js.get_last_msg("meters", subject)).seq or 0
+        lasts[p] = max(lasts.get(p, 0), seq)
+    return lasts
+
+
+async def _checkpoints(nc: Client) -> dict[int, int]:
+    offsets = await nc.jetstream().key_value("offsets")
+    out: dict[int, int] = {}
+    for p in range(4):
+        try:
+            out[p] = int(msgspec.json.decode((await offsets.get(f"partition.{p}")).value)["seq"])
+        except Exception:
+            out[p] = 0
+    return out
+
+
+async def test_workers_of_some_partitions_checkpoint_each_partition_where_it_stands(
+    nats_server: NatsServer,
+) -> None:
+    """Two workers of two partitions each (a consumer per partition, read as one): each
+    partition's checkpoint is the last sequence of its own events, not the highest its
+    worker read. One of them stopped, more events stored, and a new worker of its two
+    partitions started: each partition resumes from its own checkpoint and every event is
+    counted once."""
+    settings = Settings(nats_url=nats_server.url, partitions=4, batch_size=200)
+    nc = await nats.connect(settings.nats_url)
+    try:
+        await provision(nc.jetstream(), settings)
+        await create_meters(nc)
+        load = Load(4000, dup_ratio=0.1, seed=31)
+        events = load.events
+        first = events[:2000]
+        uniques = load.unique_events
+        a = Worker(nc, settings, partitions=[0, 1], worker_id="a")
+        b = Worker(nc, settings, partitions=[2, 3], worker_id="b")
+        await a.start()
+        await b.start()
+        try:
+            load.events = first
+            load.unique_events = [e for e in uniques if any(e is f for f in first)]
+            await load.publish(nc)
+            await _settled(nc, load)
+            lasts = await _last_seq_by_partition(nc)
+            assert sorted(lasts) == [0, 1, 2, 3] and len(set(lasts.values())) == 4
+            await eventually(lambda: _checkpoints(nc), lambda c: c == lasts)
+            await a.stop()
+            load.events = events[2000:]
+            await load.publish(nc)
+            load.events, load.unique_events = events, uniques
+            a = Worker(nc, settings, partitions=[0, 1], worker_id="a2")
+            await a.start()
+            await _settled(nc, load)
+            lasts = await _last_seq_by_partition(nc)
+            await eventually(lambda: _checkpoints(nc), lambda c: c == lasts)
+        finally:
+            await a.stop()
+            await b.stop()
+    finally:
+        await nc.close()
+
+
 async def test_replaying_the_whole_stream_changes_nothing(nc: Client, settings: Settings) -> None:
     """Checkpoints wiped and every event read again: the readings stay as they were."""
     await create_meters(nc)
