@@ -5,11 +5,11 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.js.api import KeyValueConfig
+from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StreamConfig
 
 from kloudmeter_py.config import Settings
 from kloudmeter_py.store.provision import provision
-from kloudmeter_py.store.pull import _left_undelivered, ack_fields
+from kloudmeter_py.store.pull import Pullers, RawPuller, _left_undelivered, ack_fields
 from kloudmeter_py.store.server import NatsServer
 from kloudmeter_py.store.wire import Wire, WireError
 from kloudmeter_py.worker import Worker
@@ -83,6 +83,65 @@ async def test_last_values_reads_many_keys_in_one_request(tmp_path: Path) -> Non
         await nc.jetstream().create_key_value(KeyValueConfig(bucket="plain"))
         with pytest.raises(WireError, match=r"direct get refused|no responders"):
             await wire.last_values("KV_plain", ["$KV.plain.x"], timeout=3)
+        await wire.close()
+        await nc.close()
+
+
+async def test_pullers_share_each_take_among_their_consumers(tmp_path: Path) -> None:
+    """A consumer per partition read as one (store.pull.Pullers): a partition with a backlog
+    does not hold back another, each consumer's messages come in order, and the marks are
+    each consumer's last message taken (acknowledged there, AckAll)."""
+    import asyncio
+
+    async with NatsServer(tmp_path / "nats") as s:
+        nc = await nats.connect(s.url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="ev", subjects=["ev.>"]))
+        for i in range(3000):
+            await js.publish("ev.0.x", str(i).encode())
+        for i in range(5):
+            await js.publish("ev.1.y", str(i).encode())
+        ready = asyncio.Event()
+        wire = await Wire.connect(s.url, name="t")
+        pullers = []
+        for p in (0, 1):
+            await js.add_consumer(
+                "ev",
+                ConsumerConfig(
+                    name=f"c{p}",
+                    filter_subject=f"ev.{p}.>",
+                    ack_policy=AckPolicy.ALL,
+                    max_ack_pending=10_000,
+                ),
+            )
+            pullers.append(RawPuller(wire, "ev", f"c{p}", 500, ready=ready))
+        both = Pullers(pullers)
+        await both.start()
+
+        async def buffered() -> list[int]:
+            return [len(p.buffer) for p in pullers]
+
+        await eventually(buffered, lambda b: b[0] >= 100 and b[1] == 5)
+        taken: list[list[int]] = [[], []]
+        marks: list[str] = []
+        while len(taken[0]) + len(taken[1]) < 3005:
+            msgs = await both.take(100, timeout=5)
+            assert msgs and len(msgs) <= 100
+            for m in msgs:
+                taken[int(m.subject.split(".")[1])].append(int(m.data))
+            marks = both.marks()
+            # the first take has partition 1's five beside 95 of partition 0's backlog
+            assert len(taken[1]) == 5 and len(taken[0]) >= 95
+        assert taken == [list(range(3000)), list(range(5))]
+        assert [ack_fields(r)[0] for r in marks] == [3000, 3005]
+        both.acknowledge(marks)
+        await wire.drain()
+        for name in ("c0", "c1"):
+            info = await eventually(
+                lambda name=name: js.consumer_info("ev", name), lambda i: i.num_ack_pending == 0
+            )
+            assert info.ack_floor.stream_seq == (3000 if name == "c0" else 3005)
+        await both.stop()
         await wire.close()
         await nc.close()
 
