@@ -390,6 +390,9 @@ class Runner:
                     wait = min(1.0, max(0.0, self._unflushed_at + flush_after - time.monotonic()))
                 msgs = await puller.take(round_limit, timeout=wait)
                 if not msgs:
+                    # Idle: whatever comes next is not gathered as a heavy stream's (the
+                    # first round after a burst would otherwise wait up to METER_FLUSH_MS).
+                    self._heavy = False
                     if (
                         self._unacked is not None
                         and time.monotonic() - self._unflushed_at >= flush_after
