@@ -301,9 +301,10 @@ class Runner:
         a time by nats-py: ~780 a second to a consumer of two of four partitions, against
         ~13,700 to a consumer of one and ~11,000, all of them, to an unfiltered one). Nor one
         unfiltered consumer per worker that skips the others' events, as before: nats-server
-        then delivered every event to every worker (live bench shape, two workers: 3.8-4.1 s
-        of nats-server CPU and 3.8-4.0 s of the workers' against 2.3 s and 2.9 s for one
-        worker, and 0.49-0.61 of the raw baseline end to end).
+        then delivered every event to every worker. On the live bench shape two workers used
+        6.0-8.1 s of CPU with nats-server in eleven runs that way, 5.0-5.7 s in six with a
+        consumer per partition (and the heavy-stream rounds of ``_process``); one worker
+        4.5 s.
         """
         config = ConsumerConfig(
             name=name,
