@@ -253,6 +253,56 @@ def test_round_limit_keeps_a_rounds_key_states_in_the_cache(
     assert _round_limit(50_000, 25_000, 75_000, bytes_per_event, room) == limit
 
 
+@pytest.mark.parametrize(
+    ("events", "since", "heavy"),
+    [
+        (20_000, 1.0, True),  # the live burst, ~20,000 events a second a worker
+        (2_500, 1.0, False),  # the lag phase, 2,500 a second a worker
+        (1_500, 0.1, True),  # 15,000 a second over the linger
+        (900, 0.01, False),  # a moment is counted as the linger (0.1 s): 9,000 a second
+        (20_000, 60.0, False),  # a round after an idle minute
+    ],
+)
+def test_a_heavy_stream_is_one_of_10000_events_a_second(
+    events: int, since: float, heavy: bool
+) -> None:
+    from kloudmeter_py.worker.runner import _heavy
+
+    assert _heavy(events, since, 0.1) is heavy
+
+
+@pytest.mark.parametrize(
+    ("dirty", "waited", "pending", "heavy", "behind", "full", "due"),
+    [
+        (False, 0.0, 5000, True, True, False, True),  # nothing deferred: checkpoint now
+        (True, 0.5, 0, False, False, False, False),  # caught up, within METER_FLUSH_MS
+        (True, 1.0, 0, False, False, False, True),  # caught up, METER_FLUSH_MS passed
+        (True, 0.2, 0, False, True, False, True),  # a backlog just cleared
+        (True, 5.0, 0, True, False, False, False),  # keeping up with a heavy stream
+        (True, 0.2, 0, True, True, False, False),  # heavy: not even after a backlog
+        (True, 5.0, 3, False, False, False, False),  # events left waiting
+        (True, 30.0, 3, True, False, False, True),  # METER_SUMMARY_FLUSH_MS passed
+        (True, 0.0, 3, True, False, True, True),  # the cache is full
+    ],
+)
+def test_when_deferred_keys_are_flushed(
+    dirty: bool, waited: float, pending: int, heavy: bool, behind: bool, full: bool, due: bool
+) -> None:
+    from kloudmeter_py.worker.runner import _flush_due
+
+    got = _flush_due(
+        dirty=dirty,
+        waited=waited,
+        pending=pending,
+        heavy=heavy,
+        behind=behind,
+        cache_full=full,
+        flush_s=1.0,
+        summary_flush_s=30.0,
+    )
+    assert got is due
+
+
 def test_rollups_sum_a_partitions_subjects_per_group_and_replay_exactly() -> None:
     """With partitions, each part also changes its partition's rollup page (per group values)
     at every level that keeps its window: subjects of one partition share it, a unique meter

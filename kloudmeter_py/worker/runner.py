@@ -129,6 +129,42 @@ def _round_limit(
     return min(batch_size, max(1000, limit))
 
 
+def _heavy(events: int, since: float, linger: float) -> bool:
+    """Whether a round's events came at _HEAVY a second or more: ``events`` taken ``since``
+    seconds after the last round began to gather (at least ``linger``)."""
+    return events >= _HEAVY * max(since, linger)
+
+
+def _flush_due(
+    *,
+    dirty: bool,
+    waited: float,
+    pending: int,
+    heavy: bool,
+    behind: bool,
+    cache_full: bool,
+    flush_s: float,
+    summary_flush_s: float,
+) -> bool:
+    """Whether a stored round's deferred keys are flushed now (then the checkpoint and the
+    acknowledgement), ``waited`` seconds after the first round not yet flushed.
+
+    Now: nothing deferred, METER_SUMMARY_FLUSH_MS (``summary_flush_s``) passed, or the cache
+    full; else only when caught up (nothing left ``pending`` and not a ``heavy`` stream),
+    once a backlog has just been cleared (``behind``) or METER_FLUSH_MS (``flush_s``) passed.
+
+    A worker that keeps up with a heavy stream writes as under a backlog: on the live bench
+    shape two workers each kept up with ~20,000 events a second in rounds of 4,000-20,000
+    events, and writing their summaries every second (7,500 keys a worker) and their readings
+    every ~0.5 s made 0.40-0.48 KV writes an event, against 0.12 for one worker, which fell
+    behind and deferred them; with this rule 0.18-0.20.
+    """
+    if not dirty or cache_full or waited >= summary_flush_s:
+        return True
+    caught_up = pending == 0 and not heavy
+    return caught_up and (behind or waited >= flush_s)
+
+
 def _chunks(keys: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
     """The keys in chunks of up to CHUNK of one bucket each, in order."""
     by_store: dict[int, list[tuple[int, str]]] = {}
@@ -423,7 +459,7 @@ class Runner:
                 # The rate the round's events came at: since the last round began, which
                 # is when the worker last took what had arrived.
                 since = time.monotonic() - self._last_start
-                self._heavy = rnd.heavy = len(rnd.rows) >= _HEAVY * max(since, linger)
+                self._heavy = rnd.heavy = _heavy(len(rnd.rows), since, linger)
                 self._last_start = started
                 await self._fold_round(rnd)
                 round_limit = _round_limit(
@@ -596,20 +632,17 @@ class Runner:
             # most METER_FLUSH_MS apart while caught up (or idle, see _consume), and every
             # METER_SUMMARY_FLUSH_MS under load; after them the checkpoint, then the
             # acknowledgement (AckAll: the last message acks all before it).
-            waited = time.monotonic() - self._unflushed_at
-            # Caught up: nothing left waiting, and a light stream. A worker that keeps up
-            # with a heavy one (_HEAVY events a second or more) gathers rounds for up to
-            # METER_FLUSH_MS and writes its summaries as under a backlog: on the live bench
-            # shape two workers each kept up with ~20,000 events a second in rounds of
-            # 4,000-20,000 events, and writing their summaries every second (7,500 keys a
-            # worker) and their readings every ~0.5 s made 0.40-0.48 KV writes an event,
-            # against 0.12 for one worker, which fell behind and deferred them.
-            caught_up = pending == 0 and not rnd.heavy
-            if (
-                not self._has_dirty()
-                or waited >= self.settings.summary_flush_ms / 1000
-                or (caught_up and (self._behind or waited >= self.settings.flush_ms / 1000))
-                or self.keys.cache_bytes >= self.keys.cache_budget
+            # A worker that keeps up with a heavy stream also gathers its rounds for up to
+            # METER_FLUSH_MS (see _consume). See _flush_due.
+            if _flush_due(
+                dirty=self._has_dirty(),
+                waited=time.monotonic() - self._unflushed_at,
+                pending=pending,
+                heavy=rnd.heavy,
+                behind=self._behind,
+                cache_full=self.keys.cache_bytes >= self.keys.cache_budget,
+                flush_s=self.settings.flush_ms / 1000,
+                summary_flush_s=self.settings.summary_flush_ms / 1000,
             ):
                 await self._flush(puller)
             self._behind = pending >= _BACKLOG
