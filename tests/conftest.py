@@ -60,7 +60,11 @@ async def nc(settings: Settings) -> AsyncIterator[Client]:
     client = await nats.connect(settings.nats_url)
     await provision(client.jetstream(), settings)
     yield client
-    await client.close()
+    # A test may have stopped the server (test_healthy_reports_nats_state): closing then
+    # can find the connection already lost (ConnectionResetError from nats-py's drain, seen
+    # once at teardown in a fresh-clone CI run); the test's outcome is already decided.
+    with contextlib.suppress(ConnectionError):
+        await client.close()
 
 
 @pytest.fixture
