@@ -191,7 +191,6 @@ class RawPuller:
             except TimeoutError:
                 self.check_silence()
                 return []
-            self.check()
         self.check()
         return self.take_now(limit)
 

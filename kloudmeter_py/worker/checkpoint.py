@@ -45,10 +45,9 @@ class Checkpoint:
         self.offsets = offsets
         self.partitions = partitions
         self.worker_id = worker_id
-        self.position = 0  # last stream seq whose readings and dead letters are stored
-        # Per partition, the same: all equal to ``position`` for a runner with one consumer
-        # (it reads its partitions in one stream order), each partition's own for a runner
-        # with a consumer per partition (worker.runner.Runner.merged).
+        # Per partition, the last stream seq whose readings and dead letters are stored: the
+        # same for all with one consumer (it reads its partitions in one stream order), each
+        # partition's own with a consumer per partition (worker.runner.Runner.merged).
         self.positions: dict[int, int] = {}
         self.folded = 0  # highest stream seq folded (into the round in progress or before)
         self.started = False  # checkpoints read: position and the floors are known
@@ -77,7 +76,7 @@ class Checkpoint:
     def needs_replay(self, meter_start_seq: int) -> bool:
         """Whether a meter starting after ``meter_start_seq`` missed events already applied
         (before the checkpoints are read that is not known: assume so)."""
-        applied = max(self.position, self.folded, self.skip_below)
+        applied = max(self.folded, self.skip_below)  # folded: at or past every position
         return not self.started or meter_start_seq < applied
 
     async def read(self) -> dict[int, int]:
@@ -119,7 +118,7 @@ class Checkpoint:
         self.floor = checkpoints
         self.skip = {p: c for p, c in checkpoints.items() if c > lowest}
         self.skip_below = max(checkpoints.values())
-        self.position = self.folded = lowest
+        self.folded = lowest
         self.positions = dict(checkpoints)
         self.started = True
         return lowest
@@ -127,7 +126,6 @@ class Checkpoint:
     def advance(self, last: int, lasts: dict[int, int] | None = None) -> None:
         """A round is stored: every partition up to ``last`` (one consumer), or each up to
         its own in ``lasts`` (a consumer per partition; the others where they were)."""
-        self.position = max(self.position, last)
         if lasts is None:
             for p in self.partitions:
                 self.positions[p] = last

@@ -404,10 +404,9 @@ class Runner:
                 self._pull_batch,
                 max_buffer=self.settings.batch_size,
             )
-        checkpoint = lowest
         self._lasts = dict(self.cp.floor)
         await puller.start()
-        self.log.debug("partition.consuming", start=checkpoint + 1)
+        self.log.debug("partition.consuming", start=lowest + 1)
         # The first round is kept small until it is known how many parts events make.
         round_limit = min(self.settings.batch_size, _ROUND_PARTS // 4)
         flush_after = self.settings.flush_ms / 1000
