@@ -50,7 +50,7 @@ class Checkpoint:
         # partition's own with a consumer per partition (worker.runner.Runner.merged).
         self.positions: dict[int, int] = {}
         self.folded = 0  # highest stream seq folded (into the round in progress or before)
-        self.started = False  # checkpoints read: position and the floors are known
+        self.started = False  # checkpoints read: positions and floors are known
         # Per partition, the checkpoint read at the start: its messages at or below it are
         # already applied and are skipped (the consumer starts at the lowest checkpoint).
         self.skip: dict[int, int] = {}
