@@ -577,6 +577,7 @@ async def run(
         while not publishing.done():
             p.phase(f"end to end: published {publisher.acked:,}/{events_n:,}")
             await asyncio.wait({publishing}, timeout=0.25)
+        published = time.perf_counter()
         while time.perf_counter() - start < 3600:
             left = await _unapplied(nc, stream)
             p.phase(f"end to end: published {events_n:,}, {left:,} to apply")
@@ -592,6 +593,7 @@ async def run(
             round(cpu_seconds(server_pid) - cpu_before[1], 2) if server_pid else None
         )
         results["e2e_events_per_s"] = round(events_n / elapsed)
+        results["e2e_settle_ms"] = round((start + elapsed - published) * 1000, 1)
         results["e2e_ratio"] = round(
             results["e2e_events_per_s"] / results["baseline_events_per_s"], 3
         )
@@ -824,6 +826,7 @@ def table(r: dict[str, Any]) -> str:
         ("baseline (raw JetStream publish + consume)", f"{r['baseline_events_per_s']:,} events/s"),
         ("end to end (publish -> readings final)", f"{r['e2e_events_per_s']:,} events/s"),
         ("end to end / baseline", f"{r['e2e_ratio']}"),
+        ("of it, last publish -> readings final", f"{r['e2e_settle_ms']} ms"),
         ("readings and summary windows correct", str(r["correct"])),
         (
             "distinct keys / KV writes per event",

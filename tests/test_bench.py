@@ -13,6 +13,7 @@ from tests.helpers import small_wide_bench
 KEYS = {
     "baseline_events_per_s",
     "e2e_events_per_s",
+    "e2e_settle_ms",
     "e2e_ratio",
     "http_single_events_per_s",
     "http_batch_events_per_s",

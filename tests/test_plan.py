@@ -272,6 +272,27 @@ def test_a_heavy_stream_is_one_of_10000_events_a_second(
 
 
 @pytest.mark.parametrize(
+    ("gathered", "backlog", "heavy", "wait"),
+    [
+        (0.0, False, False, 0.1),  # a light stream lingers 0.1 s
+        (0.1, False, False, 0.0),  # ... and no more
+        (0.3, True, False, 0.7),  # a backlog: up to METER_FLUSH_MS (1 s)
+        (0.3, True, True, 0.7),
+        (0.3, False, True, 0.1),  # a heavy stream: 0.1 s at a time, ended by a pause
+        (0.95, False, True, 0.05),  # ... and never past METER_FLUSH_MS
+        (1.2, False, True, -0.2),
+    ],
+)
+def test_a_round_gathers_a_heavy_stream_until_it_pauses(
+    gathered: float, backlog: bool, heavy: bool, wait: float
+) -> None:
+    from kloudmeter_py.worker.runner import _gather_wait
+
+    got = _gather_wait(gathered, backlog=backlog, heavy=heavy, flush_s=1.0, linger=0.1)
+    assert got == pytest.approx(wait)
+
+
+@pytest.mark.parametrize(
     ("dirty", "waited", "pending", "heavy", "behind", "full", "due"),
     [
         (False, 0.0, 5000, True, True, False, True),  # nothing deferred: checkpoint now
