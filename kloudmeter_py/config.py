@@ -210,9 +210,10 @@ def default_workers(partitions: int) -> int:
     (10,000 subjects, a month of event times) on a 2-core machine, one worker cleared a
     million events at 7,625 events/s (0.123 of the raw JetStream baseline), two at
     10,918-11,623 (0.183-0.191), the same hour; since each of two reads only its own
-    partitions (a consumer per partition, worker.runner), 16,860-18,340 (0.22-0.256). On the
+    partitions (a consumer per partition, worker.runner), 16,860-18,940 (0.22-0.256). On the
     live shape, with the bench's publisher and nats-server on the same two cores, two used
-    as much CPU as one (README, Performance).
+    about as much CPU as one and reached 0.599-0.698 of the baseline against 0.59 for one
+    (README, Performance).
     """
     try:
         cpus = len(os.sched_getaffinity(0))

@@ -87,7 +87,7 @@ _FOLD_AT = 64
 # Events left waiting after a round that make a backlog: once it is cleared, summaries are
 # written at once (a blip of a few events at a steady rate is not one).
 _BACKLOG = 1000
-# Events a second that make a heavy stream (see Runner._process): the live bench shape's
+# Events a second that make a heavy stream (see _gather_wait, _flush_due): the live bench shape's
 # ~20,000 a worker is one, its lag phase's 2,500-5,000 is not.
 _HEAVY = 10_000
 # Multi-get requests (up to 1,000 keys each) a runner keeps open at once.
