@@ -97,6 +97,39 @@ async def test_workers_of_some_partitions_each_count_only_their_own(
         await nc.close()
 
 
+async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker of two partitions (a consumer each) started on a backlog in both works
+    through one, then the other (``runner._focus``; its threshold lowered from 20,000 to
+    100 events here): at each turn it writes what it holds and empties its key cache. Every
+    event is counted once, in the readings and the day summaries, with no restart."""
+    from kloudmeter_py.worker import runner
+
+    monkeypatch.setattr(runner, "_FOCUS_AT", 100)
+    settings = Settings(nats_url=nats_server.url, partitions=4, batch_size=200)
+    nc = await nats.connect(settings.nats_url)
+    try:
+        await provision(nc.jetstream(), settings)
+        await create_meters(nc)
+        load = Load(4000, dup_ratio=0.1, seed=41)
+        await load.publish(nc)
+        a = Worker(nc, settings, partitions=[0, 1], worker_id="a")
+        b = Worker(nc, settings, partitions=[2, 3], worker_id="b")
+        await a.start()
+        await b.start()
+        try:
+            await _settled(nc, load)
+            assert a.stats.turns >= 2 and b.stats.turns >= 2  # to one, then the next or all
+            assert a.stats.restarts == 0 and b.stats.restarts == 0
+            assert a.stats.events + b.stats.events == len(load.unique_events)
+        finally:
+            await a.stop()
+            await b.stop()
+    finally:
+        await nc.close()
+
+
 async def _last_seq_by_partition(nc: Client) -> dict[int, int]:
     """The last stream sequence stored in each partition (from each stored subject's last)."""
     js = nc.jetstream()

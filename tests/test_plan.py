@@ -396,3 +396,35 @@ def test_freeze_holds_a_readings_distinct_values_as_a_tuple_and_thaw_restores_th
     assert state.frozen is None and acc.distinct == distinct
     thaw(state)  # twice: nothing changes
     assert acc.distinct == distinct
+
+
+@pytest.mark.parametrize(
+    ("pending", "current", "since", "focus", "waiting"),
+    [
+        ([0, 0], None, 0.0, None, ()),  # caught up: all together
+        ([50_000, 5], None, 0.0, None, ()),  # one behind: all together, the other is live
+        ([50_000, 30_000], None, 0.0, 0, (1,)),  # two behind: the first, the other waits
+        ([50_000, 30_000], 0, 10.0, 0, (1,)),  # kept while behind
+        ([50_000, 30_000], 1, 10.0, 1, (0,)),  # whichever it is on
+        ([5_000, 30_000], 0, 10.0, 0, (1,)),  # kept until caught up, not only below 20,000
+        ([999, 30_000], 0, 10.0, 1, ()),  # caught up: the next behind (the other is live)
+        ([999, 10], 1, 10.0, None, ()),  # all caught up: all together
+        ([50_000, 30_000], 0, 60.0, 1, (0,)),  # its slice is over: the next in turn
+        ([50_000, 30_000], 1, 60.0, 0, (1,)),  # ... round again
+        ([50_000, 10], 0, 60.0, 0, ()),  # slice over, but no other is behind: kept
+        ([50_000, 30_000, 40_000], 0, 5.0, 0, (1, 2)),  # three behind
+        ([500, 30_000, 40_000], 0, 5.0, 1, (2,)),  # caught up: the next behind
+        ([50_000, 30_000, 10], 2, 5.0, 0, (1,)),  # the one on is live: the first behind
+    ],
+)
+def test_a_runner_works_through_one_backlogged_partition_at_a_time(
+    pending: list[int],
+    current: int | None,
+    since: float,
+    focus: int | None,
+    waiting: tuple[int, ...],
+) -> None:
+    from kloudmeter_py.worker.runner import _focus
+
+    got = _focus(pending, current, since, at=20_000, release=1000, slice_s=60.0)
+    assert got == (focus, frozenset(waiting))

@@ -146,6 +146,62 @@ async def test_pullers_share_each_take_among_their_consumers(tmp_path: Path) -> 
         await nc.close()
 
 
+async def test_pullers_leave_a_waiting_consumer_alone(tmp_path: Path) -> None:
+    """While a consumer waits (``Pullers.waiting``, the runner on another partition's
+    backlog) nothing is taken from it, though it has messages buffered, and a take with
+    nothing else to give times out empty; each consumer's pending is what the server had
+    left after its newest delivery; once it waits no more it is taken from, in order."""
+    import asyncio
+
+    async with NatsServer(tmp_path / "nats") as s:
+        nc = await nats.connect(s.url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name="ev", subjects=["ev.>"]))
+        for i in range(300):
+            await js.publish("ev.0.x", str(i).encode())
+        for i in range(50):
+            await js.publish("ev.1.y", str(i).encode())
+        ready = asyncio.Event()
+        wire = await Wire.connect(s.url, name="t")
+        pullers = []
+        for p in (0, 1):
+            await js.add_consumer(
+                "ev",
+                ConsumerConfig(
+                    name=f"c{p}",
+                    filter_subject=f"ev.{p}.>",
+                    ack_policy=AckPolicy.ALL,
+                    max_ack_pending=10_000,
+                ),
+            )
+            pullers.append(RawPuller(wire, "ev", f"c{p}", 100, ready=ready, max_buffer=100))
+        both = Pullers(pullers)
+        both.waiting = frozenset({0})
+        await both.start()
+
+        async def buffered() -> list[int]:
+            return [len(p.buffer) for p in pullers]
+
+        await eventually(buffered, lambda b: b[0] >= 100 and b[1] == 50)
+        assert both.pending() == [300, 50]  # buffered, and still on the server
+        msgs = await both.take(500, timeout=5)
+        assert [int(m.data) for m in msgs] == list(range(50))
+        assert all(m.subject.startswith("ev.1.") for m in msgs)
+        assert await both.take(500, timeout=0.3) == []  # consumer 0 still waits
+        assert len(pullers[0].buffer) >= 100
+        both.waiting = frozenset()
+        got: list[int] = []
+        while len(got) < 300:
+            msgs = await both.take(500, timeout=5)
+            assert msgs
+            got.extend(int(m.data) for m in msgs)
+        assert got == list(range(300))
+        assert both.pending() == [0, 0]
+        await both.stop()
+        await wire.close()
+        await nc.close()
+
+
 async def test_worker_counts_exactly_on_a_server_that_requires_a_password(
     tmp_path: Path,
 ) -> None:

@@ -205,10 +205,15 @@ class Pullers:
     exactness needs (every key belongs to one partition, and each partition has its own
     checkpoint). A take shares its limit among the consumers with something buffered, so
     that a partition with a backlog cannot hold back another.
+
+    The consumers in ``waiting`` (indexes) are not taken from: the runner sets it while it
+    works through one partition's backlog at a time (``worker.runner._focus``). What they
+    have buffered stays there, unacknowledged, until they are taken from again.
     """
 
     def __init__(self, pullers: list[RawPuller]) -> None:
         self.pullers = pullers
+        self.waiting: frozenset[int] = frozenset()
         self.ready = pullers[0].ready
         for puller in pullers:
             assert puller.ready is self.ready
@@ -239,6 +244,15 @@ class Pullers:
         """The ack subject of the last message taken from each consumer (none yet: "")."""
         return [p.last_reply for p in self.pullers]
 
+    def pending(self) -> list[int]:
+        """Per consumer, what is left to take: its buffered messages and what the server had
+        still to deliver after the newest of them (or the last taken)."""
+        out = []
+        for p in self.pullers:
+            reply = p.buffer[-1].reply if p.buffer else p.last_reply
+            out.append(len(p.buffer) + (ack_fields(reply)[3] if reply else 0))
+        return out
+
     def acknowledge(self, marks: list[str]) -> None:
         self.pullers[0].acknowledge(marks)
 
@@ -251,17 +265,22 @@ class Pullers:
         pullers = self.pullers
         for puller in pullers:
             puller.check()
+        if self.waiting:
+            pullers = [p for i, p in enumerate(pullers) if i not in self.waiting]
         if not any(p.buffer for p in pullers):
-            self.ready.clear()
             try:
                 async with asyncio.timeout(timeout):
-                    await self.ready.wait()
+                    # A waiting consumer's delivery also sets ``ready``: wait again then.
+                    while not any(p.buffer for p in pullers):
+                        self.ready.clear()
+                        await self.ready.wait()
+                        for puller in self.pullers:
+                            puller.check()
             except TimeoutError:
+                # Not a waiting one: with its buffer full it asks for nothing, so is not heard.
                 for puller in pullers:
                     puller.check_silence()
                 return []
-            for puller in pullers:
-                puller.check()
         out: list[WireMsg] = []
         having = [p for p in pullers if p.buffer]
         share = -(-limit // max(1, len(having)))

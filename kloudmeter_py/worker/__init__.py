@@ -73,6 +73,7 @@ class WorkerStats:
     writes: int = 0
     conflicts: int = 0
     restarts: int = 0
+    turns: int = 0  # times a runner turned to another partition's backlog (runner._focus)
 
 
 class Worker:

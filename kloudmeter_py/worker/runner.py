@@ -95,6 +95,12 @@ _LOADS_IN_FLIGHT = 4
 # Flush chunks encoded and stored at once (each of up to CHUNK keys of one bucket).
 _FLUSHES_IN_FLIGHT = 16
 _T = TypeVar("_T")
+# Events a partition's consumer has still to deliver that make it behind: while two or more
+# of a runner's are, it works through one of them at a time (see _focus).
+_FOCUS_AT = 20_000
+# Longest a runner stays on one partition while another behind waits: what the waiting
+# consumer has buffered must be taken well within its ack_wait (120 s, see _config).
+_FOCUS_S = 60.0
 # Partial states (series x finest window) a round may hold. A round's memory grows with its
 # parts and keys, not its events: 50,000 live events (1,000 subjects, one minute) make ~5,000
 # parts, 50,000 wide ones (10,000 subjects over 30 days) ~150,000, each with a key of its own
@@ -184,6 +190,43 @@ def _flush_due(
     return caught_up and (behind or waited >= flush_s)
 
 
+def _focus(
+    pending: list[int],
+    current: int | None,
+    since: float,
+    *,
+    at: int = _FOCUS_AT,
+    release: int = _BACKLOG,
+    slice_s: float = _FOCUS_S,
+) -> tuple[int | None, frozenset[int]]:
+    """The consumer a runner of several partitions works through alone (None: all of them
+    together) and those that wait meanwhile, from what each has still to deliver
+    (``pending``), the one it is on (``current``) and for how long (``since``, seconds).
+
+    Once two or more are behind (``at`` events or more each), one of them is taken from and
+    the others behind wait; one that keeps up is still taken from. The one in hand is kept
+    until it has caught up (fewer than ``release`` left) or, while another is behind,
+    ``slice_s`` has passed; then the next behind in turn, or all together when none is.
+    At each change the runner writes what it holds and empties its key cache, so that it
+    holds one backlogged partition's keys at a time, not all of its partitions': every key
+    belongs to one partition (its subject's), and on the wide bench shape a backlog touches
+    every key of its partition. It is kept until caught up, not only until below ``at``:
+    the last 18,000 events of a partition's wide backlog still touched most of its keys,
+    which then stayed beside the next one's. Taking the backlogs one after the other also
+    clears the first in about half the time, where together they all finished at the end.
+    """
+    behind = [i for i, n in enumerate(pending) if n >= at]
+    others = [i for i in behind if i != current]
+    if current is not None and pending[current] >= release and (since < slice_s or not others):
+        focus = current
+    elif others and (current is not None or len(behind) >= 2):
+        later = [i for i in others if current is not None and i > current]
+        focus = (later or others)[0]
+    else:
+        return None, frozenset()
+    return focus, frozenset(i for i in behind if i != focus)
+
+
 def _chunks(keys: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
     """The keys in chunks of up to CHUNK of one bucket each, in order."""
     by_store: dict[int, list[tuple[int, str]]] = {}
@@ -244,6 +287,9 @@ class _Round:
         self.rebuilt: list[Rebuilt] = []  # unique meters' states rebuilt at corrections
         self.held = 0  # estimated bytes of the pages the round parked (KeyStore.park)
         self.heavy = False  # its events came at _HEAVY a second or more
+        # The first round after the runner turned to another partition's backlog (or back
+        # to all of them, see _focus): what is cached is written and let go before it.
+        self.switch = False
 
     def release(self) -> None:
         """Drop what only the round's write needed (its messages, keys and parts)."""
@@ -305,6 +351,11 @@ class Runner:
             [f"{self.consumer}-{p}" for p in partitions] if self.merged else [self.consumer]
         )
         self._lasts: dict[int, int] = {}  # per partition, the last sequence taken (merged)
+        # The consumer (index) worked through alone, since when, and whether the next round
+        # is the first since it changed (see _focus; merged only).
+        self._focus: int | None = None
+        self._focus_since = 0.0
+        self._switch = False
 
     def meter_added(self, cm: CompiledMeter) -> None:
         """A meter that should have seen events already applied: replay them. Before the
@@ -424,6 +475,7 @@ class Runner:
                 max_buffer=self.settings.batch_size,
             )
         self._lasts = dict(self.cp.floor)
+        self._focus, self._switch = None, False
         await puller.start()
         self.log.debug("partition.consuming", start=lowest + 1)
         # The first round is kept small until it is known how many parts events make.
@@ -462,6 +514,7 @@ class Runner:
                 started = time.monotonic()
                 await self.w.registry.catch_up()
                 rnd = _Round(self._levels, self.cp.folded)
+                rnd.switch, self._switch = self._switch, False
                 self._add(rnd, msgs, puller)
                 while len(rnd.rows) < round_limit:
                     # More waiting: gather up to METER_FLUSH_MS. Caught up: linger a moment
@@ -496,6 +549,8 @@ class Runner:
                 # Pull ahead about one round (its parts bound a round of the wide shape to
                 # ~6,700 events; 50,000 pulled ahead held ~18 MB more at ~13,000).
                 puller.max_buffer = max(round_limit, self._pull_batch)
+                if isinstance(puller, Pullers):
+                    self._turn(puller)
                 if writing is not None:
                     await writing
                 writing = asyncio.create_task(self._process(puller, rnd, started))
@@ -514,6 +569,22 @@ class Runner:
                         writing.exception()
             with contextlib.suppress(Exception):
                 await puller.stop()
+
+    def _turn(self, puller: Pullers) -> None:
+        """Which partition the next rounds take from (see _focus)."""
+        now = time.monotonic()
+        pending = puller.pending()
+        focus, puller.waiting = _focus(
+            pending, self._focus, now - self._focus_since, at=_FOCUS_AT, slice_s=_FOCUS_S
+        )
+        if focus != self._focus:
+            self._focus, self._focus_since, self._switch = focus, now, True
+            self.w.stats.turns += 1
+            self.log.debug(
+                "partition.focus",
+                partition=None if focus is None else self.partitions[focus],
+                pending=dict(zip(self.partitions, pending, strict=True)),
+            )
 
     @staticmethod
     async def _keep_alive(puller: RawPuller | Pullers, marks: list[str]) -> None:
@@ -619,6 +690,11 @@ class Runner:
             raise Restart("replay for a new meter")
 
     async def _process(self, puller: RawPuller | Pullers, rnd: _Round, started: float) -> None:
+        if rnd.switch:
+            # The runner has turned to another partition's backlog: write what the rounds
+            # before left in memory, then let the cache go (see _focus).
+            await self._flush(puller)
+            self.keys.clear()
         self._spread(rnd)
         dead = rnd.dead
         last = rnd.last
