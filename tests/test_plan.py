@@ -413,6 +413,8 @@ def test_freeze_holds_a_readings_distinct_values_as_a_tuple_and_thaw_restores_th
         ([50_000, 30_000], 1, 60.0, 0, (1,)),  # ... round again
         ([50_000, 10], 0, 60.0, 0, ()),  # slice over, but no other is behind: kept
         ([50_000, 30_000, 40_000], 0, 5.0, 0, (1, 2)),  # three behind
+        ([50_000, 30_000, 40_000], 0, 30.0, 1, (0, 2)),  # two wait: half the slice each
+        ([50_000, 30_000, 40_000], 2, 30.0, 0, (1, 2)),  # ... in turn
         ([500, 30_000, 40_000], 0, 5.0, 1, (2,)),  # caught up: the next behind
         ([50_000, 30_000, 10], 2, 5.0, 0, (1,)),  # the one on is live: the first behind
     ],
