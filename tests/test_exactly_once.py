@@ -51,6 +51,16 @@ async def test_two_live_owners_of_every_partition_do_not_double_count(
         await b.stop()
 
 
+async def _four_partitions(server: NatsServer) -> tuple[Settings, Client]:
+    """Settings of four partitions (rounds of 200 events) and a connection to ``server``,
+    provisioned for them, with the test meters."""
+    settings = Settings(nats_url=server.url, partitions=4, batch_size=200)
+    nc = await nats.connect(settings.nats_url)
+    await provision(nc.jetstream(), settings)
+    await create_meters(nc)
+    return settings, nc
+
+
 async def test_workers_of_some_partitions_each_count_only_their_own(
     nats_server: NatsServer,
 ) -> None:
@@ -59,11 +69,8 @@ async def test_workers_of_some_partitions_each_count_only_their_own(
     filter subjects is slow to deliver, and an unfiltered one delivers every event to both
     workers: see Runner._config). Every event is read by one of them and counted once, in
     the readings and the day summaries."""
-    settings = Settings(nats_url=nats_server.url, partitions=4, batch_size=200)
-    nc = await nats.connect(settings.nats_url)
+    settings, nc = await _four_partitions(nats_server)
     try:
-        await provision(nc.jetstream(), settings)
-        await create_meters(nc)
         a = Worker(nc, settings, partitions=[0, 1], worker_id="a")
         b = Worker(nc, settings, partitions=[2, 3], worker_id="b")
         await a.start()
@@ -107,11 +114,8 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
     from kloudmeter_py.worker import runner
 
     monkeypatch.setattr(runner, "_FOCUS_AT", 100)
-    settings = Settings(nats_url=nats_server.url, partitions=4, batch_size=200)
-    nc = await nats.connect(settings.nats_url)
+    settings, nc = await _four_partitions(nats_server)
     try:
-        await provision(nc.jetstream(), settings)
-        await create_meters(nc)
         load = Load(4000, dup_ratio=0.1, seed=41)
         await load.publish(nc)
         a = Worker(nc, settings, partitions=[0, 1], worker_id="a")
@@ -161,11 +165,8 @@ async def test_workers_of_some_partitions_checkpoint_each_partition_where_it_sta
     worker read. One of them stopped, more events stored, and a new worker of its two
     partitions started: each partition resumes from its own checkpoint and every event is
     counted once."""
-    settings = Settings(nats_url=nats_server.url, partitions=4, batch_size=200)
-    nc = await nats.connect(settings.nats_url)
+    settings, nc = await _four_partitions(nats_server)
     try:
-        await provision(nc.jetstream(), settings)
-        await create_meters(nc)
         load = Load(4000, dup_ratio=0.1, seed=31)
         events = load.events
         first = events[:2000]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StreamConfig
 
 from kloudmeter_py.config import Settings
@@ -87,11 +88,33 @@ async def test_last_values_reads_many_keys_in_one_request(tmp_path: Path) -> Non
         await nc.close()
 
 
+async def _partition_pullers(
+    js: JetStreamContext, wire: Wire, batch: int, max_buffer: int | None = None
+) -> list[RawPuller]:
+    """A consumer per partition of stream ``ev`` (``ev.0.>`` and ``ev.1.>``, AckAll), and a
+    puller of each sharing one ``ready`` event, as a Runner makes them for ``Pullers``."""
+    import asyncio
+
+    ready = asyncio.Event()
+    pullers = []
+    for p in (0, 1):
+        await js.add_consumer(
+            "ev",
+            ConsumerConfig(
+                name=f"c{p}",
+                filter_subject=f"ev.{p}.>",
+                ack_policy=AckPolicy.ALL,
+                max_ack_pending=10_000,
+            ),
+        )
+        pullers.append(RawPuller(wire, "ev", f"c{p}", batch, ready=ready, max_buffer=max_buffer))
+    return pullers
+
+
 async def test_pullers_share_each_take_among_their_consumers(tmp_path: Path) -> None:
     """A consumer per partition read as one (store.pull.Pullers): a partition with a backlog
     does not hold back another, each consumer's messages come in order, and the marks are
     each consumer's last message taken (acknowledged there, AckAll)."""
-    import asyncio
 
     async with NatsServer(tmp_path / "nats") as s:
         nc = await nats.connect(s.url)
@@ -101,20 +124,8 @@ async def test_pullers_share_each_take_among_their_consumers(tmp_path: Path) -> 
             await js.publish("ev.0.x", str(i).encode())
         for i in range(5):
             await js.publish("ev.1.y", str(i).encode())
-        ready = asyncio.Event()
         wire = await Wire.connect(s.url, name="t")
-        pullers = []
-        for p in (0, 1):
-            await js.add_consumer(
-                "ev",
-                ConsumerConfig(
-                    name=f"c{p}",
-                    filter_subject=f"ev.{p}.>",
-                    ack_policy=AckPolicy.ALL,
-                    max_ack_pending=10_000,
-                ),
-            )
-            pullers.append(RawPuller(wire, "ev", f"c{p}", 500, ready=ready))
+        pullers = await _partition_pullers(js, wire, 500)
         both = Pullers(pullers)
         await both.start()
 
@@ -151,7 +162,6 @@ async def test_pullers_leave_a_waiting_consumer_alone(tmp_path: Path) -> None:
     backlog) nothing is taken from it, though it has messages buffered, and a take with
     nothing else to give times out empty; each consumer's pending is what the server had
     left after its newest delivery; once it waits no more it is taken from, in order."""
-    import asyncio
 
     async with NatsServer(tmp_path / "nats") as s:
         nc = await nats.connect(s.url)
@@ -161,20 +171,8 @@ async def test_pullers_leave_a_waiting_consumer_alone(tmp_path: Path) -> None:
             await js.publish("ev.0.x", str(i).encode())
         for i in range(50):
             await js.publish("ev.1.y", str(i).encode())
-        ready = asyncio.Event()
         wire = await Wire.connect(s.url, name="t")
-        pullers = []
-        for p in (0, 1):
-            await js.add_consumer(
-                "ev",
-                ConsumerConfig(
-                    name=f"c{p}",
-                    filter_subject=f"ev.{p}.>",
-                    ack_policy=AckPolicy.ALL,
-                    max_ack_pending=10_000,
-                ),
-            )
-            pullers.append(RawPuller(wire, "ev", f"c{p}", 100, ready=ready, max_buffer=100))
+        pullers = await _partition_pullers(js, wire, 100, max_buffer=100)
         both = Pullers(pullers)
         both.waiting = frozenset({0})
         await both.start()
