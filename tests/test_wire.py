@@ -89,12 +89,21 @@ async def test_last_values_reads_many_keys_in_one_request(tmp_path: Path) -> Non
 
 
 async def _partition_pullers(
-    js: JetStreamContext, wire: Wire, batch: int, max_buffer: int | None = None
+    js: JetStreamContext,
+    wire: Wire,
+    events: tuple[int, int],
+    batch: int,
+    max_buffer: int | None = None,
 ) -> list[RawPuller]:
-    """A consumer per partition of stream ``ev`` (``ev.0.>`` and ``ev.1.>``, AckAll), and a
-    puller of each sharing one ``ready`` event, as a Runner makes them for ``Pullers``."""
+    """Stream ``ev`` with ``events`` numbered events in each of two partitions (``ev.0.x``
+    and ``ev.1.y``), a consumer per partition (AckAll) and a puller of each sharing one
+    ``ready`` event, as a Runner makes them for ``Pullers``."""
     import asyncio
 
+    await js.add_stream(StreamConfig(name="ev", subjects=["ev.>"]))
+    for p, subject in enumerate(("ev.0.x", "ev.1.y")):
+        for i in range(events[p]):
+            await js.publish(subject, str(i).encode())
     ready = asyncio.Event()
     pullers = []
     for p in (0, 1):
@@ -119,13 +128,8 @@ async def test_pullers_share_each_take_among_their_consumers(tmp_path: Path) -> 
     async with NatsServer(tmp_path / "nats") as s:
         nc = await nats.connect(s.url)
         js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="ev", subjects=["ev.>"]))
-        for i in range(3000):
-            await js.publish("ev.0.x", str(i).encode())
-        for i in range(5):
-            await js.publish("ev.1.y", str(i).encode())
         wire = await Wire.connect(s.url, name="t")
-        pullers = await _partition_pullers(js, wire, 500)
+        pullers = await _partition_pullers(js, wire, (3000, 5), 500)
         both = Pullers(pullers)
         await both.start()
 
@@ -160,19 +164,15 @@ async def test_pullers_share_each_take_among_their_consumers(tmp_path: Path) -> 
 async def test_pullers_leave_a_waiting_consumer_alone(tmp_path: Path) -> None:
     """While a consumer waits (``Pullers.waiting``, the runner on another partition's
     backlog) nothing is taken from it, though it has messages buffered, and a take with
-    nothing else to give times out empty; each consumer's pending is what the server had
-    left after its newest delivery; once it waits no more it is taken from, in order."""
+    nothing else to give times out empty; each consumer's pending counts what it has
+    buffered and what the server still holds; once it waits no more it is taken from, in
+    order."""
 
     async with NatsServer(tmp_path / "nats") as s:
         nc = await nats.connect(s.url)
         js = nc.jetstream()
-        await js.add_stream(StreamConfig(name="ev", subjects=["ev.>"]))
-        for i in range(300):
-            await js.publish("ev.0.x", str(i).encode())
-        for i in range(50):
-            await js.publish("ev.1.y", str(i).encode())
         wire = await Wire.connect(s.url, name="t")
-        pullers = await _partition_pullers(js, wire, 100, max_buffer=100)
+        pullers = await _partition_pullers(js, wire, (300, 50), 100, max_buffer=100)
         both = Pullers(pullers)
         both.waiting = frozenset({0})
         await both.start()

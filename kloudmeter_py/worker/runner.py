@@ -514,6 +514,11 @@ class Runner:
                     # Idle: whatever comes next is not gathered as a heavy stream's (the
                     # first round after a burst would otherwise wait up to METER_FLUSH_MS).
                     self._heavy = False
+                    if isinstance(puller, Pullers) and puller.waiting:
+                        # The partition in hand delivers nothing (say its last events were
+                        # removed by the stream's limits): the others wait no longer than
+                        # its slice.
+                        self._turn(puller)
                     if (
                         self._unacked is not None
                         and time.monotonic() - self._unflushed_at >= flush_after
