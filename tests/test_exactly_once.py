@@ -4,7 +4,9 @@ Every test compares the readings in KV with a reference computed here from the e
 """
 
 import asyncio
+import contextlib
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -61,6 +63,20 @@ async def _four_partitions(server: NatsServer) -> tuple[Settings, Client]:
     return settings, nc
 
 
+@contextlib.asynccontextmanager
+async def _two_workers(nc: Client, settings: Settings) -> AsyncIterator[tuple[Worker, Worker]]:
+    """Worker ``a`` of partitions 0 and 1 and ``b`` of 2 and 3, running until the block ends."""
+    a = Worker(nc, settings, partitions=[0, 1], worker_id="a")
+    b = Worker(nc, settings, partitions=[2, 3], worker_id="b")
+    await a.start()
+    await b.start()
+    try:
+        yield a, b
+    finally:
+        await a.stop()
+        await b.stop()
+
+
 async def test_workers_of_some_partitions_each_count_only_their_own(
     nats_server: NatsServer,
 ) -> None:
@@ -71,11 +87,7 @@ async def test_workers_of_some_partitions_each_count_only_their_own(
     the readings and the day summaries."""
     settings, nc = await _four_partitions(nats_server)
     try:
-        a = Worker(nc, settings, partitions=[0, 1], worker_id="a")
-        b = Worker(nc, settings, partitions=[2, 3], worker_id="b")
-        await a.start()
-        await b.start()
-        try:
+        async with _two_workers(nc, settings) as (a, b):
             load = Load(3000, dup_ratio=0.1, seed=21)
             await load.publish(nc)
             await _settled(nc, load)
@@ -97,9 +109,6 @@ async def test_workers_of_some_partitions_each_count_only_their_own(
             assert sum(info.delivered.consumer_seq for info in ours.values()) == stored
             assert a.stats.events > 0 and b.stats.events > 0
             assert a.stats.events + b.stats.events == len(load.unique_events)
-        finally:
-            await a.stop()
-            await b.stop()
     finally:
         await nc.close()
 
@@ -118,18 +127,11 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
     try:
         load = Load(4000, dup_ratio=0.1, seed=41)
         await load.publish(nc)
-        a = Worker(nc, settings, partitions=[0, 1], worker_id="a")
-        b = Worker(nc, settings, partitions=[2, 3], worker_id="b")
-        await a.start()
-        await b.start()
-        try:
+        async with _two_workers(nc, settings) as (a, b):
             await _settled(nc, load)
             assert a.stats.turns >= 2 and b.stats.turns >= 2  # to one, then the next or all
             assert a.stats.restarts == 0 and b.stats.restarts == 0
             assert a.stats.events + b.stats.events == len(load.unique_events)
-        finally:
-            await a.stop()
-            await b.stop()
     finally:
         await nc.close()
 

@@ -195,9 +195,9 @@ def _focus(
     current: int | None,
     since: float,
     *,
-    at: int = _FOCUS_AT,
-    release: int = _BACKLOG,
-    slice_s: float = _FOCUS_S,
+    at: int,
+    release: int,
+    slice_s: float,
 ) -> tuple[int | None, frozenset[int]]:
     """The consumer a runner of several partitions works through alone (None: all of them
     together) and those that wait meanwhile, from what each has still to deliver
@@ -594,7 +594,12 @@ class Runner:
         now = time.monotonic()
         pending = puller.pending()
         focus, puller.waiting = _focus(
-            pending, self._focus, now - self._focus_since, at=_FOCUS_AT, slice_s=_FOCUS_S
+            pending,
+            self._focus,
+            now - self._focus_since,
+            at=_FOCUS_AT,
+            release=_BACKLOG,
+            slice_s=_FOCUS_S,
         )
         if focus != self._focus:
             self._focus, self._focus_since, self._switch = focus, now, True
