@@ -357,6 +357,8 @@ async def bench_nats(
         nats_url = server.url
     elif secured:
         auth = _auth_settings(secured)
+    if secured is not None:
+        auth["partitions"] = secured.partitions  # METER_PARTITIONS, as set for the bench
     settings = Settings(nats_url=nats_url, stream=f"bench{uuid.uuid4().hex[:6]}", **auth)
     nc = await kv_connect(nats_url, name="kloudmeter-bench", settings=settings)
     stack.push_async_callback(nc.close)
@@ -478,6 +480,18 @@ def _auth_env(settings: Settings) -> dict[str, str | None]:
     return {var: getattr(settings, field) for var, field in NATS_AUTH}
 
 
+def process_env(settings: Settings) -> dict[str, str]:
+    """The environment of the workers and gateway a bench starts: its server, stream and
+    partition count (a worker refuses a count other than its stream's), and credentials."""
+    env = {
+        "NATS_URL": settings.nats_url,
+        "METER_NATS_STREAM": settings.stream,
+        "METER_PARTITIONS": str(settings.partitions),
+    }
+    env.update({var: value for var, value in _auth_env(settings).items() if value})
+    return env
+
+
 def cpu_seconds(pid: int | None) -> float:
     """User + system CPU of a process so far (Linux /proc), 0 when unknown."""
     if pid is None:
@@ -551,8 +565,7 @@ async def run(
         results["baseline_events_per_s"] = round(await baseline(nc, events, p))
         p.done(f"baseline: {results['baseline_events_per_s']:,} events/s")
 
-        env = {"NATS_URL": nats_url, "METER_NATS_STREAM": stream}
-        env.update({var: value for var, value in _auth_env(settings).items() if value})
+        env = process_env(settings)
         procs = [await stack.enter_async_context(_process(["worker"], env)) for _ in range(workers)]
         p.phase("end to end: waiting for the workers to share out every partition")
         share = -(-settings.partitions // workers)

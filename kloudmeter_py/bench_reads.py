@@ -35,13 +35,13 @@ from kloudmeter_py.bench import (
     SHAPES,
     Progress,
     Publisher,
-    _auth_env,
     _free_port,
     _process,
     _unapplied,
     bench_nats,
     last_values_consumer,
     make_events,
+    process_env,
 )
 from kloudmeter_py.config import Settings
 from kloudmeter_py.core.keys import event_subject
@@ -621,8 +621,7 @@ async def run(
         day_from_ms = now_ms - now_ms % DAY_MS - DAYS * DAY_MS
         hour_from_ms = now_ms - now_ms % HOUR_MS - 24 * HOUR_MS
 
-        env = {"NATS_URL": nats_url, "METER_NATS_STREAM": stream}
-        env.update({var: value for var, value in _auth_env(settings).items() if value})
+        env = process_env(settings)
         worker = await stack.enter_async_context(_process(["worker"], env))
         publisher = Publisher(nc)
         await publisher.start()

@@ -202,3 +202,26 @@ async def test_setup_refuses_a_changed_partition_count_or_an_older_layout(
     )
     with pytest.raises(ConfigError, match="earlier layout"):
         await provision(js, msgspec.structs.replace(settings, stream="old"))
+
+
+async def test_a_worker_refuses_a_partition_count_other_than_its_streams(
+    nc: Client, settings: Any
+) -> None:
+    """A worker run with another METER_PARTITIONS than the stream was set up with would leave
+    partitions unread (or lease ones with no events) without an error: it stops at start,
+    naming the setting and the count to use; a stream never set up is named too."""
+    import msgspec
+
+    from kloudmeter_py.errors import ConfigError
+
+    for partitions in (settings.partitions - 1, settings.partitions + 2):
+        other = msgspec.structs.replace(settings, partitions=partitions)
+        worker = Worker(nc, other, partitions=[0])
+        with pytest.raises(ConfigError, match=r"METER_PARTITIONS=2 with this stream"):
+            await worker.start()
+    missing = msgspec.structs.replace(settings, stream="never-set-up")
+    with pytest.raises(ConfigError, match=r"METER_NATS_STREAM.*'never-set-up' not found.*setup"):
+        await Worker(nc, missing, partitions=[0]).start()
+    same = Worker(nc, settings, partitions=[0])
+    await same.start()
+    await same.stop()

@@ -1,5 +1,6 @@
 """Idempotent provisioning of the event stream, the dead-letter stream and the KV buckets."""
 
+import re
 from typing import Any
 
 import structlog
@@ -191,20 +192,9 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, **kw: Any) 
         log.info("setup.stream_created", stream=config.name)
         return
     if kw.get("check_transform"):
-        have = info.config.subject_transform
         want = config.subject_transform
         assert want is not None
-        if have is None or have.dest != want.dest:
-            if have is not None and have.dest.endswith("{{wildcard(2)}}"):
-                raise ConfigError(
-                    f"METER_PARTITIONS: stream {config.name!r} was set up with transform "
-                    f"{have.dest!r}; the partition count is fixed at setup"
-                )
-            raise ConfigError(
-                f"stream {config.name!r} stores events as {have.dest if have else None!r}, an "
-                "earlier layout (partition last): set up a new stream (METER_NATS_STREAM) with "
-                "this version and publish the events again"
-            )
+        _check_transform(config.name, info.config.subject_transform, want.dest)
     if info.config.duplicate_window != config.duplicate_window or (info.config.max_age or 0) != (
         config.max_age or 0
     ):
@@ -212,6 +202,48 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig, **kw: Any) 
         info.config.max_age = config.max_age
         await js.update_stream(info.config)
         log.info("setup.stream_updated", stream=config.name)
+
+
+_PARTITION_COUNT = re.compile(r"\{\{partition\((\d+),")
+
+
+def _check_transform(stream: str, have: SubjectTransform | None, want: str) -> None:
+    """Refuse a stream whose stored-subject transform is not ``want``: another partition
+    count (fixed at setup), or an earlier layout."""
+    if have is not None and have.dest == want:
+        return
+    if have is not None and have.dest.endswith("{{wildcard(2)}}"):
+        found = _PARTITION_COUNT.search(have.dest)
+        fix = f"METER_PARTITIONS={found.group(1)}" if found else "its partition count"
+        raise ConfigError(
+            f"METER_PARTITIONS: stream {stream!r} was set up with transform {have.dest!r}, and "
+            f"the partition count is fixed at setup: use {fix} with this stream, or set up a "
+            "new one (METER_NATS_STREAM)"
+        )
+    raise ConfigError(
+        f"stream {stream!r} stores events as {have.dest if have else None!r}, an "
+        "earlier layout (partition last): set up a new stream (METER_NATS_STREAM) with "
+        "this version and publish the events again"
+    )
+
+
+async def check_partitions(js: JetStreamContext, settings: Settings) -> None:
+    """Refuse to run a worker against a stream set up with another METER_PARTITIONS.
+
+    Its leases, consumers and checkpoints cover partitions 0 .. METER_PARTITIONS - 1, and its
+    rollup keys name a subject's partition: with a smaller count it would leave the stream's
+    other partitions unread, with a larger one file rollups under partitions the gateway's
+    reads do not sum, in either case without an error. ``kloudmeter setup`` and ``up`` check
+    the same when they find the stream (``provision``)."""
+    layout = Layout(settings)
+    try:
+        info = await js.stream_info(layout.stream)
+    except NotFoundError:
+        raise ConfigError(
+            f"METER_NATS_STREAM: stream {layout.stream!r} not found on {settings.nats_url}: "
+            "run `kloudmeter setup` (or `kloudmeter up`) with the same settings first"
+        ) from None
+    _check_transform(layout.stream, info.config.subject_transform, layout.partition_transform[1])
 
 
 async def _allow_direct(js: JetStreamContext, stream: str) -> None:

@@ -30,7 +30,7 @@ from kloudmeter_py.core.windows import widths
 from kloudmeter_py.store.kv import LeanLink
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterRegistry
-from kloudmeter_py.store.provision import ensure_corrections_bucket
+from kloudmeter_py.store.provision import check_partitions, ensure_corrections_bucket
 from kloudmeter_py.store.wire import Wire
 from kloudmeter_py.worker.corrections import Corrector
 from kloudmeter_py.worker.leases import Leases
@@ -126,6 +126,7 @@ class Worker:
         return sorted(self._owned)
 
     async def start(self) -> None:
+        await check_partitions(self.js, self.settings)
         self.readings = await self.js.key_value(self.layout.readings_bucket)
         self.level_widths = widths(self.settings.interval)
         self.store_buckets = [self.layout.readings_bucket] + [
