@@ -136,6 +136,48 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
         await nc.close()
 
 
+async def test_one_worker_of_every_partition_splits_its_consumer_on_a_backlog(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker of all four partitions reads them through one unfiltered consumer, and
+    through a consumer per partition while it is behind (``runner._split``; the threshold
+    lowered from 20,000 to 50 events a partition here), so that it works through their
+    backlogs one at a time (``_focus``). Started on a backlog it starts split; once caught
+    up it reads through one consumer; a backlog that builds while it runs splits it again.
+    Every event is counted once, in the readings and the day summaries, with no restart."""
+    from kloudmeter_py.worker import runner
+
+    monkeypatch.setattr(runner, "_FOCUS_AT", 50)
+    settings, nc = await _four_partitions(nats_server)
+    worker = Worker(nc, settings, partitions=[0, 1, 2, 3], worker_id="a")
+
+    async def filters() -> list[str | None]:
+        infos = await nc.jetstream().consumers_info("meters")
+        return [c.config.filter_subject for c in infos if c.name and c.name.startswith("meters-wa")]
+
+    try:
+        load = Load(8000, dup_ratio=0.1, seed=43)
+        events = load.events
+        load.events = events[:4000]
+        await load.publish(nc)
+        await worker.start()
+        try:
+            await eventually(filters, lambda f: f == [None])  # caught up: one consumer
+            assert worker.stats.turns >= 2  # it was split: one partition, then the next
+            assert worker.stats.regroups == 1
+            load.events = events[4000:]
+            await load.publish(nc)  # a backlog while it runs
+            await _settled(nc, load)
+            await eventually(filters, lambda f: f == [None])
+            assert worker.stats.regroups >= 3  # split again, and back to one
+            assert worker.stats.restarts == 0
+            assert worker.stats.events == len(load.unique_events)
+        finally:
+            await worker.stop()
+    finally:
+        await nc.close()
+
+
 async def _last_seq_by_partition(nc: Client) -> dict[int, int]:
     """The last stream sequence stored in each partition (from each stored subject's last)."""
     js = nc.jetstream()

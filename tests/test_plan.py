@@ -430,3 +430,29 @@ def test_a_runner_works_through_one_backlogged_partition_at_a_time(
 
     got = _focus(pending, current, since, at=20_000, release=1000, slice_s=60.0)
     assert got == (focus, frozenset(waiting))
+
+
+@pytest.mark.parametrize(
+    ("backlog", "merged", "focus", "partitions", "split"),
+    [
+        (0, False, None, 4, False),  # keeping up: one consumer
+        (79_999, False, None, 4, False),  # under 20,000 a partition: one consumer
+        (80_000, False, None, 4, True),  # 20,000 a partition: a consumer each
+        (500_000, False, None, 1, False),  # one partition: one consumer whatever waits
+        (50_000, True, 2, 4, True),  # split, working through one: stays split
+        (500, True, 2, 4, True),  # ... while it works through one alone
+        (5_000, True, None, 4, True),  # split, none alone, not caught up: stays split
+        (999, True, None, 4, False),  # caught up: one consumer again
+        (0, True, None, 4, False),
+        (40_000, False, None, 2, True),  # the threshold grows with the partitions
+    ],
+)
+def test_a_runner_of_every_partition_splits_its_consumer_while_behind(
+    backlog: int, merged: bool, focus: int | None, partitions: int, split: bool
+) -> None:
+    from kloudmeter_py.worker.runner import _split
+
+    got = _split(
+        backlog, merged=merged, focus=focus, partitions=partitions, at=20_000, release=1000
+    )
+    assert got is split

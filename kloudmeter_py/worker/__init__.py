@@ -74,6 +74,8 @@ class WorkerStats:
     conflicts: int = 0
     restarts: int = 0
     turns: int = 0  # times a runner turned to another partition's backlog (runner._focus)
+    # times a runner of every partition turned to a consumer per partition or back (_split)
+    regroups: int = 0
 
 
 class Worker:
