@@ -347,19 +347,19 @@ async def bench_nats(
     stack: contextlib.AsyncExitStack, nats_url: str | None, secured: Settings | None
 ) -> tuple[NatsServer | None, Settings, Client, Layout]:
     """The bench's NATS: an embedded server in a temporary directory unless ``nats_url`` is
-    given (with ``secured``'s credentials), a stream of its own, set up with the bench's
-    meters; closed with ``stack``."""
+    given (with ``secured``'s credentials), a stream of its own (``secured``'s
+    METER_PARTITIONS), set up with the bench's meters; closed with ``stack``."""
     server: NatsServer | None = None
-    auth: dict[str, Any] = {}
+    taken: dict[str, Any] = {}  # settings taken from ``secured``
     if nats_url is None:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="kloudmeter-bench-"))
         server = await stack.enter_async_context(NatsServer(Path(tmp) / "nats"))
         nats_url = server.url
     elif secured:
-        auth = _auth_settings(secured)
+        taken = _auth_settings(secured)
     if secured is not None:
-        auth["partitions"] = secured.partitions  # METER_PARTITIONS, as set for the bench
-    settings = Settings(nats_url=nats_url, stream=f"bench{uuid.uuid4().hex[:6]}", **auth)
+        taken["partitions"] = secured.partitions
+    settings = Settings(nats_url=nats_url, stream=f"bench{uuid.uuid4().hex[:6]}", **taken)
     nc = await kv_connect(nats_url, name="kloudmeter-bench", settings=settings)
     stack.push_async_callback(nc.close)
     layout = await provision(nc.jetstream(), settings)

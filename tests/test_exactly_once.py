@@ -6,7 +6,7 @@ Every test compares the readings in KV with a reference computed here from the e
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import msgspec
@@ -53,14 +53,18 @@ async def test_two_live_owners_of_every_partition_do_not_double_count(
         await b.stop()
 
 
-async def _four_partitions(server: NatsServer) -> tuple[Settings, Client]:
+@contextlib.asynccontextmanager
+async def _four_partitions(server: NatsServer) -> AsyncIterator[tuple[Settings, Client]]:
     """Settings of four partitions (rounds of 200 events) and a connection to ``server``,
-    provisioned for them, with the test meters."""
+    provisioned for them, with the test meters; closed when the block ends."""
     settings = Settings(nats_url=server.url, partitions=4, batch_size=200)
     nc = await nats.connect(settings.nats_url)
-    await provision(nc.jetstream(), settings)
-    await create_meters(nc)
-    return settings, nc
+    try:
+        await provision(nc.jetstream(), settings)
+        await create_meters(nc)
+        yield settings, nc
+    finally:
+        await nc.close()
 
 
 @contextlib.asynccontextmanager
@@ -85,8 +89,7 @@ async def test_workers_of_some_partitions_each_count_only_their_own(
     filter subjects is slow to deliver, and an unfiltered one delivers every event to both
     workers: see Runner._config). Every event is read by one of them and counted once, in
     the readings and the day summaries."""
-    settings, nc = await _four_partitions(nats_server)
-    try:
+    async with _four_partitions(nats_server) as (settings, nc):
         async with _two_workers(nc, settings) as (a, b):
             load = Load(3000, dup_ratio=0.1, seed=21)
             await load.publish(nc)
@@ -109,8 +112,6 @@ async def test_workers_of_some_partitions_each_count_only_their_own(
             assert sum(info.delivered.consumer_seq for info in ours.values()) == stored
             assert a.stats.events > 0 and b.stats.events > 0
             assert a.stats.events + b.stats.events == len(load.unique_events)
-    finally:
-        await nc.close()
 
 
 async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
@@ -123,8 +124,7 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
     from kloudmeter_py.worker import runner
 
     monkeypatch.setattr(runner, "_FOCUS_AT", 100)
-    settings, nc = await _four_partitions(nats_server)
-    try:
+    async with _four_partitions(nats_server) as (settings, nc):
         load = Load(4000, dup_ratio=0.1, seed=41)
         await load.publish(nc)
         async with _two_workers(nc, settings) as (a, b):
@@ -132,8 +132,12 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
             assert a.stats.turns >= 2 and b.stats.turns >= 2  # to one, then the next or all
             assert a.stats.restarts == 0 and b.stats.restarts == 0
             assert a.stats.events + b.stats.events == len(load.unique_events)
-    finally:
-        await nc.close()
+
+
+async def _consumer_filters(nc: Client, prefix: str) -> list[str | None]:
+    """The filter subject of each consumer of the stream whose name begins with ``prefix``."""
+    infos = await nc.jetstream().consumers_info("meters")
+    return [c.config.filter_subject for c in infos if c.name and c.name.startswith(prefix)]
 
 
 async def test_one_worker_of_every_partition_splits_its_consumer_on_a_backlog(
@@ -148,14 +152,12 @@ async def test_one_worker_of_every_partition_splits_its_consumer_on_a_backlog(
     from kloudmeter_py.worker import runner
 
     monkeypatch.setattr(runner, "_FOCUS_AT", 50)
-    settings, nc = await _four_partitions(nats_server)
-    worker = Worker(nc, settings, partitions=[0, 1, 2, 3], worker_id="a")
+    async with _four_partitions(nats_server) as (settings, nc):
+        worker = Worker(nc, settings, partitions=[0, 1, 2, 3], worker_id="a")
 
-    async def filters() -> list[str | None]:
-        infos = await nc.jetstream().consumers_info("meters")
-        return [c.config.filter_subject for c in infos if c.name and c.name.startswith("meters-wa")]
+        def filters() -> Awaitable[list[str | None]]:
+            return _consumer_filters(nc, "meters-wa")
 
-    try:
         load = Load(8000, dup_ratio=0.1, seed=43)
         events = load.events
         load.events = events[:4000]
@@ -174,8 +176,6 @@ async def test_one_worker_of_every_partition_splits_its_consumer_on_a_backlog(
             assert worker.stats.events == len(load.unique_events)
         finally:
             await worker.stop()
-    finally:
-        await nc.close()
 
 
 async def _last_seq_by_partition(nc: Client) -> dict[int, int]:
@@ -209,8 +209,7 @@ async def test_workers_of_some_partitions_checkpoint_each_partition_where_it_sta
     worker read. One of them stopped, more events stored, and a new worker of its two
     partitions started: each partition resumes from its own checkpoint and every event is
     counted once."""
-    settings, nc = await _four_partitions(nats_server)
-    try:
+    async with _four_partitions(nats_server) as (settings, nc):
         load = Load(4000, dup_ratio=0.1, seed=31)
         events = load.events
         first = events[:2000]
@@ -239,8 +238,6 @@ async def test_workers_of_some_partitions_checkpoint_each_partition_where_it_sta
         finally:
             await a.stop()
             await b.stop()
-    finally:
-        await nc.close()
 
 
 async def test_replaying_the_whole_stream_changes_nothing(nc: Client, settings: Settings) -> None:

@@ -398,8 +398,6 @@ class Runner:
         # A consumer per partition (some of the partitions, not all, or all of them while
         # behind: see _split), else one for all.
         self.owns_all = len(partitions) == self.settings.partitions
-        self.merged = False
-        self._consumers: list[str] = []
         self._merge(1 < len(partitions) < self.settings.partitions)
         self._lasts: dict[int, int] = {}  # per partition, the last sequence taken (merged)
         # The consumer (index) worked through alone, since when, and whether the next round
@@ -411,7 +409,7 @@ class Runner:
     def _merge(self, merged: bool) -> None:
         """Read through a consumer per partition (``merged``) or one for all."""
         self.merged = merged
-        self._consumers = (
+        self._consumers: list[str] = (
             [f"{self.consumer}-{p}" for p in self.partitions] if merged else [self.consumer]
         )
 
