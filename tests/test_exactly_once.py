@@ -15,6 +15,7 @@ import pytest
 from nats.aio.client import Client
 
 from kloudmeter_py.config import Settings
+from kloudmeter_py.store.meters import MeterRegistry
 from kloudmeter_py.store.provision import provision
 from kloudmeter_py.store.server import NatsServer
 from kloudmeter_py.worker import Worker
@@ -119,17 +120,27 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
 ) -> None:
     """A worker of two partitions (a consumer each) started on a backlog in both works
     through one, then the other (``runner._focus``; its threshold lowered from 20,000 to
-    100 events here): at each turn it writes what it holds and empties its key cache. Every
-    event is counted once, in the readings and the day summaries, with no restart."""
+    100 events here): at each turn it writes what it holds and empties its key cache and
+    its meters' reading keys. Every event is counted once, in the readings and the day
+    summaries, with no restart."""
     from kloudmeter_py.worker import runner
 
     monkeypatch.setattr(runner, "_FOCUS_AT", 100)
+    forgotten: dict[int, int] = {}
+    forget_keys = MeterRegistry.forget_keys
+
+    def counted(registry: MeterRegistry) -> None:
+        forgotten[id(registry)] = forgotten.get(id(registry), 0) + 1
+        forget_keys(registry)
+
+    monkeypatch.setattr(MeterRegistry, "forget_keys", counted)
     async with _four_partitions(nats_server) as (settings, nc):
         load = Load(4000, dup_ratio=0.1, seed=41)
         await load.publish(nc)
         async with _two_workers(nc, settings) as (a, b):
             await _settled(nc, load)
             assert a.stats.turns >= 2 and b.stats.turns >= 2  # to one, then the next or all
+            assert forgotten[id(a.registry)] >= 2 and forgotten[id(b.registry)] >= 2
             assert a.stats.restarts == 0 and b.stats.restarts == 0
             assert a.stats.events + b.stats.events == len(load.unique_events)
 

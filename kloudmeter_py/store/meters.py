@@ -230,6 +230,11 @@ class MeterRegistry:
             for listener in self.on_meter_added:
                 listener(added)
 
+    def forget_keys(self) -> None:
+        """Let go of every meter's cached reading keys (``CompiledMeter.forget_keys``)."""
+        for cm in self.by_id.values():
+            cm.forget_keys()
+
     async def catch_up(self, timeout: float = 5.0) -> None:
         """Wait until every meter change stored before now is in this view."""
         info = await self.js.stream_info(f"KV_{self.layout.meters_bucket}")

@@ -450,6 +450,7 @@ class Runner:
                 backoff = min(backoff * 2, 5.0)
             finally:
                 self.keys.clear()
+                self.w.registry.forget_keys()
                 for name in self._consumers:
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(2):
@@ -802,6 +803,7 @@ class Runner:
             # before left in memory, then let the cache go (see _focus).
             await self._flush(puller)
             self.keys.clear()
+            self.w.registry.forget_keys()
         self._spread(rnd)
         dead = rnd.dead
         last = rnd.last
