@@ -145,6 +145,37 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
             assert a.stats.events + b.stats.events == len(load.unique_events)
 
 
+async def test_a_round_being_written_is_stored_before_an_idle_flush(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a worker works through one partition's backlog, its other consumers keep what
+    they have buffered. When the one in hand has nothing at that moment and METER_FLUSH_MS
+    has passed, the loop flushes: only once the round still being written is stored. A
+    flush beside that write cleared the dirty marks the write added meanwhile, and the pages
+    they marked were never written once the next turn emptied the cache. Here each atomic
+    batch waits 50 ms and METER_FLUSH_MS is 20, so writes are slow and the loop often finds
+    nothing buffered: every event is still counted once in the day summaries."""
+    from kloudmeter_py.worker import keystore, runner
+
+    monkeypatch.setattr(runner, "_FOCUS_AT", 100)
+    store_many = keystore.KeyStore.store_many
+
+    async def slow(
+        self: keystore.KeyStore, writes: list[tuple[tuple[int, str], bytes | memoryview, int]]
+    ) -> list[int | BaseException]:
+        await asyncio.sleep(0.05)
+        return await store_many(self, writes)
+
+    monkeypatch.setattr(keystore.KeyStore, "store_many", slow)
+    async with _four_partitions(nats_server) as (settings, nc):
+        load = Load(16000, subjects=2000, spread_days=60, dup_ratio=0.1, seed=47)
+        await load.publish(nc)
+        quick = msgspec.structs.replace(settings, flush_ms=20)
+        async with _two_workers(nc, quick) as (a, b):
+            await _settled(nc, load)
+            assert a.stats.turns >= 2 and b.stats.turns >= 2
+
+
 async def _consumer_filters(nc: Client, prefix: str) -> list[str | None]:
     """The filter subject of each consumer of the stream whose name begins with ``prefix``."""
     infos = await nc.jetstream().consumers_info("meters")
