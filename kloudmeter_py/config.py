@@ -21,8 +21,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_port: int = 8080
     # Width in seconds of the finest summary window.
     interval: int = 60
-    # Fixed at setup: events are spread over this many partitions by subject.
-    partitions: int = 4
+    # Fixed at setup: events are spread over this many partitions by subject. A worker
+    # behind works through one partition's backlog at a time and holds its keys only
+    # (worker.runner._focus): 16 rather than 4 made that a quarter as many. On the wide bench
+    # shape (a million events, 10,000 subjects over 30 days, the same hour): two workers'
+    # CPU 71.2 -> 52.3-56.4 s, end to end 0.233 -> 0.291-0.307 of the raw baseline, peak RSS
+    # 186-187 -> 158-176 MB a worker; one worker 73-79 -> 52-54 s; the live shape unchanged.
+    partitions: int = 16
     # How long summaries are kept after their window closes: minute level (seconds),
     # hour level (seconds), day level (days).
     minute_retention: int = 7200

@@ -214,6 +214,7 @@ async def test_up_with_two_workers_shares_the_partitions_and_stops_both(
     )
     base = f"http://127.0.0.1:{http_port}"
     layout = Layout(Settings.from_env(env))
+    half = Settings.from_env(env).partitions // 2
     nc = await nats.connect(nats_server.url)
 
     async def owners() -> dict[str, int]:
@@ -229,8 +230,8 @@ async def test_up_with_two_workers_shares_the_partitions_and_stops_both(
             await until_serving(http, base)
             workers = [p for p in _children(proc.pid) if " worker" in _cmdline(p)]
             assert len(workers) == 1
-            # every partition held, by two workers, two each
-            await eventually(owners, lambda h: sorted(h.values()) == [2, 2], timeout=30)
+            # every partition held, by two workers, half each
+            await eventually(owners, lambda h: sorted(h.values()) == [half, half], timeout=30)
             meter = {"id": "m", "eventType": "t", "aggregation": "count"}
             async with http.post(f"{base}/api/create-meter", json=meter) as r:
                 assert r.status == 201
@@ -271,7 +272,7 @@ async def test_up_with_two_workers_shares_the_partitions_and_stops_both(
                 async with http.post(f"{base}/api/register-event", json=event) as r:
                     assert r.status == 202
             await until_counted(http, base, 80, timeout=30)  # after METER_LEASE_TTL
-            await eventually(owners, lambda h: sorted(h.values()) == [2, 2], timeout=30)
+            await eventually(owners, lambda h: sorted(h.values()) == [half, half], timeout=30)
     finally:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(30):
@@ -282,3 +283,37 @@ async def test_up_with_two_workers_shares_the_partitions_and_stops_both(
         assert await owners() == {}  # given back, not left to expire (METER_LEASE_TTL)
     finally:
         await nc.close()
+
+
+async def test_a_stream_set_up_with_the_old_default_partition_count_is_named_at_start(
+    nats_server: NatsServer,
+) -> None:
+    """A stream set up while METER_PARTITIONS defaulted to 4 keeps 4: `setup`, `up` and
+    `worker` with the default (16) stop at start with exit code 2 and name the count to run
+    with, rather than leave twelve partitions' leases empty; with METER_PARTITIONS=4 they
+    run."""
+    env = dict(os.environ, NATS_URL=nats_server.url, LOG_LEVEL="warning", HTTP_SERVER_PORT="0")
+    env.pop("METER_PARTITIONS", None)
+    assert Settings.from_env(env).partitions == 16
+
+    async def run(*command: str, partitions: str | None = None) -> tuple[int, str]:
+        run_env = dict(env, METER_PARTITIONS=partitions) if partitions else env
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "kloudmeter_py",
+            *command,
+            env=run_env,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            _, err = await proc.communicate()
+        assert proc.returncode is not None
+        return proc.returncode, err.decode()
+
+    assert (await run("setup", partitions="4"))[0] == 0
+    for command in (["setup"], ["worker"], ["up", "--workers", "1"]):
+        code, err = await run(*command)
+        assert code == 2, (command, err)
+        assert "use METER_PARTITIONS=4 with this stream" in err, (command, err)
+    assert (await run("setup", partitions="4"))[0] == 0

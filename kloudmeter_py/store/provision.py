@@ -217,8 +217,8 @@ def _check_transform(stream: str, have: SubjectTransform | None, want: str) -> N
         fix = f"METER_PARTITIONS={found.group(1)}" if found else "its partition count"
         raise ConfigError(
             f"METER_PARTITIONS: stream {stream!r} was set up with transform {have.dest!r}, and "
-            f"the partition count is fixed at setup: use {fix} with this stream, or set up a "
-            "new one (METER_NATS_STREAM)"
+            f"the partition count is fixed at setup: use {fix} with this stream (the default "
+            "was 4 before it became 16), or set up a new one (METER_NATS_STREAM)"
         )
     raise ConfigError(
         f"stream {stream!r} stores events as {have.dest if have else None!r}, an "

@@ -101,8 +101,12 @@ _LOADS_IN_FLIGHT = 4
 _FLUSHES_IN_FLIGHT = 16
 _T = TypeVar("_T")
 # Events a partition's consumer has still to deliver that make it behind: while two or more
-# of a runner's are, it works through one of them at a time (see _focus).
-_FOCUS_AT = 20_000
+# of a runner's are, it works through one of them at a time (see _focus). 20,000 with 4
+# partitions; 5,000 with 16 keeps the backlog at which a runner of every partition splits
+# its consumer (see _split) at 80,000, and makes a worker of 8 of 16 turn to one at a time
+# while ~80,000 wait, as 2 of 4 did: left at 20,000, its first 160,000 took every key of
+# its partitions at once (wide bench shape, peak RSS 176 against 158-164 MB a worker).
+_FOCUS_AT = 5_000
 # Longest a runner stays on one partition while another behind waits: what the waiting
 # consumer has buffered must be taken well within its ack_wait (120 s, see _config).
 _FOCUS_S = 60.0
