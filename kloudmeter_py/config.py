@@ -25,8 +25,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # behind works through one partition's backlog at a time and holds its keys only
     # (worker.runner._focus): 16 rather than 4 made that a quarter as many. On the wide bench
     # shape (a million events, 10,000 subjects over 30 days, the same hour): two workers'
-    # CPU 71.2 -> 52.3-56.4 s, end to end 0.233 -> 0.291-0.307 of the raw baseline, peak RSS
-    # 186-187 -> 158-176 MB a worker; one worker 73-79 -> 52-54 s; the live shape unchanged.
+    # CPU 67.4 -> 53.9-54.6 s and peak RSS 183 -> 154-165 MB a worker at the same rate; one
+    # worker 69.3 -> 48.4-50.7 s, 197 -> 172-175 MB, 0.16 -> 0.178-0.192 of the raw baseline;
+    # the live shape unchanged (README, Performance).
     partitions: int = 16
     # How long summaries are kept after their window closes: minute level (seconds),
     # hour level (seconds), day level (days).
