@@ -213,8 +213,9 @@ async def test_up_with_two_workers_shares_the_partitions_and_stops_both(
         stderr=asyncio.subprocess.PIPE,
     )
     base = f"http://127.0.0.1:{http_port}"
-    layout = Layout(Settings.from_env(env))
-    half = Settings.from_env(env).partitions // 2
+    settings = Settings.from_env(env)
+    layout = Layout(settings)
+    half = settings.partitions // 2
     nc = await nats.connect(nats_server.url)
 
     async def owners() -> dict[str, int]:

@@ -453,8 +453,7 @@ class Runner:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             finally:
-                self.keys.clear()
-                self.w.registry.forget_keys()
+                self._let_go_keys()
                 for name in self._consumers:
                     with contextlib.suppress(Exception):
                         async with asyncio.timeout(2):
@@ -651,7 +650,8 @@ class Runner:
                     # checkpoints with the other kind of consumer.
                     writing = None
                     await self._process(puller, rnd, started)
-                    await self._flush(puller)
+                    if self._unacked is not None or self._has_dirty():  # not flushed by it
+                        await self._flush(puller)
                     raise Regroup(
                         "one consumer per partition" if not self.merged else "one consumer"
                     )
@@ -818,8 +818,7 @@ class Runner:
             # The runner has turned to another partition's backlog: write what the rounds
             # before left in memory, then let the cache go (see _focus).
             await self._flush(puller)
-            self.keys.clear()
-            self.w.registry.forget_keys()
+            self._let_go_keys()
         self._spread(rnd)
         dead = rnd.dead
         last = rnd.last
@@ -889,6 +888,13 @@ class Runner:
         )
         if self.w.metrics is not None:
             self.w.metrics.observe_round(events, seconds, pending, self.w.worker_id)
+
+    def _let_go_keys(self) -> None:
+        """Empty the key cache and the meters' reading keys, which grow with the series
+        seen: at a turn to another partition's backlog, after a flush, and when the consumer
+        starts again, whose rounds not yet flushed are read again from the checkpoints."""
+        self.keys.clear()
+        self.w.registry.forget_keys()
 
     def _has_dirty(self) -> bool:
         return bool(self._dirty) or any(self._dirty_pages.values())
