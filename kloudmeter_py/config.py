@@ -45,6 +45,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     summary_flush_ms: int = 30_000
     # The worker's cache of key states (readings and summaries), in MB (an estimate).
     cache_mb: int = 192
+    # Summary pages a worker holds between flushes, in MB (an estimate): beyond it they are
+    # written (readings and the checkpoint wait for the flush) and let go. What bounds a
+    # worker's memory on a wide backlog, where a page is seldom touched twice before the
+    # flush; 0 writes them after every round. See README, Performance.
+    spill_mb: int = 12
     # Largest HTTP request body accepted.
     max_body_bytes: int = 1024 * 1024
     # Longest a read (a query, a listing, a rebuild) may work before it answers 503.
@@ -97,6 +102,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             ("METER_FLUSH_MS", self.flush_ms, 0, 20_000),
             ("METER_SUMMARY_FLUSH_MS", self.summary_flush_ms, 0, 30_000),
             ("METER_CACHE_MB", self.cache_mb, 1, 1_000_000),
+            ("METER_SPILL_MB", self.spill_mb, 0, 1_000_000),
             ("METER_MAX_BODY_BYTES", self.max_body_bytes, 1024, 64 * 1024 * 1024),
             ("METER_READ_TIMEOUT_MS", self.read_timeout_ms, 1, 3_600_000),
             ("METER_DEDUP_WINDOW", self.dedup_window, 1, 10 * 365 * 86400),
@@ -251,6 +257,7 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("METER_FLUSH_MS", "flush_ms", int),
     ("METER_SUMMARY_FLUSH_MS", "summary_flush_ms", int),
     ("METER_CACHE_MB", "cache_mb", int),
+    ("METER_SPILL_MB", "spill_mb", int),
     ("METER_MAX_BODY_BYTES", "max_body_bytes", int),
     ("METER_READ_TIMEOUT_MS", "read_timeout_ms", int),
     ("METER_DEDUP_WINDOW", "dedup_window", int),

@@ -6,6 +6,7 @@ Every test compares the readings in KV with a reference computed here from the e
 import asyncio
 import contextlib
 import random
+import re
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
@@ -174,6 +175,24 @@ async def test_a_round_being_written_is_stored_before_an_idle_flush(
         async with _two_workers(nc, quick) as (a, b):
             await _settled(nc, load)
             assert a.stats.turns >= 2 and b.stats.turns >= 2
+
+
+async def test_pages_written_between_flushes_are_let_go_and_read_again(
+    nats_server: NatsServer,
+) -> None:
+    """Behind a backlog a worker writes the summary pages it holds once they reach
+    METER_SPILL_MB (0 here: after every round) and lets them go; the readings, the
+    checkpoint and the acknowledgement wait for the flush. A later round that touches such a
+    page reads it from its bucket. Every event is counted once, in the readings and the day
+    summaries."""
+    async with _four_partitions(nats_server) as (settings, nc):
+        load = Load(16000, subjects=2000, spread_days=60, dup_ratio=0.1, seed=53)
+        await load.publish(nc)
+        spill = msgspec.structs.replace(settings, spill_mb=0, batch_size=500)
+        async with _two_workers(nc, spill) as (a, b):
+            await _settled(nc, load)
+            assert a.stats.spills >= 2 and b.stats.spills >= 2
+            assert a.stats.restarts == 0 and b.stats.restarts == 0
 
 
 async def _consumer_filters(nc: Client, prefix: str) -> list[str | None]:
@@ -355,6 +374,45 @@ async def test_worker_killed_repeatedly_loses_and_doubles_nothing(
     finally:
         await worker.stop()
     assert kills == 6 and load.duplicates > 1500
+
+
+async def test_worker_killed_between_its_page_writes_and_the_checkpoint(
+    nc: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """A wide backlog (2,000 subjects, times over 30 days) worked through with
+    METER_SPILL_MB=0: behind it, the worker writes its pages after every round and lets them
+    go, while the readings and the checkpoint wait for a flush every 1.5 s. SIGKILLed three
+    times at a random moment after a checkpoint, so between pages written and the next
+    checkpoint: every event is counted once, in the readings and the day summaries."""
+    await create_meters(nc)
+    load = Load(20_000, subjects=2000, dup_ratio=0.1, seed=6, spread_days=30)
+    await load.publish(nc)
+    env = {
+        "NATS_URL": settings.nats_url,
+        "METER_PARTITIONS": "2",
+        "METER_BATCH_SIZE": "300",
+        "METER_SPILL_MB": "0",
+        "METER_SUMMARY_FLUSH_MS": "1500",
+    }
+    log = tmp_path / "worker.log"
+    rng = random.Random(6)
+    worker = await WorkerProcess(env, log, "--partitions", "0,1").start()
+    try:
+        for _ in range(3):
+            seen = await _applied_position(nc, 2)
+            await eventually(
+                lambda: _applied_position(nc, 2), lambda pos, seen=seen: pos > seen, timeout=60
+            )
+            await asyncio.sleep(rng.uniform(0.0, 1.2))  # a random crash point, not a wait
+            await worker.kill()
+            worker = await WorkerProcess(env, log, "--partitions", "0,1").start()
+        await _settled(nc, load, timeout=120)
+    finally:
+        await worker.stop()
+    # The last worker, stopped in order, counted the spills it made.
+    stopped = [line for line in log.read_text().splitlines() if "worker.stopped" in line]
+    spills = re.search(r'"spills": (\d+)', stopped[-1]) if stopped else None
+    assert spills is not None and int(spills.group(1)) > 0, stopped
 
 
 async def test_nats_server_killed_and_restarted_mid_run(tmp_path: Path) -> None:

@@ -90,6 +90,27 @@ def test_trim_parks_pages_then_drops_the_oldest_parked_then_readings() -> None:
         PARKED_SIZE + len(v) for pages in keys.pages.values() for v in pages.values()
     )
     assert total == keys.cache_bytes
+    parked = sum(PARKED_SIZE + len(v) for pages in keys.pages.values() for v in pages.values())
+    assert keys.parked_bytes == parked
+
+
+def test_parked_pages_are_counted_apart_and_let_go_together() -> None:
+    """What parked pages take is counted on its own (runner._spill compares it with
+    METER_SPILL_MB); letting them go keeps the readings and their bytes."""
+    keys = _store()
+    reading = _reading()
+    keys.replace((0, "r"), reading)
+    for n in range(3):
+        state = _page(n + 1, b"x" * (100 * n))
+        keys.replace((1, f"p{n}"), state)
+        keys.park((1, f"p{n}"), state)
+    keys.park((1, "p1"), _page(9, b"y" * 50))  # parked again: counted once, as it is now
+    keys.forget((1, "p0"))
+    assert keys.parked_bytes == 2 * (PARKED_SIZE + HEAD) + 50 + 200
+    assert keys.cache_bytes == reading.size + keys.parked_bytes
+    keys.drop_parked()
+    assert keys.parked_bytes == 0 and keys.pages == {}
+    assert keys.cache == {(0, "r"): reading} and keys.cache_bytes == reading.size
 
 
 async def test_wide_backlog_through_a_two_megabyte_cache_is_exact(

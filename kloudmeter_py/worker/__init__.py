@@ -76,6 +76,9 @@ class WorkerStats:
     turns: int = 0  # times a runner turned to another partition's backlog (runner._focus)
     # times a runner of every partition turned to a consumer per partition or back (_split)
     regroups: int = 0
+    # times a runner wrote its changed pages and let its parked pages go between flushes
+    # (runner._spill)
+    spills: int = 0
 
 
 class Worker:

@@ -138,6 +138,7 @@ class KeyStore:
         self.cache: dict[WKey, KeyState] = {}
         self.pages: dict[int, dict[str, bytearray]] = {}  # store -> key -> head + value
         self.cache_bytes = 0  # estimated (see state_size, PARKED_SIZE)
+        self.parked_bytes = 0  # the part of it that parked pages take
         self.cache_budget = worker.settings.cache_mb << 20
         self._batch_counter = 0
         self._batch_slots: dict[int, asyncio.Semaphore] = {}
@@ -146,12 +147,22 @@ class KeyStore:
         self.cache.clear()
         self.pages.clear()
         self.cache_bytes = 0
+        self.parked_bytes = 0
+
+    def drop_parked(self) -> None:
+        """Let every parked page go (all of them written): a round that touches one again
+        reads it from its bucket."""
+        self.cache_bytes -= self.parked_bytes
+        self.parked_bytes = 0
+        self.pages.clear()
 
     def forget(self, wkey: WKey) -> None:
         gone = self.cache.pop(wkey, None)
         self.cache_bytes -= gone.size if gone else 0
         parked = self.pages.get(wkey[0], {}).pop(wkey[1], None)
-        self.cache_bytes -= PARKED_SIZE + len(parked) if parked is not None else 0
+        if parked is not None:
+            self.cache_bytes -= PARKED_SIZE + len(parked)
+            self.parked_bytes -= PARKED_SIZE + len(parked)
 
     def park(self, wkey: WKey, state: KeyState) -> int:
         """Hold a closed page (``state.raw`` set) as its bytes and revision only; the bytes
@@ -166,8 +177,10 @@ class KeyStore:
         old = pages.pop(wkey[1], None)  # popped: a page parked again goes last (trim order)
         if old is not None:
             self.cache_bytes -= PARKED_SIZE + len(old)
+            self.parked_bytes -= PARKED_SIZE + len(old)
         pages[wkey[1]] = value
         self.cache_bytes += PARKED_SIZE + len(value)
+        self.parked_bytes += PARKED_SIZE + len(value)
         return PARKED_SIZE + len(value)
 
     def parked(self, wkey: WKey) -> tuple[memoryview, int]:
@@ -194,6 +207,7 @@ class KeyStore:
             parked = self.pages.get(store, {}).pop(key, None) if store else None
             if parked is not None:
                 self.cache_bytes -= PARKED_SIZE + len(parked)
+                self.parked_bytes -= PARKED_SIZE + len(parked)
                 self.replace((store, key), _unparked(parked))
             else:
                 by_store.setdefault(store, []).append(key)
@@ -289,7 +303,9 @@ class KeyStore:
         for n in range(max((len(names) for _, names in stores), default=0)):
             for pages, names in stores:
                 if n < len(names):
-                    self.cache_bytes -= PARKED_SIZE + len(pages.pop(names[n]))
+                    size = PARKED_SIZE + len(pages.pop(names[n]))
+                    self.cache_bytes -= size
+                    self.parked_bytes -= size
             if self.cache_bytes <= goal:
                 return
         for wkey in list(cache):
