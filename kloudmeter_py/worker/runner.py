@@ -414,6 +414,9 @@ class Runner:
         self._flush_slots = asyncio.Semaphore(_FLUSHES_IN_FLIGHT)
         self._bytes_per_event = 0  # key state bytes per event of the last round written
         self._round_keys = (0, 0)  # events and keys of the last round written
+        # Pages were spilled (see _spill) since the worker was last caught up: its rounds are
+        # then sized by their keys too (_ROUND_KEYS).
+        self._spilling = False
         # (meter, subject) of the readings the rounds since the last checkpoint touched, read
         # again or not: the alerts are made from them before the checkpoint (worker.alerts).
         self._touched: set[tuple[str, str]] = set()
@@ -655,7 +658,7 @@ class Runner:
                     len(rnd.series),
                     self._bytes_per_event,
                     self.keys.cache_budget // 2,
-                    self._round_keys,
+                    self._round_keys if self._spilling else (0, 0),
                 )
                 # Pull ahead about one round (its parts bound a round of the wide shape to
                 # ~6,700 events; 50,000 pulled ahead held ~18 MB more at ~13,000).
@@ -893,6 +896,9 @@ class Runner:
                 # Behind, the pages held grow with the keys a backlog touches: write them
                 # and let them go (caught up, a round's pages are the ones the next touches).
                 await self._spill()
+                self._spilling = True
+            if pending < _BACKLOG:
+                self._spilling = False
             self._behind = pending >= _BACKLOG
         finally:
             keepalive.cancel()
