@@ -254,25 +254,6 @@ def test_round_limit_keeps_a_rounds_key_states_in_the_cache(
 
 
 @pytest.mark.parametrize(
-    ("written", "limit"),
-    [
-        ((0, 0), 6_666),  # no round written yet: by parts only
-        ((2_000, 4_800), 3_333),  # wide, 10,000 subjects: 2.4 keys an event
-        ((6_666, 4_000), 6_666),  # 1,000 subjects: fewer keys than _ROUND_KEYS, by parts
-        ((1_000, 9_000), 1_000),  # never below 1,000
-    ],
-)
-def test_round_limit_keeps_a_rounds_keys_near_round_keys(
-    written: tuple[int, int], limit: int
-) -> None:
-    """A round's keys are held until written: with many subjects each event touches keys of
-    its own, and the round is sized from the keys per event of the last round written."""
-    from kloudmeter_py.worker.runner import _round_limit
-
-    assert _round_limit(50_000, 25_000, 75_000, 0, 0, written) == limit
-
-
-@pytest.mark.parametrize(
     ("events", "since", "heavy"),
     [
         (20_000, 1.0, True),  # the live burst, ~20,000 events a second a worker

@@ -123,23 +123,9 @@ _FOCUS_S = 60.0
 # 1.26-1.27, worker CPU ~8% more: more rounds for the same events).
 _ROUND_PARTS = 20_000
 
-# Keys a round touches, at most about (from the keys an event of the last round written
-# touched): a round's keys are held, loaded and folded, until it is written, and with many
-# subjects each event has keys of its own. On the wide bench shape an event of a round of
-# ~2,000 touched ~2.4 keys at 10,000 subjects, and fewer than half a key at 1,000 (rounds
-# there stay bounded by their parts). With METER_SPILL_MB, two workers at 10,000 subjects
-# peaked at 125-130 MB with it against 145-147 without (20,000 parts, rounds of 6,666),
-# for ~20% more worker CPU; 4,000 keys made rounds of 1,000 (117-125 MB, ~30% more CPU).
-_ROUND_KEYS = 8_000
-
 
 def _round_limit(
-    batch_size: int,
-    events: int,
-    parts: int,
-    bytes_per_event: int = 0,
-    room: int = 0,
-    written: tuple[int, int] = (0, 0),
+    batch_size: int, events: int, parts: int, bytes_per_event: int = 0, room: int = 0
 ) -> int:
     """Events in the next round: METER_BATCH_SIZE, fewer where the last round's events each
     made parts of their own (many subjects or windows), so that its parts stay near
@@ -155,9 +141,6 @@ def _round_limit(
     limit = events * _ROUND_PARTS // parts
     if bytes_per_event and room:
         limit = min(limit, room // bytes_per_event)
-    written_events, written_keys = written
-    if written_events and written_keys:
-        limit = min(limit, written_events * _ROUND_KEYS // written_keys)
     return min(batch_size, max(1000, limit))
 
 
@@ -413,10 +396,6 @@ class Runner:
         self._load_slots = asyncio.Semaphore(_LOADS_IN_FLIGHT)
         self._flush_slots = asyncio.Semaphore(_FLUSHES_IN_FLIGHT)
         self._bytes_per_event = 0  # key state bytes per event of the last round written
-        self._round_keys = (0, 0)  # events and keys of the last round written
-        # Pages were spilled (see _spill) since the worker was last caught up: its rounds are
-        # then sized by their keys too (_ROUND_KEYS).
-        self._spilling = False
         # (meter, subject) of the readings the rounds since the last checkpoint touched, read
         # again or not: the alerts are made from them before the checkpoint (worker.alerts).
         self._touched: set[tuple[str, str]] = set()
@@ -658,7 +637,6 @@ class Runner:
                     len(rnd.series),
                     self._bytes_per_event,
                     self.keys.cache_budget // 2,
-                    self._round_keys if self._spilling else (0, 0),
                 )
                 # Pull ahead about one round (its parts bound a round of the wide shape to
                 # ~6,700 events; 50,000 pulled ahead held ~18 MB more at ~13,000).
@@ -858,7 +836,6 @@ class Runner:
                     (kw.meter.meter.id, kw.subject) for wkey, kw in rnd.work.items() if not wkey[0]
                 )
             if rnd.rows:
-                self._round_keys = (len(rnd.rows), len(rnd.work))
                 # Pages only: a round's readings are the series it touches, which the next
                 # rounds touch again however large they are (and a unique reading's distinct
                 # values, ~100 a subject on the wide shape, would shrink rounds to nothing).
@@ -896,9 +873,6 @@ class Runner:
                 # Behind, the pages held grow with the keys a backlog touches: write them
                 # and let them go (caught up, a round's pages are the ones the next touches).
                 await self._spill()
-                self._spilling = True
-            if pending < _BACKLOG:
-                self._spilling = False
             self._behind = pending >= _BACKLOG
         finally:
             keepalive.cancel()
@@ -971,6 +945,13 @@ class Runner:
 
         Safe at any point between rounds: a page's lastSeq covers every event folded into
         it, so a replay from the checkpoint skips them there exactly as after a flush.
+
+        Cost: a spill writes the pages changed since the last spill or flush, at most
+        METER_SPILL_MB of them; what a worker holds then grows with that setting, not with
+        the subjects or windows a backlog touches. A page touched again after its spill is
+        read and written again: on the wide bench shape (10,000 subjects, 30 days) ~0.6-0.67
+        KV writes an event against ~0.57-0.65 without spills, where each worker's pages held
+        had reached 25-44 MB (estimated) in a turn.
         """
         by_store = {store: list(keys) for store, keys in self._dirty_pages.items() if keys}
         await _all(self._flush_chunk(store, keys) for store, keys in _in_turn(by_store))
