@@ -949,9 +949,10 @@ class Runner:
         Cost: a spill writes the pages changed since the last spill or flush, at most
         METER_SPILL_MB of them; what a worker holds then grows with that setting, not with
         the subjects or windows a backlog touches. A page touched again after its spill is
-        read and written again: on the wide bench shape (10,000 subjects, 30 days) ~0.6-0.67
-        KV writes an event against ~0.57-0.65 without spills, where each worker's pages held
-        had reached 25-44 MB (estimated) in a turn.
+        read and written again. On the wide bench shape (10,000 subjects, 30 days, two
+        workers), where a worker's pages had reached 25-44 MB (estimated) in a turn: peak RSS
+        144-156 MB a worker against 160-163 MB, for 0.71-0.73 KV writes an event against 0.65
+        (README, Performance).
         """
         by_store = {store: list(keys) for store, keys in self._dirty_pages.items() if keys}
         await _all(self._flush_chunk(store, keys) for store, keys in _in_turn(by_store))
