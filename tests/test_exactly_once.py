@@ -338,6 +338,18 @@ async def _applied_position(nc: Client, partitions: int) -> int:
     return total
 
 
+async def _kill_after_progress(nc: Client, worker: WorkerProcess, after: float) -> WorkerProcess:
+    """Once the worker's checkpoints of partitions 0 and 1 have moved on, SIGKILL it
+    ``after`` seconds later (a random crash point, not a wait) and start it again."""
+    seen = await _applied_position(nc, 2)
+    await eventually(
+        lambda: _applied_position(nc, 2), lambda pos, seen=seen: pos > seen, timeout=60
+    )
+    await asyncio.sleep(after)
+    await worker.kill()
+    return await WorkerProcess(worker.env, worker.log_path, *worker.args).start()
+
+
 @pytest.mark.parametrize(
     ("subjects", "spread_days"),
     [(200, 0), (2000, 30)],
@@ -359,16 +371,8 @@ async def test_worker_killed_repeatedly_loses_and_doubles_nothing(
     kills = 0
     try:
         for _ in range(6):
-            seen = await _applied_position(nc, 2)
-            await eventually(
-                lambda: _applied_position(nc, 2), lambda pos, seen=seen: pos > seen, timeout=60
-            )
-            await asyncio.sleep(rng.uniform(0.0, 0.4))  # a random crash point, not a wait
-            await worker.kill()
+            worker = await _kill_after_progress(nc, worker, rng.uniform(0.0, 0.4))
             kills += 1
-            worker = await WorkerProcess(
-                env, tmp_path / "worker.log", "--partitions", "0,1"
-            ).start()
         await publisher
         await _settled(nc, load, timeout=120)
     finally:
@@ -399,13 +403,7 @@ async def test_worker_killed_between_its_page_writes_and_the_checkpoint(
     worker = await WorkerProcess(env, log, "--partitions", "0,1").start()
     try:
         for _ in range(3):
-            seen = await _applied_position(nc, 2)
-            await eventually(
-                lambda: _applied_position(nc, 2), lambda pos, seen=seen: pos > seen, timeout=60
-            )
-            await asyncio.sleep(rng.uniform(0.0, 1.2))  # a random crash point, not a wait
-            await worker.kill()
-            worker = await WorkerProcess(env, log, "--partitions", "0,1").start()
+            worker = await _kill_after_progress(nc, worker, rng.uniform(0.0, 1.2))
         await _settled(nc, load, timeout=120)
     finally:
         await worker.stop()
