@@ -895,8 +895,9 @@ class Runner:
 
     def _let_go_keys(self) -> None:
         """Empty the key cache and the meters' reading keys, which grow with the series
-        seen: at a turn to another partition's backlog, after a flush, and when the consumer
-        starts again, whose rounds not yet flushed are read again from the checkpoints."""
+        seen: at a turn to another partition's backlog (after the flush that writes what
+        they hold), and when the consumer starts again, whose rounds not yet flushed are
+        read again from the checkpoints."""
         self.keys.clear()
         self.w.registry.forget_keys()
 
@@ -915,19 +916,7 @@ class Runner:
     async def _flush(self, puller: RawPuller | Pullers) -> None:
         """Write the summaries changed since the last flush, then the checkpoint, then ack."""
         if self._has_dirty():
-            by_store = {store: list(keys) for store, keys in self._dirty_pages.items() if keys}
-            if self._dirty:
-                by_store[0] = [key for _, key in self._dirty]
-            self.log.debug(
-                "summaries.flush",
-                keys=sum(len(keys) for keys in by_store.values()),
-                cached=len(self.keys.cache),
-                cache_mb=self.keys.cache_bytes >> 20,
-            )
-            # Buckets taken in turn, so that each has batches in flight from the start.
-            await _all(self._flush_chunk(store, keys) for store, keys in _in_turn(by_store))
-            self._dirty.clear()
-            self._dirty_pages.clear()
+            await self._write_dirty(readings=True)
         if self._touched and self.w.alerts is not None:
             # Every key up to here is stored and the checkpoint is not yet: a crash before
             # the alerts exist reads these rounds again, and they are made then.
@@ -954,11 +943,27 @@ class Runner:
         144-156 MB a worker against 160-163 MB, for 0.71-0.73 KV writes an event against 0.65
         (README, Performance).
         """
-        by_store = {store: list(keys) for store, keys in self._dirty_pages.items() if keys}
-        await _all(self._flush_chunk(store, keys) for store, keys in _in_turn(by_store))
-        self._dirty_pages.clear()
+        await self._write_dirty(readings=False)
         self.keys.drop_parked()
         self.w.stats.spills += 1
+
+    async def _write_dirty(self, *, readings: bool) -> None:
+        """Store the pages changed since they were last written, and the deferred readings
+        too with ``readings``; then nothing of them is dirty."""
+        by_store = {store: list(keys) for store, keys in self._dirty_pages.items() if keys}
+        if readings and self._dirty:
+            by_store[0] = [key for _, key in self._dirty]
+        self.log.debug(
+            "summaries.flush" if readings else "summaries.spill",
+            keys=sum(len(keys) for keys in by_store.values()),
+            cached=len(self.keys.cache),
+            cache_mb=self.keys.cache_bytes >> 20,
+        )
+        # Buckets taken in turn, so that each has batches in flight from the start.
+        await _all(self._flush_chunk(store, keys) for store, keys in _in_turn(by_store))
+        if readings:
+            self._dirty.clear()
+        self._dirty_pages.clear()
 
     async def _flush_chunk(self, store: int, keys: list[str]) -> None:
         """Encode and store one chunk of deferred summaries (one bucket), at most
