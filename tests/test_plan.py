@@ -221,8 +221,8 @@ def test_apply_fails_the_values_past_a_unique_limit_and_keeps_the_rest() -> None
     ("events", "parts", "limit"),
     [
         (50_000, 5_000, 50_000),  # live: many events per part, rounds stay METER_BATCH_SIZE
-        (50_000, 150_000, 6_666),  # wide: three parts an event, rounds of 6,666
-        (6_666, 20_000, 6_666),  # and they stay there (no flip-flop back to 50,000)
+        (50_000, 150_000, 3_333),  # wide: three parts an event, rounds of 3,333
+        (3_333, 10_000, 3_333),  # and they stay there (no flip-flop back to 50,000)
         (10_000, 3_000_000, 1_000),  # never below 1,000
         (0, 0, 50_000),
     ],
@@ -238,9 +238,9 @@ def test_round_limit_follows_the_parts_events_make(events: int, parts: int, limi
 @pytest.mark.parametrize(
     ("bytes_per_event", "room", "limit"),
     [
-        (0, 32 << 20, 6_666),  # nothing known yet: by parts only
-        (8_000, 32 << 20, 4_194),  # 8 KB of key states an event: what fits in 32 MB
-        (100, 32 << 20, 6_666),  # small states: by parts
+        (0, 32 << 20, 3_333),  # nothing known yet: by parts only
+        (16_000, 32 << 20, 2_097),  # 16 KB of key states an event: what fits in 32 MB
+        (100, 32 << 20, 3_333),  # small states: by parts
         (1 << 20, 32 << 20, 1_000),  # never below 1,000
     ],
 )

@@ -120,8 +120,16 @@ _FOCUS_S = 60.0
 # from 533 to 492 MB at the same rate, with 7% more KV writes. With pages parked (see
 # worker.keystore) the rounds were the larger part: on a million-event wide backlog 40,000
 # parts peaked at 438 MB, 28,000 at ~425, 20,000 at 380-383 (KV writes an event 1.16 ->
-# 1.26-1.27, worker CPU ~8% more: more rounds for the same events).
-_ROUND_PARTS = 20_000
+# 1.26-1.27, worker CPU ~8% more: more rounds for the same events). With pages spilled
+# (METER_SPILL_MB), 10,000 rather than 20,000 (wide rounds of ~3,333 events, not ~6,666):
+# two workers peaked at 125-131 MB a worker against 145-153 at 10,000 subjects, at 97 MB
+# against 108-124 at 1,000, for ~10% more worker CPU (README, Performance). A live round
+# (~5,000 parts in 50,000 events) is not bounded by it.
+_ROUND_PARTS = 10_000
+# Events in a consumer's first round, before it is known how many parts its events make:
+# 5,000 (_ROUND_PARTS // 4 before). The live bench shape is short (200,000 events), and
+# starting it at 2,500 made ~10% more KV writes an event (0.221-0.235 against ~0.2).
+_FIRST_ROUND = 5_000
 
 
 def _round_limit(
@@ -554,7 +562,7 @@ class Runner:
         await puller.start()
         self.log.debug("partition.consuming", start=lowest + 1)
         # The first round is kept small until it is known how many parts events make.
-        round_limit = min(self.settings.batch_size, _ROUND_PARTS // 4)
+        round_limit = min(self.settings.batch_size, _FIRST_ROUND)
         flush_after = self.settings.flush_ms / 1000
         linger = min(0.1, flush_after)
         # The previous round's writes, still in flight while the next round is gathered and
@@ -639,7 +647,7 @@ class Runner:
                     self.keys.cache_budget // 2,
                 )
                 # Pull ahead about one round (its parts bound a round of the wide shape to
-                # ~6,700 events; 50,000 pulled ahead held ~18 MB more at ~13,000).
+                # ~3,300 events; 50,000 pulled ahead held ~18 MB more at ~13,000).
                 puller.max_buffer = max(round_limit, self._pull_batch)
                 if isinstance(puller, Pullers):
                     self._turn(puller)
