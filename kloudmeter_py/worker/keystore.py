@@ -149,6 +149,11 @@ class KeyStore:
         self.cache_bytes = 0
         self.parked_bytes = 0
 
+    def _parked_size(self, size: int) -> None:
+        """Parked pages took ``size`` bytes more (less, if negative), in both counts."""
+        self.cache_bytes += size
+        self.parked_bytes += size
+
     def drop_parked(self) -> None:
         """Let every parked page go (all of them written): a round that touches one again
         reads it from its bucket."""
@@ -161,8 +166,7 @@ class KeyStore:
         self.cache_bytes -= gone.size if gone else 0
         parked = self.pages.get(wkey[0], {}).pop(wkey[1], None)
         if parked is not None:
-            self.cache_bytes -= PARKED_SIZE + len(parked)
-            self.parked_bytes -= PARKED_SIZE + len(parked)
+            self._parked_size(-PARKED_SIZE - len(parked))
 
     def park(self, wkey: WKey, state: KeyState) -> int:
         """Hold a closed page (``state.raw`` set) as its bytes and revision only; the bytes
@@ -176,11 +180,9 @@ class KeyStore:
             pages = self.pages[wkey[0]] = {}
         old = pages.pop(wkey[1], None)  # popped: a page parked again goes last (trim order)
         if old is not None:
-            self.cache_bytes -= PARKED_SIZE + len(old)
-            self.parked_bytes -= PARKED_SIZE + len(old)
+            self._parked_size(-PARKED_SIZE - len(old))
         pages[wkey[1]] = value
-        self.cache_bytes += PARKED_SIZE + len(value)
-        self.parked_bytes += PARKED_SIZE + len(value)
+        self._parked_size(PARKED_SIZE + len(value))
         return PARKED_SIZE + len(value)
 
     def parked(self, wkey: WKey) -> tuple[memoryview, int]:
@@ -206,8 +208,7 @@ class KeyStore:
         for store, key in keys:
             parked = self.pages.get(store, {}).pop(key, None) if store else None
             if parked is not None:
-                self.cache_bytes -= PARKED_SIZE + len(parked)
-                self.parked_bytes -= PARKED_SIZE + len(parked)
+                self._parked_size(-PARKED_SIZE - len(parked))
                 self.replace((store, key), _unparked(parked))
             else:
                 by_store.setdefault(store, []).append(key)
@@ -303,9 +304,7 @@ class KeyStore:
         for n in range(max((len(names) for _, names in stores), default=0)):
             for pages, names in stores:
                 if n < len(names):
-                    size = PARKED_SIZE + len(pages.pop(names[n]))
-                    self.cache_bytes -= size
-                    self.parked_bytes -= size
+                    self._parked_size(-PARKED_SIZE - len(pages.pop(names[n])))
             if self.cache_bytes <= goal:
                 return
         for wkey in list(cache):
