@@ -456,3 +456,24 @@ def test_a_runner_of_every_partition_splits_its_consumer_while_behind(
         backlog, merged=merged, focus=focus, partitions=partitions, at=20_000, release=1000
     )
     assert got is split
+
+
+@pytest.mark.parametrize(
+    ("backlog", "merged", "split"),
+    [
+        (300, True, True),  # 200 or more waiting: it would split again at once, so stays
+        (199, True, False),  # under what it splits at: one consumer
+        (199, False, False),  # ... and stays one
+        (200, False, True),
+    ],
+)
+def test_a_runner_of_every_partition_joins_only_below_where_it_splits(
+    backlog: int, merged: bool, split: bool
+) -> None:
+    """With a split threshold (``at`` x partitions) under ``release``, as the tests' small
+    thresholds make it, a runner joins only once it would not split again at once: joined
+    with 300 waiting it split again after one round, a second regroup."""
+    from kloudmeter_py.worker.runner import _split
+
+    got = _split(backlog, merged=merged, focus=None, partitions=4, at=50, release=1000)
+    assert got is split

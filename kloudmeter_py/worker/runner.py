@@ -270,7 +270,8 @@ def _split(
     It splits once the backlog is ``at`` events a partition or more (then two or more
     partitions are likely behind by ``at``, where _focus takes one at a time), and reads
     through one consumer again once it works through none alone (``focus`` None) and has
-    fewer than ``release`` left: caught up.
+    fewer than ``release`` left (or than it splits at, if that is less: joined with more, it
+    would split again at once): caught up.
 
     Why: one worker (``up --workers 1``, or ``kloudmeter worker`` alone) reading the wide
     bench shape's million events through one consumer held every key of every partition in
@@ -285,7 +286,7 @@ def _split(
     if partitions < 2:
         return False
     if merged:
-        return focus is not None or backlog >= release
+        return focus is not None or backlog >= min(release, at * partitions)
     return backlog >= at * partitions
 
 
