@@ -17,7 +17,7 @@ from kloudmeter_py.core.aggregate import (
     merge_into,
     to_number,
 )
-from kloudmeter_py.core.keys import decode_token, encode_token, reading_key
+from kloudmeter_py.core.keys import decode_token, encode_token, reading_key, reading_series
 from kloudmeter_py.core.models import InvalidField, MeterIn, event_decoder, validate_meter
 from kloudmeter_py.core.paths import MISSING, PathError, compile_path
 
@@ -162,6 +162,22 @@ def test_plain_values_stay_readable() -> None:
     """Keys made of plain values read as they are."""
     assert reading_key("m", "customer-1", ("GET", None)) == "m.customer-1.GET.=-"
     assert decode_token("=-") is None
+
+
+@pytest.mark.parametrize(
+    ("meter", "subject", "groups"),
+    [
+        ("m", "customer-1", ()),
+        ("m.v2", "a.b c", ("GET", None)),
+        ("m", "", ("", "ünï", "x.y")),
+        ("=-", "=-", (None, None)),
+    ],
+)
+def test_a_reading_key_names_its_subject_and_group_values(
+    meter: str, subject: str, groups: tuple[str | None, ...]
+) -> None:
+    """What the worker writes a deferred reading with (runner._dirty holds its key only)."""
+    assert reading_series(reading_key(meter, subject, groups)) == (subject, groups)
 
 
 def test_random_strings_round_trip() -> None:

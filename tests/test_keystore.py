@@ -113,6 +113,58 @@ def test_parked_pages_are_counted_apart_and_let_go_together() -> None:
     assert keys.cache == {(0, "r"): reading} and keys.cache_bytes == reading.size
 
 
+async def test_a_packed_reading_comes_back_as_its_state_without_a_read() -> None:
+    """A reading no round folds into is held packed (core.plan.pack_reading), counted in
+    the cache's bytes; a round takes it back without a server read, a flush's write gives
+    it its new revision in place, and one that cannot be packed stays a state."""
+    from kloudmeter_py.worker.keystore import PACKED_SIZE
+
+    keys = _store()
+    acc = Acc()
+    acc.count, acc.sum, acc.distinct = 4, 10, {"a", "b"}
+    state = KeyState(acc, 41, 12, 3, [17], 2)
+    state.size = state_size(state)
+    keys.replace((0, "r"), state)
+    keys.pack((0, "r"), state)
+    assert keys.cache == {} and list(keys.readings) == ["r"]
+    assert keys.cache_bytes == PACKED_SIZE + len(keys.readings["r"])
+    assert keys.parked_bytes == 0  # a spill lets pages go, not readings
+    keys.written((0, "r"), 13)
+    assert keys.packed("r").revision == 13 and "r" in keys.readings  # left packed
+    # the worker has no connection: a read from the server would fail
+    await keys.load([(0, "r")])
+    back = keys.cache[(0, "r")]
+    assert back.acc == acc and (back.last_seq, back.revision) == (41, 13)
+    assert (back.meter_start_seq, back.replayed, back.late) == (3, [17], 2)
+    assert keys.readings == {} and keys.cache_bytes == back.size
+    keys.pack((0, "r"), back)
+    keys.forget((0, "r"))
+    assert keys.readings == {} and keys.cache_bytes == 0
+    huge = KeyState(Acc(), 1, 1, 0)
+    huge.acc.sum, huge.acc.distinct = 2**64, {"a"}
+    keys.replace((0, "h"), huge)
+    keys.pack((0, "h"), huge)
+    assert keys.cache[(0, "h")] is huge and huge.frozen == ("a",) and keys.readings == {}
+    assert keys.cache_bytes == huge.size == state_size(huge)
+
+
+def test_trim_drops_packed_readings_before_the_states_held() -> None:
+    keys = _store(cache_mb=1)
+    n = 0
+    while keys.cache_bytes <= keys.cache_budget:
+        state = _reading()
+        keys.replace((0, f"r{n}"), state)
+        keys.pack((0, f"r{n}"), state)
+        n += 1
+    held = _reading()
+    keys.replace((0, "held"), held)
+    keys.trim()
+    assert keys.cache_bytes <= keys.cache_budget // 2
+    kept = list(keys.readings)
+    assert kept and kept == [f"r{i}" for i in range(n - len(kept), n)]  # newest kept
+    assert keys.cache == {(0, "held"): held}
+
+
 async def test_wide_backlog_through_a_two_megabyte_cache_is_exact(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

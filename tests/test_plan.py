@@ -398,6 +398,57 @@ def test_freeze_holds_a_readings_distinct_values_as_a_tuple_and_thaw_restores_th
     assert acc.distinct == distinct
 
 
+def _acc(**values: Any) -> Acc:
+    acc = Acc()
+    for name, value in values.items():
+        setattr(acc, name, value)
+    return acc
+
+
+@pytest.mark.parametrize(
+    ("acc", "replayed", "late"),
+    [
+        (_acc(), None, 0),  # nothing folded yet
+        (_acc(count=3, sum=7, min=1, max=4, first_at=1_700_000_000_000), None, 0),
+        # floats stay floats and ints ints, -0.0 and big counts included
+        (
+            _acc(count=2**40, sum=-0.0, min=-1.5, max=2.25, latest=3, latest_at=9, latest_seq=8),
+            [4],
+            2,
+        ),
+        (_acc(count=1, sum=2**64 - 1, last_at=5), [1, 2], 0),
+        (_acc(count=2, distinct={"a", "b"}), None, 1),
+        (_acc(count=0, distinct=set()), None, 0),
+    ],
+    ids=["empty", "ints", "floats", "largest-int", "distinct", "no-distinct-yet"],
+)
+def test_a_packed_reading_unpacks_to_the_same_state(
+    acc: Acc, replayed: list[int] | None, late: int
+) -> None:
+    from kloudmeter_py.core.plan import pack_reading, unpack_reading
+
+    state = KeyState(acc, 123_456_789, 2**40 + 7, -1, replayed, late)
+    packed = pack_reading(state)
+    assert packed is not None
+    back = unpack_reading(packed)
+    assert back.acc == acc
+    assert [type(getattr(back.acc, s)) for s in Acc.__slots__] == [
+        type(getattr(acc, s)) for s in Acc.__slots__
+    ]
+    assert (back.last_seq, back.revision, back.meter_start_seq) == (123_456_789, 2**40 + 7, -1)
+    assert (back.replayed, back.late, back.frozen, back.windows) == (replayed, late, None, None)
+
+
+def test_a_frozen_reading_packs_its_distinct_values_and_a_sum_past_64_bits_does_not_pack() -> None:
+    from kloudmeter_py.core.plan import freeze, pack_reading, unpack_reading
+
+    state = KeyState(_acc(count=2, distinct={"x", "y"}), 5, 2, 0)
+    freeze(state)
+    packed = pack_reading(state)
+    assert packed is not None and unpack_reading(packed).acc.distinct == {"x", "y"}
+    assert pack_reading(KeyState(_acc(count=1, sum=2**64), 5, 2, 0)) is None
+
+
 @pytest.mark.parametrize(
     ("pending", "current", "since", "focus", "waiting"),
     [

@@ -53,6 +53,15 @@ def reading_key(meter_id: str, subject: str, groups: tuple[str | None, ...]) -> 
     return ".".join(parts)
 
 
+def reading_series(key: str) -> tuple[str, tuple[str | None, ...]]:
+    """The subject and group values a reading key (``reading_key``) names."""
+    _, subject, *groups = key.split(".")
+    decoded = decode_token(subject)
+    if decoded is None:
+        raise TokenError(f"a reading key names no subject: {key!r}")
+    return decoded, tuple(decode_token(g) for g in groups)
+
+
 def event_subject(stream: str, event_type: str, subject: str) -> str:
     """Subject a producer publishes an event to."""
     return f"{stream}.events.{encode_token(event_type)}.{encode_token(subject)}"

@@ -19,9 +19,12 @@ Keys are ``(store, key)``: store 0 is the readings bucket, 1.. the summary level
 caller's (the worker's message) and comes back with any failure.
 """
 
+import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from kloudmeter_py.core.aggregate import (
     Acc,
@@ -30,6 +33,7 @@ from kloudmeter_py.core.aggregate import (
     fold,
     fold_many,
     merge_into,
+    shared,
     unfold,
 )
 from kloudmeter_py.core.corrections import invertible
@@ -191,6 +195,76 @@ def thaw(state: KeyState) -> None:
     if state.frozen is not None:
         state.acc.distinct = set(state.frozen)
         state.frozen = None
+
+
+# A packed reading: its revision (first, so that a write's new one goes in place, as a
+# parked page's does: worker.keystore), lastSeq, meter generation and late count, then its
+# aggregation state and replayed dead letters as MessagePack.
+_READING_HEAD = struct.Struct(">qqqq")
+READING_HEAD = _READING_HEAD.size
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder().decode
+
+
+def pack_reading(state: KeyState) -> bytearray | None:
+    """A reading's state as one object, until a round folds into it again (unpack_reading);
+    None where it cannot be packed (a sum beyond 64 bits: it is then held as it is).
+
+    Why: held as a ``KeyState``, a reading is ~12 objects (the state, its ``Acc``, eight
+    ints over 256, ...), ~600 bytes besides its key; packed ~140 in one. A worker holds the
+    readings of every series its partitions' events touch: on the wide bench shape at
+    10,000 subjects ~25,000 of them a worker (~16 MB), against ~3,500 at 1,000 subjects,
+    and the objects they pinned in Python's allocator were the most of what set a wide
+    worker's peak above a 1,000-subject one's. Packing and unpacking took ~0.3 and ~1.2 us
+    (25,000 sum readings, this machine).
+    """
+    acc = state.acc
+    distinct = acc.distinct if acc.distinct is not None else state.frozen
+    try:
+        body = _pack(
+            (
+                acc.count,
+                acc.sum,
+                acc.min,
+                acc.max,
+                acc.latest,
+                acc.latest_at,
+                acc.latest_seq,
+                acc.first_at,
+                acc.last_at,
+                None if distinct is None else list(distinct),
+                state.replayed,
+            )
+        )
+    except OverflowError:
+        return None
+    value = bytearray(
+        _READING_HEAD.pack(state.revision, state.last_seq, state.meter_start_seq, state.late)
+    )
+    value += body
+    return value
+
+
+def unpack_reading(value: bytes | bytearray) -> KeyState:
+    """The state a packed reading holds (pack_reading), its distinct values as a set."""
+    revision, last_seq, meter_start_seq, late = _READING_HEAD.unpack_from(value)
+    acc = Acc()
+    (
+        acc.count,
+        acc.sum,
+        acc.min,
+        acc.max,
+        acc.latest,
+        acc.latest_at,
+        acc.latest_seq,
+        acc.first_at,
+        acc.last_at,
+        distinct,
+        replayed,
+    ) = _unpack(memoryview(value)[READING_HEAD:])
+    if distinct is not None:
+        acc.distinct = set(shared(distinct))
+    return KeyState(acc, last_seq, revision, meter_start_seq, replayed, late)
 
 
 def empty_state(store: int, revision: int, meter_start_seq: int) -> KeyState:

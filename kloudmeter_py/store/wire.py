@@ -152,7 +152,10 @@ class Wire(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Not an isinstance check: uvloop's transports do not subclass asyncio.Transport.
         self._transport = cast(asyncio.Transport, transport)
-        self._transport.set_write_buffer_limits(high=4 << 20)
+        # 1 MB, not 4: a flush or spill writes pages of several MB at once, and what waits
+        # here is held twice for a moment (joined, then the transport's copy); a loopback or
+        # LAN server drains 1 MB long before a batch's writes are all queued.
+        self._transport.set_write_buffer_limits(high=1 << 20)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(WireError(f"connection lost: {exc!r}" if exc else "connection closed"))

@@ -22,7 +22,16 @@ from nats.js.kv import KeyValue
 from kloudmeter_py.core.aggregate import Acc
 from kloudmeter_py.core.meters import from_reading
 from kloudmeter_py.core.models import reading_decoder
-from kloudmeter_py.core.plan import CLOSED, PAGE_ACC, KeyState, WKey, empty_state
+from kloudmeter_py.core.plan import (
+    CLOSED,
+    PAGE_ACC,
+    KeyState,
+    WKey,
+    empty_state,
+    freeze,
+    pack_reading,
+    unpack_reading,
+)
 from kloudmeter_py.core.summaries import page_head
 from kloudmeter_py.store.kv import get_with_revision
 from kloudmeter_py.store.wire import WireError
@@ -37,6 +46,10 @@ if TYPE_CHECKING:
 # workers on one bucket and still keep the server busy (a batch is a round trip of ~1,000 writes).
 BATCHES_IN_FLIGHT = 8
 CHUNK = 1000  # keys per load request and per atomic batch (nats-server answers <= 1,024)
+# Writes of a batch queued between two waits for the connection's send buffer: with up to
+# BATCHES_IN_FLIGHT batches a bucket writing, what is queued beyond the buffer's limit is at
+# most ~64 writes each (~80 KB of pages), not 256.
+_DRAIN_EVERY = 64
 
 
 class _BatchAck(msgspec.Struct):
@@ -78,6 +91,9 @@ def state_size(state: KeyState) -> int:
 
 # Estimated bytes a parked page takes besides its value: its key string and dict entry.
 PARKED_SIZE = 150
+# Estimated bytes a packed reading takes besides its value (core.plan.pack_reading): its
+# dict entry and bytearray (its key string is the meter's, core.meters.CompiledMeter._key).
+PACKED_SIZE = 100
 
 
 # A parked page: its revision, lastSeq, meter generation and whether it lists replayed dead
@@ -117,11 +133,13 @@ def _unparked(value: bytearray) -> KeyState:
 class KeyStore:
     """The cache of key states of one runner, and how they are read and written.
 
-    Two tiers: ``cache`` holds a ``KeyState`` per key (every reading, and the pages a round
-    is folding), ``pages`` the rest of the pages, each as one bytes object (its KV revision
-    and its stored bytes) in a dict per bucket keyed by the key's string. A round that
-    touches a parked page takes it back into ``cache`` (``load``, no server read) and parks
-    it again once it is encoded, written or waiting for the flush (``park``).
+    Two tiers: ``cache`` holds a ``KeyState`` per key a round is folding, ``pages`` the
+    rest of the pages, each as one bytes object (its KV revision and its stored bytes) in a
+    dict per bucket keyed by the key's string, and ``readings`` the rest of the readings,
+    each packed the same way (core.plan.pack_reading). A round that touches a parked page or
+    a packed reading takes it back into ``cache`` (``load``, no server read) and parks or
+    packs it again once it is encoded, written or waiting for the flush (``park``,
+    ``pack``).
 
     Why: a page held as a ``KeyState`` cost ~450 bytes besides its value (the state, its
     (store, key) tuple, three int objects over 256 and the cache entry), parked ~150. On the
@@ -137,6 +155,7 @@ class KeyStore:
         self.log = log
         self.cache: dict[WKey, KeyState] = {}
         self.pages: dict[int, dict[str, bytearray]] = {}  # store -> key -> head + value
+        self.readings: dict[str, bytearray] = {}  # key -> packed reading
         self.cache_bytes = 0  # estimated (see state_size, PARKED_SIZE)
         self.parked_bytes = 0  # the part of it that parked pages take
         self.cache_budget = worker.settings.cache_mb << 20
@@ -146,6 +165,7 @@ class KeyStore:
     def clear(self) -> None:
         self.cache.clear()
         self.pages.clear()
+        self.readings.clear()
         self.cache_bytes = 0
         self.parked_bytes = 0
 
@@ -164,6 +184,10 @@ class KeyStore:
     def forget(self, wkey: WKey) -> None:
         gone = self.cache.pop(wkey, None)
         self.cache_bytes -= gone.size if gone else 0
+        if not wkey[0]:
+            packed = self.readings.pop(wkey[1], None)
+            self.cache_bytes -= PACKED_SIZE + len(packed) if packed is not None else 0
+            return
         parked = self.pages.get(wkey[0], {}).pop(wkey[1], None)
         if parked is not None:
             self._parked_size(-PARKED_SIZE - len(parked))
@@ -185,6 +209,27 @@ class KeyStore:
         self._parked_size(PARKED_SIZE + len(value))
         return PARKED_SIZE + len(value)
 
+    def pack(self, wkey: WKey, state: KeyState) -> None:
+        """Hold a reading that no round is folding into as its packed bytes (kept as it is,
+        its distinct values frozen, where it cannot be packed)."""
+        assert not wkey[0] and state.windows is None
+        value = pack_reading(state)
+        if value is None:
+            freeze(state)
+            self.resize(state)
+            return
+        if self.cache.pop(wkey, None) is not None:
+            self.cache_bytes -= state.size
+        old = self.readings.pop(wkey[1], None)
+        if old is not None:
+            self.cache_bytes -= PACKED_SIZE + len(old)
+        self.readings[wkey[1]] = value
+        self.cache_bytes += PACKED_SIZE + len(value)
+
+    def packed(self, key: str) -> KeyState:
+        """A packed reading's state, left packed (for a flush that writes it)."""
+        return unpack_reading(self.readings[key])
+
     def parked(self, wkey: WKey) -> tuple[memoryview, int]:
         """A parked page's stored bytes (a view: not to be held past its write) and
         revision."""
@@ -192,8 +237,10 @@ class KeyStore:
         return memoryview(value)[HEAD:], _REVISION.unpack_from(value)[0]
 
     def written(self, wkey: WKey, revision: int) -> None:
-        """A parked page was stored: its new revision."""
-        _REVISION.pack_into(self.pages[wkey[0]][wkey[1]], 0, revision)
+        """A parked page or packed reading was stored: its new revision (both heads start
+        with it)."""
+        value = self.pages[wkey[0]][wkey[1]] if wkey[0] else self.readings[wkey[1]]
+        _REVISION.pack_into(value, 0, revision)
 
     def replace(self, wkey: WKey, state: KeyState) -> None:
         old = self.cache.get(wkey)
@@ -206,12 +253,21 @@ class KeyStore:
         results: dict[tuple[int, str], tuple[bytes | None, int]] = {}
         by_store: dict[int, list[str]] = {}
         for store, key in keys:
-            parked = self.pages.get(store, {}).pop(key, None) if store else None
-            if parked is not None:
-                self._parked_size(-PARKED_SIZE - len(parked))
-                self.replace((store, key), _unparked(parked))
+            if store:
+                parked = self.pages.get(store, {}).pop(key, None)
+                if parked is not None:
+                    self._parked_size(-PARKED_SIZE - len(parked))
+                    self.replace((store, key), _unparked(parked))
+                    continue
             else:
-                by_store.setdefault(store, []).append(key)
+                packed = self.readings.pop(key, None)
+                if packed is not None:
+                    self.cache_bytes -= PACKED_SIZE + len(packed)
+                    state = unpack_reading(packed)
+                    state.size = state_size(state)
+                    self.replace((store, key), state)
+                    continue
+            by_store.setdefault(store, []).append(key)
         one_by_one: list[tuple[int, str]] = []
 
         async def direct(store: int, chunk: list[str]) -> None:
@@ -279,9 +335,9 @@ class KeyStore:
     def trim(self) -> None:
         """Keep the cache within METER_CACHE_MB (estimated): park the pages still held as
         states, then drop the pages parked longest ago (the buckets in turn), then the
-        oldest readings, down to half of it (the runner flushes once the cache, what waits
-        to be written included, reaches the budget: the other half is room for what the
-        next rounds change).
+        readings packed longest ago, then the oldest states, down to half of it (the runner
+        flushes once the cache, what waits to be written included, reaches the budget: the
+        other half is room for what the next rounds change).
 
         Called after a flush, when nothing in the cache waits to be written. Memory then
         grows with the budget, not with the number of keys: on the wide bench shape a round
@@ -305,6 +361,11 @@ class KeyStore:
             for pages, names in stores:
                 if n < len(names):
                     self._parked_size(-PARKED_SIZE - len(pages.pop(names[n])))
+            if self.cache_bytes <= goal:
+                return
+        readings = self.readings
+        for key in list(readings):
+            self.cache_bytes -= PACKED_SIZE + len(readings.pop(key))
             if self.cache_bytes <= goal:
                 return
         for wkey in list(cache):
@@ -391,7 +452,7 @@ class KeyStore:
                         b"Nats-Batch-Commit: 1\r\n" if n == last else b"",
                     )
                     wire.hpublish(f"$KV.{bucket}.{key}", headers, body, reply if n == last else "")
-                    if n % 256 == 255:
+                    if n % _DRAIN_EVERY == _DRAIN_EVERY - 1:
                         await wire.drain()
                 async with asyncio.timeout(10):
                     data = await answer

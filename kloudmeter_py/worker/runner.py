@@ -32,7 +32,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyWrongLastSequenceError, NotFoundError
 
 from kloudmeter_py.core.corrections import counted, epoch_ms, event_ms
-from kloudmeter_py.core.keys import encode_token
+from kloudmeter_py.core.keys import encode_token, reading_series
 from kloudmeter_py.core.meters import CompiledMeter, to_reading
 from kloudmeter_py.core.models import Event, encoder, event_decoder
 from kloudmeter_py.core.plan import (
@@ -97,8 +97,13 @@ _BACKLOG = 1000
 _HEAVY = 10_000
 # Multi-get requests (up to 1,000 keys each) a runner keeps open at once.
 _LOADS_IN_FLIGHT = 4
-# Flush chunks encoded and stored at once (each of up to CHUNK keys of one bucket).
-_FLUSHES_IN_FLIGHT = 16
+# Flush chunks encoded and stored at once (each of up to CHUNK keys of one bucket): 8, the
+# atomic batches a bucket has in flight (keystore.BATCHES_IN_FLIGHT). At 16, a flush of ~25,000
+# readings (the wide bench shape at 10,000 subjects) held 16,000 encoded at once, half of them
+# waiting for a batch slot, and each such flush or spill raised a worker's peak RSS by 3-6 MB
+# between two samples; with 8 and the lean connection's smaller send buffer (store.wire) no
+# step showed.
+_FLUSHES_IN_FLIGHT = 8
 _T = TypeVar("_T")
 # Events a partition's consumer has still to deliver that make it behind: while two or more
 # of a runner's are, it works through one of them at a time (see _focus). 20,000 with 4
@@ -389,10 +394,13 @@ class Runner:
         # Summaries changed in memory but not yet written, the last message not yet acked,
         # and since when: all are flushed together with the checkpoint.
         self._defer = self.settings.summary_flush_ms > 0
-        # (meter, subject, group values) of each key to write at the next flush
-        # (readings; a page is written as it is parked, and its key kept as a string only:
-        # ~100 bytes less a page than a (store, key) tuple in a dict, ~150,000 pages at once)
-        self._dirty: dict[WKey, tuple[CompiledMeter, str, tuple[str | None, ...]]] = {}
+        # The readings to write at the next flush: the meter (generation) each was folded
+        # for, by key (its subject and group values are in the key: core.keys.reading_series).
+        # Held by key string only, as the pages (written as they are parked) are: per
+        # reading, a (store, key) tuple and a (meter, subject, groups) one, with the subject
+        # and group values they kept alive, were ~100,000 objects of a wide worker's peak at
+        # 10,000 subjects (~25,000 readings waiting).
+        self._dirty: dict[str, CompiledMeter] = {}
         self._dirty_pages: dict[int, set[str]] = {}  # store -> keys of pages to write
         self._unacked: list[str] | None = None  # marks of the last round stored, not acked
         self._behind = False  # the last round left a backlog (_BACKLOG events or more) waiting
@@ -914,7 +922,9 @@ class Runner:
         return bool(self._dirty) or any(self._dirty_pages.values())
 
     def _is_dirty(self, wkey: WKey) -> bool:
-        return wkey in self._dirty or wkey[1] in self._dirty_pages.get(wkey[0], ())
+        if not wkey[0]:
+            return wkey[1] in self._dirty
+        return wkey[1] in self._dirty_pages.get(wkey[0], ())
 
     def _forget_unflushed(self) -> None:
         self._dirty.clear()
@@ -961,7 +971,7 @@ class Runner:
         too with ``readings``; then nothing of them is dirty."""
         by_store = {store: list(keys) for store, keys in self._dirty_pages.items() if keys}
         if readings and self._dirty:
-            by_store[0] = [key for _, key in self._dirty]
+            by_store[0] = list(self._dirty)
         self.log.debug(
             "summaries.flush" if readings else "summaries.spill",
             keys=sum(len(keys) for keys in by_store.values()),
@@ -988,29 +998,32 @@ class Runner:
         now = datetime.now(UTC)
         for wkey in chunk:
             cached = self.keys.cache.get(wkey)
-            if cached is None:  # a parked page, encoded when the round folded into it
+            if cached is None and wkey[0]:  # a parked page, encoded when a round folded into it
                 writes.append((wkey, *self.keys.parked(wkey)))
                 continue
             body: bytes
-            if cached.raw is not None:
+            if cached is not None and cached.raw is not None:
                 body = cached.raw  # a page, encoded when the round folded into it
             else:
-                cm, subject, groups = dirty[wkey]  # a reading (a page is encoded and parked)
-                meter = cm.meter
-                thaw(cached)
+                # A reading: packed (or, where it could not be, held frozen).
+                state = self.keys.packed(wkey[1]) if cached is None else cached
+                meter = dirty[wkey[1]].meter
+                subject, groups = reading_series(wkey[1])
+                thaw(state)
                 body = encoder.encode(
                     to_reading(
-                        cached.acc,
+                        state.acc,
                         meter,
                         subject,
                         groups,
-                        cached.last_seq,
+                        state.last_seq,
                         now,
-                        cached.replayed,
-                        late=cached.late,
+                        state.replayed,
+                        late=state.late,
                     )
                 )
-                freeze(cached)
+                freeze(state)
+                cached = state
             writes.append((wkey, body, cached.revision))
         results = await self.keys.store_many(writes)
         for (wkey, _body, _), result in zip(writes, results, strict=True):
@@ -1269,7 +1282,7 @@ class Runner:
                 if wkey[0]:
                     rnd.held += self._close(wkey, cached)  # (opened by a replay, or as read)
                 else:
-                    freeze(cached)
+                    self.keys.pack(wkey, cached)
                 continue
             if wkey[0]:
                 # A page is encoded at once and held as its bytes (windows closed).
@@ -1287,9 +1300,8 @@ class Runner:
                     pages.add(wkey[1])
                     rnd.held += self.keys.park(wkey, cached)
                 else:
-                    self._dirty[wkey] = (kw.meter, kw.subject, kw.groups)
-                    freeze(cached)
-                    self.keys.resize(cached)
+                    self._dirty[wkey[1]] = kw.meter
+                    self.keys.pack(wkey, cached)
                     self.w.stats.applied += kw.events
                 continue
             if cached.raw is not None:
@@ -1307,7 +1319,6 @@ class Runner:
                         late=cached.late,
                     )
                 )
-                freeze(cached)
             writes.append((wkey, body, cached.revision, cached))
         if not writes:
             return []
@@ -1319,12 +1330,14 @@ class Runner:
                 if wkey[0]:
                     rnd.held += self.keys.park(wkey, cached)
                 else:
-                    self.keys.resize(cached)
+                    self.keys.pack(wkey, cached)
                     self.w.stats.applied += work[wkey].events
                 self.w.stats.writes += 1
                 # Deferred by an earlier round (a reading under a backlog): written now.
-                self._dirty.pop(wkey, None)
-                self._dirty_pages.get(wkey[0], set()).discard(wkey[1])
+                if wkey[0]:
+                    self._dirty_pages.get(wkey[0], set()).discard(wkey[1])
+                else:
+                    self._dirty.pop(wkey[1], None)
             elif isinstance(result, KeyWrongLastSequenceError):
                 self.w.stats.conflicts += 1
                 if self._is_dirty(wkey):
