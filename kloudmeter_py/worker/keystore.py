@@ -11,8 +11,10 @@ the worker an acknowledgement per write).
 """
 
 import asyncio
+import ctypes
 import struct
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -50,6 +52,32 @@ CHUNK = 1000  # keys per load request and per atomic batch (nats-server answers 
 # BATCHES_IN_FLIGHT batches a bucket writing, what is queued beyond the buffer's limit is at
 # most ~64 writes each (~80 KB of pages), not 256.
 _DRAIN_EVERY = 64
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):  # not glibc
+        return None
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+def give_back() -> None:
+    """Return the C allocator's free pages to the system (glibc ``malloc_trim``; elsewhere
+    nothing), after a flush or spill has let go of what it wrote.
+
+    Python keeps objects over 512 bytes (pages and packed readings of many windows or
+    values, dict tables, a flush's encoded batches) in glibc's heap, which hands back only
+    what is free at its top. On the wide bench shape at 10,000 subjects that heap grew from
+    ~21 to ~34 MB a worker after the first seconds while what it held in use stayed at
+    17-27 MB, and the worker's peak RSS came from there: 121.5/122.5 MB against 115.3/114.9
+    with it (two workers, one run each, the same hour).
+    """
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 class _BatchAck(msgspec.Struct):
@@ -168,6 +196,7 @@ class KeyStore:
         self.readings.clear()
         self.cache_bytes = 0
         self.parked_bytes = 0
+        give_back()
 
     def _parked_size(self, size: int) -> None:
         """Parked pages took ``size`` bytes more (less, if negative), in both counts."""
@@ -180,6 +209,7 @@ class KeyStore:
         self.cache_bytes -= self.parked_bytes
         self.parked_bytes = 0
         self.pages.clear()
+        give_back()
 
     def forget(self, wkey: WKey) -> None:
         gone = self.cache.pop(wkey, None)
@@ -337,13 +367,20 @@ class KeyStore:
         states, then drop the pages parked longest ago (the buckets in turn), then the
         readings packed longest ago, then the oldest states, down to half of it (the runner
         flushes once the cache, what waits to be written included, reaches the budget: the
-        other half is room for what the next rounds change).
+        other half is room for what the next rounds change). Then the allocator's free pages
+        go back (give_back).
 
         Called after a flush, when nothing in the cache waits to be written. Memory then
         grows with the budget, not with the number of keys: on the wide bench shape a round
         touches ~200,000 keys, three quarters of them summaries of windows that the next
         round seldom touches again, while every reading comes back round after round.
         """
+        try:
+            self._trim()
+        finally:
+            give_back()
+
+    def _trim(self) -> None:
         if self.cache_bytes <= self.cache_budget:
             return
         goal = self.cache_budget // 2
