@@ -57,7 +57,7 @@ _DRAIN_EVERY = 64
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
         trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError):  # not glibc
+    except (AttributeError, OSError, TypeError):  # not glibc (TypeError: no CDLL(None))
         return None
     return trim
 
