@@ -544,8 +544,9 @@ class Runner:
             # 250 4,000-5,500, and peak RSS a worker went 111-114 -> 106 MB at 10,000
             # subjects and 91.5-94.7 -> 87-88.5 at 1,000 (live unchanged, 0.61). Not below
             # 250: one worker of 16 partitions pulling 125 at a time fell from 0.17 to 0.147
-            # of the raw baseline (0.163 at 250).
-            batch = max(250, self._pull_batch * 2 // len(self.partitions))
+            # of the raw baseline (0.163 at 250). Nor above METER_BATCH_SIZE's pull.
+            pull = self._pull_batch
+            batch = max(min(250, pull), pull * 2 // len(self.partitions))
             for name, p in zip(self._consumers, self.partitions, strict=True):
                 await self.w.js.add_consumer(
                     self.layout.stream, self._config(name, p, self.cp.floor[p])
