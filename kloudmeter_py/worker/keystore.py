@@ -375,10 +375,8 @@ class KeyStore:
         touches ~200,000 keys, three quarters of them summaries of windows that the next
         round seldom touches again, while every reading comes back round after round.
         """
-        try:
-            self._trim()
-        finally:
-            give_back()
+        self._trim()
+        give_back()
 
     def _trim(self) -> None:
         if self.cache_bytes <= self.cache_budget:

@@ -1008,33 +1008,31 @@ class Runner:
         now = datetime.now(UTC)
         for wkey in chunk:
             cached = self.keys.cache.get(wkey)
-            if cached is None and wkey[0]:  # a parked page, encoded when a round folded into it
-                writes.append((wkey, *self.keys.parked(wkey)))
+            if wkey[0]:  # a page, encoded when a round folded into it: parked, or still held
+                if cached is None:
+                    writes.append((wkey, *self.keys.parked(wkey)))
+                else:
+                    assert cached.raw is not None
+                    writes.append((wkey, cached.raw, cached.revision))
                 continue
-            body: bytes
-            if cached is not None and cached.raw is not None:
-                body = cached.raw  # a page, encoded when the round folded into it
-            else:
-                # A reading: packed (or, where it could not be, held frozen).
-                state = self.keys.packed(wkey[1]) if cached is None else cached
-                meter = dirty[wkey[1]].meter
-                subject, groups = reading_series(wkey[1])
-                thaw(state)
-                body = encoder.encode(
-                    to_reading(
-                        state.acc,
-                        meter,
-                        subject,
-                        groups,
-                        state.last_seq,
-                        now,
-                        state.replayed,
-                        late=state.late,
-                    )
+            # A reading: packed, or held frozen where it could not be packed.
+            state = self.keys.packed(wkey[1]) if cached is None else cached
+            subject, groups = reading_series(wkey[1])
+            thaw(state)
+            body = encoder.encode(
+                to_reading(
+                    state.acc,
+                    dirty[wkey[1]].meter,
+                    subject,
+                    groups,
+                    state.last_seq,
+                    now,
+                    state.replayed,
+                    late=state.late,
                 )
-                freeze(state)
-                cached = state
-            writes.append((wkey, body, cached.revision))
+            )
+            freeze(state)
+            writes.append((wkey, body, state.revision))
         results = await self.keys.store_many(writes)
         for (wkey, _body, _), result in zip(writes, results, strict=True):
             if isinstance(result, int):
