@@ -146,6 +146,39 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
             assert a.stats.events + b.stats.events == len(load.unique_events)
 
 
+async def test_a_round_ends_when_the_partition_in_hand_has_delivered_its_backlog(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker working through one partition's backlog while its other partition waits
+    ends a round once the one in hand has nothing more to deliver, rather than gathering
+    for the rest of METER_FLUSH_MS (12 s here) because the waiting one still has a backlog.
+    The two workers then apply every event well within one METER_FLUSH_MS; when the
+    waiting partition counted, each waited out 12 s at the end of its first partition's
+    backlog. (Caught up, the flush that writes the readings may wait for METER_FLUSH_MS.)"""
+    from kloudmeter_py.worker import runner
+
+    monkeypatch.setattr(runner, "_FOCUS_AT", 100)
+    async with _four_partitions(nats_server) as (settings, nc):
+        load = Load(4000, dup_ratio=0.1, seed=43)
+        await load.publish(nc)
+        slow_gather = msgspec.structs.replace(settings, flush_ms=12_000)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with _two_workers(nc, slow_gather) as (a, b):
+            unique = len(load.unique_events)
+            await eventually(
+                lambda: _applied(a, b), lambda n: n == unique, timeout=30, interval=0.05
+            )
+            took = loop.time() - started
+            assert a.stats.turns >= 1 and b.stats.turns >= 1
+            assert took < 8, f"every event applied after {took:.1f} s"
+            await _settled(nc, load)
+
+
+async def _applied(a: Worker, b: Worker) -> int:
+    return a.stats.events + b.stats.events
+
+
 async def test_a_round_being_written_is_stored_before_an_idle_flush(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

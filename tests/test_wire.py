@@ -10,7 +10,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, KeyValueConfig, StreamConfig
 
 from kloudmeter_py.config import Settings
 from kloudmeter_py.store.provision import provision
-from kloudmeter_py.store.pull import Pullers, RawPuller, _left_undelivered, ack_fields
+from kloudmeter_py.store.pull import (
+    Pullers,
+    RawPuller,
+    _left_undelivered,
+    ack_fields,
+    pending_after,
+)
 from kloudmeter_py.store.server import NatsServer
 from kloudmeter_py.store.wire import Wire, WireError
 from kloudmeter_py.worker import Worker
@@ -35,6 +41,17 @@ def test_ack_fields_reads_both_ack_subject_forms() -> None:
     )
     with pytest.raises(ValueError, match="not a JetStream ack subject"):
         ack_fields("_INBOX.abc")
+
+
+def test_pending_after_adds_up_the_consumers_not_skipped() -> None:
+    marks = [
+        "$JS.ACK.meters.c0.1.42.7.1700000000000000000.3",
+        "",  # nothing taken yet from this consumer
+        "$JS.ACK.meters.c2.1.50.9.1700000000000000000.40",
+    ]
+    assert pending_after(marks) == 43
+    assert pending_after(marks, frozenset({2})) == 3
+    assert pending_after(marks, frozenset({0, 2})) == 0
 
 
 async def test_user_password_and_token_come_from_the_url(tmp_path: Path) -> None:

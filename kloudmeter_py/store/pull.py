@@ -33,9 +33,10 @@ def ack_fields(reply: str) -> tuple[int, int, int, int]:
     return int(t[o + 1]), int(t[o]), int(t[o + 3]), int(t[o + 4])
 
 
-def pending_after(marks: list[str]) -> int:
-    """Messages the consumers had still to deliver after the ones ``marks`` name."""
-    return sum(ack_fields(reply)[3] for reply in marks if reply)
+def pending_after(marks: list[str], skip: frozenset[int] = frozenset()) -> int:
+    """Messages the consumers had still to deliver after the ones ``marks`` name, but for
+    the consumers at the indexes in ``skip``."""
+    return sum(ack_fields(reply)[3] for i, reply in enumerate(marks) if reply and i not in skip)
 
 
 def _left_undelivered(headers: bytes) -> int:
