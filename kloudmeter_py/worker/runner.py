@@ -169,8 +169,9 @@ def _gather_wait(
     """How long a round that has gathered for ``gathered`` seconds waits for more events
     (0: the round is complete).
 
-    A round gathers for up to METER_FLUSH_MS (``flush_s``) while a ``backlog`` waits or
-    the stream is ``heavy``, else for ``linger``. A heavy stream with nothing waiting on
+    A round gathers for up to METER_FLUSH_MS (``flush_s``) while a ``backlog`` waits in
+    the consumers it takes from (not those waiting their turn, see _focus) or the stream is
+    ``heavy``, else for ``linger``. A heavy stream with nothing waiting on
     the server is given ``linger`` at a time: when it pauses, the round ends. Before, the
     round waited out the rest of METER_FLUSH_MS after the last event of a burst. On the
     live bench shape (200,000 events published as fast as the bench can, two workers), the
