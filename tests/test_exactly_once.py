@@ -140,8 +140,12 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
         await load.publish(nc)
         async with _two_workers(nc, settings) as (a, b):
             await _settled(nc, load)
-            assert a.stats.turns >= 2 and b.stats.turns >= 2  # to one, then the next or all
-            assert forgotten[id(a.registry)] >= 2 and forgotten[id(b.registry)] >= 2
+            # To one, then the next or all. Asked of one worker of the two: on a loaded
+            # machine a worker was once seen never to have two partitions behind at once
+            # (turns (0, 6), once in ~20 runs beside two CPU hogs), whatever the rule.
+            turned = max((a, b), key=lambda w: w.stats.turns)
+            assert turned.stats.turns >= 2, (a.stats, b.stats)
+            assert forgotten[id(turned.registry)] >= 2
             assert a.stats.restarts == 0 and b.stats.restarts == 0
             assert a.stats.events + b.stats.events == len(load.unique_events)
 
@@ -170,7 +174,7 @@ async def test_a_round_ends_when_the_partition_in_hand_has_delivered_its_backlog
                 lambda: _applied(a, b), lambda n: n == unique, timeout=30, interval=0.05
             )
             took = loop.time() - started
-            assert a.stats.turns >= 1 and b.stats.turns >= 1
+            assert a.stats.turns + b.stats.turns >= 1  # (see the test before)
             assert took < 8, f"every event applied after {took:.1f} s"
             await _settled(nc, load)
 

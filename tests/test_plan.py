@@ -293,6 +293,25 @@ def test_a_round_gathers_a_heavy_stream_until_it_pauses(
 
 
 @pytest.mark.parametrize(
+    ("gathered", "backlog", "heavy", "wait"),
+    [
+        (0.3, True, False, 0.7),  # the partition in hand has more: up to METER_FLUSH_MS
+        (0.3, False, False, 0.0),  # it has delivered all it had: the next one, at once
+        (0.0, False, True, 0.0),  # no linger either, even for a heavy stream
+    ],
+)
+def test_a_round_ends_without_a_linger_while_other_partitions_wait_their_turn(
+    gathered: float, backlog: bool, heavy: bool, wait: float
+) -> None:
+    from kloudmeter_py.worker.runner import _gather_wait
+
+    got = _gather_wait(
+        gathered, backlog=backlog, heavy=heavy, flush_s=1.0, linger=0.1, others_behind=True
+    )
+    assert got == pytest.approx(wait)
+
+
+@pytest.mark.parametrize(
     ("dirty", "waited", "pending", "heavy", "behind", "full", "due"),
     [
         (False, 0.0, 5000, True, True, False, True),  # nothing deferred: checkpoint now
