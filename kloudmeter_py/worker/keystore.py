@@ -120,8 +120,15 @@ def state_size(state: KeyState) -> int:
 # Estimated bytes a parked page takes besides its value: its key string and dict entry.
 PARKED_SIZE = 150
 # Estimated bytes a packed reading takes besides its value (core.plan.pack_reading): its
-# dict entry and bytearray (its key string is the meter's, core.meters.CompiledMeter._key).
-PACKED_SIZE = 100
+# bytearray object (~57), key string (~90 for a meter id, subject and region of ~15
+# characters each; a meter keeps at most core.meters._KEYS_HELD of them made, so most are
+# the dict's own on a wide backlog) and dict entry (~40).
+PACKED_SIZE = 200
+
+
+def _packed_bytes(value: bytearray) -> int:
+    """Estimated bytes a packed reading takes (PACKED_SIZE besides its value)."""
+    return PACKED_SIZE + len(value)
 
 
 # A parked page: its revision, lastSeq, meter generation and whether it lists replayed dead
@@ -161,7 +168,7 @@ def _unparked(value: bytearray) -> KeyState:
 class KeyStore:
     """The cache of key states of one runner, and how they are read and written.
 
-    Two tiers: ``cache`` holds a ``KeyState`` per key a round is folding, ``pages`` the
+    Three tiers: ``cache`` holds a ``KeyState`` per key a round is folding, ``pages`` the
     rest of the pages, each as one bytes object (its KV revision and its stored bytes) in a
     dict per bucket keyed by the key's string, and ``readings`` the rest of the readings,
     each packed the same way (core.plan.pack_reading). A round that touches a parked page or
@@ -216,7 +223,7 @@ class KeyStore:
         self.cache_bytes -= gone.size if gone else 0
         if not wkey[0]:
             packed = self.readings.pop(wkey[1], None)
-            self.cache_bytes -= PACKED_SIZE + len(packed) if packed is not None else 0
+            self.cache_bytes -= _packed_bytes(packed) if packed is not None else 0
             return
         parked = self.pages.get(wkey[0], {}).pop(wkey[1], None)
         if parked is not None:
@@ -252,9 +259,9 @@ class KeyStore:
             self.cache_bytes -= state.size
         old = self.readings.pop(wkey[1], None)
         if old is not None:
-            self.cache_bytes -= PACKED_SIZE + len(old)
+            self.cache_bytes -= _packed_bytes(old)
         self.readings[wkey[1]] = value
-        self.cache_bytes += PACKED_SIZE + len(value)
+        self.cache_bytes += _packed_bytes(value)
 
     def packed(self, key: str) -> KeyState:
         """A packed reading's state, left packed (for a flush that writes it)."""
@@ -292,7 +299,7 @@ class KeyStore:
             else:
                 packed = self.readings.pop(key, None)
                 if packed is not None:
-                    self.cache_bytes -= PACKED_SIZE + len(packed)
+                    self.cache_bytes -= _packed_bytes(packed)
                     state = unpack_reading(packed)
                     state.size = state_size(state)
                     self.replace((store, key), state)
@@ -400,7 +407,7 @@ class KeyStore:
                 return
         readings = self.readings
         for key in list(readings):
-            self.cache_bytes -= PACKED_SIZE + len(readings.pop(key))
+            self.cache_bytes -= _packed_bytes(readings.pop(key))
             if self.cache_bytes <= goal:
                 return
         for wkey in list(cache):

@@ -1038,10 +1038,12 @@ class Runner:
                     assert cached.raw is not None
                     writes.append((wkey, cached.raw, cached.revision))
                 continue
-            # A reading: packed, or held frozen where it could not be packed.
+            # A reading: packed (unpacked here for its write only), or held frozen where it
+            # could not be packed (thawed for the write, then frozen again).
             state = self.keys.packed(wkey[1]) if cached is None else cached
             subject, groups = reading_series(wkey[1])
-            thaw(state)
+            if cached is not None:
+                thaw(state)
             body = encoder.encode(
                 to_reading(
                     state.acc,
@@ -1054,7 +1056,8 @@ class Runner:
                     late=state.late,
                 )
             )
-            freeze(state)
+            if cached is not None:
+                freeze(state)
             writes.append((wkey, body, state.revision))
         results = await self.keys.store_many(writes)
         for (wkey, _body, _), result in zip(writes, results, strict=True):
