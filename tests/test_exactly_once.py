@@ -122,11 +122,49 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
     """A worker of two partitions (a consumer each) started on a backlog in both works
     through one, then the other (``runner._focus``; its threshold lowered from 20,000 to
     100 events here): at each turn it writes what it holds and empties its key cache and
-    its meters' reading keys. Every event is counted once, in the readings and the day
-    summaries, with no restart."""
+    its meters' reading keys (``runner._lets_go``, made to let go whatever is held here).
+    Every event is counted once, in the readings and the day summaries, with no restart."""
     from kloudmeter_py.worker import runner
 
     monkeypatch.setattr(runner, "_FOCUS_AT", 100)
+    monkeypatch.setattr(runner, "_lets_go", lambda held, spill_mb: True)
+    forgotten = _count_forgotten(monkeypatch)
+    async with _four_partitions(nats_server) as (settings, nc):
+        load = Load(4000, dup_ratio=0.1, seed=41)
+        await load.publish(nc)
+        async with _two_workers(nc, settings) as (a, b):
+            await _settled(nc, load)
+            turned = _turned(a, b)
+            assert forgotten[id(turned.registry)] >= 2
+            assert a.stats.restarts == 0 and b.stats.restarts == 0
+            assert a.stats.events + b.stats.events == len(load.unique_events)
+
+
+async def test_a_worker_keeps_its_few_keys_across_a_turn(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same backlogs, whose keys take well under METER_SPILL_MB (12 MB): a worker
+    turns from one partition to the other without writing what it holds or emptying its
+    cache (``runner._lets_go``), so a key it touches again is not read and written again.
+    Every event is counted once, with no restart."""
+    from kloudmeter_py.worker import runner
+
+    monkeypatch.setattr(runner, "_FOCUS_AT", 100)
+    forgotten = _count_forgotten(monkeypatch)
+    async with _four_partitions(nats_server) as (settings, nc):
+        load = Load(4000, dup_ratio=0.1, seed=41)
+        await load.publish(nc)
+        async with _two_workers(nc, settings) as (a, b):
+            await _settled(nc, load)
+            turned = _turned(a, b)
+            assert forgotten.get(id(turned.registry), 0) == 0
+            assert a.stats.restarts == 0 and b.stats.restarts == 0
+            assert a.stats.events + b.stats.events == len(load.unique_events)
+
+
+def _count_forgotten(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
+    """Times each meter registry let its reading keys go (at a turn, see runner._lets_go),
+    by the registry's id."""
     forgotten: dict[int, int] = {}
     forget_keys = MeterRegistry.forget_keys
 
@@ -135,19 +173,17 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
         forget_keys(registry)
 
     monkeypatch.setattr(MeterRegistry, "forget_keys", counted)
-    async with _four_partitions(nats_server) as (settings, nc):
-        load = Load(4000, dup_ratio=0.1, seed=41)
-        await load.publish(nc)
-        async with _two_workers(nc, settings) as (a, b):
-            await _settled(nc, load)
-            # To one, then the next or all. Asked of one worker of the two: on a loaded
-            # machine a worker was once seen never to have two partitions behind at once
-            # (turns (0, 6), once in ~20 runs beside two CPU hogs), whatever the rule.
-            turned = max((a, b), key=lambda w: w.stats.turns)
-            assert turned.stats.turns >= 2, (a.stats, b.stats)
-            assert forgotten[id(turned.registry)] >= 2
-            assert a.stats.restarts == 0 and b.stats.restarts == 0
-            assert a.stats.events + b.stats.events == len(load.unique_events)
+    return forgotten
+
+
+def _turned(a: Worker, b: Worker) -> Worker:
+    """The worker of the two that turned most, having turned at least twice: to one
+    partition, then the next or all. Asked of one worker of the two: on a loaded machine a
+    worker was once seen never to have two partitions behind at once (turns (0, 6), once in
+    ~20 runs beside two CPU hogs), whatever the rule."""
+    turned = max((a, b), key=lambda w: w.stats.turns)
+    assert turned.stats.turns >= 2, (a.stats, b.stats)
+    return turned
 
 
 async def test_a_round_ends_when_the_partition_in_hand_has_delivered_its_backlog(
@@ -174,7 +210,7 @@ async def test_a_round_ends_when_the_partition_in_hand_has_delivered_its_backlog
                 lambda: _applied(a, b), lambda n: n == unique, timeout=30, interval=0.05
             )
             took = loop.time() - started
-            assert a.stats.turns + b.stats.turns >= 1  # (see the test before)
+            assert a.stats.turns + b.stats.turns >= 1  # (see _turned)
             assert took < 8, f"every event applied after {took:.1f} s"
             await _settled(nc, load)
 
@@ -192,10 +228,12 @@ async def test_a_round_being_written_is_stored_before_an_idle_flush(
     flush beside that write cleared the dirty marks the write added meanwhile, and the pages
     they marked were never written once the next turn emptied the cache. Here each atomic
     batch waits 50 ms and METER_FLUSH_MS is 20, so writes are slow and the loop often finds
-    nothing buffered: every event is still counted once in the day summaries."""
+    nothing buffered (and every turn lets the cache go, ``runner._lets_go`` made to): every
+    event is still counted once in the day summaries."""
     from kloudmeter_py.worker import keystore, runner
 
     monkeypatch.setattr(runner, "_FOCUS_AT", 100)
+    monkeypatch.setattr(runner, "_lets_go", lambda held, spill_mb: True)
     store_many = keystore.KeyStore.store_many
 
     async def slow(

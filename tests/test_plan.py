@@ -312,6 +312,24 @@ def test_a_round_ends_without_a_linger_while_other_partitions_wait_their_turn(
 
 
 @pytest.mark.parametrize(
+    ("held", "spill_mb", "lets_go"),
+    [
+        (0, 12, False),  # nothing held: kept (nothing to write)
+        ((12 << 20) - 1, 12, False),  # under METER_SPILL_MB: kept for the next pass
+        (12 << 20, 12, True),  # at it: written and let go at the turn
+        (40 << 20, 12, True),
+        (0, 0, True),  # METER_SPILL_MB 0: always let go
+    ],
+)
+def test_a_runner_lets_its_keys_go_at_a_turn_only_when_they_are_many(
+    held: int, spill_mb: int, lets_go: bool
+) -> None:
+    from kloudmeter_py.worker.runner import _lets_go
+
+    assert _lets_go(held, spill_mb) is lets_go
+
+
+@pytest.mark.parametrize(
     ("dirty", "waited", "pending", "heavy", "behind", "full", "due"),
     [
         (False, 0.0, 5000, True, True, False, True),  # nothing deferred: checkpoint now

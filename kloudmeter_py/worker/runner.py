@@ -246,8 +246,9 @@ def _focus(
     until it has caught up (fewer than ``release`` left) or, while others are behind, its
     share of ``slice_s`` has passed (all of it with one other, half with two...: none waits
     longer in all); then the next behind in turn, or all together when none is.
-    At each change the runner writes what it holds and empties its key cache, so that it
-    holds one backlogged partition's keys at a time, not all of its partitions': every key
+    At each change the runner writes what it holds and empties its key cache once that has
+    reached METER_SPILL_MB (see _lets_go), so that it holds one backlogged partition's keys
+    at a time, not all of its partitions': every key
     belongs to one partition (its subject's), and on the wide bench shape a backlog touches
     every key of its partition. It is kept until caught up, not only until below ``at``:
     the last 18,000 events of a partition's wide backlog still touched most of its keys,
@@ -309,6 +310,21 @@ def _split(
     if merged:
         return focus is not None or backlog >= min(release, at * partitions)
     return backlog >= at * partitions
+
+
+def _lets_go(held: int, spill_mb: int) -> bool:
+    """Whether a runner that turns to another partition's backlog (see _focus) first writes
+    what it holds and lets its key cache go: when that holds ``held`` bytes (estimated) of
+    METER_SPILL_MB or more.
+
+    Letting go bounds what a runner holds to about one partition's keys where they are
+    many (the wide bench shape). Where they are few it only costs: each turn writes every
+    key the rounds before touched, and the next pass reads them again. One worker on the
+    live bench shape (1,000 subjects; every key of its 16 partitions ~11 MB estimated)
+    turned 16 times in ~2 s once it fell behind, and made ~0.30 KV writes an event against
+    ~0.10 in a run that kept up.
+    """
+    return held >= spill_mb << 20
 
 
 def _chunks(keys: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
@@ -864,7 +880,7 @@ class Runner:
             raise Restart("replay for a new meter")
 
     async def _process(self, puller: RawPuller | Pullers, rnd: _Round, started: float) -> None:
-        if rnd.switch:
+        if rnd.switch and _lets_go(self.keys.cache_bytes, self.settings.spill_mb):
             # The runner has turned to another partition's backlog: write what the rounds
             # before left in memory, then let the cache go (see _focus).
             await self._flush(puller)
