@@ -27,7 +27,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # shape (a million events, 10,000 subjects over 30 days, the same hour): two workers'
     # CPU 67.4 -> 53.9-54.6 s and peak RSS 183 -> 154-165 MB a worker at the same rate; one
     # worker 69.3 -> 48.4-50.7 s, 197 -> 172-175 MB, 0.16 -> 0.178-0.192 of the raw baseline;
-    # the live shape unchanged (README, Performance).
+    # the live shape unchanged (docs/performance-history.md).
     partitions: int = 16
     # How long summaries are kept after their window closes: minute level (seconds),
     # hour level (seconds), day level (days).
@@ -48,7 +48,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Summary pages a worker holds between flushes, in MB (an estimate): beyond it they are
     # written (readings and the checkpoint wait for the flush) and let go. What bounds a
     # worker's memory on a wide backlog, where a page is seldom touched twice before the
-    # flush; 0 writes them after every round. See README, Performance.
+    # flush; 0 writes them after every round. See docs/performance-history.md.
     spill_mb: int = 12
     # Largest HTTP request body accepted.
     max_body_bytes: int = 1024 * 1024
@@ -225,7 +225,7 @@ def default_workers(partitions: int) -> int:
     partitions (a consumer per partition, worker.runner), 16,860-18,940 (0.22-0.256). On the
     live shape, with the bench's publisher and nats-server on the same two cores, two used
     about as much CPU as one and reached 0.599-0.698 of the baseline against 0.59 for one
-    (README, Performance).
+    (docs/performance-history.md).
     """
     try:
         cpus = len(os.sched_getaffinity(0))

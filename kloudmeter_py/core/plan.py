@@ -229,7 +229,7 @@ def pack_reading(state: KeyState) -> bytearray | None:
     readings of every series its partitions' events touch: on the wide bench shape at
     10,000 subjects ~25,000 of them a worker (~16 MB), against ~3,500 at 1,000 subjects,
     and their objects were a large part of what set a wide worker's peak above a
-    1,000-subject one's (README, Performance). Packing took ~0.5 us and
+    1,000-subject one's (docs/performance-history.md). Packing took ~0.5 us and
     unpacking ~2 us, the state made included (25,000 sum readings, this machine).
     """
     acc = state.acc

@@ -128,7 +128,7 @@ _FOCUS_S = 60.0
 # 1.26-1.27, worker CPU ~8% more: more rounds for the same events). With pages spilled
 # (METER_SPILL_MB), 10,000 rather than 20,000 (wide rounds of ~3,333 events, not ~6,666):
 # two workers peaked at 125-131 MB a worker against 145-153 at 10,000 subjects, at 97 MB
-# against 108-124 at 1,000, for ~10% more worker CPU (README, Performance). A live round
+# against 108-124 at 1,000, for ~10% more worker CPU (docs/performance-history.md). A live round
 # (~5,000 parts in 50,000 events) is not bounded by it.
 _ROUND_PARTS = 10_000
 # Events in a consumer's first round, before it is known how many parts its events make:
@@ -1009,7 +1009,7 @@ class Runner:
         read and written again. On the wide bench shape (10,000 subjects, 30 days, two
         workers), where a worker's pages had reached 25-44 MB (estimated) in a turn: peak RSS
         144-156 MB a worker against 160-163 MB, for 0.71-0.73 KV writes an event against 0.65
-        (README, Performance).
+        (docs/performance-history.md).
         """
         await self._write_dirty(readings=False)
         self.keys.drop_parked()
