@@ -177,13 +177,13 @@ def _gather_wait(
 
     A round gathers for up to METER_FLUSH_MS (``flush_s``) while a ``backlog`` waits in
     the consumers it takes from (not those waiting their turn, see _focus) or the stream is
-    ``heavy``, else for ``linger``. A heavy stream with nothing waiting on
-    the server is given ``linger`` at a time: when it pauses, the round ends. Before, the
-    round waited out the rest of METER_FLUSH_MS after the last event of a burst. On the
-    live bench shape (200,000 events published as fast as the bench can, two workers), the
-    time from the last publish to final readings (``e2e_settle_ms``) was 1.41-1.54 s of
-    ~3.7 s and is 0.51-0.59 s of ~3.0 s: end to end 0.514-0.549 -> 0.644-0.698 of the
-    raw JetStream baseline, at the same ~0.2 KV writes an event.
+    ``heavy``, else for ``linger``. A heavy stream with nothing waiting on the server is
+    given ``linger`` at a time: when it pauses, the round ends. Before, the round waited
+    out the rest of METER_FLUSH_MS after the last event of a burst. On the live bench shape
+    (200,000 events published as fast as the bench can, two workers), the time from the
+    last publish to final readings (``e2e_settle_ms``) was 1.41-1.54 s of ~3.7 s and is
+    0.51-0.59 s of ~3.0 s: end to end 0.514-0.549 -> 0.644-0.698 of the raw JetStream
+    baseline, at the same ~0.2 KV writes an event.
 
     A round of a runner working through one partition's backlog while others wait their
     turn (``others_behind``, see _focus) ends once the one in hand has delivered all it had
@@ -323,10 +323,10 @@ def _lets_go(held: int, spill_mb: int) -> bool:
     live bench shape (1,000 subjects; every key of its 16 partitions ~11 MB estimated)
     turned 16 times in ~2 s once it fell behind, and made ~0.30 KV writes an event against
     ~0.10 in a run that kept up. Keeping them below METER_SPILL_MB: 0.224 KV writes an event
-    and 0.499-0.509 of the raw baseline in the runs that split (0.444-0.473 before); the
-    wide shape at 10,000 subjects unchanged (a partition's keys reach the threshold, 0.247-
-    0.256, 107-109 MB a worker), at 1,000 subjects 0.088-0.118 KV writes an event against
-    0.114-0.122.
+    and 0.499-0.509 of the raw baseline in the runs that split (0.444-0.473 before). The
+    wide shape at 10,000 subjects is unchanged, as a partition's keys reach the threshold
+    (0.247-0.256, 107-109 MB a worker); at 1,000 subjects 0.088-0.118 KV writes an event
+    against 0.114-0.122.
     """
     return held >= spill_mb << 20
 
