@@ -254,6 +254,29 @@ def test_round_limit_keeps_a_rounds_key_states_in_the_cache(
 
 
 @pytest.mark.parametrize(
+    ("events", "parts", "fresh", "limit"),
+    [
+        (3_333, 10_000, 0.0, 3_333),  # nothing known yet: by parts only
+        (3_333, 10_000, 3.3, 1_000),  # wide, 10,000 subjects: ~11,000 fresh keys a round
+        (3_333, 10_000, 1.5, 2_000),  # one partition at a time: ~5,000 fresh a round
+        (3_333, 10_000, 0.7, 3_333),  # wide, 1,000 subjects: by parts
+        (35_000, 5_000, 0.0, 50_000),  # live: the keys of the round before, none fresh
+        (35_000, 5_000, 0.05, 50_000),  # live, a new minute's pages
+    ],
+)
+def test_round_limit_holds_a_rounds_fresh_keys_near_3000(
+    events: int, parts: int, fresh: float, limit: int
+) -> None:
+    """Keys the round before did not touch are what a round adds to a worker's memory: a
+    round is sized so that about 3,000 of them are new to it; keys touched again do not
+    count, so that rounds over a few keys stay large however many keys they touch."""
+    from kloudmeter_py.worker.runner import _ROUND_FRESH, _round_limit
+
+    assert _ROUND_FRESH == 3_000
+    assert _round_limit(50_000, events, parts, fresh=fresh) == limit
+
+
+@pytest.mark.parametrize(
     ("events", "since", "heavy"),
     [
         (20_000, 1.0, True),  # the live burst, ~20,000 events a second a worker

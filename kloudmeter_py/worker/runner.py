@@ -137,13 +137,41 @@ _ROUND_PARTS = 10_000
 _FIRST_ROUND = 5_000
 
 
+# Keys a round may touch that the round before it did not touch ("fresh"), see _round_limit.
+# They are what a round's memory grows with where its events spread over many subjects and
+# windows: each is a key state read or taken back from the cache, with the round's work for
+# it, beside what the cache already holds. Rounds of 3,333 events touched, on the wide bench
+# shape at 10,000 subjects, ~17,400 keys (~10,600-12,600 fresh) while a worker read its 8
+# partitions together and ~11,000 (~5,000 fresh) while it took them one at a time; at 1,000
+# subjects ~7,400 (~2,100-2,700) and ~3,700 (~500-800); on the live shape a round's keys
+# after the first are those of the round before (none fresh). Peak RSS a worker at 10,000
+# subjects, two workers, one run each: 106.3 / 109.6 MB without the limit, 100.3 / 100.9 with
+# 8,000, 99.3 / 98.2 with 5,000, 98.8 / 95.3 with 3,000 (rounds of 1,000-2,000 events); at
+# 1,000 subjects 90.3 / 92.9 without, 90.8 / 93.9 with 3,000 (the limit seldom binds there).
+# Worker CPU and KV writes an event were within the spread of the runs without it.
+_ROUND_FRESH = 3_000
+
+
 def _round_limit(
-    batch_size: int, events: int, parts: int, bytes_per_event: int = 0, room: int = 0
+    batch_size: int,
+    events: int,
+    parts: int,
+    bytes_per_event: int = 0,
+    room: int = 0,
+    fresh: float = 0.0,
 ) -> int:
     """Events in the next round: METER_BATCH_SIZE, fewer where the last round's events each
     made parts of their own (many subjects or windows), so that its parts stay near
-    _ROUND_PARTS, and fewer where the key states a round touches (``bytes_per_event`` in
-    the last round written, estimated) would not fit in ``room`` (half of METER_CACHE_MB).
+    _ROUND_PARTS, fewer where the key states a round touches (``bytes_per_event`` in
+    the last round written, estimated) would not fit in ``room`` (half of METER_CACHE_MB),
+    and fewer where the last round written touched keys the round before it did not
+    (``fresh`` an event), so that about _ROUND_FRESH of them are new to a round.
+
+    The fresh keys, not all keys, since a round that touches the keys the one before did
+    (the live shape) holds nothing new: a live worker's ~10,000 keys are touched by every
+    round, so rounds of at most 8,000 keys shrank to a few thousand events there (0.274 of
+    the raw baseline against ~0.6, docs/performance-history.md). Fresh keys grow with a
+    round's events, and a live round has none after the first.
 
     The key states are what a worker's memory grows with on the wide bench shape: a round of
     25,000 events touched ~84,000 keys whose states grew from ~100 to ~160 MB as the month
@@ -154,6 +182,8 @@ def _round_limit(
     limit = events * _ROUND_PARTS // parts
     if bytes_per_event and room:
         limit = min(limit, room // bytes_per_event)
+    if fresh:
+        limit = min(limit, int(_ROUND_FRESH / fresh))
     return min(batch_size, max(1000, limit))
 
 
@@ -449,6 +479,10 @@ class Runner:
         self._load_slots = asyncio.Semaphore(_LOADS_IN_FLIGHT)
         self._flush_slots = asyncio.Semaphore(_FLUSHES_IN_FLIGHT)
         self._bytes_per_event = 0  # key state bytes per event of the last round written
+        # Keys the last round written touched that the one before it did not, per event;
+        # and (their hashes) those it touched (see _round_limit).
+        self._fresh_per_event = 0.0
+        self._last_keys: set[int] = set()
         # (meter, subject) of the readings the rounds since the last checkpoint touched, read
         # again or not: the alerts are made from them before the checkpoint (worker.alerts).
         self._touched: set[tuple[str, str]] = set()
@@ -707,6 +741,7 @@ class Runner:
                     len(rnd.series),
                     self._bytes_per_event,
                     self.keys.cache_budget // 2,
+                    self._fresh_per_event,
                 )
                 # Pull ahead about one round (its parts bound a round of the wide shape to
                 # ~3,300 events; 50,000 pulled ahead held ~18 MB more at ~13,000).
@@ -890,6 +925,12 @@ class Runner:
             await self._flush(puller)
             self._let_go_keys()
         self._spread(rnd)
+        if rnd.rows:
+            # (hashes: ~1 MB at 17,000 keys, and keeping no key tuple alive once written)
+            touched = {hash(wkey) for wkey in rnd.work}
+            if self._last_keys:  # (a runner's first round: every key is new to it)
+                self._fresh_per_event = len(touched - self._last_keys) / len(rnd.rows)
+            self._last_keys = touched
         dead = rnd.dead
         last = rnd.last
         marks = rnd.marks
