@@ -146,9 +146,10 @@ _FIRST_ROUND = 5_000
 # subjects ~7,400 (~2,100-2,700) and ~3,700 (~500-800); on the live shape a round's keys
 # after the first are those of the round before (none fresh). Peak RSS a worker at 10,000
 # subjects, two workers, one run each: 106.3 / 109.6 MB without the limit, 100.3 / 100.9 with
-# 8,000, 99.3 / 98.2 with 5,000, 98.8 / 95.3 with 3,000 (rounds of 1,000-2,000 events); at
-# 1,000 subjects 90.3 / 92.9 without, 90.8 / 93.9 with 3,000 (the limit seldom binds there).
-# Worker CPU and KV writes an event were within the spread of the runs without it.
+# 8,000, 99.3 / 98.2 with 5,000, 98.8 / 95.3 with 3,000 (rounds of 1,000-2,000 events). Three
+# runs as it is: 97.7-100.1 MB (107.1-109.6 before), KV writes an event 0.56-0.61 (0.63-0.69),
+# end to end 0.235-0.255 of the raw baseline (0.247-0.256); at 1,000 subjects 88.9-92.4 MB
+# and live 0.561-0.602, as before: the limit seldom binds there (README, Performance).
 _ROUND_FRESH = 3_000
 
 
@@ -928,7 +929,10 @@ class Runner:
         if rnd.rows:
             # (hashes: ~1 MB at 17,000 keys, and keeping no key tuple alive once written)
             touched = {hash(wkey) for wkey in rnd.work}
-            if self._last_keys:  # (a runner's first round: every key is new to it)
+            # Not a runner's first round, every key of which is new: counted, it cut the live
+            # shape's third round to ~1,500 events, and the rounds took several more to grow
+            # back (worker CPU 3.3-3.8 s against 2.8-3.1 without the limit).
+            if self._last_keys:
                 self._fresh_per_event = len(touched - self._last_keys) / len(rnd.rows)
             self._last_keys = touched
         dead = rnd.dead
