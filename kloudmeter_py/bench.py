@@ -492,6 +492,17 @@ def process_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def traced_peaks(trace_dir: str) -> list[dict[str, Any]]:
+    """Each worker's memory trace line at its highest resident memory (worker.memtrace),
+    highest first; a worker that wrote none is left out."""
+    from kloudmeter_py.worker.memtrace import peak_line
+
+    lines = [peak_line(path) for path in sorted(Path(trace_dir).glob("memory-*.jsonl"))]
+    return sorted(
+        (line for line in lines if line is not None), key=lambda line: -line.get("rss_mb", 0)
+    )
+
+
 def cpu_seconds(pid: int | None) -> float:
     """User + system CPU of a process so far (Linux /proc), 0 when unknown."""
     if pid is None:
@@ -536,9 +547,13 @@ async def run(
     shape: str = "live",
     secured: Settings | None = None,
     workers: int = 1,
+    memory_trace: str | None = None,
 ) -> dict[str, Any]:
     """One bench run of a shape (``SHAPES``); ``events_n`` and ``subjects`` shrink it.
     ``workers``: worker processes sharing the partitions (each with a cache of its own).
+    ``memory_trace``: a directory; the workers trace their memory into a subdirectory of it
+    named after the run's stream (METER_MEMORY_TRACE, worker.memtrace), and the results
+    give each worker's line at its peak (``workers_peak_at``, highest first).
 
     ``secured``: the NATS credentials and client certificate (``NATS_CREDS`` ...) to use with
     ``nats_url``; the worker and gateway it starts get the same settings."""
@@ -566,6 +581,11 @@ async def run(
         p.done(f"baseline: {results['baseline_events_per_s']:,} events/s")
 
         env = process_env(settings)
+        trace_dir = None
+        if memory_trace:
+            trace_dir = os.path.join(memory_trace, stream)
+            env["METER_MEMORY_TRACE"] = trace_dir
+            results["memory_trace_dir"] = trace_dir
         procs = [await stack.enter_async_context(_process(["worker"], env)) for _ in range(workers)]
         p.phase("end to end: waiting for the workers to share out every partition")
         share = -(-settings.partitions // workers)
@@ -637,6 +657,8 @@ async def run(
         p.done(f"lag at {lag_rate:,} events/s: p50 {lags[0]} ms, p99 {lags[1]} ms")
         peaks = [round(peak_rss_mb(w.pid), 1) for w in procs]
         results["worker_peak_rss_mb"] = max(peaks)
+        if trace_dir is not None:
+            results["workers_peak_at"] = traced_peaks(trace_dir)
         if workers > 1:
             results["workers_peak_rss_mb"] = peaks
 
@@ -864,6 +886,15 @@ def table(r: dict[str, Any]) -> str:
             [("peak RSS of each worker", " / ".join(f"{m} MB" for m in r["workers_peak_rss_mb"]))]
             if r.get("workers_peak_rss_mb")
             else []
+        ),
+        *(
+            (
+                "a worker at its peak (trace)",
+                f"{at['t_s']} s: RSS {at['rss_mb']} MB, key cache {at['cache_mb']} MB estimated "
+                f"(parked pages {at['parked_mb']}), {at['states']:,} states, "
+                f"{at['pages']:,} pages, {at['readings']:,} readings",
+            )
+            for at in r.get("workers_peak_at", [])
         ),
     ]
     width = max(len(a) for a, _ in rows)

@@ -125,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--lag-rate", type=int, default=5000, help="offered events/s")
     bench.add_argument("--lag-seconds", type=float, default=5.0)
     bench.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    bench.add_argument(
+        "--memory-trace",
+        metavar="DIR",
+        help="the workers write their memory every 100 ms under DIR (METER_MEMORY_TRACE); "
+        "the results give each worker's line at its peak",
+    )
     agent = sub.add_parser(
         "agent", help="sample this host's CPU and memory and post them to a perf receiver"
     )
@@ -554,6 +560,8 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         raise ConfigError("--events and --subjects must be positive")
     workers = _workers(args, settings)
     if args.reads:
+        if args.memory_trace:
+            raise ConfigError("--memory-trace: not with --reads")
         return await _bench_reads(settings, args, url)
     results = await bench.run(
         shape=args.shape or "live",
@@ -566,6 +574,7 @@ async def _bench(settings: Settings, args: argparse.Namespace) -> int:
         lag_seconds=args.lag_seconds,
         quiet=False,
         workers=workers,
+        memory_trace=args.memory_trace,
     )
     print(bench.table(results))
     if args.json:

@@ -53,6 +53,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # writes it and lets it go at a turn between partitions (worker.runner._lets_go). See
     # docs/performance-history.md.
     spill_mb: int = 12
+    # A directory a worker appends a line of its memory to every 100 ms (worker.memtrace),
+    # memory-<worker id>.jsonl; empty: none. For finding what sets a worker's peak.
+    memory_trace: str = ""
     # Largest HTTP request body accepted.
     max_body_bytes: int = 1024 * 1024
     # Longest a read (a query, a listing, a rebuild) may work before it answers 503.
@@ -261,6 +264,7 @@ _ENV: tuple[tuple[str, str, type], ...] = (
     ("METER_SUMMARY_FLUSH_MS", "summary_flush_ms", int),
     ("METER_CACHE_MB", "cache_mb", int),
     ("METER_SPILL_MB", "spill_mb", int),
+    ("METER_MEMORY_TRACE", "memory_trace", str),
     ("METER_MAX_BODY_BYTES", "max_body_bytes", int),
     ("METER_READ_TIMEOUT_MS", "read_timeout_ms", int),
     ("METER_DEDUP_WINDOW", "dedup_window", int),

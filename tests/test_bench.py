@@ -4,7 +4,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
+
+import msgspec
+import pytest
 
 from kloudmeter_py import bench
 from kloudmeter_py.store.server import NatsServer
@@ -66,15 +70,75 @@ async def test_small_wide_bench_checks_every_reading_and_window() -> None:
     assert results["disk_bytes_per_event"] > 0 and results["nats_server_cpu_s"] > 0
 
 
-async def test_small_wide_bench_with_two_workers_is_correct() -> None:
+async def test_small_wide_bench_with_two_workers_is_correct(tmp_path: Path) -> None:
     """Two worker processes share the four partitions (two each, a consumer per partition,
     see Runner._config): every reading and window is right, and each worker's figures are
-    reported."""
-    results = await small_wide_bench(workers=2)
+    reported, with --memory-trace each one's trace line at its peak (worker.memtrace)."""
+    results = await small_wide_bench(workers=2, memory_trace=str(tmp_path))
     assert results["correct"] is True, results.get("wrong")
     assert results["workers"] == 2 and len(results["workers_peak_rss_mb"]) == 2
     assert results["worker_peak_rss_mb"] == max(results["workers_peak_rss_mb"])
     assert "2 workers" in bench.table(results)
+    traces = _trace_lines(results["memory_trace_dir"])
+    assert len(traces) == 2
+    # each worker's line at its peak is a line of its trace with none above it before it
+    # (the workers go on tracing after the bench reads them), highest worker first; every
+    # worker applied events and held keys while it was traced
+    peaks = results["workers_peak_at"]
+    assert peaks[0]["rss_mb"] >= peaks[1]["rss_mb"] > 0
+    for lines in traces:
+        at = next(at for at in peaks if at in lines)
+        assert max(line["rss_mb"] for line in lines[: lines.index(at) + 1]) == at["rss_mb"]
+        assert at["hwm_mb"] >= at["rss_mb"]
+    for lines in traces:
+        assert lines[-1]["events"] > 0
+        assert max(line["pages"] + line["readings"] + line["states"] for line in lines) > 0
+    assert "a worker at its peak (trace)" in bench.table(results)
+
+
+def _trace_lines(trace_dir: str) -> list[list[dict[str, Any]]]:
+    """The lines of each memory trace file in ``trace_dir`` (a line cut short at the end
+    left out)."""
+    traces = []
+    for path in sorted(Path(trace_dir).glob("memory-*.jsonl")):
+        lines = []
+        for raw in path.read_bytes().splitlines():
+            try:
+                lines.append(msgspec.json.decode(raw))
+            except msgspec.DecodeError:
+                pass
+        traces.append(lines)
+    return traces
+
+
+def test_a_memory_trace_peak_is_its_highest_resident_line(tmp_path: Path) -> None:
+    """The bench reports the line with the most resident memory, the first of equals, and
+    skips a line cut short by the worker's end."""
+    from kloudmeter_py.worker.memtrace import peak_line
+
+    path = tmp_path / "memory-w.jsonl"
+    path.write_bytes(
+        b'{"t_s": 0.1, "rss_mb": 50.0}\n{"t_s": 0.2, "rss_mb": 91.5}\n'
+        b'{"t_s": 0.3, "rss_mb": 91.5}\n{"t_s": 0.4, "rss_mb": 70.0}\n{"t_s": 0.5, "rss'
+    )
+    assert peak_line(path) == {"t_s": 0.2, "rss_mb": 91.5}
+    assert peak_line(tmp_path / "none.jsonl") is None
+
+
+def test_a_memory_trace_directory_that_cannot_be_written_names_the_setting(
+    tmp_path: Path,
+) -> None:
+    """METER_MEMORY_TRACE under a file: the start stops with the setting's name."""
+    from kloudmeter_py.errors import ConfigError
+    from kloudmeter_py.worker.memtrace import open_trace
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="METER_MEMORY_TRACE"):
+        open_trace(str(blocker / "traces"), "w1")
+    with open_trace(str(tmp_path / "traces"), "w1") as out:
+        out.write(b"{}\n")
+    assert (tmp_path / "traces" / "memory-w1.jsonl").read_bytes() == b"{}\n"
 
 
 def test_expected_totals_see_a_wrong_window() -> None:

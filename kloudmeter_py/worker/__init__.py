@@ -121,6 +121,7 @@ class Worker:
         self.leases: Leases | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._lean = LeanLink(settings, name=f"kloudmeter-worker-{self.worker_id}")
+        self._trace_task: asyncio.Task[None] | None = None  # METER_MEMORY_TRACE
 
     async def wire(self) -> Wire:
         """The hot-path connection (pulls and KV write batches), opened again after a failure."""
@@ -131,6 +132,11 @@ class Worker:
         return sorted(self._owned)
 
     async def start(self) -> None:
+        if self.settings.memory_trace:
+            from kloudmeter_py.worker import memtrace
+
+            # Opened first, so that a directory that cannot be written stops the start.
+            trace_out = memtrace.open_trace(self.settings.memory_trace, self.worker_id)
         await check_partitions(self.js, self.settings)
         self.readings = await self.js.key_value(self.layout.readings_bucket)
         self.level_widths = widths(self.settings.interval)
@@ -176,6 +182,8 @@ class Worker:
             )
             await self._first_lease_round()
             self._lease_task = asyncio.create_task(self._lease_loop(), name="leases")
+        if self.settings.memory_trace:
+            self._trace_task = asyncio.create_task(memtrace.trace(self, trace_out), name="memtrace")
         log.info("worker.started", worker=self.worker_id, partitions=self.owned)
 
     def _start_runner(self) -> None:
@@ -270,4 +278,8 @@ class Worker:
             await self.leases.give_back()
         await self.registry.stop()
         await self._lean.close()
+        if self._trace_task is not None:
+            self._trace_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._trace_task
         log.info("worker.stopped", worker=self.worker_id, **vars(self.stats))

@@ -1,0 +1,121 @@
+"""A worker's memory over time, line by line, to find what sets its peak (METER_MEMORY_TRACE).
+
+Every ``INTERVAL_S`` the worker appends one JSON object to ``memory-<worker id>.jsonl`` in the
+directory the setting names: seconds since it started, its resident memory now and at its
+peak so far (``/proc/self/status``; 0 where there is none), the events it has applied, and
+what its key cache holds (see worker.keystore): key states, parked pages and packed readings,
+counted and in estimated MB.
+
+Why: a worker's peak RSS is a maximum over a whole run, and what sets it moves between
+phases. On the wide bench shape at 10,000 subjects (b387853, two workers) it came ~80 s into
+one run, in its last partition's backlog, and ~30 s into another; RSS less the cache's
+estimate was then ~80-84 MB, against ~75 MB at 1,000 subjects with the same ~12 MB of parked
+pages. ``kloudmeter bench --memory-trace DIR`` turns it on for the bench's workers and
+reports, for each, the line at its peak (``workers_peak_at``).
+
+Cost: a sample reads one small /proc file and writes ~200 bytes (tens of microseconds, ten
+times a second); it is taken between the worker's other steps, so a step that holds the
+event loop delays it. A sample is not the peak: the bench's ``worker_peak_rss_mb`` is the
+kernel's high-water mark (VmHWM), read once after the run. The two differ by a little either
+way (a trace once held a sample 0.2 MB above the VmHWM read later).
+"""
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import msgspec
+
+from kloudmeter_py.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kloudmeter_py.worker import Worker
+
+INTERVAL_S = 0.1
+_MB = 1 << 20
+
+
+def proc_memory_mb() -> tuple[float, float]:
+    """(resident, peak resident) memory of this process in MB; (0, 0) where unknown."""
+    rss = hwm = 0
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith(b"VmHWM:"):
+                    hwm = int(line.split()[1])
+    except OSError:
+        pass
+    return round(rss / 1024, 1), round(hwm / 1024, 1)
+
+
+def open_trace(directory: str, worker_id: str) -> IO[bytes]:
+    """The file a worker appends its memory lines to; ConfigError naming the setting when
+    the directory cannot be made or written."""
+    path = Path(directory) / f"memory-{worker_id}.jsonl"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "ab")  # held open while the worker runs
+    except OSError as exc:
+        raise ConfigError(f"METER_MEMORY_TRACE: cannot write {path}: {exc.strerror}") from exc
+
+
+def sample(worker: "Worker", started: float) -> dict[str, Any]:
+    """One line of the trace: the process's memory and what the worker's key cache holds."""
+    rss, hwm = proc_memory_mb()
+    line: dict[str, Any] = {
+        "t_s": round(time.monotonic() - started, 2),
+        "rss_mb": rss,
+        "hwm_mb": hwm,
+        "events": worker.stats.events,
+        "states": 0,
+        "pages": 0,
+        "readings": 0,
+        "cache_mb": 0.0,
+        "parked_mb": 0.0,
+    }
+    runner = worker.runner
+    if runner is not None:
+        keys = runner.keys
+        line["states"] = len(keys.cache)
+        line["pages"] = sum(len(pages) for pages in keys.pages.values())
+        line["readings"] = len(keys.readings)
+        line["cache_mb"] = round(keys.cache_bytes / _MB, 2)
+        line["parked_mb"] = round(keys.parked_bytes / _MB, 2)
+    return line
+
+
+async def trace(worker: "Worker", out: IO[bytes]) -> None:
+    """Append a line every INTERVAL_S until cancelled; the file is closed then."""
+    started = time.monotonic()
+    encoder = msgspec.json.Encoder()
+    try:
+        while True:
+            out.write(encoder.encode(sample(worker, started)) + b"\n")
+            out.flush()
+            await asyncio.sleep(INTERVAL_S)
+    finally:
+        out.close()
+
+
+def peak_line(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The line of a trace file with the highest resident memory (the first such), or None
+    for an empty or missing file."""
+    best: dict[str, Any] | None = None
+    try:
+        with open(path, "rb") as lines:
+            for raw in lines:
+                try:
+                    line = msgspec.json.decode(raw)
+                except msgspec.DecodeError:
+                    continue  # a line cut short by the worker's end
+                if isinstance(line, dict) and (
+                    best is None or line.get("rss_mb", 0) > best.get("rss_mb", 0)
+                ):
+                    best = line
+    except OSError:
+        return None
+    return best
