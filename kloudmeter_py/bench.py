@@ -280,13 +280,10 @@ def _free_port() -> int:
 
 
 def peak_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    """A process's peak resident memory in MB (VmHWM), 0 when unknown."""
+    from kloudmeter_py.worker.memtrace import proc_memory_mb
+
+    return proc_memory_mb(pid)[1]
 
 
 def _process(args: list[str], env: dict[str, str]) -> contextlib.AbstractAsyncContextManager[Any]:

@@ -7,11 +7,11 @@ what its key cache holds (see worker.keystore): key states, parked pages and pac
 counted and in estimated MB.
 
 Why: a worker's peak RSS is a maximum over a whole run, and what sets it moves between
-phases. On the wide bench shape at 10,000 subjects (b387853, two workers) it came ~80 s into
-one run, in its last partition's backlog, and ~30 s into another; RSS less the cache's
-estimate was then ~80-84 MB, against ~75 MB at 1,000 subjects with the same ~12 MB of parked
-pages. ``kloudmeter bench --memory-trace DIR`` turns it on for the bench's workers and
-reports, for each, the line at its peak (``workers_peak_at``).
+phases. On the wide bench shape at 10,000 subjects (b387853, two workers) the peaks came at
+70-81 s, near the end of a worker's backlog, and RSS less the cache's estimate was then
+80.1-86.0 MB, against 75.2-75.9 MB at 1,000 subjects with about as much in the cache
+(README, Performance). ``kloudmeter bench --memory-trace DIR`` turns it on for the bench's
+workers and reports, for each, the line at its peak (``workers_peak_at``).
 
 Cost: a sample reads one small /proc file and writes ~200 bytes (tens of microseconds, ten
 times a second); it is taken between the worker's other steps, so a step that holds the
@@ -37,11 +37,12 @@ INTERVAL_S = 0.1
 _MB = 1 << 20
 
 
-def proc_memory_mb() -> tuple[float, float]:
-    """(resident, peak resident) memory of this process in MB; (0, 0) where unknown."""
+def proc_memory_mb(pid: int | None = None) -> tuple[float, float]:
+    """(resident, peak resident) memory in MB of process ``pid`` (None: this one), from
+    Linux's /proc (VmRSS, VmHWM); (0, 0) where unknown."""
     rss = hwm = 0
     try:
-        with open("/proc/self/status", "rb") as status:
+        with open(f"/proc/{pid or 'self'}/status", "rb") as status:
             for line in status:
                 if line.startswith(b"VmRSS:"):
                     rss = int(line.split()[1])
