@@ -235,6 +235,12 @@ class MeterRegistry:
         for cm in self.by_id.values():
             cm.forget_keys()
 
+    def new_round(self) -> None:
+        """A worker's round begins: the meters keep the reading keys of this round only
+        (``CompiledMeter._key``)."""
+        for cm in self.by_id.values():
+            cm.forget_keys()
+
     async def catch_up(self, timeout: float = 5.0) -> None:
         """Wait until every meter change stored before now is in this view."""
         info = await self.js.stream_info(f"KV_{self.layout.meters_bucket}")

@@ -284,27 +284,38 @@ class KeyStore:
         self.cache_bytes += state.size - (old.size if old else 0)
         self.cache[wkey] = state
 
+    def take(self, wkey: WKey) -> KeyState | None:
+        """A key's state where the runner holds it (a state, a parked page or a packed
+        reading), taken into ``cache``; None where it must be read (``load``)."""
+        cached = self.cache.get(wkey)
+        if cached is not None:
+            return cached
+        store, key = wkey
+        if store:
+            parked = self.pages.get(store, {}).pop(key, None)
+            if parked is None:
+                return None
+            self._parked_size(-PARKED_SIZE - len(parked))
+            cached = _unparked(parked)
+        else:
+            packed = self.readings.pop(key, None)
+            if packed is None:
+                return None
+            self.cache_bytes -= _packed_bytes(packed)
+            cached = unpack_reading(packed)
+            cached.size = state_size(cached)
+        self.replace(wkey, cached)
+        return cached
+
     async def load(self, keys: list[WKey], *, leader: bool = False) -> None:
         """Read keys into the cache: many per direct-get request, or one by one from the
-        stream leader (after a lost compare-and-set, where a replica might lag)."""
+        stream leader (after a lost compare-and-set, where a replica might lag). A key the
+        runner holds is taken as it is (``take``), not read."""
         results: dict[tuple[int, str], tuple[bytes | None, int]] = {}
         by_store: dict[int, list[str]] = {}
-        for store, key in keys:
-            if store:
-                parked = self.pages.get(store, {}).pop(key, None)
-                if parked is not None:
-                    self._parked_size(-PARKED_SIZE - len(parked))
-                    self.replace((store, key), _unparked(parked))
-                    continue
-            else:
-                packed = self.readings.pop(key, None)
-                if packed is not None:
-                    self.cache_bytes -= _packed_bytes(packed)
-                    state = unpack_reading(packed)
-                    state.size = state_size(state)
-                    self.replace((store, key), state)
-                    continue
-            by_store.setdefault(store, []).append(key)
+        for wkey in keys:
+            if self.take(wkey) is None:
+                by_store.setdefault(wkey[0], []).append(wkey[1])
         one_by_one: list[tuple[int, str]] = []
 
         async def direct(store: int, chunk: list[str]) -> None:

@@ -135,6 +135,20 @@ _ROUND_PARTS = 10_000
 # 5,000 (_ROUND_PARTS // 4 before). The live bench shape is short (200,000 events), and
 # starting it at 2,500 made ~10% more KV writes an event (0.221-0.235 against ~0.2).
 _FIRST_ROUND = 5_000
+# Subjects a consumer's first round's events may name: it ends at _FIRST_ROUND events or
+# once they name this many subjects, whichever comes first, its messages taken _FIRST_TAKE
+# at a time; and while its rounds end so, the next ones do too, until a round's fresh keys
+# (see _ROUND_FRESH) have been counted. A round's keys grow with the series its events
+# touch, and until then nothing bounds them: on the wide bench shape at 10,000 subjects a
+# worker's first 5,000 events named ~3,200 subjects and touched ~16,000-17,500 keys (~7,500
+# at 1,000 subjects, where a worker's events name at most its ~500 subjects); with the first
+# round alone held to 1,000 subjects, the second and third still made 3,333 events and
+# ~17,500 keys each. Python's small-object heap grew to ~50 MB in those seconds (22 at
+# start), and its arenas never went back below that: 51-54 MB at a worker's peak RSS at the
+# end, against 45-49 at 1,000 subjects (allocator statistics, one run each). The live bench
+# shape (1,000 subjects, ~500 a worker) never reaches it.
+_FIRST_SUBJECTS = 1_000
+_FIRST_TAKE = 250
 
 
 # Keys a round may touch that the round before it did not touch ("fresh"), see _round_limit.
@@ -186,6 +200,13 @@ def _round_limit(
     if fresh:
         limit = min(limit, int(_ROUND_FRESH / fresh))
     return min(batch_size, max(1000, limit))
+
+
+def _gathered(events: int, subjects: int, limit: int, first_subjects: int) -> bool:
+    """Whether a round of ``events`` naming ``subjects`` subjects (those not yet folded) has
+    all it may take: ``limit`` events, or for a consumer's first rounds (``first_subjects``
+    not 0) that many subjects (see _FIRST_SUBJECTS)."""
+    return events >= limit or 0 < first_subjects <= subjects
 
 
 def _heavy(events: int, since: float, linger: float) -> bool:
@@ -483,6 +504,7 @@ class Runner:
         # Keys the last round written touched that the one before it did not, per event;
         # and (their hashes) those it touched (see _round_limit).
         self._fresh_per_event = 0.0
+        self._counted = 0  # rounds whose fresh keys were counted
         self._last_keys: set[int] = set()
         # (meter, subject) of the readings the rounds since the last checkpoint touched, read
         # again or not: the alerts are made from them before the checkpoint (worker.alerts).
@@ -653,6 +675,9 @@ class Runner:
         self.log.debug("partition.consuming", start=lowest + 1)
         # The first round is kept small until it is known how many parts events make.
         round_limit = min(self.settings.batch_size, _FIRST_ROUND)
+        # (0 once a round ends short of it, or a round's fresh keys have been counted)
+        first_subjects = _FIRST_SUBJECTS
+        counted = self._counted
         flush_after = self.settings.flush_ms / 1000
         linger = min(0.1, flush_after)
         # The previous round's writes, still in flight while the next round is gathered and
@@ -668,7 +693,8 @@ class Runner:
                 wait = 1.0
                 if self._unacked is not None:  # flush deferred summaries once idle
                     wait = min(1.0, max(0.0, self._unflushed_at + flush_after - time.monotonic()))
-                msgs = await puller.take(round_limit, timeout=wait)
+                take = min(round_limit, _FIRST_TAKE) if first_subjects else round_limit
+                msgs = await puller.take(take, timeout=wait)
                 if not msgs:
                     # Idle: whatever comes next is not gathered as a heavy stream's (the
                     # first round after a burst would otherwise wait up to METER_FLUSH_MS).
@@ -704,9 +730,12 @@ class Runner:
                 started = time.monotonic()
                 await self.w.registry.catch_up()
                 rnd = _Round(self._levels, self.cp.folded)
+                self.w.registry.new_round()
                 rnd.switch, self._switch = self._switch, False
                 self._add(rnd, msgs, puller)
-                while len(rnd.rows) < round_limit:
+                while not _gathered(
+                    len(rnd.rows), len(rnd.by_subject), round_limit, first_subjects
+                ):
                     # More waiting: gather up to METER_FLUSH_MS. Caught up: linger a moment
                     # for what is arriving, so a steady stream makes rounds of useful size.
                     # Only what the consumers taken from still have counts: once the one a
@@ -726,16 +755,19 @@ class Runner:
                     )
                     if wait <= 0:
                         break
-                    msgs = await puller.take(round_limit - len(rnd.rows), timeout=wait)
+                    msgs = await puller.take(min(round_limit - len(rnd.rows), take), timeout=wait)
                     if not msgs:
                         break
                     self._add(rnd, msgs, puller)
+                spread_out = 0 < first_subjects <= len(rnd.by_subject)
                 # The rate the round's events came at: since the last round began, which
                 # is when the worker last took what had arrived.
                 since = time.monotonic() - self._last_start
                 self._heavy = rnd.heavy = _heavy(len(rnd.rows), since, linger)
                 self._last_start = started
                 await self._fold_round(rnd)
+                if not spread_out or self._counted > counted:
+                    first_subjects = 0
                 round_limit = _round_limit(
                     self.settings.batch_size,
                     len(rnd.rows),
@@ -934,6 +966,7 @@ class Runner:
             # back (worker CPU 3.3-3.8 s against 2.8-3.1 without the limit).
             if self._last_keys:
                 self._fresh_per_event = len(touched - self._last_keys) / len(rnd.rows)
+                self._counted += 1
             self._last_keys = touched
         dead = rnd.dead
         last = rnd.last
@@ -1359,18 +1392,24 @@ class Runner:
         leader: bool,
         defer_readings: bool = False,
     ) -> list[tuple[int, str]]:
-        """Load, fold and store one chunk of keys (one bucket); the keys whose write lost."""
-        missing = [k for k in chunk if k not in self.keys.cache]
-        if missing:
-            async with self._load_slots:
-                await self.keys.load(missing, leader=leader)
+        """Load, fold and store one chunk of keys (one bucket); the keys whose write lost.
+
+        The keys the runner holds are folded first, one at a time, each taken back from its
+        parked or packed form (KeyStore.take) and parked or packed again at once; only then
+        are the others read, and folded once they come. Before, every key of a chunk was
+        taken back as a state before the chunk's read, and the round's chunks all start at
+        once, so a round's keys were held as states together while the reads were under
+        way: on the wide bench shape at 10,000 subjects (~8,500 keys a round), up to ~7,200
+        states a worker against ~450 at 1,000 subjects (~1,900 keys a round), at the peaks
+        that set a worker's RSS (README, Performance).
+        """
         work = rnd.work
         now = datetime.now(UTC)
         writes: list[tuple[tuple[int, str], bytes, int, KeyState]] = []
-        for wkey in chunk:
+
+        def fold_key(wkey: WKey, cached: KeyState) -> None:
             kw = work[wkey]
             meter = kw.meter.meter
-            cached = self.keys.cache[wkey]
             if cached.meter_start_seq != meter.startSeq:
                 # Written for an earlier meter of this id (or new): start from zero.
                 cached = empty_state(wkey[0], cached.revision, meter.startSeq)
@@ -1382,7 +1421,7 @@ class Runner:
                     rnd.held += self._close(wkey, cached)  # (opened by a replay, or as read)
                 else:
                     self.keys.pack(wkey, cached)
-                continue
+                return
             if wkey[0]:
                 # A page is encoded at once and held as its bytes (windows closed).
                 assert cached.windows is not None
@@ -1402,7 +1441,7 @@ class Runner:
                     self._dirty[wkey[1]] = kw.meter
                     self.keys.pack(wkey, cached)
                     self.w.stats.applied += kw.events
-                continue
+                return
             if cached.raw is not None:
                 body = cached.raw
             else:
@@ -1419,6 +1458,19 @@ class Runner:
                     )
                 )
             writes.append((wkey, body, cached.revision, cached))
+
+        missing: list[WKey] = []
+        for wkey in chunk:
+            cached = self.keys.take(wkey)
+            if cached is None:
+                missing.append(wkey)
+            else:
+                fold_key(wkey, cached)
+        if missing:
+            async with self._load_slots:
+                await self.keys.load(missing, leader=leader)
+            for wkey in missing:
+                fold_key(wkey, self.keys.cache[wkey])
         if not writes:
             return []
         results = await self.keys.store_many([(wkey, body, rev) for wkey, body, rev, _ in writes])
