@@ -18,6 +18,18 @@ from kloudmeter_py.worker.runner import Restart, Runner, _Round
 KEY = (0, "deferred.s")
 
 
+def _count_meter(meter_id: str) -> CompiledMeter:
+    return CompiledMeter(
+        Meter(
+            id=meter_id,
+            eventType="t",
+            aggregation="count",
+            startSeq=0,
+            createdAt=datetime(2026, 1, 1, tzinfo=UTC),
+        )
+    )
+
+
 def _round(runner: Runner, cm: CompiledMeter) -> _Round:
     rnd = _Round(runner._levels, 0)
     acc = Acc()
@@ -28,15 +40,7 @@ def _round(runner: Runner, cm: CompiledMeter) -> _Round:
 
 @pytest.mark.parametrize("stale", [False, True])
 async def test_a_deferred_reading_written_later(worker: Worker, stale: bool) -> None:
-    cm = CompiledMeter(
-        Meter(
-            id="deferred",
-            eventType="t",
-            aggregation="count",
-            startSeq=0,
-            createdAt=datetime(2026, 1, 1, tzinfo=UTC),
-        )
-    )
+    cm = _count_meter("deferred")
     readings = worker.stores[0]
     revision = await readings.put(KEY[1], b"{}")
     runner = Runner(worker, [0])
@@ -63,15 +67,7 @@ async def test_a_round_takes_back_the_keys_it_holds_one_at_a_time(
     """Readings held packed are taken back, folded and packed again one by one, and only the
     keys not held wait for their read as states (runner._write_chunk): a round's keys are
     not all states at once. Each ends with its stored state plus the round's."""
-    cm = CompiledMeter(
-        Meter(
-            id="held",
-            eventType="t",
-            aggregation="count",
-            startSeq=0,
-            createdAt=datetime(2026, 1, 1, tzinfo=UTC),
-        )
-    )
+    cm = _count_meter("held")
     runner = Runner(worker, [0])
     runner._defer = True  # as under METER_SUMMARY_FLUSH_MS (the tests' settings write at once)
     held = [(0, f"held.s{i}") for i in range(50)]

@@ -144,9 +144,11 @@ _FIRST_ROUND = 5_000
 # at 1,000 subjects, where a worker's events name at most its ~500 subjects); with the first
 # round alone held to 1,000 subjects, the second and third still made 3,333 events and
 # ~17,500 keys each. Python's small-object heap grew to ~50 MB in those seconds (22 at
-# start), and its arenas never went back below that: 51-54 MB at a worker's peak RSS at the
-# end, against 45-49 at 1,000 subjects (allocator statistics, one run each). The live bench
-# shape (1,000 subjects, ~500 a worker) never reaches it.
+# start), and its arenas never go back below their high-water mark. Held to 1,000 subjects,
+# the first three rounds made 1,131-1,289 events and ~6,800-7,300 keys; the mark then came
+# later, at a fold after a turn's flush, at the same 51-53 MB (against 45-49 at 1,000
+# subjects), so the peak RSS did not move (README, Performance). The live bench shape
+# (1,000 subjects, ~500 a worker) never reaches it.
 _FIRST_SUBJECTS = 1_000
 _FIRST_TAKE = 250
 
@@ -1400,8 +1402,9 @@ class Runner:
         taken back as a state before the chunk's read, and the round's chunks all start at
         once, so a round's keys were held as states together while the reads were under
         way: on the wide bench shape at 10,000 subjects (~8,500 keys a round), up to ~7,200
-        states a worker against ~450 at 1,000 subjects (~1,900 keys a round), at the peaks
-        that set a worker's RSS (README, Performance).
+        states a worker against ~450 at 1,000 subjects (~1,900 keys a round); now none
+        between reads in the memory traces (the peak RSS did not move measurably: README,
+        Performance).
         """
         work = rnd.work
         now = datetime.now(UTC)
