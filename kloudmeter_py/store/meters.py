@@ -231,13 +231,16 @@ class MeterRegistry:
                 listener(added)
 
     def forget_keys(self) -> None:
-        """Let go of every meter's cached reading keys (``CompiledMeter.forget_keys``)."""
-        for cm in self.by_id.values():
-            cm.forget_keys()
+        """Let go of every meter's cached reading keys (``CompiledMeter.forget_keys``): a
+        worker's key cache is let go."""
+        self._forget_meter_keys()
 
     def new_round(self) -> None:
         """A worker's round begins: the meters keep the reading keys of this round only
         (``CompiledMeter._key``)."""
+        self._forget_meter_keys()
+
+    def _forget_meter_keys(self) -> None:
         for cm in self.by_id.values():
             cm.forget_keys()
 

@@ -446,8 +446,10 @@ class _Round:
         self.held = 0  # estimated bytes of the pages the round parked (KeyStore.park)
         self.heavy = False  # its events came at _HEAVY a second or more
         # The first round after the runner turned to another partition's backlog (or back
-        # to all of them, see _focus): what is cached is written and let go before it.
+        # to all of them, see _focus); and whether what is cached is then written and let
+        # go before it (_lets_go), decided once where the round is handed to _process.
         self.switch = False
+        self.let_go = False
 
     def release(self) -> None:
         """Drop what only the round's write needed (its messages, keys and parts)."""
@@ -785,6 +787,7 @@ class Runner:
                     self._turn(puller)
                 if writing is not None:
                     await writing
+                rnd.let_go = rnd.switch and _lets_go(self.keys.cache_bytes, self.settings.spill_mb)
                 if self.owns_all and self._regroup(puller, rnd):
                     # Write this round and everything before it, then start again from the
                     # checkpoints with the other kind of consumer.
@@ -796,7 +799,7 @@ class Runner:
                         "one consumer per partition" if not self.merged else "one consumer"
                     )
                 writing = asyncio.create_task(self._process(puller, rnd, started))
-                if rnd.switch and _lets_go(self.keys.cache_bytes, self.settings.spill_mb):
+                if rnd.let_go:
                     # A turn that lets the cache go (see _process) writes everything the
                     # rounds before held: the next round is folded once that is done and
                     # let go, not beside it. Folded beside it, the next round's parts came on
@@ -963,7 +966,7 @@ class Runner:
             raise Restart("replay for a new meter")
 
     async def _process(self, puller: RawPuller | Pullers, rnd: _Round, started: float) -> None:
-        if rnd.switch and _lets_go(self.keys.cache_bytes, self.settings.spill_mb):
+        if rnd.let_go:
             # The runner has turned to another partition's backlog: write what the rounds
             # before left in memory, then let the cache go (see _focus).
             await self._flush(puller)
