@@ -371,6 +371,9 @@ class KeyStore:
                 cached = KeyState(
                     from_reading(r), r.lastSeq, revision, r.meterStartSeq, r.replayed, r.late
                 )
+                # Its distinct values as a tuple until its round folds into it (thaw): a
+                # chunk's up to 1,000 keys are all read before the first is folded.
+                freeze(cached)
             cached.size = state_size(cached)
             self.replace(wkey, cached)
 
