@@ -12,6 +12,7 @@ import pytest
 
 from kloudmeter_py import bench
 from kloudmeter_py.store.server import NatsServer
+from kloudmeter_py.worker import memtrace
 from tests.helpers import small_wide_bench
 
 KEYS = {
@@ -93,6 +94,10 @@ async def test_small_wide_bench_with_two_workers_is_correct(tmp_path: Path) -> N
     for lines in traces:
         assert lines[-1]["events"] > 0
         assert max(line["pages"] + line["readings"] + line["states"] for line in lines) > 0
+        # and which allocator held it (glibc's figures are 0 where there is no mallinfo2)
+        assert all(line["py_blocks_k"] > 0 for line in lines)
+        assert all(0 <= line["heap_used_mb"] <= line["heap_mb"] for line in lines)
+        assert max(line["heap_mb"] for line in lines) > 0 or memtrace.heap_mb()["heap_mb"] == 0
     assert "a worker at its peak (trace)" in bench.table(results)
 
 
