@@ -41,6 +41,7 @@ def test_a_parked_page_keeps_its_bytes_and_revision_and_its_size_is_counted() ->
     assert keys.cache_bytes == PARKED_SIZE + HEAD + len(b"page-bytes")
     keys.written((2, "k"), 9)
     assert keys.parked((2, "k")) == (b"page-bytes", 9)
+    assert type(keys.pages[2]["k"]) is bytes  # one object, not a bytearray and its buffer
     # parked again after a later round: the new bytes, counted once
     keys.park((2, "k"), _page(10, b"longer-page-bytes"))
     assert keys.parked((2, "k")) == (b"longer-page-bytes", 10)
@@ -116,7 +117,8 @@ def test_parked_pages_are_counted_apart_and_let_go_together() -> None:
 async def test_a_packed_reading_comes_back_as_its_state_without_a_read() -> None:
     """A reading no round folds into is held packed (core.plan.pack_reading), counted in
     the cache's bytes; a round takes it back without a server read, a flush's write gives
-    it its new revision in place, and one that cannot be packed stays a state."""
+    it its new revision (a new bytes object, in the same place in its dict), and one that
+    cannot be packed stays a state."""
     from kloudmeter_py.worker.keystore import PACKED_SIZE
 
     keys = _store()
@@ -131,6 +133,7 @@ async def test_a_packed_reading_comes_back_as_its_state_without_a_read() -> None
     assert keys.parked_bytes == 0  # a spill lets pages go, not readings
     keys.written((0, "r"), 13)
     assert keys.packed("r").revision == 13 and "r" in keys.readings  # left packed
+    assert type(keys.readings["r"]) is bytes
     # the worker has no connection: a read from the server would fail
     await keys.load([(0, "r")])
     back = keys.cache[(0, "r")]

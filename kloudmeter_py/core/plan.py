@@ -198,9 +198,9 @@ def thaw(state: KeyState) -> None:
         state.frozen = None
 
 
-# A packed reading: its revision (first, so that a write's new one goes in place, as a
-# parked page's does: worker.keystore), lastSeq, meter generation and late count, then its
-# aggregation state and replayed dead letters as MessagePack.
+# A packed reading: its revision (first, so that a write's new one replaces the first 8
+# bytes, as a parked page's does: worker.keystore), lastSeq, meter generation and late count,
+# then its aggregation state and replayed dead letters as MessagePack.
 _READING_HEAD = struct.Struct(">qqqq")
 READING_HEAD = _READING_HEAD.size
 _pack = msgspec.msgpack.Encoder().encode
@@ -220,7 +220,7 @@ _NUMBERS = (
 _numbers = operator.attrgetter(*_NUMBERS)
 
 
-def pack_reading(state: KeyState) -> bytearray | None:
+def pack_reading(state: KeyState) -> bytes | None:
     """A reading's state as one object, until a round folds into it again (unpack_reading);
     None where it cannot be packed (a sum beyond 64 bits: it is then held as it is).
 
@@ -238,11 +238,11 @@ def pack_reading(state: KeyState) -> bytearray | None:
         body = _pack((*_numbers(acc), None if distinct is None else list(distinct), state.replayed))
     except OverflowError:
         return None
-    value = bytearray(
-        _READING_HEAD.pack(state.revision, state.last_seq, state.meter_start_seq, state.late)
+    # bytes, one allocation: a bytearray is two (its object and its buffer), and a wide
+    # worker holds ~20,000 packed readings at its highs (worker.keystore).
+    return (
+        _READING_HEAD.pack(state.revision, state.last_seq, state.meter_start_seq, state.late) + body
     )
-    value += body
-    return value
 
 
 def unpack_reading(value: bytes | bytearray) -> KeyState:
@@ -524,6 +524,7 @@ def spread(
     a rollup is one more series of the partition, folded in the same order."""
     work: dict[WKey, KeyWork] = {}
     rollups: dict[str, str | None] = {}  # reading key -> its rollup's series key
+    homes: dict[str, int] = {}  # subject -> its partition (core.keys.subject_partition)
     oldest = {store: end for store, _, end in levels}
     # per finest window: (store, key suffix, width) of each level that keeps it
     targets: dict[int, list[tuple[int, str, int]]] = {}
@@ -547,7 +548,7 @@ def spread(
             if key in rollups:
                 rkey = rollups[key]
             else:
-                rkey = rollups[key] = _rollup_of(part, partitions)
+                rkey = rollups[key] = _rollup_of(part, partitions, homes)
             series_keys = (key, rkey) if rkey else (key,)
         else:
             series_keys = (key,)
@@ -562,10 +563,15 @@ def spread(
     return work
 
 
-def _rollup_of(part: Part, partitions: int) -> str | None:
+def _rollup_of(part: Part, partitions: int, homes: dict[str, int]) -> str | None:
+    """The series key of a part's rollup (None: its meter keeps none); ``homes`` holds the
+    partitions of the subjects asked for so far, filled in here."""
     if not rolled(part.meter):
         return None
-    return rollup_key(part.meter.meter.id, subject_partition(part.subject, partitions), part.groups)
+    home = homes.get(part.subject)
+    if home is None:
+        home = homes[part.subject] = subject_partition(part.subject, partitions)
+    return rollup_key(part.meter.meter.id, home, part.groups)
 
 
 def exact_items(
@@ -581,6 +587,7 @@ def exact_items(
     ``partitions``, as in ``spread``). Corrections (``fold_corrections``) come as items of
     their own seq; correction events among ``rows`` are left to them."""
     items: dict[WKey, list[Item]] = {}
+    homes: dict[str, int] = {}  # subject -> its partition, as in spread
 
     def add(seq: int, at_ms: int, event: Event, cm: CompiledMeter, sign: int) -> None:
         windows = kept_windows(at_ms // 1000, levels)
@@ -591,11 +598,12 @@ def exact_items(
         # A version taken out leaves the reading's count of late events as it was.
         item = (seq, at_ms, number, dkey, sign > 0 and not windows, sign)
         items.setdefault((0, key), []).append(item)
-        rkey = (
-            rollup_key(cm.meter.id, subject_partition(event.subject, partitions), groups)
-            if partitions and windows and rolled(cm)
-            else None
-        )
+        rkey = None
+        if partitions and windows and rolled(cm):
+            home = homes.get(event.subject)
+            if home is None:
+                home = homes[event.subject] = subject_partition(event.subject, partitions)
+            rkey = rollup_key(cm.meter.id, home, groups)
         for store, start, width in windows:
             token = page_token(width, start)
             items.setdefault((store, f"{key}.{token}"), []).append(item)
