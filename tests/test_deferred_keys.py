@@ -150,3 +150,53 @@ async def test_readings_wait_for_their_read_and_their_write_with_distinct_values
         assert entry.value is not None
         reading = reading_decoder.decode(entry.value)
         assert (reading.distinct, reading.unique, reading.count) == (["a", "b", "c"], 3, 4)
+
+
+async def test_a_round_lets_go_of_each_keys_work_once_it_is_deferred(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key folded and deferred to the flush (or left unchanged) needs its round's work no
+    more: it is let go at once, so that its parts go while the round's other keys wait for
+    their read, rather than beside the next round's parts. A key written with its round
+    keeps its work until the round is stored (a lost compare-and-set folds it again)."""
+    cm = _count_meter("done")
+    runner = Runner(worker, [0])
+    runner._defer = True  # as under METER_SUMMARY_FLUSH_MS (the tests' settings write at once)
+    held = [(0, f"done.s{i}") for i in range(30)]
+    for wkey in held:  # folded by an earlier round, deferred to the flush
+        acc = Acc()
+        acc.count = 1
+        state = KeyState(acc, 10, 0, 0)
+        state.size = state_size(state)
+        runner.keys.replace(wkey, state)
+        runner.keys.pack(wkey, state)
+    fresh = [(0, f"done.f{i}") for i in range(4)]  # not held: read from the bucket
+
+    def round_of(wkeys: list[tuple[int, str]], first: int) -> _Round:
+        rnd = _Round(runner._levels, 0)
+        for wkey in wkeys:
+            acc = Acc()
+            acc.count = 2
+            rnd.work[wkey] = KeyWork(Part(cm, wkey[1][5:], (), acc, first, 0, first + 1, 2))
+        return rnd
+
+    rnd = round_of(held + fresh, 11)
+    at_read: list[int] = []
+    load = runner.keys.load
+
+    async def loaded(wkeys: list[tuple[int, str]], *, leader: bool = False) -> None:
+        at_read.append(len(rnd.work))
+        await load(wkeys, leader=leader)
+
+    monkeypatch.setattr(runner.keys, "load", loaded)
+    await runner._write(rnd, {}, defer_readings=True)
+    assert at_read == [len(fresh)]  # the held keys' work was let go before the read
+    assert rnd.work == {}
+    assert {k: runner.keys.packed(k).acc.count for _, k in held + fresh} == {
+        **{k: 3 for _, k in held},
+        **{k: 2 for _, k in fresh},
+    }
+    written = round_of(fresh, 13)
+    await runner._write(written, {})  # readings written with their round
+    assert set(written.work) == set(fresh)
+    assert {k: runner.keys.packed(k).acc.count for _, k in fresh} == {k: 4 for _, k in fresh}

@@ -989,6 +989,13 @@ class Runner:
         last = rnd.last
         marks = rnd.marks
         pending = pending_after(marks)
+        events, keys = len(rnd.rows), len(rnd.work)
+        # (taken before the write, which lets go of each key's work once it is done)
+        alerted = (
+            [(kw.meter.meter.id, kw.subject) for wkey, kw in rnd.work.items() if not wkey[0]]
+            if self.w.alerts is not None
+            else []
+        )
         keepalive = asyncio.create_task(self._keep_alive(puller, marks))
         try:
             # Under a backlog readings wait for the flush too: a series that several rounds
@@ -996,10 +1003,7 @@ class Runner:
             # round of 20,000 events touches ~16,000 of them). Caught up, they are written
             # with their round, so a reading trails its events by one round only.
             await self._write(rnd, dead, defer_readings=pending >= _BACKLOG)
-            if self.w.alerts is not None:
-                self._touched.update(
-                    (kw.meter.meter.id, kw.subject) for wkey, kw in rnd.work.items() if not wkey[0]
-                )
+            self._touched.update(alerted)
             if rnd.rows:
                 # Pages only: a round's readings are the series it touches, which the next
                 # rounds touch again however large they are (and a unique reading's distinct
@@ -1009,7 +1013,6 @@ class Runner:
                 seqs = {seq for seq, _ in dead}
                 stored = {seq: at for _, seq, at in rnd.rows if seq in seqs}
                 await self._dead_letter(dead, stored)
-            events, keys = len(rnd.rows), len(rnd.work)
             # The round's messages and work are stored: let them go before the flush, when
             # the cache is at its fullest and the next round is being folded beside it.
             rnd.release()
@@ -1420,6 +1423,14 @@ class Runner:
         states a worker against ~450 at 1,000 subjects (~1,900 keys a round); now none
         between reads in the memory traces (the peak RSS did not move measurably: README,
         Performance).
+
+        A key deferred to the flush (or left unchanged) is done with once folded: its work
+        is let go then (``del work[wkey]``), and a part goes once every key it falls in is
+        done, rather than when the round is stored (``_Round.release``). The next round is
+        folded while this one is written, and each had up to ~10,000 parts (_ROUND_PARTS):
+        both rounds' were in memory at a wide worker's highs (~20,000 parts, with their
+        ``Acc`` and ints, 1,000 and 10,000 subjects alike). A key written with its round keeps
+        its work until stored, since a lost compare-and-set folds it again.
         """
         work = rnd.work
         now = datetime.now(UTC)
@@ -1439,6 +1450,7 @@ class Runner:
                     rnd.held += self._close(wkey, cached)  # (opened by a replay, or as read)
                 else:
                     self.keys.pack(wkey, cached)
+                del work[wkey]  # done with: its parts go once no other key needs them
                 return
             if wkey[0]:
                 # A page is encoded at once and held as its bytes (windows closed).
@@ -1459,6 +1471,7 @@ class Runner:
                     self._dirty[wkey[1]] = kw.meter
                     self.keys.pack(wkey, cached)
                     self.w.stats.applied += kw.events
+                del work[wkey]
                 return
             if cached.raw is not None:
                 body = cached.raw
