@@ -40,6 +40,23 @@ def _round(runner: Runner, cm: CompiledMeter) -> _Round:
     return rnd
 
 
+def _holding(worker: Worker, prefix: str, n: int) -> tuple[Runner, list[tuple[int, str]]]:
+    """A runner that defers its keys to the flush, as under METER_SUMMARY_FLUSH_MS (the
+    tests' settings write at once), holding ``n`` count readings of 1 packed (folded by an
+    earlier round, deferred to the flush), and their keys."""
+    runner = Runner(worker, [0])
+    runner._defer = True
+    held = [(0, f"{prefix}.s{i}") for i in range(n)]
+    for wkey in held:
+        acc = Acc()
+        acc.count = 1
+        state = KeyState(acc, 10, 0, 0)
+        state.size = state_size(state)
+        runner.keys.replace(wkey, state)
+        runner.keys.pack(wkey, state)
+    return runner, held
+
+
 @pytest.mark.parametrize("stale", [False, True])
 async def test_a_deferred_reading_written_later(worker: Worker, stale: bool) -> None:
     cm = _count_meter("deferred")
@@ -70,16 +87,7 @@ async def test_a_round_takes_back_the_keys_it_holds_one_at_a_time(
     keys not held wait for their read as states (runner._write_chunk): a round's keys are
     not all states at once. Each ends with its stored state plus the round's."""
     cm = _count_meter("held")
-    runner = Runner(worker, [0])
-    runner._defer = True  # as under METER_SUMMARY_FLUSH_MS (the tests' settings write at once)
-    held = [(0, f"held.s{i}") for i in range(50)]
-    for wkey in held:  # folded by an earlier round, deferred to the flush
-        acc = Acc()
-        acc.count = 1
-        state = KeyState(acc, 10, 0, 0)
-        state.size = state_size(state)
-        runner.keys.replace(wkey, state)
-        runner.keys.pack(wkey, state)
+    runner, held = _holding(worker, "held", 50)
     fresh = [(0, f"held.f{i}") for i in range(5)]  # not held: read from the bucket
     rnd = _Round(runner._levels, 0)
     for wkey in held + fresh:
@@ -160,16 +168,7 @@ async def test_a_round_lets_go_of_each_keys_work_once_it_is_deferred(
     their read, rather than beside the next round's parts. A key written with its round
     keeps its work until the round is stored (a lost compare-and-set folds it again)."""
     cm = _count_meter("done")
-    runner = Runner(worker, [0])
-    runner._defer = True  # as under METER_SUMMARY_FLUSH_MS (the tests' settings write at once)
-    held = [(0, f"done.s{i}") for i in range(30)]
-    for wkey in held:  # folded by an earlier round, deferred to the flush
-        acc = Acc()
-        acc.count = 1
-        state = KeyState(acc, 10, 0, 0)
-        state.size = state_size(state)
-        runner.keys.replace(wkey, state)
-        runner.keys.pack(wkey, state)
+    runner, held = _holding(worker, "done", 30)
     fresh = [(0, f"done.f{i}") for i in range(4)]  # not held: read from the bucket
 
     def round_of(wkeys: list[tuple[int, str]], first: int) -> _Round:
