@@ -163,10 +163,11 @@ async def test_readings_wait_for_their_read_and_their_write_with_distinct_values
 async def test_a_round_lets_go_of_each_keys_work_once_it_is_deferred(
     worker: Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A key folded and deferred to the flush (or left unchanged) needs its round's work no
-    more: it is let go at once, so that its parts go while the round's other keys wait for
-    their read, rather than beside the next round's parts. A key written with its round
-    keeps its work until the round is stored (a lost compare-and-set folds it again)."""
+    """A key folded and deferred to the flush, or left unchanged (its events already in it),
+    needs its round's work no more: it is let go at once, so that its parts go while the
+    round's other keys wait for their read, rather than beside the next round's parts. A
+    key written with its round keeps its work until the round is stored (a lost
+    compare-and-set folds it again)."""
     cm = _count_meter("done")
     runner, held = _holding(worker, "done", 30)
     fresh = [(0, f"done.f{i}") for i in range(4)]  # not held: read from the bucket
@@ -195,6 +196,10 @@ async def test_a_round_lets_go_of_each_keys_work_once_it_is_deferred(
         **{k: 3 for _, k in held},
         **{k: 2 for _, k in fresh},
     }
+    again = round_of(held[:3], 11)  # events these keys already hold: nothing changes
+    await runner._write(again, {}, defer_readings=True)
+    assert again.work == {}
+    assert [runner.keys.packed(k).acc.count for _, k in held[:3]] == [3, 3, 3]
     written = round_of(fresh, 13)
     await runner._write(written, {})  # readings written with their round
     assert set(written.work) == set(fresh)
