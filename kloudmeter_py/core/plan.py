@@ -568,10 +568,16 @@ def _rollup_of(part: Part, partitions: int, homes: dict[str, int]) -> str | None
     partitions of the subjects asked for so far, filled in here."""
     if not rolled(part.meter):
         return None
-    home = homes.get(part.subject)
+    return rollup_key(part.meter.meter.id, _home(homes, part.subject, partitions), part.groups)
+
+
+def _home(homes: dict[str, int], subject: str, partitions: int) -> int:
+    """A subject's partition (core.keys.subject_partition), computed once a subject for as
+    long as ``homes`` is kept (a call of spread or exact_items)."""
+    home = homes.get(subject)
     if home is None:
-        home = homes[part.subject] = subject_partition(part.subject, partitions)
-    return rollup_key(part.meter.meter.id, home, part.groups)
+        home = homes[subject] = subject_partition(subject, partitions)
+    return home
 
 
 def exact_items(
@@ -598,12 +604,11 @@ def exact_items(
         # A version taken out leaves the reading's count of late events as it was.
         item = (seq, at_ms, number, dkey, sign > 0 and not windows, sign)
         items.setdefault((0, key), []).append(item)
-        rkey = None
-        if partitions and windows and rolled(cm):
-            home = homes.get(event.subject)
-            if home is None:
-                home = homes[event.subject] = subject_partition(event.subject, partitions)
-            rkey = rollup_key(cm.meter.id, home, groups)
+        rkey = (
+            rollup_key(cm.meter.id, _home(homes, event.subject, partitions), groups)
+            if partitions and windows and rolled(cm)
+            else None
+        )
         for store, start, width in windows:
             token = page_token(width, start)
             items.setdefault((store, f"{key}.{token}"), []).append(item)

@@ -54,15 +54,16 @@ CHUNK = 1000  # keys per load request and per atomic batch (nats-server answers 
 _DRAIN_EVERY = 64
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
+def libc_function(name: str) -> Any:
+    """A function of the C library this process runs on (``ctypes``), or None where it has
+    none of that name (not glibc, or an older one) or none can be loaded."""
     try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (AttributeError, OSError, TypeError):  # not glibc (TypeError: no CDLL(None))
+        return getattr(ctypes.CDLL(None), name)
+    except (AttributeError, OSError, TypeError):  # (TypeError: no CDLL(None))
         return None
-    return trim
 
 
-_TRIM = _malloc_trim()
+_TRIM: Callable[[int], int] | None = libc_function("malloc_trim")
 
 
 def give_back() -> None:

@@ -41,6 +41,7 @@ from typing import IO, TYPE_CHECKING, Any
 import msgspec
 
 from kloudmeter_py.errors import ConfigError
+from kloudmeter_py.worker.keystore import libc_function
 
 if TYPE_CHECKING:
     from kloudmeter_py.worker import Worker
@@ -84,9 +85,8 @@ class _Mallinfo2(ctypes.Structure):
 
 
 def _mallinfo2() -> Callable[[], _Mallinfo2] | None:
-    try:
-        call: Any = ctypes.CDLL(None).mallinfo2  # glibc 2.33+
-    except (AttributeError, OSError, TypeError):  # (TypeError: no CDLL(None))
+    call = libc_function("mallinfo2")  # glibc 2.33+
+    if call is None:
         return None
     call.restype = _Mallinfo2
     found: Callable[[], _Mallinfo2] = call
