@@ -136,7 +136,7 @@ async def test_readings_wait_for_their_read_and_their_write_with_distinct_values
     await runner._write(round_of(["a", "b"], 1), {})  # written at once (the tests' settings)
     runner.keys.clear()  # so that the next round reads every one from the bucket
     sets: list[int] = []
-    load, store_many = runner.keys.load, runner.keys.store_many
+    load, store_chunk = runner.keys.load, runner.keys.store_chunk
 
     def held_as_sets() -> int:
         return sum(1 for state in runner.keys.cache.values() if state.acc.distinct is not None)
@@ -145,12 +145,12 @@ async def test_readings_wait_for_their_read_and_their_write_with_distinct_values
         await load(wkeys, leader=leader)
         sets.append(held_as_sets())
 
-    async def storing(writes: Any) -> Any:
+    async def storing(store: int, keys: Any, write: Any) -> Any:
         sets.append(held_as_sets())
-        return await store_many(writes)
+        return await store_chunk(store, keys, write)
 
     monkeypatch.setattr(runner.keys, "load", loaded)
-    monkeypatch.setattr(runner.keys, "store_many", storing)
+    monkeypatch.setattr(runner.keys, "store_chunk", storing)
     await runner._write(round_of(["b", "c"], 3), {})
     assert sets == [0, 0]  # read: 20 frozen; written: 20 encoded, frozen
     for _, key in keys:

@@ -9,6 +9,7 @@ import random
 import re
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -218,15 +219,15 @@ async def test_a_round_being_written_is_stored_before_an_idle_flush(
 
     monkeypatch.setattr(runner, "_FOCUS_AT", 100)
     monkeypatch.setattr(runner, "_lets_go", lambda held, spill_mb: True)
-    store_many = keystore.KeyStore.store_many
+    store_chunk = keystore.KeyStore.store_chunk
 
     async def slow(
-        self: keystore.KeyStore, writes: list[tuple[tuple[int, str], bytes | memoryview, int]]
+        self: keystore.KeyStore, store: int, keys: Any, write: Any
     ) -> list[int | BaseException]:
         await asyncio.sleep(0.05)
-        return await store_many(self, writes)
+        return await store_chunk(self, store, keys, write)
 
-    monkeypatch.setattr(keystore.KeyStore, "store_many", slow)
+    monkeypatch.setattr(keystore.KeyStore, "store_chunk", slow)
     async with _four_partitions(nats_server) as (settings, nc):
         load = Load(16000, subjects=2000, spread_days=60, dup_ratio=0.1, seed=47)
         await load.publish(nc)

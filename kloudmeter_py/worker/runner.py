@@ -66,7 +66,7 @@ from kloudmeter_py.store.pull import Pullers, RawPuller, ack_fields, pending_aft
 from kloudmeter_py.store.wire import WireMsg
 from kloudmeter_py.worker.checkpoint import Checkpoint, partition_of
 from kloudmeter_py.worker.corrections import Pending
-from kloudmeter_py.worker.keystore import CHUNK, KeyStore
+from kloudmeter_py.worker.keystore import CHUNK, KeyStore, Write
 
 if TYPE_CHECKING:
     from kloudmeter_py.worker import Worker
@@ -1137,35 +1137,36 @@ class Runner:
 
     async def _flush_chunk(self, store: int, keys: list[str]) -> None:
         """Encode and store one chunk of deferred summaries (one bucket), at most
-        _FLUSHES_IN_FLIGHT chunks at once: a chunk's readings are encoded only when its turn
-        to be stored comes (the stores are BATCHES_IN_FLIGHT a bucket anyway), not all the
-        flush's at once (~70,000 readings, tens of MB, on a wide backlog)."""
+        _FLUSHES_IN_FLIGHT chunks at once. Each key's body is made as its turn to be sent
+        comes (KeyStore.store_chunk): a reading is encoded then, a page sent from the bytes
+        held, not all the flush's at once (~70,000 readings, tens of MB, on a wide
+        backlog), nor a whole chunk's before its batch goes."""
         async with self._flush_slots:
-            await self._flush_chunk_now([(store, key) for key in keys])
+            await self._flush_chunk_now(store, keys)
 
-    async def _flush_chunk_now(self, chunk: list[tuple[int, str]]) -> None:
-        writes: list[tuple[WKey, bytes | memoryview, int]] = []
+    async def _flush_chunk_now(self, store: int, keys: list[str]) -> None:
         dirty = self._dirty
+        cache = self.keys.cache
         now = datetime.now(UTC)
-        for wkey in chunk:
-            cached = self.keys.cache.get(wkey)
-            if wkey[0]:  # a page, encoded when a round folded into it: parked, or still held
+
+        def write(n: int) -> Write:
+            key = keys[n]
+            cached = cache.get((store, key))
+            if store:  # a page, encoded when a round folded into it: parked, or still held
                 if cached is None:
-                    writes.append((wkey, *self.keys.parked(wkey)))
-                else:
-                    assert cached.raw is not None
-                    writes.append((wkey, cached.raw, cached.revision))
-                continue
+                    return self.keys.parked((store, key))
+                assert cached.raw is not None
+                return cached.raw, cached.revision
             # A reading: packed (unpacked here for its write only), or held frozen where it
             # could not be packed (thawed for the write, then frozen again).
-            state = self.keys.packed(wkey[1]) if cached is None else cached
-            subject, groups = reading_series(wkey[1])
+            state = self.keys.packed(key) if cached is None else cached
+            subject, groups = reading_series(key)
             if cached is not None:
                 thaw(state)
             body = encoder.encode(
                 to_reading(
                     state.acc,
-                    dirty[wkey[1]].meter,
+                    dirty[key].meter,
                     subject,
                     groups,
                     state.last_seq,
@@ -1176,11 +1177,13 @@ class Runner:
             )
             if cached is not None:
                 freeze(state)
-            writes.append((wkey, body, state.revision))
-        results = await self.keys.store_many(writes)
-        for (wkey, _body, _), result in zip(writes, results, strict=True):
+            return body, state.revision
+
+        results = await self.keys.store_chunk(store, keys, write)
+        for key, result in zip(keys, results, strict=True):
             if isinstance(result, int):
-                cached = self.keys.cache.get(wkey)
+                wkey = (store, key)
+                cached = cache.get(wkey)
                 if cached is None:
                     self.keys.written(wkey, result)
                 else:
@@ -1510,7 +1513,9 @@ class Runner:
                 fold_key(wkey, self.keys.cache[wkey])
         if not writes:
             return []
-        results = await self.keys.store_many([(wkey, body, rev) for wkey, body, rev, _ in writes])
+        results = await self.keys.store_chunk(
+            chunk[0][0], [w[0][1] for w in writes], lambda n: (writes[n][1], writes[n][2])
+        )
         failed = []
         for (wkey, _body, _, cached), result in zip(writes, results, strict=True):
             if isinstance(result, int):
