@@ -97,15 +97,16 @@ _BACKLOG = 1000
 _HEAVY = 10_000
 # Multi-get requests (up to 1,000 keys each) a runner keeps open at once.
 _LOADS_IN_FLIGHT = 4
-# Flush chunks encoded and stored at once (each of up to CHUNK keys of one bucket): 8, the
-# atomic batches a bucket has in flight (keystore.BATCHES_IN_FLIGHT). At 16, a flush of ~25,000
-# readings (the wide bench shape at 10,000 subjects) held 16,000 encoded at once, half of them
-# waiting for a batch slot, and each such flush or spill raised a worker's peak RSS by 3-6 MB
-# between two samples; with 8 and the lean connection's smaller send buffer (store.wire) no
-# step showed. 4 was measured and not kept (each write waiting in a chunk holds ~300-400 bytes
-# of small objects): at 10,000 subjects the peaks moved within their spread (87.5-92.1 MB a
-# worker against 89.2-93.7, three runs each), and the live shape's went up (83.0-92.8 MB
-# against 80.3-86.3; end to end 0.572-0.613 against 0.595-0.643): README, Performance.
+# Flush chunks stored at once (each of up to CHUNK keys of one bucket): 8, the atomic batches a
+# bucket has in flight (keystore.BATCHES_IN_FLIGHT). At 16, a flush of ~25,000 readings (the
+# wide bench shape at 10,000 subjects) held 16,000 encoded at once, half of them waiting for a
+# batch slot, and each such flush or spill raised a worker's peak RSS by 3-6 MB between two
+# samples. 4 was measured and not kept, when each write waiting in a chunk still held
+# ~300-400 bytes of small objects: at 10,000 subjects the peaks moved within their spread
+# (87.5-92.1 MB a worker against 89.2-93.7, three runs each), and the live shape's went up
+# (83.0-92.8 MB against 80.3-86.3; end to end 0.572-0.613 against 0.595-0.643). Since 29ff72f
+# a chunk's writes are made as they are sent (KeyStore.store_chunk), so a chunk in flight
+# holds little more than its keys (README, Performance).
 _FLUSHES_IN_FLIGHT = 8
 _T = TypeVar("_T")
 # Events a partition's consumer has still to deliver that make it behind: while two or more
