@@ -204,3 +204,44 @@ async def test_a_round_lets_go_of_each_keys_work_once_it_is_deferred(
     await runner._write(written, {})  # readings written with their round
     assert set(written.work) == set(fresh)
     assert {k: runner.keys.packed(k).acc.count for _, k in fresh} == {k: 4 for _, k in fresh}
+
+
+async def test_keys_written_with_their_round_wait_for_their_batch_packed(
+    worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reading written with its round is packed as soon as it is encoded (and a page
+    parked): while its batch is in flight it is not held as a state (~650 bytes a reading;
+    up to ~5,000 at once in a wide worker's first rounds). Once stored it has its new
+    revision; a key another runner wrote meanwhile loses its compare-and-set, is read again
+    and folded again, exactly."""
+    cm = _count_meter("flight")
+    runner = Runner(worker, [0])
+    other = Runner(worker, [0])
+    keys = [(0, f"flight.s{i}") for i in range(30)]
+
+    def round_of(wkeys: list[tuple[int, str]], first: int) -> _Round:
+        rnd = _Round(runner._levels, 0)
+        for wkey in wkeys:
+            acc = Acc()
+            acc.count = 2
+            rnd.work[wkey] = KeyWork(Part(cm, wkey[1][7:], (), acc, first, 0, first + 1, 2))
+        return rnd
+
+    await runner._write(round_of(keys, 11), {})  # read, folded, written; now held packed
+    await other._write(round_of(keys[:1], 21), {})  # another runner writes the first key
+    in_flight: list[int] = []
+    store_chunk = runner.keys.store_chunk
+
+    async def storing(store: int, names: Any, write: Any) -> Any:
+        in_flight.append(len(runner.keys.cache))
+        return await store_chunk(store, names, write)
+
+    monkeypatch.setattr(runner.keys, "store_chunk", storing)
+    await runner._write(round_of(keys, 31), {})
+    assert in_flight == [0, 0]  # the round, then the lost key again: no states held
+    readings = worker.stores[0]
+    for wkey in keys:
+        entry = await readings.get(wkey[1])
+        assert runner.keys.packed(wkey[1]).revision == entry.revision
+        count = reading_decoder.decode(entry.value).count
+        assert count == (6 if wkey == keys[0] else 4), wkey

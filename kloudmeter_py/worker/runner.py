@@ -1438,7 +1438,7 @@ class Runner:
         """
         work = rnd.work
         now = datetime.now(UTC)
-        writes: list[tuple[tuple[int, str], bytes, int, KeyState]] = []
+        writes: list[tuple[WKey, bytes | memoryview, int]] = []
 
         def fold_key(wkey: WKey, cached: KeyState) -> None:
             kw = work[wkey]
@@ -1477,8 +1477,15 @@ class Runner:
                     self.w.stats.applied += kw.events
                 del work[wkey]
                 return
-            if cached.raw is not None:
-                body = cached.raw
+            # Encoded: held parked or packed while its batch is in flight, not as a state
+            # (a page sent from its parked bytes), and given its new revision once stored.
+            # A round's keys written at once wait together for their batches: as states, up
+            # to ~5,000 at once in a wide worker's first rounds (~650 bytes a reading).
+            revision = cached.revision
+            body: bytes | memoryview
+            if wkey[0]:
+                rnd.held += self.keys.park(wkey, cached)
+                body = self.keys.parked(wkey)[0]
             else:
                 body = encoder.encode(
                     to_reading(
@@ -1492,13 +1499,9 @@ class Runner:
                         late=cached.late,
                     )
                 )
-            if not wkey[0]:
-                # Encoded: its distinct values wait for the write as a tuple, not a set.
-                # A round's readings written at once (caught up: the end of a backlog)
-                # wait together for their batches, and a set of ~100 values is ~8.4 KB
-                # (a tuple ~0.8 KB; 630 values: ~33 KB against ~5 KB).
-                freeze(cached)
-            writes.append((wkey, body, cached.revision, cached))
+                # (kept as a state, its distinct values frozen, where it cannot be packed)
+                self.keys.pack(wkey, cached)
+            writes.append((wkey, body, revision))
 
         missing: list[WKey] = []
         for wkey in chunk:
@@ -1518,13 +1521,14 @@ class Runner:
             chunk[0][0], [w[0][1] for w in writes], lambda n: (writes[n][1], writes[n][2])
         )
         failed = []
-        for (wkey, _body, _, cached), result in zip(writes, results, strict=True):
+        for (wkey, _, _), result in zip(writes, results, strict=True):
             if isinstance(result, int):
-                cached.revision = result
-                if wkey[0]:
-                    rnd.held += self.keys.park(wkey, cached)
-                else:
-                    self.keys.pack(wkey, cached)
+                held = self.keys.cache.get(wkey)
+                if held is None:
+                    self.keys.written(wkey, result)
+                else:  # a reading that could not be packed
+                    held.revision = result
+                if not wkey[0]:
                     self.w.stats.applied += work[wkey].events
                 self.w.stats.writes += 1
                 # Deferred by an earlier round (a reading under a backlog): written now.
