@@ -129,7 +129,7 @@ async def test_a_packed_reading_comes_back_as_its_state_without_a_read() -> None
     keys.replace((0, "r"), state)
     keys.pack((0, "r"), state)
     assert keys.cache == {} and list(keys.readings) == ["r"]
-    assert keys.cache_bytes == PACKED_SIZE + len(keys.readings["r"])
+    assert keys.cache_bytes == keys.packed_bytes == PACKED_SIZE + len(keys.readings["r"])
     assert keys.parked_bytes == 0  # a spill lets pages go, not readings
     keys.written((0, "r"), 13)
     assert keys.packed("r").revision == 13 and "r" in keys.readings  # left packed
@@ -139,10 +139,10 @@ async def test_a_packed_reading_comes_back_as_its_state_without_a_read() -> None
     back = keys.cache[(0, "r")]
     assert back.acc == acc and (back.last_seq, back.revision) == (41, 13)
     assert (back.meter_start_seq, back.replayed, back.late) == (3, [17], 2)
-    assert keys.readings == {} and keys.cache_bytes == back.size
+    assert keys.readings == {} and keys.cache_bytes == back.size and keys.packed_bytes == 0
     keys.pack((0, "r"), back)
     keys.forget((0, "r"))
-    assert keys.readings == {} and keys.cache_bytes == 0
+    assert keys.readings == {} and keys.cache_bytes == keys.packed_bytes == 0
     huge = KeyState(Acc(), 1, 1, 0)
     huge.acc.sum, huge.acc.distinct = 2**64, {"a"}
     keys.replace((0, "h"), huge)
@@ -163,6 +163,7 @@ def test_trim_drops_packed_readings_before_the_states_held() -> None:
     keys.replace((0, "held"), held)
     keys.trim()
     assert keys.cache_bytes <= keys.cache_budget // 2
+    assert keys.packed_bytes == keys.cache_bytes - held.size  # what is left of them
     kept = list(keys.readings)
     assert kept and kept == [f"r{i}" for i in range(n - len(kept), n)]  # newest kept
     assert keys.cache == {(0, "held"): held}

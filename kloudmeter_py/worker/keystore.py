@@ -200,6 +200,7 @@ class KeyStore:
         self.readings: dict[str, bytes] = {}  # key -> packed reading
         self.cache_bytes = 0  # estimated (see state_size, PARKED_SIZE)
         self.parked_bytes = 0  # the part of it that parked pages take
+        self.packed_bytes = 0  # the part of it that packed readings take
         self.cache_budget = worker.settings.cache_mb << 20
         self._batch_counter = 0
         self._batch_slots: dict[int, asyncio.Semaphore] = {}
@@ -210,7 +211,13 @@ class KeyStore:
         self.readings.clear()
         self.cache_bytes = 0
         self.parked_bytes = 0
+        self.packed_bytes = 0
         give_back()
+
+    def _packed_size(self, size: int) -> None:
+        """Packed readings took ``size`` bytes more (less, if negative), in both counts."""
+        self.cache_bytes += size
+        self.packed_bytes += size
 
     def _parked_size(self, size: int) -> None:
         """Parked pages took ``size`` bytes more (less, if negative), in both counts."""
@@ -230,7 +237,8 @@ class KeyStore:
         self.cache_bytes -= gone.size if gone else 0
         if not wkey[0]:
             packed = self.readings.pop(wkey[1], None)
-            self.cache_bytes -= _packed_bytes(packed) if packed is not None else 0
+            if packed is not None:
+                self._packed_size(-_packed_bytes(packed))
             return
         parked = self.pages.get(wkey[0], {}).pop(wkey[1], None)
         if parked is not None:
@@ -266,9 +274,9 @@ class KeyStore:
             self.cache_bytes -= state.size
         old = self.readings.pop(wkey[1], None)
         if old is not None:
-            self.cache_bytes -= _packed_bytes(old)
+            self._packed_size(-_packed_bytes(old))
         self.readings[wkey[1]] = value
-        self.cache_bytes += _packed_bytes(value)
+        self._packed_size(_packed_bytes(value))
 
     def packed(self, key: str) -> KeyState:
         """A packed reading's state, left packed (for a flush that writes it)."""
@@ -308,7 +316,7 @@ class KeyStore:
             packed = self.readings.pop(key, None)
             if packed is None:
                 return None
-            self.cache_bytes -= _packed_bytes(packed)
+            self._packed_size(-_packed_bytes(packed))
             cached = unpack_reading(packed)
             cached.size = state_size(cached)
         self.replace(wkey, cached)
@@ -428,7 +436,7 @@ class KeyStore:
                 return
         readings = self.readings
         for key in list(readings):
-            self.cache_bytes -= _packed_bytes(readings.pop(key))
+            self._packed_size(-_packed_bytes(readings.pop(key)))
             if self.cache_bytes <= goal:
                 return
         for wkey in list(cache):
