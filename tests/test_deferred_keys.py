@@ -40,6 +40,17 @@ def _round(runner: Runner, cm: CompiledMeter) -> _Round:
     return rnd
 
 
+def _counts(runner: Runner, cm: CompiledMeter, wkeys: list[tuple[int, str]], first: int) -> _Round:
+    """A round of two events (``first``, ``first`` + 1) for each key, named by its subject."""
+    rnd = _Round(runner._levels, 0)
+    for wkey in wkeys:
+        acc = Acc()
+        acc.count = 2
+        subject = wkey[1].split(".", 1)[1]
+        rnd.work[wkey] = KeyWork(Part(cm, subject, (), acc, first, 0, first + 1, 2))
+    return rnd
+
+
 def _holding(worker: Worker, prefix: str, n: int) -> tuple[Runner, list[tuple[int, str]]]:
     """A runner that defers its keys to the flush, as under METER_SUMMARY_FLUSH_MS (the
     tests' settings write at once), holding ``n`` count readings of 1 packed (folded by an
@@ -173,12 +184,7 @@ async def test_a_round_lets_go_of_each_keys_work_once_it_is_deferred(
     fresh = [(0, f"done.f{i}") for i in range(4)]  # not held: read from the bucket
 
     def round_of(wkeys: list[tuple[int, str]], first: int) -> _Round:
-        rnd = _Round(runner._levels, 0)
-        for wkey in wkeys:
-            acc = Acc()
-            acc.count = 2
-            rnd.work[wkey] = KeyWork(Part(cm, wkey[1][5:], (), acc, first, 0, first + 1, 2))
-        return rnd
+        return _counts(runner, cm, wkeys, first)
 
     rnd = round_of(held + fresh, 11)
     at_read: list[int] = []
@@ -220,12 +226,7 @@ async def test_keys_written_with_their_round_wait_for_their_batch_packed(
     keys = [(0, f"flight.s{i}") for i in range(30)]
 
     def round_of(wkeys: list[tuple[int, str]], first: int) -> _Round:
-        rnd = _Round(runner._levels, 0)
-        for wkey in wkeys:
-            acc = Acc()
-            acc.count = 2
-            rnd.work[wkey] = KeyWork(Part(cm, wkey[1][7:], (), acc, first, 0, first + 1, 2))
-        return rnd
+        return _counts(runner, cm, wkeys, first)
 
     await runner._write(round_of(keys, 11), {})  # read, folded, written; now held packed
     await other._write(round_of(keys[:1], 21), {})  # another runner writes the first key
