@@ -149,6 +149,8 @@ async def test_a_packed_reading_comes_back_as_its_state_without_a_read() -> None
     keys.pack((0, "h"), huge)
     assert keys.cache[(0, "h")] is huge and huge.frozen == ("a",) and keys.readings == {}
     assert keys.cache_bytes == huge.size == state_size(huge)
+    keys.written((0, "h"), 5)  # stored: a key held as a state takes its revision as it is
+    assert huge.revision == 5 and keys.cache[(0, "h")] is huge
 
 
 def test_trim_drops_packed_readings_before_the_states_held() -> None:

@@ -289,8 +289,13 @@ class KeyStore:
         return memoryview(value)[HEAD:], _REVISION.unpack_from(value)[0]
 
     def written(self, wkey: WKey, revision: int) -> None:
-        """A parked page or packed reading was stored: its new revision (both heads start
-        with it; the value keeps its place in its dict, and so in the trim order)."""
+        """A key the runner holds was stored: its new revision. A key state takes it as it
+        is; a parked page or packed reading gets a new head (both heads start with it; the
+        value keeps its place in its dict, and so in the trim order)."""
+        state = self.cache.get(wkey)
+        if state is not None:  # (a page a flush wrote still held, a reading not packable)
+            state.revision = revision
+            return
         held = self.pages[wkey[0]] if wkey[0] else self.readings
         held[wkey[1]] = _REVISION.pack(revision) + held[wkey[1]][_REVISION.size :]
 

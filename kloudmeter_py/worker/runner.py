@@ -1196,13 +1196,7 @@ class Runner:
         results = await self.keys.store_chunk(store, keys, write)
         for key, result in zip(keys, results, strict=True):
             if isinstance(result, int):
-                wkey = (store, key)
-                cached = cache.get(wkey)
-                if cached is None:
-                    self.keys.written(wkey, result)
-                else:
-                    cached.revision = result
-                    self.keys.resize(cached)
+                self.keys.written((store, key), result)
                 self.w.stats.writes += 1
             elif isinstance(result, KeyWrongLastSequenceError):
                 # The events behind this state are no longer at hand: start again from
@@ -1536,11 +1530,7 @@ class Runner:
         failed = []
         for (wkey, _, _), result in zip(writes, results, strict=True):
             if isinstance(result, int):
-                held = self.keys.cache.get(wkey)
-                if held is None:
-                    self.keys.written(wkey, result)
-                else:  # a reading that could not be packed
-                    held.revision = result
+                self.keys.written(wkey, result)
                 if not wkey[0]:
                     self.w.stats.applied += work[wkey].events
                 self.w.stats.writes += 1
