@@ -402,12 +402,12 @@ def _lets_go(held: int, packed: int, spill_mb: int) -> bool:
     Three quarters, not all of it: the next partition's first rounds fold its keys, all new
     to the cache, on top of what a turn kept, before pages are next spilled (Runner._spill,
     after a round). A wide worker at 10,000 subjects that turned holding 11 MB held 16.5 MB
-    (estimated) a round later, and its cache held 14.4-18.9 MB at its peaks against
+    (estimated) a round later, and its cache held 13.3-18.9 MB at its peaks against
     13.5-13.9 at 1,000 subjects, where a partition's keys are fewer. Letting go from 9 MB:
-    13.2-14.6 and 11.3-13.2 MB (two workers, three runs each against three of e8428dd,
-    interleaved): peak RSS a worker at 10,000 subjects 81.0-84.5 MB (mean 82.8) against
-    83.3-87.9 (85.9), KV writes an event 0.59-0.671 against 0.629-0.653; at 1,000 subjects
-    79.9-84.3 (81.8) against 81.2-84.1 (82.9), 0.101-0.112 against 0.099-0.107 (README,
+    13.2-15.1 and 11.3-13.2 MB (two workers, four runs each against four of e8428dd,
+    interleaved): peak RSS a worker at 10,000 subjects 81.0-86.3 MB (mean 83.6) against
+    83.3-87.9 (85.9), KV writes an event 0.59-0.693 against 0.629-0.664; at 1,000 subjects
+    79.9-84.3 (81.7) against 81.2-84.1 (82.6), 0.101-0.112 against 0.099-0.107 (README,
     Performance).
     """
     return held >= (spill_mb << 20) * 3 // 4 or packed >= (spill_mb << 20) // 4
