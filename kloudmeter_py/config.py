@@ -49,9 +49,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # beyond it they are written (readings and the checkpoint wait for the flush) and let go.
     # With the round size (worker.runner._round_limit), what bounds a worker's memory on a
     # wide backlog, where a page is seldom touched twice before the flush; 0 writes them
-    # after every such round. Three quarters of it is what a runner's key cache must hold
-    # before the runner writes it and lets it go at a turn between partitions
-    # (worker.runner._lets_go). See
+    # after every such round. Also what a runner's key cache must hold before the runner
+    # writes it and lets it go at a turn between partitions (worker.runner._lets_go). See
     # docs/performance-history.md.
     spill_mb: int = 12
     # A directory a worker appends a line of its memory to every 100 ms (worker.memtrace),

@@ -362,9 +362,8 @@ def test_a_round_ends_without_a_linger_while_other_partitions_wait_their_turn(
     ("held", "packed", "spill_mb", "lets_go"),
     [
         (0, 0, 12, False),  # nothing held: kept (nothing to write)
-        ((9 << 20) - 1, 0, 12, False),  # under 3/4 of METER_SPILL_MB: kept for the next pass
-        (9 << 20, 0, 12, True),  # at it: written and let go at the turn
-        ((12 << 20) - 1, 0, 12, True),  # (a partition's first round on top would pass it)
+        ((12 << 20) - 1, 0, 12, False),  # under METER_SPILL_MB: kept for the next pass
+        (12 << 20, 0, 12, True),  # at it: written and let go at the turn
         (40 << 20, 0, 12, True),
         ((5 << 20) - 1, (3 << 20) - 1, 12, False),  # readings under a quarter of it: kept
         (5 << 20, 3 << 20, 12, True),  # at a quarter: written and let go

@@ -305,10 +305,9 @@ def _focus(
     share of ``slice_s`` has passed (all of it with one other, half with two...: none waits
     longer in all); then the next behind in turn, or all together when none is.
     At each change the runner writes what it holds and empties its key cache once that has
-    reached three quarters of METER_SPILL_MB (see _lets_go), so that it holds one
-    backlogged partition's keys at a time, not all of its partitions': every key belongs to
-    one partition (its subject's), and on the wide bench shape a backlog touches every key
-    of its partition.
+    reached METER_SPILL_MB (see _lets_go), so that it holds one backlogged partition's keys
+    at a time, not all of its partitions': every key belongs to one partition (its
+    subject's), and on the wide bench shape a backlog touches every key of its partition.
     It is kept until caught up, not only until below ``at``: the last 18,000 events of a
     partition's wide backlog still touched most of its keys, which then stayed beside the
     next one's. Taking the backlogs one after the other also clears the first in about half
@@ -374,8 +373,7 @@ def _split(
 def _lets_go(held: int, packed: int, spill_mb: int) -> bool:
     """Whether a runner that turns to another partition's backlog (see _focus) first writes
     what it holds and lets its key cache go: when that holds ``held`` bytes (estimated) of
-    three quarters of METER_SPILL_MB or more, or its packed readings ``packed`` bytes of a
-    quarter of it.
+    METER_SPILL_MB or more, or its packed readings ``packed`` bytes of a quarter of it.
 
     Letting go bounds what a runner holds to about one partition's keys where they are
     many (the wide bench shape). Where they are few it only costs: each turn writes every
@@ -399,18 +397,18 @@ def _lets_go(held: int, packed: int, spill_mb: int) -> bool:
     82.9-86.1 MB against 84.4-89.4, KV writes an event 0.598-0.619 against 0.577-0.663
     (README, Performance).
 
-    Three quarters, not all of it: the next partition's first rounds fold its keys, all new
-    to the cache, on top of what a turn kept, before pages are next spilled (Runner._spill,
-    after a round). A wide worker at 10,000 subjects that turned holding 11 MB held 16.5 MB
-    (estimated) a round later, and its cache held 13.3-18.9 MB at its peaks against
-    13.5-13.9 at 1,000 subjects, where a partition's keys are fewer. Letting go from 9 MB:
-    13.2-15.1 and 11.3-13.2 MB (two workers, four runs each against four of e8428dd,
-    interleaved): peak RSS a worker at 10,000 subjects 81.0-86.3 MB (mean 83.6) against
-    83.3-87.9 (85.9), KV writes an event 0.59-0.693 against 0.629-0.664; at 1,000 subjects
-    79.9-84.3 (81.7) against 81.2-84.1 (82.6), 0.101-0.112 against 0.099-0.107 (README,
-    Performance).
+    Three quarters of METER_SPILL_MB was measured and not kept (f8412a1, reverted): the
+    next partition's first rounds fold its keys, all new to the cache, on top of what a
+    turn kept, and at 10,000 subjects its peak RSS came down ~2.3 MB a worker (mean of four
+    wide runs). But one worker on the live shape, whose 16 partitions' keys all fit (7-11
+    MB estimated) and are cached from its pass before, then let them go at its 12-17 turns:
+    0.249-0.257 KV writes an event against 0.222-0.224, 0.439-0.516 of the raw baseline
+    against 0.497-0.512 (three runs each). Three quarters only where pages were spilled
+    since the last turn kept that worker at 0.224 but not the wide gain (85.3-87.5 MB a
+    worker, two runs: most of a wide worker's 12-13 turns came with no spill since the one
+    before). README, Performance.
     """
-    return held >= (spill_mb << 20) * 3 // 4 or packed >= (spill_mb << 20) // 4
+    return held >= spill_mb << 20 or packed >= (spill_mb << 20) // 4
 
 
 def _chunks(keys: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
