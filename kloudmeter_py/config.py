@@ -50,7 +50,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # With the round size (worker.runner._round_limit), what bounds a worker's memory on a
     # wide backlog, where a page is seldom touched twice before the flush; 0 writes them
     # after every such round. Also what a runner's key cache must hold before the runner
-    # writes it and lets it go at a turn between partitions (worker.runner._lets_go). See
+    # writes it and lets it go at a turn between partitions (three quarters of it where the
+    # next partition's keys are not held: worker.runner._lets_go). See
     # docs/performance-history.md.
     spill_mb: int = 12
     # A directory a worker appends a line of its memory to every 100 ms (worker.memtrace),

@@ -133,7 +133,7 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
 
     monkeypatch.setattr(runner, "_FOCUS_AT", 100)
     if let_go:
-        monkeypatch.setattr(runner, "_lets_go", lambda held, packed, spill_mb: True)
+        monkeypatch.setattr(runner, "_lets_go", lambda *_, **__: True)
     forgotten = _count_forgotten(monkeypatch)
     async with _four_partitions(nats_server) as (settings, nc):
         load = Load(4000, dup_ratio=0.1, seed=41)
@@ -218,7 +218,7 @@ async def test_a_round_being_written_is_stored_before_an_idle_flush(
     from kloudmeter_py.worker import keystore, runner
 
     monkeypatch.setattr(runner, "_FOCUS_AT", 100)
-    monkeypatch.setattr(runner, "_lets_go", lambda held, packed, spill_mb: True)
+    monkeypatch.setattr(runner, "_lets_go", lambda *_, **__: True)
     store_chunk = keystore.KeyStore.store_chunk
 
     async def slow(

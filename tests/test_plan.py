@@ -359,23 +359,28 @@ def test_a_round_ends_without_a_linger_while_other_partitions_wait_their_turn(
 
 
 @pytest.mark.parametrize(
-    ("held", "packed", "spill_mb", "lets_go"),
+    ("held", "packed", "spill_mb", "unheld", "lets_go"),
     [
-        (0, 0, 12, False),  # nothing held: kept (nothing to write)
-        ((12 << 20) - 1, 0, 12, False),  # under METER_SPILL_MB: kept for the next pass
-        (12 << 20, 0, 12, True),  # at it: written and let go at the turn
-        (40 << 20, 0, 12, True),
-        ((5 << 20) - 1, (3 << 20) - 1, 12, False),  # readings under a quarter of it: kept
-        (5 << 20, 3 << 20, 12, True),  # at a quarter: written and let go
-        (0, 0, 0, True),  # METER_SPILL_MB 0: always let go
+        (0, 0, 12, 0, False),  # nothing held: kept (nothing to write)
+        ((12 << 20) - 1, 0, 12, 0, False),  # under METER_SPILL_MB: kept for the next pass
+        (12 << 20, 0, 12, 0, True),  # at it: written and let go at the turn
+        (40 << 20, 0, 12, 0, True),
+        ((5 << 20) - 1, (3 << 20) - 1, 12, 0, False),  # readings under a quarter of it: kept
+        (5 << 20, 3 << 20, 12, 0, True),  # at a quarter: written and let go
+        (0, 0, 0, 0, True),  # METER_SPILL_MB 0: always let go
+        # Three quarters of it, and the next round's keys mostly to be read (of 100):
+        (9 << 20, 0, 12, 51, True),  # the next partition's keys come on top: let go
+        (9 << 20, 0, 12, 50, False),  # half of them held: a partition seen before, kept
+        ((9 << 20) - 1, 0, 12, 100, False),  # under three quarters: kept
+        ((12 << 20) - 1, 0, 12, 0, False),  # every key held (one worker's next pass): kept
     ],
 )
 def test_a_runner_lets_its_keys_go_at_a_turn_only_when_they_are_many(
-    held: int, packed: int, spill_mb: int, lets_go: bool
+    held: int, packed: int, spill_mb: int, unheld: int, lets_go: bool
 ) -> None:
     from kloudmeter_py.worker.runner import _lets_go
 
-    assert _lets_go(held, packed, spill_mb) is lets_go
+    assert _lets_go(held, packed, spill_mb, unheld=unheld, keys=100) is lets_go
 
 
 @pytest.mark.parametrize(

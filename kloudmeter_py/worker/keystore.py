@@ -304,6 +304,14 @@ class KeyStore:
         self.cache_bytes += state.size - (old.size if old else 0)
         self.cache[wkey] = state
 
+    def holds(self, wkey: WKey) -> bool:
+        """Whether the runner holds a key (a state, a parked page or a packed reading)."""
+        if wkey in self.cache:
+            return True
+        if wkey[0]:
+            return wkey[1] in self.pages.get(wkey[0], ())
+        return wkey[1] in self.readings
+
     def take(self, wkey: WKey) -> KeyState | None:
         """A key's state where the runner holds it (a state, a parked page or a packed
         reading), taken into ``cache``; None where it must be read (``load``)."""

@@ -370,10 +370,12 @@ def _split(
     return backlog >= at * partitions
 
 
-def _lets_go(held: int, packed: int, spill_mb: int) -> bool:
+def _lets_go(held: int, packed: int, spill_mb: int, *, unheld: int = 0, keys: int = 0) -> bool:
     """Whether a runner that turns to another partition's backlog (see _focus) first writes
     what it holds and lets its key cache go: when that holds ``held`` bytes (estimated) of
-    METER_SPILL_MB or more, or its packed readings ``packed`` bytes of a quarter of it.
+    METER_SPILL_MB or more, or its packed readings ``packed`` bytes of a quarter of it, or
+    ``held`` reaches three quarters of it while most of the next round's ``keys`` are not
+    held (``unheld``: a partition whose keys are not cached).
 
     Letting go bounds what a runner holds to about one partition's keys where they are
     many (the wide bench shape). Where they are few it only costs: each turn writes every
@@ -397,18 +399,23 @@ def _lets_go(held: int, packed: int, spill_mb: int) -> bool:
     82.9-86.1 MB against 84.4-89.4, KV writes an event 0.598-0.619 against 0.577-0.663
     (README, Performance).
 
-    Three quarters of METER_SPILL_MB was measured and not kept (f8412a1, reverted): the
-    next partition's first rounds fold its keys, all new to the cache, on top of what a
-    turn kept, and at 10,000 subjects its peak RSS came down ~2.3 MB a worker (mean of four
-    wide runs). But one worker on the live shape, whose 16 partitions' keys all fit (7-11
-    MB estimated) and are cached from its pass before, then let them go at its 12-17 turns:
-    0.249-0.257 KV writes an event against 0.222-0.224, 0.439-0.516 of the raw baseline
-    against 0.497-0.512 (three runs each). Three quarters only where pages were spilled
-    since the last turn kept that worker at 0.224 but not the wide gain (85.3-87.5 MB a
-    worker, two runs: most of a wide worker's 12-13 turns came with no spill since the one
-    before). README, Performance.
+    Three quarters, where the next round's keys are mostly to be read: such a round folds
+    its keys, all new to the cache, on top of what the turn kept, and pages are spilled
+    only after a round; at 10,000 subjects a worker's cache went from 11.0 to 16.5 MB
+    (estimated) in 0.65 s at such a turn. Three quarters at every turn (f8412a1, reverted)
+    lowered those peaks, but one worker on the live shape, whose 16 partitions' keys all fit
+    (7-11 MB estimated) and are cached from its pass before, then let them go at its 12-17
+    turns: 0.249-0.257 KV writes an event against 0.222-0.224. Whether the next round's
+    keys are held tells the two apart, as a key belongs to one partition. Wide shape, two
+    workers, three runs each against three of the code before (95e0ac6), interleaved: a
+    worker let go at 10-12 of its 12-13 turns at 10,000 subjects (2-4 of 9-11 at 1,000);
+    peak RSS a worker at 10,000 subjects 81.8-85.5 MB (mean 83.3) against 83.1-86.0
+    (84.0), at 1,000 80.6-84.3 (82.8) against 81.2-86.6 (83.1); KV writes an event and end
+    to end within the spread. One worker on the live shape let go at 0-1 of its 17 turns
+    (0.202-0.235 KV writes an event against 0.202-0.224). README, Performance.
     """
-    return held >= spill_mb << 20 or packed >= (spill_mb << 20) // 4
+    spill = spill_mb << 20
+    return held >= spill or packed >= spill // 4 or (2 * unheld > keys and 4 * held >= 3 * spill)
 
 
 def _chunks(keys: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
@@ -813,9 +820,19 @@ class Runner:
                     self._turn(puller)
                 if writing is not None:
                     await writing
-                rnd.let_go = rnd.switch and _lets_go(
-                    self.keys.cache_bytes, self.keys.packed_bytes, self.settings.spill_mb
-                )
+                # The keys the round changes, once the round before is written (its keys'
+                # work let go): at a turn, whether they are held decides _lets_go.
+                self._spread(rnd)
+                if rnd.switch:
+                    holds = self.keys.holds
+                    rnd.let_go = _lets_go(
+                        self.keys.cache_bytes,
+                        self.keys.packed_bytes,
+                        self.settings.spill_mb,
+                        unheld=sum(1 for wkey in rnd.work if not holds(wkey)),
+                        keys=len(rnd.work),
+                    )
+                    self.w.stats.let_goes += rnd.let_go
                 if self.owns_all and self._regroup(puller, rnd):
                     # Write this round and everything before it, then start again from the
                     # checkpoints with the other kind of consumer.
@@ -999,7 +1016,6 @@ class Runner:
             # before left in memory, then let the cache go (see _focus).
             await self._flush(puller)
             self._let_go_keys()
-        self._spread(rnd)
         if rnd.rows:
             # (hashes: ~1 MB at 17,000 keys, and keeping no key tuple alive once written)
             touched = {hash(wkey) for wkey in rnd.work}
