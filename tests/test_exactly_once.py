@@ -127,13 +127,20 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
     (``runner._lets_go``), it writes that and empties its key cache and its meters' reading
     keys; these keys take well under 12 MB, so it keeps them, and a key touched again is
     not read and written again. Run with ``_lets_go`` made to let go whatever is held, and
-    as it is. Every event is counted once, in the readings and the day summaries, with no
+    as it is: then it is asked with the next round's keys, of which it counts those not
+    held. Every event is counted once, in the readings and the day summaries, with no
     restart."""
     from kloudmeter_py.worker import runner
 
     monkeypatch.setattr(runner, "_FOCUS_AT", 100)
-    if let_go:
-        monkeypatch.setattr(runner, "_lets_go", lambda *_, **__: True)
+    asked: list[tuple[int, int]] = []  # (unheld, keys) at each turn
+    lets_go = runner._lets_go
+
+    def asking(held: int, packed: int, spill_mb: int, *, unheld: int, keys: int) -> bool:
+        asked.append((unheld, keys))
+        return True if let_go else lets_go(held, packed, spill_mb, unheld=unheld, keys=keys)
+
+    monkeypatch.setattr(runner, "_lets_go", asking)
     forgotten = _count_forgotten(monkeypatch)
     async with _four_partitions(nats_server) as (settings, nc):
         load = Load(4000, dup_ratio=0.1, seed=41)
@@ -143,6 +150,10 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
             turned = _turned(a, b)
             let_go_times = forgotten.get(id(turned.registry), 0)
             assert let_go_times >= 2 if let_go else let_go_times == 0
+            assert a.stats.let_goes + b.stats.let_goes == (len(asked) if let_go else 0)
+            # (the round's keys are known when it is asked: spread before, not after)
+            assert any(keys > 0 for _, keys in asked)
+            assert all(0 <= unheld <= keys for unheld, keys in asked)
             assert a.stats.restarts == 0 and b.stats.restarts == 0
             assert a.stats.events + b.stats.events == len(load.unique_events)
 
