@@ -407,12 +407,16 @@ def _lets_go(held: int, packed: int, spill_mb: int, *, unheld: int = 0, keys: in
     (7-11 MB estimated) and are cached from its pass before, then let them go at its 12-17
     turns: 0.249-0.257 KV writes an event against 0.222-0.224. Whether the next round's
     keys are held tells the two apart, as a key belongs to one partition. Wide shape, two
-    workers, three runs each against three of the code before (95e0ac6), interleaved: a
-    worker let go at 10-12 of its 12-13 turns at 10,000 subjects (2-4 of 9-11 at 1,000);
-    peak RSS a worker at 10,000 subjects 81.8-85.5 MB (mean 83.3) against 83.1-86.0
-    (84.0), at 1,000 80.6-84.3 (82.8) against 81.2-86.6 (83.1); KV writes an event and end
-    to end within the spread. One worker on the live shape let go at 0-1 of its 17 turns
-    (0.202-0.235 KV writes an event against 0.202-0.224). README, Performance.
+    workers, against the code before (95e0ac6), interleaved: a worker let go at 10-13 of
+    its 12-16 turns at 10,000 subjects (2-4 of 9-11 at 1,000); peak RSS a worker at 10,000
+    subjects 81.8-85.9 MB (mean ~83.8, five runs) against 83.1-86.2 (~84.3, four), at
+    1,000 80.6-84.3 (~82.8, three) against 81.2-86.6 (~83.1, three): within the spread;
+    KV writes an event and end to end too. One worker on the live shape let go at 0-1 of
+    its 17 turns (0.202-0.235 KV writes an event against 0.202-0.224). Also measured and
+    not kept, where the next keys are not held: letting go from half of METER_SPILL_MB
+    (one live worker let go at 2 of 17 turns, 0.273 KV writes an event), or once packed
+    readings reach an eighth of it (~83.5 MB a worker at 10,000 subjects, four runs).
+    README, Performance.
     """
     spill = spill_mb << 20
     return held >= spill or packed >= spill // 4 or (2 * unheld > keys and 4 * held >= 3 * spill)
