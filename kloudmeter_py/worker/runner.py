@@ -370,7 +370,7 @@ def _split(
     return backlog >= at * partitions
 
 
-def _lets_go(held: int, packed: int, spill_mb: int, *, unheld: int = 0, keys: int = 0) -> bool:
+def _lets_go(held: int, packed: int, spill_mb: int, *, unheld: int, keys: int) -> bool:
     """Whether a runner that turns to another partition's backlog (see _focus) first writes
     what it holds and lets its key cache go: when that holds ``held`` bytes (estimated) of
     METER_SPILL_MB or more, or its packed readings ``packed`` bytes of a quarter of it, or
