@@ -45,11 +45,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     summary_flush_ms: int = 30_000
     # The worker's cache of key states (readings and summaries), in MB (an estimate).
     cache_mb: int = 192
-    # Summary pages a worker holds between flushes while events wait, in MB (an estimate):
-    # beyond it they are written (readings and the checkpoint wait for the flush) and let go.
-    # With the round size (worker.runner._round_limit), what bounds a worker's memory on a
-    # wide backlog, where a page is seldom touched twice before the flush; 0 writes them
-    # after every such round. Also what a runner's key cache must hold before the runner
+    # Summary pages and readings a worker holds between flushes while events wait, in MB (an
+    # estimate): beyond it the pages are written (and the readings too where they are half of
+    # it; the checkpoint waits for the flush) and let go (worker.runner._spills). With the
+    # round size (worker.runner._round_limit), what bounds a worker's memory on a wide
+    # backlog, where a page is seldom touched twice before the flush; 0 writes them after
+    # every such round. Also what a runner's key cache must hold before the runner
     # writes it and lets it go at a turn between partitions (three quarters of it where the
     # next partition's keys are not held: worker.runner._lets_go). See
     # docs/performance-history.md.

@@ -248,14 +248,20 @@ async def test_a_round_being_written_is_stored_before_an_idle_flush(
             assert a.stats.turns >= 2 and b.stats.turns >= 2
 
 
-async def test_pages_written_between_flushes_are_let_go_and_read_again(
-    nats_server: NatsServer,
+@pytest.mark.parametrize("readings", [False, True], ids=["pages", "pages-and-readings"])
+async def test_keys_written_between_flushes_are_let_go_and_read_again(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, readings: bool
 ) -> None:
-    """Behind a backlog a worker writes the summary pages it holds once they reach
-    METER_SPILL_MB (0 here: after every round) and lets them go; the readings, the
-    checkpoint and the acknowledgement wait for the flush. A later round that touches such a
-    page reads it from its bucket. Every event is counted once, in the readings and the day
-    summaries."""
+    """Behind a backlog a worker writes the summary pages it holds once what it holds
+    reaches METER_SPILL_MB (0 here: after every round) and lets them go, and its deferred
+    readings too where they are half of it (``runner._spills``; made to leave them for the
+    flush in the ``pages`` case); the checkpoint and the acknowledgement wait for the flush.
+    A later round that touches such a page or reading reads it from its bucket. Every event
+    is counted once, in the readings and the day summaries."""
+    from kloudmeter_py.worker import runner
+
+    if not readings:
+        monkeypatch.setattr(runner, "_spills", lambda *_: (True, False))
     async with _four_partitions(nats_server) as (settings, nc):
         load = Load(16000, subjects=2000, spread_days=60, dup_ratio=0.1, seed=53)
         await load.publish(nc)
@@ -263,6 +269,10 @@ async def test_pages_written_between_flushes_are_let_go_and_read_again(
         async with _two_workers(nc, spill) as (a, b):
             await _settled(nc, load)
             assert a.stats.spills >= 2 and b.stats.spills >= 2
+            if readings:
+                assert a.stats.reading_spills >= 2 and b.stats.reading_spills >= 2
+            else:
+                assert a.stats.reading_spills == 0 and b.stats.reading_spills == 0
             assert a.stats.restarts == 0 and b.stats.restarts == 0
 
 
@@ -455,9 +465,9 @@ async def test_worker_killed_between_its_page_writes_and_the_checkpoint(
     nc: Client, settings: Settings, tmp_path: Path
 ) -> None:
     """A wide backlog (2,000 subjects, times over 30 days) worked through with
-    METER_SPILL_MB=0: behind it, the worker writes its pages after every round and lets them
-    go, while the readings and the checkpoint wait for a flush every 1.5 s. SIGKILLed three
-    times at a random moment after a checkpoint, so between pages written and the next
+    METER_SPILL_MB=0: behind it, the worker writes its pages and readings after every round
+    and lets them go, while the checkpoint waits for a flush every 1.5 s. SIGKILLed three
+    times at a random moment after a checkpoint, so between keys written and the next
     checkpoint: every event is counted once, in the readings and the day summaries."""
     await create_meters(nc)
     load = Load(20_000, subjects=2000, dup_ratio=0.1, seed=6, spread_days=30)
@@ -482,6 +492,8 @@ async def test_worker_killed_between_its_page_writes_and_the_checkpoint(
     stopped = [line for line in log.read_text().splitlines() if "worker.stopped" in line]
     spills = re.search(r'"spills": (\d+)', stopped[-1]) if stopped else None
     assert spills is not None and int(spills.group(1)) > 0, stopped
+    readings = re.search(r'"reading_spills": (\d+)', stopped[-1])
+    assert readings is not None and int(readings.group(1)) > 0, stopped
 
 
 async def test_nats_server_killed_and_restarted_mid_run(tmp_path: Path) -> None:

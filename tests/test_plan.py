@@ -384,6 +384,29 @@ def test_a_runner_lets_its_keys_go_at_a_turn_only_when_they_are_many(
 
 
 @pytest.mark.parametrize(
+    ("parked", "packed", "spill_mb", "spills", "readings"),
+    [
+        (0, 0, 12, False, False),  # nothing held
+        ((12 << 20) - 1, 0, 12, False, False),  # pages just under METER_SPILL_MB: kept
+        (12 << 20, 0, 12, True, False),  # at it: the pages written and let go
+        # pages and readings together at it: the pages go, the readings (a quarter) stay
+        (9 << 20, 3 << 20, 12, True, False),
+        ((9 << 20) - 1, 3 << 20, 12, False, False),  # together just under it: kept
+        (6 << 20, 6 << 20, 12, True, True),  # readings half of it: they go too
+        (0, 12 << 20, 12, True, True),  # readings alone
+        ((6 << 20) + 1, (6 << 20) - 1, 12, True, False),  # readings just under half
+        (0, 0, 0, True, True),  # METER_SPILL_MB 0: after every round, both
+    ],
+)
+def test_a_runner_behind_writes_and_lets_go_what_it_holds_past_the_spill_bound(
+    parked: int, packed: int, spill_mb: int, spills: bool, readings: bool
+) -> None:
+    from kloudmeter_py.worker.runner import _spills
+
+    assert _spills(parked, packed, spill_mb) == (spills, readings)
+
+
+@pytest.mark.parametrize(
     ("dirty", "waited", "pending", "heavy", "behind", "full", "due"),
     [
         (False, 0.0, 5000, True, True, False, True),  # nothing deferred: checkpoint now

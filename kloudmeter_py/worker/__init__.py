@@ -79,6 +79,8 @@ class WorkerStats:
     # times a runner wrote its changed pages and let its parked pages go between flushes
     # (runner._spill)
     spills: int = 0
+    # the spills that wrote the deferred readings and let the packed readings go too
+    reading_spills: int = 0
     # turns at which a runner wrote what it held and let its key cache go (runner._lets_go)
     let_goes: int = 0
 

@@ -232,6 +232,14 @@ class KeyStore:
         self.pages.clear()
         give_back()
 
+    def drop_packed(self) -> None:
+        """Let every packed reading go (all of them written): a round that touches one again
+        reads it from its bucket."""
+        self.cache_bytes -= self.packed_bytes
+        self.packed_bytes = 0
+        self.readings.clear()
+        give_back()
+
     def forget(self, wkey: WKey) -> None:
         gone = self.cache.pop(wkey, None)
         self.cache_bytes -= gone.size if gone else 0

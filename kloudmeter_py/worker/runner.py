@@ -388,8 +388,8 @@ def _lets_go(held: int, packed: int, spill_mb: int, *, unheld: int, keys: int) -
     (0.247-0.256, 107-109 MB a worker); at 1,000 subjects 0.088-0.118 KV writes an event
     against 0.114-0.122.
 
-    The readings, since pages are written and let go apart once they reach METER_SPILL_MB
-    (Runner._spill) and readings never are: at a turn that kept the cache, the readings of
+    The readings, since a spill lets them go only where they are half of METER_SPILL_MB
+    (_spills; before 2026-12-06 never): at a turn that kept the cache, the readings of
     the partitions turned away from stayed, and a wide worker at 10,000 subjects came to
     hold ~17,000 of them (~4.4 MB estimated, ~4,400 a partition) besides its pages; each a
     key string and a small value in Python's arenas, which keep their high-water mark.
@@ -420,6 +420,27 @@ def _lets_go(held: int, packed: int, spill_mb: int, *, unheld: int, keys: int) -
     """
     spill = spill_mb << 20
     return held >= spill or packed >= spill // 4 or (2 * unheld > keys and 4 * held >= 3 * spill)
+
+
+def _spills(parked: int, packed: int, spill_mb: int) -> tuple[bool, bool]:
+    """Whether a runner behind a backlog, after a round, writes what the rounds since the
+    last flush changed and lets go of what it holds between rounds (see Runner._spill):
+    once its parked pages ``parked`` and packed readings ``packed`` (bytes, estimated) reach
+    METER_SPILL_MB together; and whether its readings go as well as its pages: where they
+    are half of it or more.
+
+    Both, not the pages alone: on the wide bench shape a partition's readings are the
+    series of its subjects, which every round of its backlog touches (~4,400 at 10,000
+    subjects and 16 partitions, ~440 at 1,000), and held beside pages bounded alone they
+    made the difference between the two: ~16 MB held (estimated) at a worker's peaks at
+    10,000 subjects, 12 of it pages, against ~13.8 at 1,000 with 12 of it pages. Readings
+    are written and let go only where they are half of it: they are read again by the
+    next round, as the pages it touches are.
+    """
+    spill = spill_mb << 20
+    if parked + packed < spill:
+        return False, False
+    return True, 2 * packed >= spill
 
 
 def _chunks(keys: list[tuple[int, str]]) -> list[list[tuple[int, str]]]:
@@ -1082,10 +1103,14 @@ class Runner:
                 summary_flush_s=self.settings.summary_flush_ms / 1000,
             ):
                 await self._flush(puller)
-            elif pending >= _BACKLOG and self.keys.parked_bytes >= self.settings.spill_mb << 20:
-                # Behind, the pages held grow with the keys a backlog touches: write them
-                # and let them go (caught up, a round's pages are the ones the next touches).
-                await self._spill()
+            elif pending >= _BACKLOG:
+                # Behind, what is held grows with the keys a backlog touches: write it and
+                # let it go (caught up, a round's keys are the ones the next touches).
+                spill, readings = _spills(
+                    self.keys.parked_bytes, self.keys.packed_bytes, self.settings.spill_mb
+                )
+                if spill:
+                    await self._spill(readings=readings)
             self._behind = pending >= _BACKLOG
         finally:
             keepalive.cancel()
@@ -1143,12 +1168,14 @@ class Runner:
             self._unacked = None
         self.keys.trim()
 
-    async def _spill(self) -> None:
-        """Write the pages changed since the last flush, then let every parked page go;
-        readings, the checkpoint and the acknowledgement wait for the flush.
+    async def _spill(self, *, readings: bool = False) -> None:
+        """Write the pages changed since the last flush, then let every parked page go; with
+        ``readings``, the deferred readings too, then every packed reading. The checkpoint
+        and the acknowledgement wait for the flush (see _spills).
 
-        Safe at any point between rounds: a page's lastSeq covers every event folded into
-        it, so a replay from the checkpoint skips them there exactly as after a flush.
+        Safe at any point between rounds: a page's or reading's lastSeq covers every event
+        folded into it, so a replay from the checkpoint skips them there exactly as after a
+        flush (which also writes them before the checkpoint).
 
         Cost: a spill writes the pages changed since the last spill or flush, at most
         METER_SPILL_MB of them; what a worker holds then grows with that setting, not with
@@ -1158,18 +1185,23 @@ class Runner:
         144-156 MB a worker against 160-163 MB, for 0.71-0.73 KV writes an event against 0.65
         (docs/performance-history.md).
         """
-        await self._write_dirty(readings=False)
+        await self._write_dirty(readings=readings, spill=True)
         self.keys.drop_parked()
+        if readings:
+            self.keys.drop_packed()
+            self.w.stats.reading_spills += 1
         self.w.stats.spills += 1
 
-    async def _write_dirty(self, *, readings: bool) -> None:
+    async def _write_dirty(self, *, readings: bool, spill: bool = False) -> None:
         """Store the pages changed since they were last written, and the deferred readings
-        too with ``readings``; then nothing of them is dirty."""
+        too with ``readings``; then nothing of them is dirty. ``spill``: for a spill (the
+        log says which), not a flush."""
         by_store = {store: list(keys) for store, keys in self._dirty_pages.items() if keys}
         if readings and self._dirty:
             by_store[0] = list(self._dirty)
         self.log.debug(
-            "summaries.flush" if readings else "summaries.spill",
+            "summaries.spill" if spill else "summaries.flush",
+            readings=readings,
             keys=sum(len(keys) for keys in by_store.values()),
             cached=len(self.keys.cache),
             cache_mb=self.keys.cache_bytes >> 20,
