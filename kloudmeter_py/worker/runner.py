@@ -429,13 +429,20 @@ def _spills(parked: int, packed: int, spill_mb: int) -> tuple[bool, bool]:
     METER_SPILL_MB together; and whether its readings go as well as its pages: where they
     are half of it or more.
 
-    Both, not the pages alone: on the wide bench shape a partition's readings are the
-    series of its subjects, which every round of its backlog touches (~4,400 at 10,000
-    subjects and 16 partitions, ~440 at 1,000), and held beside pages bounded alone they
-    made the difference between the two: ~16 MB held (estimated) at a worker's peaks at
-    10,000 subjects, 12 of it pages, against ~13.8 at 1,000 with 12 of it pages. Readings
-    are written and let go only where they are half of it: they are read again by the
-    next round, as the pages it touches are.
+    Both, not the pages alone: a partition's readings are the series of its subjects,
+    which every round of its backlog touches, so they grow with the subjects (on the wide
+    bench shape with 16 partitions ~440 a partition at 1,000 subjects, ~4,400 at 10,000,
+    ~13,000 at 30,000), and beside pages bounded alone so did what a worker held: at its
+    peaks 12.5-13.8 MB (estimated) at 1,000 subjects, 13.8-16.1 at 10,000, 14.6-17.4 at
+    30,000 and 19.2-19.3 at 100,000, pages 9.9-12.3 MB of it. Counted with the pages, it
+    held 10.8-13.0 MB at every size, and peak RSS a worker went (means; two workers, the
+    codes' runs interleaved, 2026-12-06): 1,000 subjects 83.3 -> 81.2 MB, 10,000 83.8 ->
+    82.8 (medians 84.1 -> 81.7), 30,000 86.8 -> 81.0, 100,000 96.3 -> 84.1, for more KV
+    writes an event (pages spilled sooner and read again): 0.109 -> 0.115, 0.630 ->
+    0.745, 1.82 -> 2.17 and 3.46 -> 4.29; events a second end to end and worker CPU
+    within the spread (README, Performance). Readings are written and let
+    go only where they are half of it: the next round reads them again, as it does the
+    pages it touches.
     """
     spill = spill_mb << 20
     if parked + packed < spill:
@@ -1177,13 +1184,14 @@ class Runner:
         folded into it, so a replay from the checkpoint skips them there exactly as after a
         flush (which also writes them before the checkpoint).
 
-        Cost: a spill writes the pages changed since the last spill or flush, at most
-        METER_SPILL_MB of them; what a worker holds then grows with that setting, not with
-        the subjects or windows a backlog touches. A page touched again after its spill is
-        read and written again. On the wide bench shape (10,000 subjects, 30 days, two
-        workers), where a worker's pages had reached 25-44 MB (estimated) in a turn: peak RSS
-        144-156 MB a worker against 160-163 MB, for 0.71-0.73 KV writes an event against 0.65
-        (docs/performance-history.md).
+        Cost: a spill writes the pages (and readings) changed since the last spill or
+        flush, at most METER_SPILL_MB of them; what a worker holds then grows with that
+        setting, not with the subjects or windows a backlog touches. A page touched again
+        after its spill is read and written again. On the wide bench shape (10,000
+        subjects, 30 days, two workers), where a worker's pages had reached 25-44 MB
+        (estimated) in a turn, spilling pages: peak RSS 144-156 MB a worker against 160-163
+        MB, for 0.71-0.73 KV writes an event against 0.65 (docs/performance-history.md);
+        readings too, see _spills.
         """
         await self._write_dirty(readings=readings, spill=True)
         self.keys.drop_parked()
