@@ -279,16 +279,16 @@ def test_round_limit_holds_a_rounds_fresh_keys_near_3000(
 @pytest.mark.parametrize(
     ("events", "subjects", "first_subjects", "gathered"),
     [
-        (250, 250, 1_000, False),  # the first round, wide: still gathering
-        (1_000, 1_000, 1_000, True),  # its events name 1,000 subjects: it ends there
-        (1_250, 1_100, 1_000, True),  # (a take of 250 can pass the mark)
-        (4_999, 500, 1_000, False),  # live: a worker's ~500 subjects, to 5,000 events
-        (5_000, 500, 1_000, True),
+        (250, 250, 400, False),  # the first round, wide: still gathering
+        (420, 400, 400, True),  # its events name 400 subjects: it ends there
+        (500, 480, 400, True),  # (a take of 250 can pass the mark)
+        (4_999, 399, 400, False),  # fewer subjects than that: to 5,000 events
+        (5_000, 399, 400, True),
         (4_999, 4_999, 0, False),  # later rounds: by events only
         (5_000, 4_999, 0, True),
     ],
 )
-def test_a_first_round_ends_at_5000_events_or_1000_subjects(
+def test_a_first_round_ends_at_5000_events_or_400_subjects(
     events: int, subjects: int, first_subjects: int, gathered: bool
 ) -> None:
     """A consumer's first round, whose parts an event are not yet known, is bounded by the
@@ -296,7 +296,7 @@ def test_a_first_round_ends_at_5000_events_or_1000_subjects(
     rounds by their limit (runner._round_limit) only."""
     from kloudmeter_py.worker.runner import _FIRST_ROUND, _FIRST_SUBJECTS, _gathered
 
-    assert (_FIRST_ROUND, _FIRST_SUBJECTS) == (5_000, 1_000)
+    assert (_FIRST_ROUND, _FIRST_SUBJECTS) == (5_000, 400)
     assert _gathered(events, subjects, 5_000, first_subjects) is gathered
 
 

@@ -151,9 +151,15 @@ _FIRST_ROUND = 5_000
 # start), and its arenas never go back below their high-water mark. Held to 1,000 subjects,
 # the first three rounds made 1,131-1,289 events and ~6,800-7,300 keys; the mark then came
 # later, at a fold after a turn's flush, at the same 51-53 MB (against 45-49 at 1,000
-# subjects), so the peak RSS did not move (README, Performance). The live bench shape
-# (1,000 subjects, ~500 a worker) never reaches it.
-_FIRST_SUBJECTS = 1_000
+# subjects), so the peak RSS did not move (README, Performance). 400 rather than 1,000
+# (2026-12-06): at 1,000 the early rounds still touched ~6,000-7,500 keys each, all fresh,
+# at 10,000 subjects (a subject makes ~7 keys, where a round of a 1,000-subject worker
+# names at most its ~500), and in some runs the Python blocks in use reached 470,000-
+# 510,000 in those seconds (350,000-450,000 later in the run); the arenas' high-water mark
+# then stayed up to ~6 MB above the other worker's to the end (peaks 85.5 and 87.2 MB
+# against ~81). 400 subjects make ~2,800 keys, about _ROUND_FRESH. The live bench shape
+# (1,000 subjects, ~500 a worker) reaches it after ~800 events.
+_FIRST_SUBJECTS = 400
 _FIRST_TAKE = 250
 
 
