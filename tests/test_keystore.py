@@ -97,7 +97,8 @@ def test_trim_parks_pages_then_drops_the_oldest_parked_then_readings() -> None:
 
 def test_parked_pages_are_counted_apart_and_let_go_together() -> None:
     """What parked pages take is counted on its own (runner._spill compares it with
-    METER_SPILL_MB); letting them go keeps the readings and their bytes."""
+    METER_SPILL_MB); letting them go keeps the readings and their bytes, and lets the packed
+    readings go too only when asked."""
     keys = _store()
     reading = _reading()
     keys.replace((0, "r"), reading)
@@ -109,8 +110,17 @@ def test_parked_pages_are_counted_apart_and_let_go_together() -> None:
     keys.forget((1, "p0"))
     assert keys.parked_bytes == 2 * (PARKED_SIZE + HEAD) + 50 + 200
     assert keys.cache_bytes == reading.size + keys.parked_bytes
+    packed = _reading()
+    keys.replace((0, "q"), packed)
+    keys.pack((0, "q"), packed)
+    held = keys.packed_bytes
+    assert held > 0 and list(keys.readings) == ["q"]
     keys.drop_parked()
     assert keys.parked_bytes == 0 and keys.pages == {}
+    assert keys.cache == {(0, "r"): reading} and keys.cache_bytes == reading.size + held
+    assert list(keys.readings) == ["q"]  # pages only: the packed reading stays
+    keys.drop_parked(readings=True)  # (a spill that wrote the readings too: runner._spills)
+    assert keys.readings == {} and keys.packed_bytes == 0
     assert keys.cache == {(0, "r"): reading} and keys.cache_bytes == reading.size
 
 

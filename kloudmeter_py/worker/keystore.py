@@ -224,20 +224,16 @@ class KeyStore:
         self.cache_bytes += size
         self.parked_bytes += size
 
-    def drop_parked(self) -> None:
-        """Let every parked page go (all of them written): a round that touches one again
-        reads it from its bucket."""
+    def drop_parked(self, *, readings: bool = False) -> None:
+        """Let every parked page go, and with ``readings`` every packed reading (all of them
+        written): a round that touches one again reads it from its bucket. Key states stay."""
         self.cache_bytes -= self.parked_bytes
         self.parked_bytes = 0
         self.pages.clear()
-        give_back()
-
-    def drop_packed(self) -> None:
-        """Let every packed reading go (all of them written): a round that touches one again
-        reads it from its bucket."""
-        self.cache_bytes -= self.packed_bytes
-        self.packed_bytes = 0
-        self.readings.clear()
+        if readings:
+            self.cache_bytes -= self.packed_bytes
+            self.packed_bytes = 0
+            self.readings.clear()
         give_back()
 
     def forget(self, wkey: WKey) -> None:

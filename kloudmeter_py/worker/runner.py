@@ -154,8 +154,8 @@ _FIRST_ROUND = 5_000
 # subjects), so the peak RSS did not move (README, Performance). 400 rather than 1,000
 # (2026-12-06): at 1,000 the early rounds still touched ~6,000-7,500 keys each, all fresh,
 # at 10,000 subjects (a subject makes ~7 keys, where a round of a 1,000-subject worker
-# names at most its ~500), and in some runs the Python blocks in use reached 470,000-
-# 510,000 in those seconds (350,000-450,000 later in the run); the arenas' high-water mark
+# names at most its ~500), and in two runs the Python blocks in use reached 494,000-
+# 510,000 in those seconds (410,000-450,000 in the others); the arenas' high-water mark
 # then stayed up to ~6 MB above the other worker's to the end (peaks 85.5 and 87.2 MB
 # against ~81). 400 subjects make ~2,800 keys, about _ROUND_FRESH. The live bench shape
 # (1,000 subjects, ~500 a worker) reaches it after ~800 events.
@@ -1181,7 +1181,7 @@ class Runner:
             self._unacked = None
         self.keys.trim()
 
-    async def _spill(self, *, readings: bool = False) -> None:
+    async def _spill(self, *, readings: bool) -> None:
         """Write the pages changed since the last flush, then let every parked page go; with
         ``readings``, the deferred readings too, then every packed reading. The checkpoint
         and the acknowledgement wait for the flush (see _spills).
@@ -1200,10 +1200,8 @@ class Runner:
         readings too, see _spills.
         """
         await self._write_dirty(readings=readings, spill=True)
-        self.keys.drop_parked()
-        if readings:
-            self.keys.drop_packed()
-            self.w.stats.reading_spills += 1
+        self.keys.drop_parked(readings=readings)
+        self.w.stats.reading_spills += readings
         self.w.stats.spills += 1
 
     async def _write_dirty(self, *, readings: bool, spill: bool = False) -> None:
