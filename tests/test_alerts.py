@@ -348,33 +348,6 @@ async def test_a_crash_before_the_alerts_are_made_reads_the_round_again(
         assert (await om.notification_events.list())["totalCount"] == 1
 
 
-async def test_no_touched_pairs_are_kept_while_no_rule_exists(
-    http: Http, worker: Worker, nc: Client
-) -> None:
-    """With no alert rule the rounds keep no (meter, subject) pairs for the alert check
-    (Alerter.watching): what they would hold grows with the subjects between flushes. The
-    tests above make alerts once a rule exists."""
-    alerts = worker.alerts
-    assert alerts is not None
-    real = alerts.after_round
-    seen: list[set[tuple[str, str]]] = []
-
-    async def spy(touched: set[tuple[str, str]]) -> None:
-        seen.append(set(touched))
-        await real(touched)
-
-    alerts.after_round = spy  # type: ignore[method-assign]
-    async with _sdk(http) as om:
-        meter = {"aggregation": "SUM", "eventType": "prompt", "valueProperty": "$.tokens"}
-        await om.meters.create({"slug": "tokens", **meter})
-        for i, subject in enumerate(["acme", "globex", "initech"]):
-            await om.events.ingest_event(_event(i, subject, 5))
-        await eventually(lambda: _checkpointed(nc), bool)
-        assert worker.stats.events >= 3
-        assert not any(seen)
-        assert not await alerts.watching()
-
-
 async def test_a_reset_alerts_once_and_thresholds_start_over(
     http: Http, worker: Worker, receiver: Receiver, nc: Client, settings: Settings
 ) -> None:

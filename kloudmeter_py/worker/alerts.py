@@ -204,11 +204,6 @@ class Alerter:
             self._rules_at = time.monotonic()
         return self._rules
 
-    async def watching(self) -> bool:
-        """Whether an enabled rule exists (read again at most every _RULES_FOR_S): the runner
-        keeps the (meter, subject) pairs its rounds touch for ``after_round`` only then."""
-        return bool(await self.rules())
-
     async def after_round(self, touched: set[tuple[str, str]]) -> None:
         """Make the events of the thresholds the touched pairs reach (see the module doc)."""
         if not touched:

@@ -584,10 +584,6 @@ class Runner:
         self._last_keys: KeyMarks | None = None
         # (meter, subject) of the readings the rounds since the last checkpoint touched, read
         # again or not: the alerts are made from them before the checkpoint (worker.alerts).
-        # Kept only while an alert rule exists (Alerter.watching): on the wide bench shape at
-        # 10,000 subjects, with no rule, a worker held up to ~5,700 of them between two
-        # flushes (a tuple and its subject each, ~11,000 blocks of Python's small-object
-        # heap), against ~1,500 at 1,000 subjects.
         self._touched: set[tuple[str, str]] = set()
         # A consumer per partition (some of the partitions, not all, or all of them while
         # behind: see _split), else one for all.
@@ -1075,12 +1071,10 @@ class Runner:
         marks = rnd.marks
         pending = pending_after(marks)
         events, keys = len(rnd.rows), len(rnd.work)
-        # (taken before the write, which lets go of each key's work once it is done; only
-        # while an alert rule exists, see _touched)
-        alerts = self.w.alerts
+        # (taken before the write, which lets go of each key's work once it is done)
         alerted = (
             [(kw.meter.meter.id, kw.subject) for wkey, kw in rnd.work.items() if not wkey[0]]
-            if alerts is not None and await alerts.watching()
+            if self.w.alerts is not None
             else []
         )
         keepalive = asyncio.create_task(self._keep_alive(puller, marks))
