@@ -168,7 +168,7 @@ class KeyMarks:
     round is counted, and the next round's set and the difference built beside them), each
     a block of Python's small-object heap, whose arenas stay at their high-water mark; the
     bits are one object outside it, whatever the keys. Cost: ~4 ms a round of 10,000 keys
-    (marking and counting) against ~1 ms for the sets, on this busy machine: ~1 s of a
+    (marking and counting) against ~1 ms for the sets, on this busy machine: ~1.4 s of a
     wide worker's ~45 s of CPU at ~340 rounds. Peak RSS a worker at 10,000 subjects (two
     workers, six peaks each, 2026-12-06): 82.5 -> 80.8 MB (means); at 1,000 subjects
     79.0 -> 78.7, within the spread (README, Performance).
