@@ -312,6 +312,58 @@ def test_key_marks_undercount_by_their_collisions_only() -> None:
 
 
 @pytest.mark.parametrize(
+    ("rounds", "touched"),
+    [
+        ([[]], {}),
+        # readings only: one subject per meter that folds it, pages add nothing
+        ([[("acme", NOW)]], {"count": {"acme"}, "sum": {"acme"}}),
+        # a month ago (day pages only), another subject
+        (
+            [[("acme", NOW), ("globex", NOW - 30 * 86400)]],
+            {"count": {"acme", "globex"}, "sum": {"acme", "globex"}},
+        ),
+        # rounds add to what the rounds before touched, each subject once
+        (
+            [[("acme", NOW)], [("acme", NOW + 60), ("initech", NOW)]],
+            {"count": {"acme", "initech"}, "sum": {"acme", "initech"}},
+        ),
+    ],
+)
+def test_touch_subjects_names_each_meter_and_subject_a_round_folds_into(
+    rounds: list[list[tuple[str, int]]], touched: dict[str, set[str]]
+) -> None:
+    """The (meter, subject) pairs kept for the alert check (core.plan.touch_subjects) as
+    subjects per meter: those of the readings a round's work folds into, across rounds."""
+    from kloudmeter_py.core.plan import touch_subjects
+
+    count, total = _meter("count"), _meter("sum")
+    got: dict[str, set[str]] = {}
+    seq = 0
+    for rnd in rounds:
+        series: Series = {}
+        rows = []
+        for subject, at in rnd:
+            seq += 1
+            rows.append(_row(seq, at, subject, v=1))
+        fold_rows(series, rows, {"t": [count, total]}, 60)
+        touch_subjects(got, spread(series, LEVELS, 60))
+    assert got == touched
+
+
+def test_touch_subjects_keeps_one_string_for_a_subject_a_round_names_for_two_meters() -> None:
+    """A round names a subject with one string for all its meters' parts: the sets share it."""
+    from kloudmeter_py.core.plan import touch_subjects
+
+    count, total = _meter("count"), _meter("sum")
+    series: Series = {}
+    fold_rows(series, [_row(1, NOW, "".join(["ac", "me"]), v=1)], {"t": [count, total]}, 60)
+    got: dict[str, set[str]] = {}
+    touch_subjects(got, spread(series, LEVELS, 60))
+    (a,), (b,) = got["count"], got["sum"]
+    assert a == "acme" and a is b
+
+
+@pytest.mark.parametrize(
     ("events", "subjects", "first_subjects", "gathered"),
     [
         (250, 250, 400, False),  # the first round, wide: still gathering

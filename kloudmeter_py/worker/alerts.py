@@ -2,10 +2,11 @@
 
 The runner calls :meth:`Alerter.after_round` when a round's keys (readings and summaries)
 are stored and before its checkpoint is written, with the (meter, subject) pairs the rounds
-since the last checkpoint touched. For each enabled ``entitlements.balance.threshold`` rule
-that applies, the standing of the subject's usage (:class:`UsageSource`) is compared with
-the rule's thresholds (core.alerts) and each threshold reached makes its event, created
-under its one id with a create-if-absent, and a delivery per channel of the rule.
+since the last checkpoint touched, as meter id -> subjects. For each enabled
+``entitlements.balance.threshold`` rule that applies, the standing of the subject's usage
+(:class:`UsageSource`) is compared with the rule's thresholds (core.alerts) and each
+threshold reached makes its event, created under its one id with a create-if-absent, and a
+delivery per channel of the rule.
 
 Crashes: a worker that dies after storing a round but before the events exist has not
 written the round's checkpoint, so the round is read again, folds nothing new, touches the
@@ -14,6 +15,7 @@ as it is. So each (rule, subject, period, threshold) has exactly one event.
 """
 
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -204,9 +206,10 @@ class Alerter:
             self._rules_at = time.monotonic()
         return self._rules
 
-    async def after_round(self, touched: set[tuple[str, str]]) -> None:
-        """Make the events of the thresholds the touched pairs reach (see the module doc)."""
-        if not touched:
+    async def after_round(self, touched: Mapping[str, Collection[str]]) -> None:
+        """Make the events of the thresholds the touched (meter id -> subjects) reach (see
+        the module doc)."""
+        if not any(touched.values()):
             return
         rules = await self.rules()
         if not rules:
@@ -216,7 +219,8 @@ class Alerter:
         # Each holder once: a customer's subjects touched together make one valuation.
         pairs = {
             (meter_id, holder)
-            for meter_id, touched_subject in touched
+            for meter_id, subjects in touched.items()
+            for touched_subject in subjects
             for holder in self.usage.holders(meter_id, touched_subject)
         }
         for meter_id, subject in sorted(pairs):

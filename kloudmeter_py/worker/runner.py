@@ -59,6 +59,7 @@ from kloudmeter_py.core.plan import (
     rolled,
     spread,
     thaw,
+    touch_subjects,
 )
 from kloudmeter_py.core.summaries import encode_page
 from kloudmeter_py.store.events import subject_events
@@ -582,9 +583,10 @@ class Runner:
         self._fresh_per_event = 0.0
         self._counted = 0  # rounds whose fresh keys were counted
         self._last_keys: KeyMarks | None = None
-        # (meter, subject) of the readings the rounds since the last checkpoint touched, read
-        # again or not: the alerts are made from them before the checkpoint (worker.alerts).
-        self._touched: set[tuple[str, str]] = set()
+        # Meter id -> subjects of the readings the rounds since the last checkpoint touched,
+        # read again or not: the alerts are made from them before the checkpoint
+        # (worker.alerts; core.plan.touch_subjects).
+        self._touched: dict[str, set[str]] = {}
         # A consumer per partition (some of the partitions, not all, or all of them while
         # behind: see _split), else one for all.
         self.owns_all = len(partitions) == self.settings.partitions
@@ -1071,12 +1073,12 @@ class Runner:
         marks = rnd.marks
         pending = pending_after(marks)
         events, keys = len(rnd.rows), len(rnd.work)
-        # (taken before the write, which lets go of each key's work once it is done)
-        alerted = (
-            [(kw.meter.meter.id, kw.subject) for wkey, kw in rnd.work.items() if not wkey[0]]
-            if self.w.alerts is not None
-            else []
-        )
+        if self.w.alerts is not None:
+            # Before the write, which lets go of each key's work once it is done. A round
+            # whose write fails adds pairs that are checked at the next flush all the same
+            # (the check reads the stored usage; an event made twice is refused by its id),
+            # or cleared by the restart (_forget_unflushed).
+            touch_subjects(self._touched, rnd.work)
         keepalive = asyncio.create_task(self._keep_alive(puller, marks))
         try:
             # Under a backlog readings wait for the flush too: a series that several rounds
@@ -1084,7 +1086,6 @@ class Runner:
             # round of 20,000 events touches ~16,000 of them). Caught up, they are written
             # with their round, so a reading trails its events by one round only.
             await self._write(rnd, dead, defer_readings=pending >= _BACKLOG)
-            self._touched.update(alerted)
             if rnd.rows:
                 # Pages only: a round's readings are the series it touches, which the next
                 # rounds touch again however large they are (and a unique reading's distinct
@@ -1176,7 +1177,7 @@ class Runner:
             # Every key up to here is stored and the checkpoint is not yet: a crash before
             # the alerts exist reads these rounds again, and they are made then.
             await self.w.alerts.after_round(self._touched)
-            self._touched = set()
+            self._touched = {}
         await self.cp.commit()
         if self._unacked is not None:
             puller.acknowledge(self._unacked)
