@@ -363,6 +363,27 @@ def test_touch_subjects_keeps_one_string_for_a_subject_a_round_names_for_two_met
     assert a == "acme" and a is b
 
 
+def test_a_key_marked_dirty_again_is_held_by_its_latest_string() -> None:
+    """A key deferred again by a later round (core.plan.mark_dirty, mark_dirty_page) is held
+    by that round's string, the one its packed reading or parked page is kept under, not by
+    the first round's equal one: one string a key alive, not two."""
+    from kloudmeter_py.core.plan import mark_dirty, mark_dirty_page
+
+    first, later = "".join(["count.", "acme"]), "".join(["count.ac", "me"])
+    assert first == later and first is not later
+    dirty: dict[str, str] = {}
+    mark_dirty(dirty, first, "generation 1")
+    mark_dirty(dirty, later, "generation 2")
+    ((held, meter),) = dirty.items()
+    assert held is later and meter == "generation 2"
+
+    pages: set[str] = set()
+    mark_dirty_page(pages, first)
+    mark_dirty_page(pages, later)
+    (page,) = pages
+    assert page is later
+
+
 @pytest.mark.parametrize(
     ("events", "subjects", "first_subjects", "gathered"),
     [

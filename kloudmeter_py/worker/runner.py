@@ -54,6 +54,8 @@ from kloudmeter_py.core.plan import (
     fold_corrections,
     fold_rows,
     freeze,
+    mark_dirty,
+    mark_dirty_page,
     rebuild_targets,
     rebuilt_states,
     rolled,
@@ -1554,10 +1556,10 @@ class Runner:
                     pages = self._dirty_pages.get(wkey[0])
                     if pages is None:
                         pages = self._dirty_pages[wkey[0]] = set()
-                    pages.add(wkey[1])
+                    mark_dirty_page(pages, wkey[1])
                     rnd.held += self.keys.park(wkey, cached)
                 else:
-                    self._dirty[wkey[1]] = kw.meter
+                    mark_dirty(self._dirty, wkey[1], kw.meter)
                     self.keys.pack(wkey, cached)
                     self.w.stats.applied += kw.events
                 del work[wkey]
