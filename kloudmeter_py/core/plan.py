@@ -210,7 +210,9 @@ def touch_subjects(touched: dict[str, set[str]], work: Mapping[WKey, KeyWork]) -
     round's keys while they were written, where its peaks were set. Here: a string per
     subject and meter, one for all the meters where a round touches them first together
     (its parts of one subject name it with one string), and nothing built. What it holds
-    grows with the subjects touched between flushes, not with events or windows.
+    grows with the subjects touched between flushes, not with events or windows. Measured
+    with mark_dirty (2026-12-06, six peaks each): a wide worker at 10,000 subjects 80.8 ->
+    80.1 MB, at 1,000 78.6 -> 78.4, within the spread of the runs (README, Performance).
     """
     for wkey, kw in work.items():
         if wkey[0]:
@@ -233,7 +235,8 @@ def mark_dirty(dirty: dict[str, _V], key: str, value: _V) -> None:
     packed reading or parked page. At 10,000 subjects on the wide bench shape a worker's
     count and unique readings (~5,000 subjects a worker) are touched by most rounds between
     flushes, and they were most of its 7,600-13,400 readings waiting for the flush. Cost:
-    one more dict operation a deferred key a round.
+    one more dict operation a deferred key a round. Measured with touch_subjects (see
+    there): within the spread of the runs.
     """
     dirty.pop(key, None)
     dirty[key] = value
