@@ -110,6 +110,32 @@ def test_spread_names_the_reading_and_each_kept_page_once() -> None:
     assert page_token(86400, NOW) == "2025-12"
 
 
+@pytest.mark.parametrize(
+    ("parts", "first", "last", "events", "rebuild"),
+    [
+        ([(11, 12, 2, False)], 11, 12, 2, False),
+        ([(11, 12, 2, False), (5, 30, 3, False)], 5, 30, 5, False),
+        ([(11, 40, 2, False), (20, 21, 1, True), (9, 9, 1, False)], 9, 40, 4, True),
+    ],
+)
+def test_key_work_spans_its_parts(
+    parts: list[tuple[int, int, int, bool]], first: int, last: int, events: int, rebuild: bool
+) -> None:
+    """A key's work (core.plan.KeyWork) reads from its parts the seqs they span, their events
+    and whether one is a rebuild; a key of one part holds it alone (no list)."""
+    from kloudmeter_py.core.plan import KeyWork, Part
+
+    cm = _meter("count")
+    made = [Part(cm, "s", (), Acc(), f, 0, lst, n, rebuild=r) for f, lst, n, r in parts]
+    kw = KeyWork(made[0], 86400, 7)
+    for part in made[1:]:
+        kw.add(part)
+    assert (kw.first_seq, kw.last_seq, kw.events, kw.rebuild) == (first, last, events, rebuild)
+    assert list(kw.parts) == made and (kw.meter, kw.subject, kw.groups) == (cm, "s", ())
+    assert (kw.width, kw.oldest) == (86400, 7)
+    assert isinstance(kw.parts, tuple) == (len(made) == 1)
+
+
 def test_apply_folds_each_part_into_its_window_of_the_page() -> None:
     """A page keeps one state per window; windows the level no longer keeps are dropped
     from it when it is written."""

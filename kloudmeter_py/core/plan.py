@@ -95,40 +95,84 @@ class Part:
 
 
 class KeyWork:
-    """What one round changes in one key: the parts that fall in it."""
+    """What one round changes in one key: the parts that fall in it.
 
-    __slots__ = (
-        "first_seq",
-        "groups",
-        "last_seq",
-        "meter",
-        "oldest",
-        "parts",
-        "rebuild",
-        "subject",
-        "width",
-    )
+    Held as its part alone while it has one (a list from the second), with what the parts
+    share (meter, subject, groups) and what they span (first and last seq, whether one is
+    a rebuild) read from them: three fields. Why: a round's work is held while its keys are
+    loaded, folded and written, with the next round folded beside it, and that is where a
+    wide worker's peaks were (README, Performance). As nine fields and a list of parts a key
+    took ~170 bytes (~210 with the allocator's rounding) in three blocks of Python's
+    small-object heap, now ~57 (64) in one, or the list's two more where several parts fall
+    in a key; on the wide bench shape a round at
+    10,000 subjects had up to ~11,400 keys (1,700-4,000 at 1,000), most of them a day page
+    one event of the round falls in. Cost: the spans are computed over the parts where
+    read (once or twice a key a round; a key has few parts, one on most wide pages).
+    """
+
+    __slots__ = ("_parts", "oldest", "width")
 
     def __init__(self, part: Part, width: int = 0, oldest: int = 0) -> None:
-        self.meter = part.meter
-        self.subject = part.subject
-        self.groups = part.groups
+        self._parts: Part | list[Part] = part
         self.width = width  # a page's window width in seconds (0: a reading)
         self.oldest = oldest  # a page's oldest window end still kept
-        self.parts = [part]
-        self.first_seq = part.first_seq
-        self.last_seq = part.last_seq
-        self.rebuild = part.rebuild
 
     def add(self, part: Part) -> None:
-        self.parts.append(part)
-        self.first_seq = min(self.first_seq, part.first_seq)
-        self.last_seq = max(self.last_seq, part.last_seq)
-        self.rebuild = self.rebuild or part.rebuild
+        parts = self._parts
+        if isinstance(parts, list):
+            parts.append(part)
+        else:
+            self._parts = [parts, part]
+
+    @property
+    def parts(self) -> Sequence[Part]:
+        parts = self._parts
+        return parts if isinstance(parts, list) else (parts,)
+
+    @property
+    def _first(self) -> Part:
+        parts = self._parts
+        return parts[0] if isinstance(parts, list) else parts
+
+    @property
+    def meter(self) -> CompiledMeter:
+        return self._first.meter
+
+    @property
+    def subject(self) -> str:
+        return self._first.subject
+
+    @property
+    def groups(self) -> tuple[str | None, ...]:
+        return self._first.groups
+
+    @property
+    def first_seq(self) -> int:
+        parts = self._parts
+        if isinstance(parts, list):
+            return min(p.first_seq for p in parts)
+        return parts.first_seq
+
+    @property
+    def last_seq(self) -> int:
+        parts = self._parts
+        if isinstance(parts, list):
+            return max(p.last_seq for p in parts)
+        return parts.last_seq
+
+    @property
+    def rebuild(self) -> bool:
+        parts = self._parts
+        if isinstance(parts, list):
+            return any(p.rebuild for p in parts)
+        return parts.rebuild
 
     @property
     def events(self) -> int:
-        return sum(p.events for p in self.parts)
+        parts = self._parts
+        if isinstance(parts, list):
+            return sum(p.events for p in parts)
+        return parts.events
 
 
 @dataclass(slots=True)
