@@ -23,7 +23,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     interval: int = 60
     # Fixed at setup: events are spread over this many partitions by subject. A worker
     # behind works through one partition's backlog at a time and holds its keys only
-    # (worker.runner._focus): 16 rather than 4 made that a quarter as many. On the wide bench
+    # (core.rounds.focus): 16 rather than 4 made that a quarter as many. On the wide bench
     # shape (a million events, 10,000 subjects over 30 days, the same hour): two workers'
     # CPU 67.4 -> 53.9-54.6 s and peak RSS 183 -> 154-165 MB a worker at the same rate; one
     # worker 69.3 -> 48.4-50.7 s, 197 -> 172-175 MB, 0.16 -> 0.178-0.192 of the raw baseline;
@@ -47,12 +47,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cache_mb: int = 192
     # Summary pages and readings a worker holds between flushes while events wait, in MB (an
     # estimate): beyond it the pages are written (and the readings too where they are half of
-    # it; the checkpoint waits for the flush) and let go (worker.runner._spills). With the
-    # round size (worker.runner._round_limit), what bounds a worker's memory on a wide
+    # it; the checkpoint waits for the flush) and let go (core.rounds.spills). With the
+    # round size (core.rounds.round_limit), what bounds a worker's memory on a wide
     # backlog, where a page is seldom touched twice before the flush; 0 writes them after
     # every such round. Also what a runner's key cache must hold before the runner
     # writes it and lets it go at a turn between partitions (three quarters of it where the
-    # next partition's keys are not held: worker.runner._lets_go). See
+    # next partition's keys are not held: core.rounds.lets_go). See
     # docs/performance-history.md.
     spill_mb: int = 12
     # A directory a worker appends a line of its memory to every 100 ms (worker.memtrace),

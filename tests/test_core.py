@@ -176,7 +176,8 @@ def test_plain_values_stay_readable() -> None:
 def test_a_reading_key_names_its_subject_and_group_values(
     meter: str, subject: str, groups: tuple[str | None, ...]
 ) -> None:
-    """What the worker writes a deferred reading with (runner._dirty holds its key only)."""
+    """What the worker writes a deferred reading with (worker.write.Writer.dirty holds its key
+    only)."""
     assert reading_series(reading_key(meter, subject, groups)) == (subject, groups)
 
 

@@ -14,7 +14,8 @@ from kloudmeter_py.core.models import Meter, reading_decoder
 from kloudmeter_py.core.plan import KeyState, KeyWork, Part
 from kloudmeter_py.worker import Worker
 from kloudmeter_py.worker.keystore import state_size
-from kloudmeter_py.worker.runner import Restart, Runner, _Round
+from kloudmeter_py.worker.round import Restart, Round
+from kloudmeter_py.worker.runner import Runner
 
 KEY = (0, "deferred.s")
 
@@ -32,17 +33,17 @@ def _count_meter(meter_id: str, aggregation: str = "count") -> CompiledMeter:
     )
 
 
-def _round(runner: Runner, cm: CompiledMeter) -> _Round:
-    rnd = _Round(runner._levels, 0)
+def _round(runner: Runner, cm: CompiledMeter) -> Round:
+    rnd = Round(runner._levels, 0)
     acc = Acc()
     acc.count = 2
     rnd.work = {KEY: KeyWork(Part(cm, "s", (), acc, 11, 0, 12, 2))}
     return rnd
 
 
-def _counts(runner: Runner, cm: CompiledMeter, wkeys: list[tuple[int, str]], first: int) -> _Round:
+def _counts(runner: Runner, cm: CompiledMeter, wkeys: list[tuple[int, str]], first: int) -> Round:
     """A round of two events (``first``, ``first`` + 1) for each key, named by its subject."""
-    rnd = _Round(runner._levels, 0)
+    rnd = Round(runner._levels, 0)
     for wkey in wkeys:
         acc = Acc()
         acc.count = 2
@@ -56,7 +57,7 @@ def _holding(worker: Worker, prefix: str, n: int) -> tuple[Runner, list[tuple[in
     tests' settings write at once), holding ``n`` count readings of 1 packed (folded by an
     earlier round, deferred to the flush), and their keys."""
     runner = Runner(worker, [0])
-    runner._defer = True
+    runner.writer.defer = True
     held = [(0, f"{prefix}.s{i}") for i in range(n)]
     for wkey in held:
         acc = Acc()
@@ -77,14 +78,14 @@ async def test_a_deferred_reading_written_later(worker: Worker, stale: bool) -> 
     held = Acc()
     held.count = 3  # events 1..10, folded by an earlier round and not written yet
     runner.keys.replace(KEY, KeyState(held, 10, revision - 1 if stale else revision, 0))
-    runner._dirty[KEY[1]] = cm
+    runner.writer.dirty[KEY[1]] = cm
     if stale:
         with pytest.raises(Restart):
-            await runner._write_chunk(_round(runner, cm), [KEY], {}, leader=False)
-        assert KEY[1] in runner._dirty
+            await runner.writer.write_chunk(_round(runner, cm), [KEY], {}, leader=False)
+        assert KEY[1] in runner.writer.dirty
         return
-    assert await runner._write_chunk(_round(runner, cm), [KEY], {}, leader=False) == []
-    assert KEY[1] not in runner._dirty
+    assert await runner.writer.write_chunk(_round(runner, cm), [KEY], {}, leader=False) == []
+    assert KEY[1] not in runner.writer.dirty
     # held packed until a round folds into it again, at the revision just written
     state = runner.keys.packed(KEY[1])
     assert state.acc.count == 5
@@ -95,12 +96,12 @@ async def test_a_round_takes_back_the_keys_it_holds_one_at_a_time(
     worker: Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Readings held packed are taken back, folded and packed again one by one, and only the
-    keys not held wait for their read as states (runner._write_chunk): a round's keys are
-    not all states at once. Each ends with its stored state plus the round's."""
+    keys not held wait for their read as states (worker.write.Writer.write_chunk): a round's
+    keys are not all states at once. Each ends with its stored state plus the round's."""
     cm = _count_meter("held")
     runner, held = _holding(worker, "held", 50)
     fresh = [(0, f"held.f{i}") for i in range(5)]  # not held: read from the bucket
-    rnd = _Round(runner._levels, 0)
+    rnd = Round(runner._levels, 0)
     for wkey in held + fresh:
         acc = Acc()
         acc.count = 2
@@ -114,14 +115,14 @@ async def test_a_round_takes_back_the_keys_it_holds_one_at_a_time(
         most = max(most, len(runner.keys.cache))
 
     monkeypatch.setattr(runner.keys, "replace", counted)
-    await runner._write(rnd, {}, defer_readings=True)
+    await runner.writer.write(rnd, {}, defer_readings=True)
     assert most == len(fresh)
     assert runner.keys.cache == {}  # every one packed again, deferred to the flush
     assert {k: runner.keys.packed(k).acc.count for _, k in held + fresh} == {
         **{k: 3 for _, k in held},
         **{k: 2 for _, k in fresh},
     }
-    assert set(runner._dirty) == {k for _, k in held + fresh}
+    assert set(runner.writer.dirty) == {k for _, k in held + fresh}
 
 
 async def test_readings_wait_for_their_read_and_their_write_with_distinct_values_frozen(
@@ -135,8 +136,8 @@ async def test_readings_wait_for_their_read_and_their_write_with_distinct_values
     runner = Runner(worker, [0])
     keys = [(0, f"uniq.s{i}") for i in range(20)]
 
-    def round_of(users: list[str], first: int) -> _Round:
-        rnd = _Round(runner._levels, 0)
+    def round_of(users: list[str], first: int) -> Round:
+        rnd = Round(runner._levels, 0)
         for wkey in keys:
             acc = Acc()
             acc.count, acc.distinct = len(users), set(users)
@@ -144,7 +145,7 @@ async def test_readings_wait_for_their_read_and_their_write_with_distinct_values
             rnd.work[wkey] = KeyWork(part)
         return rnd
 
-    await runner._write(round_of(["a", "b"], 1), {})  # written at once (the tests' settings)
+    await runner.writer.write(round_of(["a", "b"], 1), {})  # written at once (the tests' settings)
     runner.keys.clear()  # so that the next round reads every one from the bucket
     sets: list[int] = []
     load, store_chunk = runner.keys.load, runner.keys.store_chunk
@@ -162,7 +163,7 @@ async def test_readings_wait_for_their_read_and_their_write_with_distinct_values
 
     monkeypatch.setattr(runner.keys, "load", loaded)
     monkeypatch.setattr(runner.keys, "store_chunk", storing)
-    await runner._write(round_of(["b", "c"], 3), {})
+    await runner.writer.write(round_of(["b", "c"], 3), {})
     assert sets == [0, 0]  # read: 20 frozen; written: 20 encoded, frozen
     for _, key in keys:
         entry = await worker.stores[0].get(key)
@@ -183,7 +184,7 @@ async def test_a_round_lets_go_of_each_keys_work_once_it_is_deferred(
     runner, held = _holding(worker, "done", 30)
     fresh = [(0, f"done.f{i}") for i in range(4)]  # not held: read from the bucket
 
-    def round_of(wkeys: list[tuple[int, str]], first: int) -> _Round:
+    def round_of(wkeys: list[tuple[int, str]], first: int) -> Round:
         return _counts(runner, cm, wkeys, first)
 
     rnd = round_of(held + fresh, 11)
@@ -195,7 +196,7 @@ async def test_a_round_lets_go_of_each_keys_work_once_it_is_deferred(
         await load(wkeys, leader=leader)
 
     monkeypatch.setattr(runner.keys, "load", loaded)
-    await runner._write(rnd, {}, defer_readings=True)
+    await runner.writer.write(rnd, {}, defer_readings=True)
     assert at_read == [len(fresh)]  # the held keys' work was let go before the read
     assert rnd.work == {}
     assert {k: runner.keys.packed(k).acc.count for _, k in held + fresh} == {
@@ -203,11 +204,11 @@ async def test_a_round_lets_go_of_each_keys_work_once_it_is_deferred(
         **{k: 2 for _, k in fresh},
     }
     again = round_of(held[:3], 11)  # events these keys already hold: nothing changes
-    await runner._write(again, {}, defer_readings=True)
+    await runner.writer.write(again, {}, defer_readings=True)
     assert again.work == {}
     assert [runner.keys.packed(k).acc.count for _, k in held[:3]] == [3, 3, 3]
     written = round_of(fresh, 13)
-    await runner._write(written, {})  # readings written with their round
+    await runner.writer.write(written, {})  # readings written with their round
     assert set(written.work) == set(fresh)
     assert {k: runner.keys.packed(k).acc.count for _, k in fresh} == {k: 4 for _, k in fresh}
 
@@ -225,11 +226,11 @@ async def test_keys_written_with_their_round_wait_for_their_batch_packed(
     other = Runner(worker, [0])
     keys = [(0, f"flight.s{i}") for i in range(30)]
 
-    def round_of(wkeys: list[tuple[int, str]], first: int) -> _Round:
+    def round_of(wkeys: list[tuple[int, str]], first: int) -> Round:
         return _counts(runner, cm, wkeys, first)
 
-    await runner._write(round_of(keys, 11), {})  # read, folded, written; now held packed
-    await other._write(round_of(keys[:1], 21), {})  # another runner writes the first key
+    await runner.writer.write(round_of(keys, 11), {})  # read, folded, written; now held packed
+    await other.writer.write(round_of(keys[:1], 21), {})  # another runner writes the first key
     in_flight: list[int] = []
     store_chunk = runner.keys.store_chunk
 
@@ -238,7 +239,7 @@ async def test_keys_written_with_their_round_wait_for_their_batch_packed(
         return await store_chunk(store, names, write)
 
     monkeypatch.setattr(runner.keys, "store_chunk", storing)
-    await runner._write(round_of(keys, 31), {})
+    await runner.writer.write(round_of(keys, 31), {})
     assert in_flight == [0, 0]  # the round, then the lost key again: no states held
     readings = worker.stores[0]
     for wkey in keys:

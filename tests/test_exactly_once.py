@@ -122,25 +122,25 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, let_go: bool
 ) -> None:
     """A worker of two partitions (a consumer each) started on a backlog in both works
-    through one, then the other (``runner._focus``; its threshold lowered from 20,000 to
+    through one, then the other (``rounds.focus``; its threshold lowered from 20,000 to
     100 events here). At each turn, once what it holds has reached METER_SPILL_MB
-    (``runner._lets_go``), it writes that and empties its key cache and its meters' reading
+    (``rounds.lets_go``), it writes that and empties its key cache and its meters' reading
     keys; these keys take well under 12 MB, so it keeps them, and a key touched again is
-    not read and written again. Run with ``_lets_go`` made to let go whatever is held, and
+    not read and written again. Run with ``lets_go`` made to let go whatever is held, and
     as it is: then it is asked with the next round's keys, of which it counts those not
     held. Every event is counted once, in the readings and the day summaries, with no
     restart."""
-    from kloudmeter_py.worker import runner
+    from kloudmeter_py.core import rounds
 
-    monkeypatch.setattr(runner, "_FOCUS_AT", 100)
+    monkeypatch.setattr(rounds, "FOCUS_AT", 100)
     asked: list[tuple[int, int]] = []  # (unheld, keys) at each turn
-    lets_go = runner._lets_go
+    lets_go = rounds.lets_go
 
     def asking(held: int, packed: int, spill_mb: int, *, unheld: int, keys: int) -> bool:
         asked.append((unheld, keys))
         return True if let_go else lets_go(held, packed, spill_mb, unheld=unheld, keys=keys)
 
-    monkeypatch.setattr(runner, "_lets_go", asking)
+    monkeypatch.setattr(rounds, "lets_go", asking)
     forgotten = _count_forgotten(monkeypatch)
     async with _four_partitions(nats_server) as (settings, nc):
         load = Load(4000, dup_ratio=0.1, seed=41)
@@ -159,7 +159,7 @@ async def test_a_worker_takes_its_partitions_backlogs_one_at_a_time(
 
 
 def _count_forgotten(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
-    """Times each meter registry let its reading keys go (at a turn, see runner._lets_go),
+    """Times each meter registry let its reading keys go (at a turn, see rounds.lets_go),
     by the registry's id."""
     forgotten: dict[int, int] = {}
     forget_keys = MeterRegistry.forget_keys
@@ -191,9 +191,9 @@ async def test_a_round_ends_when_the_partition_in_hand_has_delivered_its_backlog
     The two workers then apply every event well within one METER_FLUSH_MS; when the
     waiting partition counted, each waited out 12 s at the end of its first partition's
     backlog. (Caught up, the flush that writes the readings may wait for METER_FLUSH_MS.)"""
-    from kloudmeter_py.worker import runner
+    from kloudmeter_py.core import rounds
 
-    monkeypatch.setattr(runner, "_FOCUS_AT", 100)
+    monkeypatch.setattr(rounds, "FOCUS_AT", 100)
     async with _four_partitions(nats_server) as (settings, nc):
         load = Load(4000, dup_ratio=0.1, seed=43)
         await load.publish(nc)
@@ -224,12 +224,13 @@ async def test_a_round_being_written_is_stored_before_an_idle_flush(
     flush beside that write cleared the dirty marks the write added meanwhile, and the pages
     they marked were never written once the next turn emptied the cache. Here each atomic
     batch waits 50 ms and METER_FLUSH_MS is 20, so writes are slow and the loop often finds
-    nothing buffered (and every turn lets the cache go, ``runner._lets_go`` made to): every
+    nothing buffered (and every turn lets the cache go, ``rounds.lets_go`` made to): every
     event is still counted once in the day summaries."""
-    from kloudmeter_py.worker import keystore, runner
+    from kloudmeter_py.core import rounds
+    from kloudmeter_py.worker import keystore
 
-    monkeypatch.setattr(runner, "_FOCUS_AT", 100)
-    monkeypatch.setattr(runner, "_lets_go", lambda *_, **__: True)
+    monkeypatch.setattr(rounds, "FOCUS_AT", 100)
+    monkeypatch.setattr(rounds, "lets_go", lambda *_, **__: True)
     store_chunk = keystore.KeyStore.store_chunk
 
     async def slow(
@@ -254,14 +255,14 @@ async def test_keys_written_between_flushes_are_let_go_and_read_again(
 ) -> None:
     """Behind a backlog a worker writes the summary pages it holds once what it holds
     reaches METER_SPILL_MB (0 here: after every round) and lets them go, and its deferred
-    readings too where they are half of it (``runner._spills``; made to leave them for the
+    readings too where they are half of it (``rounds.spills``; made to leave them for the
     flush in the ``pages`` case); the checkpoint and the acknowledgement wait for the flush.
     A later round that touches such a page or reading reads it from its bucket. Every event
     is counted once, in the readings and the day summaries."""
-    from kloudmeter_py.worker import runner
+    from kloudmeter_py.core import rounds
 
     if not readings:
-        monkeypatch.setattr(runner, "_spills", lambda *_: (True, False))
+        monkeypatch.setattr(rounds, "spills", lambda *_: (True, False))
     async with _four_partitions(nats_server) as (settings, nc):
         load = Load(16000, subjects=2000, spread_days=60, dup_ratio=0.1, seed=53)
         await load.publish(nc)
@@ -286,14 +287,14 @@ async def test_one_worker_of_every_partition_splits_its_consumer_on_a_backlog(
     nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A worker of all four partitions reads them through one unfiltered consumer, and
-    through a consumer per partition while it is behind (``runner._split``; the threshold
+    through a consumer per partition while it is behind (``rounds.split``; the threshold
     lowered from 20,000 to 50 events a partition here), so that it works through their
-    backlogs one at a time (``_focus``). Started on a backlog it starts split; once caught
+    backlogs one at a time (``focus``). Started on a backlog it starts split; once caught
     up it reads through one consumer; a backlog that builds while it runs splits it again.
     Every event is counted once, in the readings and the day summaries, with no restart."""
-    from kloudmeter_py.worker import runner
+    from kloudmeter_py.core import rounds
 
-    monkeypatch.setattr(runner, "_FOCUS_AT", 50)
+    monkeypatch.setattr(rounds, "FOCUS_AT", 50)
     async with _four_partitions(nats_server) as (settings, nc):
         worker = Worker(nc, settings, partitions=[0, 1, 2, 3], worker_id="a")
 

@@ -119,7 +119,7 @@ def test_parked_pages_are_counted_apart_and_let_go_together() -> None:
     assert keys.parked_bytes == 0 and keys.pages == {}
     assert keys.cache == {(0, "r"): reading} and keys.cache_bytes == reading.size + held
     assert list(keys.readings) == ["q"]  # pages only: the packed reading stays
-    keys.drop_parked(readings=True)  # (a spill that wrote the readings too: runner._spills)
+    keys.drop_parked(readings=True)  # (a spill that wrote the readings too: core.rounds.spills)
     assert keys.readings == {} and keys.packed_bytes == 0
     assert keys.cache == {(0, "r"): reading} and keys.cache_bytes == reading.size
 

@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 
+from kloudmeter_py.core import rounds
 from kloudmeter_py.core.aggregate import Acc
 from kloudmeter_py.core.models import Event
 from kloudmeter_py.core.plan import (
@@ -255,10 +256,9 @@ def test_apply_fails_the_values_past_a_unique_limit_and_keeps_the_rest() -> None
 )
 def test_round_limit_follows_the_parts_events_make(events: int, parts: int, limit: int) -> None:
     """A round's memory is bounded by its parts, not its events; never above the batch size."""
-    from kloudmeter_py.worker.runner import _round_limit
 
-    assert _round_limit(50_000, events, parts) == limit
-    assert _round_limit(300, events, parts) == min(300, limit)
+    assert rounds.round_limit(50_000, events, parts) == limit
+    assert rounds.round_limit(300, events, parts) == min(300, limit)
 
 
 @pytest.mark.parametrize(
@@ -274,9 +274,8 @@ def test_round_limit_keeps_a_rounds_key_states_in_the_cache(
     bytes_per_event: int, room: int, limit: int
 ) -> None:
     """A round's key states are held until written: the round is sized so they fit."""
-    from kloudmeter_py.worker.runner import _round_limit
 
-    assert _round_limit(50_000, 25_000, 75_000, bytes_per_event, room) == limit
+    assert rounds.round_limit(50_000, 25_000, 75_000, bytes_per_event, room) == limit
 
 
 @pytest.mark.parametrize(
@@ -296,10 +295,9 @@ def test_round_limit_holds_a_rounds_fresh_keys_near_3000(
     """Keys the round before did not touch are what a round adds to a worker's memory: a
     round is sized so that about 3,000 of them are new to it; keys touched again do not
     count, so that rounds over a few keys stay large however many keys they touch."""
-    from kloudmeter_py.worker.runner import _ROUND_FRESH, _round_limit
 
-    assert _ROUND_FRESH == 3_000
-    assert _round_limit(50_000, events, parts, fresh=fresh) == limit
+    assert rounds.ROUND_FRESH == 3_000
+    assert rounds.round_limit(50_000, events, parts, fresh=fresh) == limit
 
 
 @pytest.mark.parametrize(
@@ -317,7 +315,7 @@ def test_key_marks_count_the_keys_a_round_did_not_touch(
     marked: list[object], keys: list[object], bits: int, unmarked: int
 ) -> None:
     """A round's keys as bits (core.plan.KeyMarks): the next round's keys without a mark are
-    its fresh keys (runner._round_limit); two keys on one bit count as one."""
+    its fresh keys (rounds.round_limit); two keys on one bit count as one."""
     from kloudmeter_py.core.plan import KeyMarks
 
     assert KeyMarks(marked, bits).unmarked(keys) == unmarked
@@ -426,12 +424,11 @@ def test_a_first_round_ends_at_5000_events_or_400_subjects(
     events: int, subjects: int, first_subjects: int, gathered: bool
 ) -> None:
     """A consumer's first round, whose parts an event are not yet known, is bounded by the
-    subjects its events name as well as by its events (runner._FIRST_SUBJECTS); later
-    rounds by their limit (runner._round_limit) only."""
-    from kloudmeter_py.worker.runner import _FIRST_ROUND, _FIRST_SUBJECTS, _gathered
+    subjects its events name as well as by its events (rounds.FIRST_SUBJECTS); later
+    rounds by their limit (rounds.round_limit) only."""
 
-    assert (_FIRST_ROUND, _FIRST_SUBJECTS) == (5_000, 400)
-    assert _gathered(events, subjects, 5_000, first_subjects) is gathered
+    assert (rounds.FIRST_ROUND, rounds.FIRST_SUBJECTS) == (5_000, 400)
+    assert rounds.gathered(events, subjects, 5_000, first_subjects) is gathered
 
 
 @pytest.mark.parametrize(
@@ -447,9 +444,8 @@ def test_a_first_round_ends_at_5000_events_or_400_subjects(
 def test_a_heavy_stream_is_one_of_10000_events_a_second(
     events: int, since: float, heavy: bool
 ) -> None:
-    from kloudmeter_py.worker.runner import _heavy
 
-    assert _heavy(events, since, 0.1) is heavy
+    assert rounds.is_heavy(events, since, 0.1) is heavy
 
 
 @pytest.mark.parametrize(
@@ -467,9 +463,8 @@ def test_a_heavy_stream_is_one_of_10000_events_a_second(
 def test_a_round_gathers_a_heavy_stream_until_it_pauses(
     gathered: float, backlog: bool, heavy: bool, wait: float
 ) -> None:
-    from kloudmeter_py.worker.runner import _gather_wait
 
-    got = _gather_wait(gathered, backlog=backlog, heavy=heavy, flush_s=1.0, linger=0.1)
+    got = rounds.gather_wait(gathered, backlog=backlog, heavy=heavy, flush_s=1.0, linger=0.1)
     assert got == pytest.approx(wait)
 
 
@@ -484,9 +479,8 @@ def test_a_round_gathers_a_heavy_stream_until_it_pauses(
 def test_a_round_ends_without_a_linger_while_other_partitions_wait_their_turn(
     gathered: float, backlog: bool, heavy: bool, wait: float
 ) -> None:
-    from kloudmeter_py.worker.runner import _gather_wait
 
-    got = _gather_wait(
+    got = rounds.gather_wait(
         gathered, backlog=backlog, heavy=heavy, flush_s=1.0, linger=0.1, others_behind=True
     )
     assert got == pytest.approx(wait)
@@ -512,9 +506,8 @@ def test_a_round_ends_without_a_linger_while_other_partitions_wait_their_turn(
 def test_a_runner_lets_its_keys_go_at_a_turn_only_when_they_are_many(
     held: int, packed: int, spill_mb: int, unheld: int, lets_go: bool
 ) -> None:
-    from kloudmeter_py.worker.runner import _lets_go
 
-    assert _lets_go(held, packed, spill_mb, unheld=unheld, keys=100) is lets_go
+    assert rounds.lets_go(held, packed, spill_mb, unheld=unheld, keys=100) is lets_go
 
 
 @pytest.mark.parametrize(
@@ -535,9 +528,8 @@ def test_a_runner_lets_its_keys_go_at_a_turn_only_when_they_are_many(
 def test_a_runner_behind_writes_and_lets_go_what_it_holds_past_the_spill_bound(
     parked: int, packed: int, spill_mb: int, spills: bool, readings: bool
 ) -> None:
-    from kloudmeter_py.worker.runner import _spills
 
-    assert _spills(parked, packed, spill_mb) == (spills, readings)
+    assert rounds.spills(parked, packed, spill_mb) == (spills, readings)
 
 
 @pytest.mark.parametrize(
@@ -557,9 +549,8 @@ def test_a_runner_behind_writes_and_lets_go_what_it_holds_past_the_spill_bound(
 def test_when_deferred_keys_are_flushed(
     dirty: bool, waited: float, pending: int, heavy: bool, behind: bool, full: bool, due: bool
 ) -> None:
-    from kloudmeter_py.worker.runner import _flush_due
 
-    got = _flush_due(
+    got = rounds.flush_due(
         dirty=dirty,
         waited=waited,
         pending=pending,
@@ -725,9 +716,8 @@ def test_a_runner_works_through_one_backlogged_partition_at_a_time(
     focus: int | None,
     waiting: tuple[int, ...],
 ) -> None:
-    from kloudmeter_py.worker.runner import _focus
 
-    got = _focus(pending, current, since, at=20_000, release=1000, slice_s=60.0)
+    got = rounds.focus(pending, current, since, at=20_000, release=1000, slice_s=60.0)
     assert got == (focus, frozenset(waiting))
 
 
@@ -749,9 +739,8 @@ def test_a_runner_works_through_one_backlogged_partition_at_a_time(
 def test_a_runner_of_every_partition_splits_its_consumer_while_behind(
     backlog: int, merged: bool, focus: int | None, partitions: int, split: bool
 ) -> None:
-    from kloudmeter_py.worker.runner import _split
 
-    got = _split(
+    got = rounds.split(
         backlog, merged=merged, focus=focus, partitions=partitions, at=20_000, release=1000
     )
     assert got is split
@@ -772,7 +761,6 @@ def test_a_runner_of_every_partition_joins_only_below_where_it_splits(
     """With a split threshold (``at`` x partitions) under ``release``, as the tests' small
     thresholds make it, a runner joins only once it would not split again at once: joined
     with 300 waiting it split again after one round, a second regroup."""
-    from kloudmeter_py.worker.runner import _split
 
-    got = _split(backlog, merged=merged, focus=None, partitions=4, at=50, release=1000)
+    got = rounds.split(backlog, merged=merged, focus=None, partitions=4, at=50, release=1000)
     assert got is split

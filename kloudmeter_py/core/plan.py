@@ -208,7 +208,7 @@ MARK_BITS = 1 << 19
 class KeyMarks:
     """Which keys a round touched, as one bit each in a bytearray (a key's hash picks the
     bit): ``unmarked`` counts the keys of the next round that this one did not touch (its
-    fresh keys, worker.runner._round_limit).
+    fresh keys, core.rounds.round_limit).
 
     Why not a set of the keys or their hashes: the set held an int object a key (~7,300-
     8,300 at 10,000 subjects on the wide bench shape, the round's keys kept until the next

@@ -208,7 +208,7 @@ class Pullers:
     that a partition with a backlog cannot hold back another.
 
     The consumers in ``waiting`` (indexes) are not taken from: the runner sets it while it
-    works through one partition's backlog at a time (``worker.runner._focus``). What they
+    works through one partition's backlog at a time (``core.rounds.focus``). What they
     have buffered stays there, unacknowledged, until they are taken from again.
     """
 

@@ -73,15 +73,16 @@ class WorkerStats:
     writes: int = 0
     conflicts: int = 0
     restarts: int = 0
-    turns: int = 0  # times a runner turned to another partition's backlog (runner._focus)
-    # times a runner of every partition turned to a consumer per partition or back (_split)
+    turns: int = 0  # times a runner turned to another partition's backlog (core.rounds.focus)
+    # times a runner of every partition turned to a consumer per partition or back
+    # (core.rounds.split)
     regroups: int = 0
     # times a runner wrote its changed pages and let its parked pages go between flushes
     # (runner._spill)
     spills: int = 0
     # the spills that wrote the deferred readings and let the packed readings go too
     reading_spills: int = 0
-    # turns at which a runner wrote what it held and let its key cache go (runner._lets_go)
+    # turns at which a runner wrote what it held and let its key cache go (core.rounds.lets_go)
     let_goes: int = 0
 
 
