@@ -300,6 +300,67 @@ def test_round_limit_holds_a_rounds_fresh_keys_near_3000(
     assert rounds.round_limit(50_000, events, parts, fresh=fresh) == limit
 
 
+def _wkeys(names: str) -> dict[tuple[int, str], None]:
+    return {(0, name): None for name in names}
+
+
+@pytest.mark.parametrize(
+    ("steps", "counted", "limit"),
+    [
+        # (keys a round writes, its events, bytes of pages it parked) in turn; then how many
+        # rounds were counted and the next round's limit (batch 50,000, 3,333 events that
+        # made 10,000 parts: 3,333 by parts alone; room 1,000,000 bytes)
+        ([("abc", 3, 0)], 0, 3_333),  # a runner's first round: every key new, not counted
+        ([("abc", 3, 0), ("abcd", 1, 0)], 1, 3_000),  # 1 fresh an event: 3,000 / 1
+        ([("abc", 2, 0), ("defg", 2, 0)], 1, 1_500),  # 2 fresh an event: 3,000 / 2
+        ([("abc", 2_000, 0), ("defg", 2_000, 0)], 1, 3_333),  # 4 fresh of 2,000: by parts
+        ([("abc", 2, 0), ("abcdefgh", 1, 0)], 1, 1_000),  # 5 fresh of 1: 600, at least 1,000
+        ([("abc", 10, 0), ("", 10, 0), ("abc", 10, 0)], 1, 3_333),  # none after no keys
+        ([("abc", 10, 0), ("abc", 10, 0), ("abc", 10, 0)], 2, 3_333),  # live: none fresh
+        ([("abc", 1_000, 600_000)], 0, 1_663),  # pages of ~601 bytes an event: 1,000,000/601
+    ],
+)
+def test_a_runners_rounds_size_the_next_from_their_fresh_keys_and_pages(
+    steps: list[tuple[str, int, int]], counted: int, limit: int
+) -> None:
+    """What a runner's rounds tell of the next one (core.rounds.Sizer): the keys each round
+    writes that the round before did not, per event, from its second round on (a round that
+    writes no key is counted, and the one after it is not); and the bytes of the pages it
+    parked, per event. The next round's limit follows (round_limit)."""
+    sizes = rounds.Sizer()
+    for names, events, held in steps:
+        sizes.touching(_wkeys(names), events)
+        sizes.stored(held, events)
+    assert sizes.counted == counted
+    assert sizes.limit(50_000, 3_333, 10_000, 1_000_000) == limit
+
+
+@pytest.mark.parametrize(
+    ("rounds_at", "heavy"),
+    [
+        # (events, began to gather, gathered) per round: whether the last one is heavy
+        ([(2_000, 0.0, 0.1)], True),  # 2,000 in 0.1 s since the start: 20,000 a second
+        ([(500, 0.0, 0.1)], False),  # 5,000 a second
+        ([(1_000, 0.0, 0.02)], True),  # 0.02 s counts as the linger (0.1): 1,000 / 0.1
+        ([(500, 0.0, 0.02)], False),  # 500 / 0.1
+        ([(2_000, 0.0, 0.1), (2_000, 0.1, 1.1)], False),  # 2,000 since the last began: 1.1 s
+        ([(2_000, 5.0, 5.1), (2_500, 5.1, 5.2)], True),  # since the last began (0.2 s)
+        ([(2_000, 5.0, 5.1), (2_500, 5.15, 5.3)], False),  # 0.3 s since it began, not 0.2
+    ],
+)
+def test_a_runners_rounds_are_heavy_by_their_rate_since_the_round_before_began(
+    rounds_at: list[tuple[int, float, float]], heavy: bool
+) -> None:
+    """A round's events came at core.rounds.HEAVY a second or more, counted from when the
+    round before began to gather (when the runner last took what had arrived), over at
+    least the linger; ``heavy`` keeps the last answer."""
+    sizes = rounds.Sizer()
+    got = False
+    for events, started, now in rounds_at:
+        got = sizes.begun(events, started, now, 0.1)
+    assert got is heavy and sizes.heavy is heavy
+
+
 @pytest.mark.parametrize(
     ("marked", "keys", "bits", "unmarked"),
     [

@@ -43,7 +43,7 @@ from nats.js.errors import NotFoundError
 
 from kloudmeter_py.core import rounds
 from kloudmeter_py.core.meters import CompiledMeter
-from kloudmeter_py.core.plan import KeyMarks, touch_subjects
+from kloudmeter_py.core.plan import touch_subjects
 from kloudmeter_py.store.pull import Pullers, RawPuller, ack_fields, pending_after
 from kloudmeter_py.store.wire import WireMsg
 from kloudmeter_py.worker.checkpoint import Checkpoint, partition_of
@@ -85,18 +85,11 @@ class Runner:
         self._unacked: list[str] | None = None  # marks of the last round stored, not acked
         # The last round left a backlog (rounds.BACKLOG events or more) waiting.
         self._behind = False
-        # Events arrived at rounds.HEAVY events a second or more for the last round: a heavy
-        # stream, even when the worker keeps up with it (see _process).
-        self._heavy = False
-        self._last_start = 0.0  # when the last round began to gather
         self._unflushed_at = 0.0
         self._pull_batch = min(self.settings.batch_size, 1000)
-        self._bytes_per_event = 0  # key state bytes per event of the last round written
-        # Keys the last round written touched that the one before it did not, per event;
-        # and (as marks) those it touched (see rounds.round_limit).
-        self._fresh_per_event = 0.0
-        self._counted = 0  # rounds whose fresh keys were counted
-        self._last_keys: KeyMarks | None = None
+        # The next round's size, and whether the stream is heavy (events at rounds.HEAVY a
+        # second or more, even when the worker keeps up with it): from the rounds so far.
+        self.sizes = rounds.Sizer()
         # Meter id -> subjects of the readings the rounds since the last checkpoint touched,
         # read again or not: the alerts are made from them before the checkpoint
         # (worker.alerts; core.plan.touch_subjects).
@@ -269,7 +262,7 @@ class Runner:
         round_limit = min(self.settings.batch_size, rounds.FIRST_ROUND)
         # (0 once a round ends short of it, or a round's fresh keys have been counted)
         first_subjects = rounds.FIRST_SUBJECTS
-        counted = self._counted
+        counted = self.sizes.counted
         flush_after = self.settings.flush_ms / 1000
         linger = min(0.1, flush_after)
         # The previous round's writes, still in flight while the next round is gathered and
@@ -290,7 +283,7 @@ class Runner:
                 if not msgs:
                     # Idle: whatever comes next is not gathered as a heavy stream's (the
                     # first round after a burst would otherwise wait up to METER_FLUSH_MS).
-                    self._heavy = False
+                    self.sizes.heavy = False
                     if writing is not None:
                         # The round before is still being written: finish it before anything
                         # here flushes. A consumer that waits its turn (see rounds.focus) keeps
@@ -341,7 +334,7 @@ class Runner:
                         time.monotonic() - started,
                         backlog=pending_after(rnd.marks, waiting) > 0,
                         others_behind=bool(waiting),
-                        heavy=self._heavy,
+                        heavy=self.sizes.heavy,
                         flush_s=flush_after,
                         linger=linger,
                     )
@@ -352,21 +345,15 @@ class Runner:
                         break
                     self._add(rnd, msgs, puller)
                 spread_out = 0 < first_subjects <= len(rnd.by_subject)
-                # The rate the round's events came at: since the last round began, which
-                # is when the worker last took what had arrived.
-                since = time.monotonic() - self._last_start
-                self._heavy = rnd.heavy = rounds.is_heavy(len(rnd.rows), since, linger)
-                self._last_start = started
+                rnd.heavy = self.sizes.begun(len(rnd.rows), started, time.monotonic(), linger)
                 await self.folder.fold_round(rnd)
-                if not spread_out or self._counted > counted:
+                if not spread_out or self.sizes.counted > counted:
                     first_subjects = 0
-                round_limit = rounds.round_limit(
+                round_limit = self.sizes.limit(
                     self.settings.batch_size,
                     len(rnd.rows),
                     len(rnd.series),
-                    self._bytes_per_event,
                     self.keys.cache_budget // 2,
-                    self._fresh_per_event,
                 )
                 # Pull ahead about one round (its parts bound a round of the wide shape to
                 # ~3,300 events; 50,000 pulled ahead held ~18 MB more at ~13,000).
@@ -523,16 +510,7 @@ class Runner:
             await self._flush(puller)
             self._let_go_keys()
         if rnd.rows:
-            # (marks, not the keys: keeping no key tuple alive once written; none for a round
-            # that touched no key, whose next round is not counted)
-            touched = KeyMarks(rnd.work) if rnd.work else None
-            # Not a runner's first round, every key of which is new: counted, it cut the live
-            # shape's third round to ~1,500 events, and the rounds took several more to grow
-            # back (worker CPU 3.3-3.8 s against 2.8-3.1 without the limit).
-            if self._last_keys is not None:
-                self._fresh_per_event = self._last_keys.unmarked(rnd.work) / len(rnd.rows)
-                self._counted += 1
-            self._last_keys = touched
+            self.sizes.touching(rnd.work, len(rnd.rows))
         dead = rnd.dead
         last = rnd.last
         marks = rnd.marks
@@ -552,10 +530,7 @@ class Runner:
             # with their round, so a reading trails its events by one round only.
             await self.writer.write(rnd, dead, defer_readings=pending >= rounds.BACKLOG)
             if rnd.rows:
-                # Pages only: a round's readings are the series it touches, which the next
-                # rounds touch again however large they are (and a unique reading's distinct
-                # values, ~100 a subject on the wide shape, would shrink rounds to nothing).
-                self._bytes_per_event = rnd.held // len(rnd.rows) + 1
+                self.sizes.stored(rnd.held, len(rnd.rows))
             if dead:
                 seqs = {seq for seq, _ in dead}
                 stored = {seq: at for _, seq, at in rnd.rows if seq in seqs}
