@@ -336,6 +336,36 @@ def test_a_runners_rounds_size_the_next_from_their_fresh_keys_and_pages(
 
 
 @pytest.mark.parametrize(
+    ("steps", "limit"),
+    [
+        # (keys a round writes, its events, keys the runner holds before its write, whether
+        # it has outgrown its key store by then) in turn; then the next round's limit (as
+        # above: 3,333 by parts alone)
+        ([("abc", 2, "", False), ("defg", 2, "abc", False)], 1_500),  # 4 new keys: 3,000 / 2
+        ([("abc", 2, "", False), ("defg", 1, "abcdef", False)], 3_000),  # d, e, f held: 1 new
+        ([("abc", 2, "", False), ("defg", 2, "abcdefg", False)], 3_333),  # all held: parts
+        ([("abc", 2, "", False), ("defg", 2, "abcdefg", True)], 1_500),  # outgrown: 4 fresh
+        # once outgrown, always: held keys count again from then on
+        ([("ab", 2, "", True), ("abc", 1, "abc", False), ("cdef", 2, "abcdef", False)], 2_000),
+    ],
+)
+def test_a_runner_that_holds_every_key_it_touched_counts_only_new_keys_fresh(
+    steps: list[tuple[str, int, str, bool]], limit: int
+) -> None:
+    """Until a runner has outgrown its key store (a spill, or its cache let go at a turn),
+    a key it holds is not fresh, though the round before did not touch it: a worker that
+    holds every key it has met (the live shape) lets its rounds grow as soon as most keys
+    are met. After that every key the round before did not touch counts, held or not."""
+    sizes = rounds.Sizer()
+    for names, events, held, outgrown in steps:
+        if outgrown:
+            sizes.outgrow()
+        holds = set(_wkeys(held))
+        sizes.touching(_wkeys(names), events, holds.__contains__)
+    assert sizes.limit(50_000, 3_333, 10_000, 1_000_000) == limit
+
+
+@pytest.mark.parametrize(
     ("rounds_at", "heavy"),
     [
         # (events, began to gather, gathered) per round: whether the last one is heavy
@@ -380,6 +410,10 @@ def test_key_marks_count_the_keys_a_round_did_not_touch(
     from kloudmeter_py.core.plan import KeyMarks
 
     assert KeyMarks(marked, bits).unmarked(keys) == unmarked
+    # and with a predicate of the keys held, those without a mark that are not held
+    held = {k for k in keys if k not in marked}
+    assert KeyMarks(marked, bits).unmarked(keys, held.__contains__) == 0
+    assert KeyMarks(marked, bits).unmarked(keys, lambda _: False) == unmarked
 
 
 def test_key_marks_undercount_by_their_collisions_only() -> None:

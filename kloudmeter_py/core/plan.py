@@ -47,6 +47,7 @@ from kloudmeter_py.core.summaries import Window, as_acc, open_windows, page_toke
 Levels = Sequence[tuple[int, int, int]]
 WKey = tuple[int, str]
 _V = TypeVar("_V")
+_K = TypeVar("_K")
 Row = tuple[Any, int, int, Event]
 # (tag, stream seq, meter id, reason) of an event a meter cannot use
 Failure = tuple[Any, int, str, str]
@@ -232,14 +233,15 @@ class KeyMarks:
             marks[h >> 3] |= 1 << (h & 7)
         self.bits = marks
 
-    def unmarked(self, keys: Iterable[object]) -> int:
-        """How many of ``keys`` have no mark (a key on a bit another marked counts as marked)."""
+    def unmarked(self, keys: Iterable[_K], held: Callable[[_K], bool] | None = None) -> int:
+        """How many of ``keys`` have no mark (a key on a bit another marked counts as marked)
+        and, with ``held``, are not held either."""
         marks = self.bits
         mask = (len(marks) << 3) - 1
         n = 0
         for key in keys:
             h = hash(key) & mask
-            if not marks[h >> 3] & (1 << (h & 7)):
+            if not marks[h >> 3] & (1 << (h & 7)) and (held is None or not held(key)):
                 n += 1
         return n
 

@@ -11,7 +11,7 @@ partition while it is behind (``split``). The figures in the docstrings are the 
 bench shapes' (README, Performance).
 """
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from kloudmeter_py.core.plan import KeyMarks, WKey
 
@@ -138,7 +138,22 @@ class Sizer:
        round on, the keys the round before did not touch are counted, per event (fresh;
        ``counted`` rounds so far): a runner's first round, every key of which is new,
        would cut the live shape's third round to ~1,500 events, and the rounds took several
-       more to grow back (worker CPU 3.3-3.8 s against 2.8-3.1 without the limit).
+       more to grow back (worker CPU 3.3-3.8 s against 2.8-3.1 without the limit). Until
+       the runner has outgrown its key store (``outgrow``: a spill, or its cache let go at
+       a turn), a key it holds is not fresh either: every key it has touched is then still
+       held, within METER_SPILL_MB, so a round's keys are bounded by what it holds plus
+       its new ones. On the live shape (~10,000 keys a worker, never spilled) a worker's
+       first rounds took ~1,000-2,000 events each and touched ~6,000-8,000 keys while the
+       keys of its ~500 subjects were still being met (1.7-2.6 fresh an event against the
+       round before, 0.05-1.0 not held either); its first round of 10,000 events or more
+       came at its 7th round, 2.3-2.5 s in, against the 10th-14th, 3.3-5.1 s in, and the
+       time from the last publish to final readings went 1.27-2.26 s -> 0.68-1.02 s (end
+       to end 0.511-0.55 -> 0.525-0.599 of the raw baseline; README, Performance). Wide
+       rounds grow too until the first spill: peak RSS a worker ~1 MB higher at 1,000 and
+       10,000 subjects alike. Once outgrown, a key not in the round before counts, held or
+       not: on the wide shape at 10,000 subjects ~89% of a round's keys are held (median),
+       and not counting them all run long made its peaks 81.7 MB a worker against 78.8
+       (means of four and eight).
     3. ``stored``: after its write, the bytes of the pages it parked, per event. Pages only:
        a round's readings are the series it touches, which the next rounds touch again
        however large they are (and a unique reading's distinct values, ~100 a subject on
@@ -148,11 +163,20 @@ class Sizer:
     The round before is held as marks (core.plan.KeyMarks), one bit a key, not as its keys.
     """
 
-    __slots__ = ("_bytes_per_event", "_fresh", "_last_keys", "_last_start", "counted", "heavy")
+    __slots__ = (
+        "_bytes_per_event",
+        "_fresh",
+        "_last_keys",
+        "_last_start",
+        "counted",
+        "heavy",
+        "outgrown",
+    )
 
     def __init__(self) -> None:
         self.heavy = False
         self.counted = 0
+        self.outgrown = False
         self._last_start = 0.0  # when the last round began to gather (seconds, monotonic)
         self._bytes_per_event = 0
         self._fresh = 0.0
@@ -166,13 +190,22 @@ class Sizer:
         self._last_start = started
         return self.heavy
 
-    def touching(self, work: Collection[WKey], events: int) -> None:
-        """A round of ``events`` (not 0) is about to write ``work``, the keys it changes; a
-        round that touches no key is not counted, nor is the one after it."""
+    def touching(
+        self, work: Collection[WKey], events: int, held: Callable[[WKey], bool] | None = None
+    ) -> None:
+        """A round of ``events`` (not 0) is about to write ``work``, the keys it changes, of
+        which the runner holds those ``held`` says; a round that touches no key is not
+        counted, nor is the one after it."""
         if self._last_keys is not None:
-            self._fresh = self._last_keys.unmarked(work) / events
+            held = None if self.outgrown else held
+            self._fresh = self._last_keys.unmarked(work, held) / events
             self.counted += 1
         self._last_keys = KeyMarks(work) if work else None
+
+    def outgrow(self) -> None:
+        """The runner no longer holds every key it has touched (a spill, or its cache let go):
+        from now on every key the round before did not touch is fresh."""
+        self.outgrown = True
 
     def stored(self, held: int, events: int) -> None:
         """A round of ``events`` (not 0) is stored, its pages parked at ``held`` bytes."""

@@ -509,8 +509,9 @@ class Runner:
             # before left in memory, then let the cache go (see rounds.focus).
             await self._flush(puller)
             self._let_go_keys()
+            self.sizes.outgrow()
         if rnd.rows:
-            self.sizes.touching(rnd.work, len(rnd.rows))
+            self.sizes.touching(rnd.work, len(rnd.rows), self.keys.holds)
         dead = rnd.dead
         last = rnd.last
         marks = rnd.marks
@@ -635,6 +636,7 @@ class Runner:
         """
         await self.writer.write_dirty(readings=readings, spill=True)
         self.keys.drop_parked(readings=readings)
+        self.sizes.outgrow()
         self.w.stats.reading_spills += readings
         self.w.stats.spills += 1
 
