@@ -147,13 +147,13 @@ class Sizer:
        keys of its ~500 subjects were still being met (1.7-2.6 fresh an event against the
        round before, 0.05-1.0 not held either); its first round of 10,000 events or more
        came at its 7th round, 2.3-2.5 s in, against the 10th-14th, 3.3-5.1 s in, and the
-       time from the last publish to final readings went 1.27-2.26 s -> 0.68-1.02 s (end
-       to end 0.511-0.55 -> 0.525-0.599 of the raw baseline; README, Performance). Wide
-       rounds grow too until the first spill: peak RSS a worker ~1 MB higher at 1,000 and
-       10,000 subjects alike. Once outgrown, a key not in the round before counts, held or
-       not: on the wide shape at 10,000 subjects ~89% of a round's keys are held (median),
-       and not counting them all run long made its peaks 81.7 MB a worker against 78.8
-       (means of four and eight).
+       time from the last publish to final readings went 1.27-2.23 s -> 0.68-1.00 s (end
+       to end 0.511-0.55 -> 0.525-0.596 of the raw baseline; README, Performance). Wide
+       rounds grow too until the first spill: peak RSS a worker ~1-1.5 MB higher at 1,000
+       and 10,000 subjects alike (means 78.1 -> 79.5 and 78.8 -> 79.7 MB). Once outgrown,
+       a key not in the round before counts, held or not: on the wide shape at 10,000
+       subjects ~89% of a round's keys are held (median), and not counting them all run
+       long made its peaks 81.7 MB a worker against 78.8 (means of four and eight).
     3. ``stored``: after its write, the bytes of the pages it parked, per event. Pages only:
        a round's readings are the series it touches, which the next rounds touch again
        however large they are (and a unique reading's distinct values, ~100 a subject on

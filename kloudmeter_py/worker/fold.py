@@ -9,7 +9,8 @@ corrections resolved and folded after them, and then spread into the keys the ro
    stream sequence of each event id is recorded before any reading changes; a later one is
    dropped.
 3. ``fold_subject`` / ``fold_round``: the events of one subject together, as they arrive
-   (``runner._FOLD_AT`` of a subject) or at the end of the round.
+   (``runner._FOLD_AT`` of a subject) or at the end of the round (all of them then, with
+   the long dedup, which looks at a whole round at once).
 4. ``resolve_corrections``: corrections after the round's other events; a min, max, latest
    or unique state they change is rebuilt from the stream (``rebuild``).
 5. ``spread_round``: the parts into the work per key (core.plan.KeyWork).

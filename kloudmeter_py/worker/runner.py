@@ -83,9 +83,9 @@ class Runner:
         # The last message of the rounds stored but not yet flushed (acked with the
         # checkpoint), and since when.
         self._unacked: list[str] | None = None  # marks of the last round stored, not acked
+        self._unflushed_at = 0.0
         # The last round left a backlog (rounds.BACKLOG events or more) waiting.
         self._behind = False
-        self._unflushed_at = 0.0
         self._pull_batch = min(self.settings.batch_size, 1000)
         # The next round's size, and whether the stream is heavy (events at rounds.HEAVY a
         # second or more, even when the worker keeps up with it): from the rounds so far.

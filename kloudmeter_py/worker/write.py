@@ -6,7 +6,8 @@ them, and stored; and, at a flush or spill, what earlier rounds deferred.
    applied first, the others read in one multi-get and applied as they come
    (core.plan.apply); each is encoded at once and parked or packed again.
 2. A reading is stored with its round, or deferred to the flush under a backlog; a page is
-   always deferred (``dirty`` and ``dirty_pages``, the key strings the key store holds).
+   deferred to the flush (``dirty`` and ``dirty_pages``, the key strings the key store
+   holds). With METER_SUMMARY_FLUSH_MS 0 nothing is deferred (``defer``).
    What is stored goes in atomic batches, compare-and-set on each key's revision; a key
    whose write lost is read again and applied again (a further pass of ``write``), unless it
    was deferred: then the runner starts again from its checkpoints (Restart).
