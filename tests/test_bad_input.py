@@ -27,6 +27,7 @@ GOOD_EVENT = {"id": "1", "eventType": "t", "subject": "s", "data": {"v": 1}}
         ({"id": "1", "eventType": "t", "subject": "s", "time": "yesterday"}, "time"),
         ({"id": "1", "eventType": "t", "subject": "s", "time": "2026-01-01T00:00:00"}, "time"),
         ({"id": "", "eventType": "t", "subject": "s"}, "id"),
+        ({"id": "a\r\nX: b", "eventType": "t", "subject": "s"}, "id"),
     ],
 )
 async def test_bad_events_get_400_naming_the_field(

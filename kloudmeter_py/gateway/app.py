@@ -58,6 +58,7 @@ from kloudmeter_py.store.kv import LeanLink
 from kloudmeter_py.store.layout import Layout
 from kloudmeter_py.store.meters import MeterStore
 from kloudmeter_py.store.portal import PortalStore
+from kloudmeter_py.store.wire import WireError
 
 log = structlog.get_logger(__name__)
 
@@ -69,6 +70,7 @@ _NATS_DOWN = (
     TimeoutError,
     OutboundBufferLimitError,
     ServiceUnavailableError,
+    WireError,
 )
 
 
@@ -156,7 +158,7 @@ def create_app(settings: Settings, nc: Client, metrics: Metrics | None = None) -
     app[PORTAL] = PortalStore(js, layout)
     app[OPENAPI_CACHE] = []
     app[READS] = weakref.WeakSet()
-    app[LEAN] = LeanLink(settings, name="kloudmeter-gateway-reads")
+    app[LEAN] = LeanLink(settings, name="kloudmeter-gateway-lean")
     app[ALERTS] = AlertStore(js, settings)
     app[DELIVERER] = Deliverer(AlertStore(js, settings, create=False))
     app.cleanup_ctx.append(delivery_ctx)

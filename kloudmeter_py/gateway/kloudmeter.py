@@ -27,7 +27,7 @@ from kloudmeter_py.gateway.helpers import (
     json_response,
     read_budget,
 )
-from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS, NC, SETTINGS
+from kloudmeter_py.gateway.keys import JS, LAYOUT, LEAN, METERS, NC, SETTINGS
 from kloudmeter_py.gateway.routes import (
     ADMIN,
     CALLER,
@@ -43,6 +43,7 @@ from kloudmeter_py.gateway.routes import (
 )
 from kloudmeter_py.gateway.schemas import PLAIN_PATH, any_case, array, ref
 from kloudmeter_py.store import deadletters
+from kloudmeter_py.store.ingest import check_msg_id, publish_events
 from kloudmeter_py.store.kv import get_with_revision, scan
 
 routes = Routes()
@@ -160,8 +161,9 @@ async def register_event(request: web.Request) -> web.Response:
     event = decode_body(raw, event_decoder)
     layout = request.app[LAYOUT]
     subject = event_subject(layout.stream, event.eventType, event.subject)
-    ack = await request.app[JS].publish(subject, raw, headers={"Nats-Msg-Id": event.id})
-    return json_response(Accepted(status="ok", duplicate=bool(ack.duplicate)), status=202)
+    check_msg_id(event.id, "id")
+    (ack,) = await publish_events(await request.app[LEAN].wire(), [(subject, event.id, raw)])
+    return json_response(Accepted(status="ok", duplicate=ack.duplicate), status=202)
 
 
 @routes.post(

@@ -5,7 +5,6 @@ One set of meters serves both APIs: KloudMeter's ``id`` is OpenMeter's ``slug`` 
 and aggregation names map both ways (``unique`` <-> ``UNIQUE_COUNT``).
 """
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -58,6 +57,7 @@ from kloudmeter_py.gateway.routes import (
 )
 from kloudmeter_py.gateway.schemas import STR, TIME, array, ref
 from kloudmeter_py.store.events import Stored, newest_events
+from kloudmeter_py.store.ingest import check_msg_id, publish_events
 from kloudmeter_py.store.kv import scan
 
 routes = Routes()
@@ -199,17 +199,19 @@ async def ingest(request: web.Request) -> web.Response:
     for e in events:
         # A user's: only its tenant's subjects (a customer's: any it owns; 403 otherwise).
         await own_subject(request, e.subject, "subject")
-    js = request.app[JS]
+        check_msg_id(e.source, "source")
+        check_msg_id(e.id, "id")
     stream = request.app[LAYOUT].stream
-    await asyncio.gather(
-        *(
-            js.publish(
+    await publish_events(
+        await request.app[LEAN].wire(),
+        [
+            (
                 event_subject(stream, e.type, e.subject),
+                cloud_event_id(e.source, e.id),
                 encoder.encode(e),
-                headers={"Nats-Msg-Id": cloud_event_id(e.source, e.id)},
             )
             for e in events
-        )
+        ],
     )
     return web.Response(status=204)
 

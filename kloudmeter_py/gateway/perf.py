@@ -15,7 +15,6 @@ summaries that hold only events stored before ``perf-hosts`` was created are sti
 hosts without a tenant, until they expire (a day at most is read).
 """
 
-import asyncio
 import hashlib
 import math
 import re
@@ -33,9 +32,10 @@ from kloudmeter_py.core.summaries import summary_readings
 from kloudmeter_py.core.windows import widths
 from kloudmeter_py.errors import Conflict, InvalidInput, NotFound
 from kloudmeter_py.gateway.helpers import json_response, read_budget
-from kloudmeter_py.gateway.keys import JS, LAYOUT, METERS, SETTINGS
+from kloudmeter_py.gateway.keys import JS, LAYOUT, LEAN, METERS, SETTINGS
 from kloudmeter_py.gateway.routes import USER, Op, Param, Routes, TenantScope, tenant_of
 from kloudmeter_py.gateway.schemas import NUM, STR, array, ref
+from kloudmeter_py.store.ingest import publish_events
 from kloudmeter_py.store.kv import scan
 
 PERF_METER_ID = "perf-hosts"
@@ -236,10 +236,9 @@ async def post_sample(request: web.Request) -> web.Response:
         )
     sample = parse_sample(await request.read())
     await ensure_meter(request.app)
-    js = request.app[JS]
     subject = event_subject(request.app[LAYOUT].stream, PERF_EVENT_TYPE, tenant)
     at = datetime.fromtimestamp(epoch, UTC)
-    publishes = []
+    events = []
     for label, value in sample.items():
         event_id = sample_event_id(tenant, host, epoch, label, key)
         body = encoder.encode(
@@ -251,8 +250,8 @@ async def post_sample(request: web.Request) -> web.Response:
                 "data": {"host": host, "label": label, "value": value},
             }
         )
-        publishes.append(js.publish(subject, body, headers={"Nats-Msg-Id": event_id}))
-    acks = await asyncio.gather(*publishes)
+        events.append((subject, event_id, body))
+    acks = await publish_events(await request.app[LEAN].wire(), events)
     duplicates = sum(1 for ack in acks if ack.duplicate)
     return json_response(
         PerfAccepted(status="ok", events=len(acks), duplicates=duplicates), status=202

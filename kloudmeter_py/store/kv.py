@@ -143,7 +143,8 @@ async def connect(
 
 class LeanLink:
     """A lean connection (store.wire), opened on first use and again after a failure: the
-    worker's hot path, and the gateway's for bulk KV reads. Through nats-py each message of
+    worker's hot path, and the gateway's for bulk KV reads and for publishing ingested events
+    (store.ingest). Through nats-py each message of
     a read costs its header parsing and a turn of the event loop (a read of 3,000 pages
     spent ~0.3 s of its ~0.5 s there); pulled here in batches of 1,000, as the worker pulls
     events."""

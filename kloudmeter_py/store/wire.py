@@ -1,16 +1,18 @@
 """A lean NATS client connection for the worker's hot path: reading pulled events and writing
-KV batches.
+KV batches; the gateway uses it too, for bulk KV reads and for publishing ingested events
+(store.ingest).
 
-nats-py does everything else here (setup, KV reads, leases, the gateway). On the hot path it
-costs most of the worker's time: per received message it parses the headers, builds a ``Msg``,
-queues it and runs a coroutine; per published message it validates and encodes a header dict.
-This connection parses the protocol as it arrives (``store.protocol.Parser``, pure, no I/O)
-and hands each message to a plain function, and it builds each published message's bytes in
-one step (``store.protocol``'s encoders); what is here is the I/O. It speaks only what the
-worker needs: CONNECT (user and password or token from the URL; a JWT or NKEY user's signed
-nonce and a client certificate from ``store.credentials``; TLS for ``tls://`` or when the
-server asks), SUB, UNSUB, PUB, HPUB, MSG, HMSG, PING and PONG. Any trouble closes it, and
-the worker's partitions start again from their checkpoints on a new one.
+nats-py does everything else here (setup, KV reads, leases, the gateway's other calls). On the
+hot path it costs most of the worker's time: per received message it parses the headers,
+builds a ``Msg``, queues it and runs a coroutine; per published message it validates and
+encodes a header dict. This connection parses the protocol as it arrives
+(``store.protocol.Parser``, pure, no I/O) and hands each message to a plain function, and it
+builds each published message's bytes in one step (``store.protocol``'s encoders); what is
+here is the I/O. It speaks only what the worker needs: CONNECT (user and password or token
+from the URL; a JWT or NKEY user's signed nonce and a client certificate from
+``store.credentials``; TLS for ``tls://`` or when the server asks), SUB, UNSUB, PUB, HPUB,
+MSG, HMSG, PING and PONG. Any trouble closes it, and the worker's partitions start again from
+their checkpoints on a new one.
 """
 
 import asyncio
