@@ -138,7 +138,7 @@ class CompiledMeter:
 
     def _key(self, subject: str, groups: tuple[str | None, ...]) -> str:
         """The reading key of a series, made once and kept until ``forget_keys`` or until
-        _KEYS_HELD are: a worker lets them go at every round (runner._consume), since they
+        _KEYS_HELD are: a worker lets them go at every round (runner._gather), since they
         grow with the series it has seen, and a round's are what it folds again and again.
         On the wide bench shape at 10,000 subjects they were ~70,000 keys, ~15 MB with their
         tuples, of a worker's ~195 MB peak; later up to _KEYS_HELD a meter, ~190 bytes a
