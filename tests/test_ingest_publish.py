@@ -87,17 +87,36 @@ async def test_a_batch_with_a_bad_source_stores_none_of_it(http: Http, nc: Clien
     assert (await nc.jetstream().stream_info("meters")).state.messages == 2
 
 
-async def test_ingest_answers_503_once_nats_is_gone(http: Http, nats_server: NatsServer) -> None:
+async def test_ingest_answers_503_while_nats_is_gone_and_recovers_after(
+    http: Http, nats_server: NatsServer, nc: Client
+) -> None:
+    """No publish waits on a lost connection: 503 while the server is down; the next
+    request after it is back connects again and is stored."""
     event = {"id": "1", "eventType": "t", "subject": "s"}
     resp = await http.post("/api/register-event", json=event)
     assert resp.status == 202 and "duplicate" not in await resp.json()
     resp = await http.post("/api/register-event", json=event)
     assert (await resp.json())["duplicate"] is True
+    port = nats_server.port
     await nats_server.stop()
 
-    async def status() -> tuple[int, str]:
-        resp = await http.post("/api/register-event", json={**event, "id": "2"})
+    async def post(event_id: str) -> tuple[int, str]:
+        resp = await http.post("/api/register-event", json={**event, "id": event_id})
         return resp.status, (await resp.json()).get("message", "")
 
-    code, message = await eventually(status, lambda r: r[0] != 202)
+    code, message = await eventually(lambda: post("2"), lambda r: r[0] != 202)
     assert code == 503 and "NATS is unavailable" in message
+    restarted = await NatsServer(nats_server.store_dir, port=port).start()
+    try:
+        code, _ = await eventually(lambda: post("3"), lambda r: r[0] == 202, timeout=20)
+        js = nc.jetstream()
+
+        async def stored() -> int:
+            try:
+                return int((await js.stream_info("meters")).state.messages)
+            except Exception:  # nats-py still reconnecting
+                return -1
+
+        assert await eventually(stored, lambda n: n == 2, timeout=20) == 2  # ids 1 and 3
+    finally:
+        await restarted.stop()
