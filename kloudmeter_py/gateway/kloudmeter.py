@@ -43,7 +43,7 @@ from kloudmeter_py.gateway.routes import (
 )
 from kloudmeter_py.gateway.schemas import PLAIN_PATH, any_case, array, ref
 from kloudmeter_py.store import deadletters
-from kloudmeter_py.store.ingest import check_msg_id, publish_events
+from kloudmeter_py.store.ingest import publish_events
 from kloudmeter_py.store.kv import get_with_revision, scan
 
 routes = Routes()
@@ -161,7 +161,6 @@ async def register_event(request: web.Request) -> web.Response:
     event = decode_body(raw, event_decoder)
     layout = request.app[LAYOUT]
     subject = event_subject(layout.stream, event.eventType, event.subject)
-    check_msg_id(event.id, "id")
     (ack,) = await publish_events(await request.app[LEAN].wire(), [(subject, event.id, raw)])
     return json_response(Accepted(status="ok", duplicate=ack.duplicate), status=202)
 

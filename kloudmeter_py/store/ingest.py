@@ -10,7 +10,9 @@ nats-py's ``APIError`` for its code (503: ``ServiceUnavailableError``), so the g
 errors as it did.
 
 Nothing is acknowledged to the caller before every event's ack is in; events stored before
-a failure are deduplicated by their ids when the caller sends the request again.
+a failure are deduplicated by their ids when the caller sends the request again (within
+METER_DEDUP_WINDOW). Every id is checked here, before anything is queued: a route that
+names a finer field (a CloudEvent's source) checks it first.
 """
 
 import asyncio
